@@ -1,0 +1,148 @@
+"""The one configuration: frozen dataclasses, one per subsystem, each part gets only its own slice.
+
+Facts learned at run time (free GPU memory, the number of KV pages) are returned as new values by
+whoever measures them, never written back here. `load_config` merges defaults, environment
+variables and flags (flags win) and raises `ConfigError` for bad values. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from tokabatch.errors import ConfigError
+
+DEMO_MODEL_NAME = "demo"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where fetched and converted models live: `$TOKABATCH_CACHE` or `~/.cache/tokabatch`."""
+    env = os.environ if env is None else env
+    return Path(env.get("TOKABATCH_CACHE") or Path.home() / ".cache" / "tokabatch")
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("TOKABATCH_DATA_DIR") or Path.home() / ".local" / "share" / "tokabatch")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: str = DEMO_MODEL_NAME          # "demo" or an HF folder (config.json + *.safetensors)
+    dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"                 # auto: cuda when available, else cpu
+    served_model_name: str | None = None  # default: the folder's name, "demo" for the demo model
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    page_size: int = 16
+    max_seqs: int = 256                  # an upper bound; KV memory decides the real batch
+    max_tokens_per_step: int = 2048      # prefill + decode tokens in one forward pass
+    enable_prefix_cache: bool = True
+    admission_margin: float = 0.1        # predicted lengths are inflated by this fraction
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    kv_cache_tokens: int | None = None   # None: sized from free memory (GPU) or 65,536 tokens (CPU)
+    kv_memory_fraction: float = 0.90     # of the free GPU memory after loading and warm-up
+    enable_cuda_graphs: bool = True
+    enable_hydragen: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    data_dir: str = ""                   # "" means default_data_dir()
+    db_url: str | None = None            # None: SQLite in data_dir
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()       # empty: any bearer is accepted
+    max_upload_bytes: int = 200 * 1024 * 1024
+    max_batch_lines: int = 50_000
+    allow_custom_windows: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    lease_s: float = 30.0                # a claim expires this long after the last heartbeat
+    heartbeat_s: float = 5.0
+    progress_interval_s: float = 2.0     # request_counts and usage are written at least this often
+    poll_interval_s: float = 0.5         # how often an idle runner looks for work
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    engine: EngineConfig = EngineConfig()
+    storage: StorageConfig = StorageConfig()
+    server: ServerConfig = ServerConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    unknown = set(changes) - {f.name for f in dataclasses.fields(obj)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) for {type(obj).__name__}: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(obj, **changes)
+
+
+def load_config(
+    *,
+    env: Mapping[str, str] | None = None,
+    model: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    engine: Mapping[str, Any] | None = None,
+    storage: Mapping[str, Any] | None = None,
+    server: Mapping[str, Any] | None = None,
+    runner: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then environment variables, then the given flag values (None values are ignored)."""
+    env = os.environ if env is None else env
+
+    def given(d: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {k: v for k, v in (d or {}).items() if v is not None}
+
+    server_values = given(server)
+    if not server_values.get("api_keys") and env.get("TOKABATCH_API_KEYS"):
+        server_values["api_keys"] = tuple(k.strip() for k in env["TOKABATCH_API_KEYS"].split(",") if k.strip())
+    if "api_keys" in server_values:
+        server_values["api_keys"] = tuple(server_values["api_keys"])
+    storage_values = given(storage)
+    if "db_url" not in storage_values and env.get("TOKABATCH_DB_URL"):
+        storage_values["db_url"] = env["TOKABATCH_DB_URL"]
+    if not storage_values.get("data_dir"):
+        storage_values["data_dir"] = str(default_data_dir(env))
+
+    model_cfg = _replace(ModelConfig(), **given(model))
+    if model_cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {model_cfg.dtype!r}", param="dtype")
+    scheduler_cfg = _replace(SchedulerConfig(), **given(scheduler))
+    if scheduler_cfg.page_size < 1 or scheduler_cfg.max_seqs < 1 or scheduler_cfg.max_tokens_per_step < 1:
+        raise ConfigError("page_size, max_seqs and max_tokens_per_step must be positive")
+    engine_cfg = _replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine))
+    server_cfg = _replace(ServerConfig(), **server_values)
+    if server_cfg.max_upload_bytes < 1 or server_cfg.max_batch_lines < 1:
+        raise ConfigError("--max-upload-bytes and --max-batch-lines must be positive")
+    return Config(
+        engine=engine_cfg,
+        storage=_replace(StorageConfig(), **storage_values),
+        server=server_cfg,
+        runner=_replace(RunnerConfig(), **given(runner)),
+    )
+
+
+__all__ = [
+    "Config", "EngineConfig", "ModelConfig", "RunnerConfig", "SchedulerConfig", "ServerConfig",
+    "StorageConfig", "DEMO_MODEL_NAME", "cache_dir", "default_data_dir", "load_config",
+]

@@ -1,0 +1,1 @@
+"""The inference engine: api (the seam), core (pure scheduling), models and runtime (torch)."""

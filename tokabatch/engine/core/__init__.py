@@ -1,0 +1,1 @@
+"""Pure scheduling and page accounting: stdlib only, never torch."""

@@ -1,0 +1,1 @@
+"""Plain torch model definitions (Llama, Qwen2): no serving logic."""

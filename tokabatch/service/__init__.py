@@ -1,0 +1,1 @@
+"""The batch service: aiohttp HTTP, SQLAlchemy storage, the job runner. Never imports torch."""

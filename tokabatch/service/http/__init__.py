@@ -1,0 +1,1 @@
+"""HTTP handlers (aiohttp): files, batches, online completions, middleware."""

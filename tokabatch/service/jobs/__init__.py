@@ -1,0 +1,1 @@
+"""Batch jobs: states, parsing/validation, rendering, output writers, the runner."""

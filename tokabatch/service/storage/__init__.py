@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy 2 async models, the repository, blobs on disk."""

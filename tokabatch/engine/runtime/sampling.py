@@ -1,0 +1,300 @@
+"""The sampler: per-sequence sampling state and one batched draw per step.
+
+Owns what sampling remembers about a sequence between steps (its SamplingParams, its prompt's
+token set for repetition_penalty, its generated tokens for presence/frequency penalties and
+min_tokens, its seeded torch.Generator) and turns one step's logits into `SampledToken`s.
+Torch only: must not import the scheduler (engine/core is driven by the runner, not by us) nor
+anything of the service.
+
+Per step, in this order (vLLM's conventions):
+  1. logit_bias is added to the raw logits;
+  2. repetition_penalty (prompt and output tokens), then presence/frequency penalties (output
+     tokens only, as OpenAI defines them);
+  3. min_tokens: until a sequence has that many output tokens, its stop_token_ids and (unless
+     ignore_eos) the EOS ids are set to -inf;
+  4. greedy rows (temperature == 0) take the argmax (ties: lowest id); the others divide by the
+     temperature, keep top_k, then top_p over what is left, then min_p, and draw from the softmax.
+Logprobs handed to users are log_softmax of the RAW model logits (vLLM's default): before
+logit_bias, penalties, temperature and filters. This is what lm-eval's loglikelihood needs.
+
+ignore_eos is not this module's business beyond step 3: whether EOS ends a sequence is the engine
+loop's stop check.
+
+Seeds: a sequence whose params carry a seed gets its own generator, on the sampler's device,
+seeded once at `register` and advanced only by its own draws (one Exp(1) vector per sampled,
+non-greedy step), so its tokens do not depend on its batch neighbours or its row position.
+Unseeded rows share one generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tokabatch.engine.api import SamplingParams, TokenLogprob
+from tokabatch.engine.core.plan import SampledToken
+from tokabatch.engine.runtime import sampling_ops as ops
+from tokabatch.errors import InvalidRequest
+
+_MASK64 = (1 << 64) - 1
+
+
+def choice_seed(seed: int, choice_index: int) -> int:
+    """The generator seed of choice `choice_index` of a request seeded with `seed` (a uint64).
+
+    Choice 0 uses the seed itself; the others mix in their index (splitmix64) so the n choices of
+    one seeded request differ from each other yet reproduce run after run.
+    """
+    if choice_index == 0:
+        return seed & _MASK64
+    z = (seed + 0x9E3779B97F4A7C15 * choice_index) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+@dataclass(slots=True)
+class _SeqState:
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: Tensor | None            # [n] long on the device, unique; only with repetition_penalty
+    bias_ids: Tensor | None              # [m] long on the device
+    bias_values: Tensor | None           # [m] float32 on the device
+    blocked_ids: tuple[int, ...]         # masked while fewer than min_tokens outputs exist
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+    @property
+    def min_tokens_pending(self) -> bool:
+        return bool(self.blocked_ids) and len(self.output_ids) < self.params.min_tokens
+
+
+class Sampler:
+    """Samples one token per row of a step's logits, remembering what penalties need.
+
+    Usage by the runner: `register` a sequence when it is admitted (once, even if it is preempted
+    and recomputed later), `sample` whenever its last position has logits, `release` when it
+    finishes or is aborted. `sample` records the token it returns as the sequence's next output
+    token; `append_output` exists only for tokens that did not come from `sample`.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str, eos_token_ids: tuple[int, ...],
+                 *, seed: int | None = None) -> None:
+        """`seed` seeds the generator shared by unseeded rows (None: from the OS)."""
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._shared = torch.Generator(device=self.device)
+        if seed is None:
+            self._shared.seed()
+        else:
+            self._shared.manual_seed(seed & _MASK64)
+        self._states: dict[int, _SeqState] = {}
+
+    # -- per-sequence state ---------------------------------------------------------------------
+
+    def register(self, seq_id: int, params: SamplingParams, prompt_ids: Sequence[int],
+                 *, choice_index: int = 0) -> None:
+        """Start tracking a sequence. `choice_index` (0..n-1) separates the n choices of one seeded request.
+
+        Raises InvalidRequest for parameters the model cannot honour (e.g. a logit_bias id outside
+        the vocabulary), ValueError when `seq_id` is already registered.
+        """
+        if seq_id in self._states:
+            raise ValueError(f"sequence {seq_id} is already registered with the sampler")
+        try:
+            params.validate(self.vocab_size)
+        except ValueError as exc:
+            param, message = exc.args if len(exc.args) == 2 else (None, str(exc))
+            raise InvalidRequest(message, param=param) from exc
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(choice_seed(params.seed, choice_index))
+        prompt = None
+        if params.repetition_penalty != 1.0:
+            prompt = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long).to(self.device)
+        bias_ids = bias_values = None
+        if params.logit_bias:
+            bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long).to(self.device)
+            bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32).to(self.device)
+        blocked = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
+        self._states[seq_id] = _SeqState(params, generator, prompt, bias_ids, bias_values,
+                                         tuple(sorted(set(blocked))) if params.min_tokens > 0 else ())
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished or aborted sequence (a no-op for an unknown id)."""
+        self._states.pop(seq_id, None)
+
+    def append_output(self, seq_id: int, token_id: int) -> None:
+        """Count a token as generated by `seq_id` that did NOT come from `sample` (which records its own).
+
+        Counted tokens feed presence/frequency/repetition penalties and the min_tokens check.
+        """
+        self._state(seq_id).output_ids.append(token_id)
+
+    def num_outputs(self, seq_id: int) -> int:
+        """How many output tokens the sampler has counted for `seq_id`."""
+        return len(self._state(seq_id).output_ids)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def _state(self, seq_id: int) -> _SeqState:
+        try:
+            return self._states[seq_id]
+        except KeyError:
+            raise KeyError(f"sequence {seq_id} is not registered with the sampler") from None
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def sample(self, seq_ids: list[int], logits: Tensor) -> list[SampledToken]:
+        """Draw one token per row and record it as that sequence's next output token.
+
+        seq_ids: row i's sequence (distinct ids). logits: [rows, vocab] on the sampler's device,
+        float32 (bf16/fp16 is cast; the tensor is not modified). Returns one SampledToken per row,
+        in row order, with a TokenLogprob when the sequence asked for logprobs (logprob of the
+        sampled token under log_softmax of the raw logits, plus the top `params.logprobs`).
+        """
+        self._check_logits(logits, len(seq_ids))
+        if not seq_ids:
+            return []
+        states = [self._state(s) for s in seq_ids]
+        raw = logits.float()
+        adjusted = self._adjust(raw, states)
+        tokens = self._choose(adjusted, states)
+        logprobs = self._token_logprobs(raw, tokens, states)
+        token_list = tokens.tolist()
+        for state, token in zip(states, token_list):
+            state.output_ids.append(token)
+        return [SampledToken(seq_id=s, token_id=t, logprob=lp)
+                for s, t, lp in zip(seq_ids, token_list, logprobs)]
+
+    def prompt_logprobs(self, logits: Tensor, targets: Tensor, k: int) -> list[TokenLogprob]:
+        """Logprob of each row's target under log_softmax of the raw logits, plus the top k.
+
+        logits: [rows, vocab] (float32, or cast to it); targets: [rows] long, the token that follows
+        each position. No penalties, bias or temperature apply: this scores the prompt as the model sees it.
+        """
+        self._check_logits(logits, targets.shape[0])
+        if logits.shape[0] == 0:
+            return []
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen, top_values, top_ids = ops.logprobs_with_top(logprobs, targets.to(logits.device).long(), k)
+        return _to_token_logprobs(targets.tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist())
+
+    def _check_logits(self, logits: Tensor, rows: int) -> None:
+        if logits.dim() != 2 or logits.shape[0] != rows or logits.shape[1] != self.vocab_size:
+            raise ValueError(f"expected logits of shape [{rows}, {self.vocab_size}], got {list(logits.shape)}")
+
+    def _adjust(self, raw: Tensor, states: list[_SeqState]) -> Tensor:
+        """Steps 1-3 of the module docstring on a copy of `raw` ([rows, vocab] float32)."""
+        x = raw.clone()
+        biased = [i for i, s in enumerate(states) if s.bias_ids is not None]
+        if biased:
+            rows = torch.cat([torch.full_like(states[i].bias_ids, i) for i in biased])
+            ids = torch.cat([states[i].bias_ids for i in biased])
+            values = torch.cat([states[i].bias_values for i in biased])
+            x.index_put_((rows, ids), values, accumulate=True)
+        penalized = [i for i, s in enumerate(states) if s.penalized]
+        if penalized:
+            x[penalized] = self._penalize(x[penalized], [states[i] for i in penalized])
+        pending = [i for i, s in enumerate(states) if s.min_tokens_pending]
+        if pending:
+            rows_list = [i for i in pending for _ in states[i].blocked_ids]
+            ids_list = [t for i in pending for t in states[i].blocked_ids]
+            x[self._long(rows_list), self._long(ids_list)] = float("-inf")
+        return x
+
+    def _penalize(self, x: Tensor, states: list[_SeqState]) -> Tensor:
+        rows, vocab = x.shape
+        counts = torch.zeros((rows, vocab), dtype=torch.float32, device=x.device)
+        out_rows = [r for r, s in enumerate(states) for _ in s.output_ids]
+        if out_rows:
+            out_ids = [t for s in states for t in s.output_ids]
+            counts.index_put_((self._long(out_rows), self._long(out_ids)),
+                              torch.ones(len(out_rows), device=x.device), accumulate=True)
+        prompt_mask = torch.zeros((rows, vocab), dtype=torch.bool, device=x.device)
+        with_prompt = [(r, s.prompt_ids) for r, s in enumerate(states) if s.prompt_ids is not None]
+        if with_prompt:
+            prompt_rows = torch.cat([torch.full_like(ids, r) for r, ids in with_prompt])
+            prompt_mask[prompt_rows, torch.cat([ids for _, ids in with_prompt])] = True
+        return ops.apply_penalties(
+            x, counts, prompt_mask,
+            self._float([s.params.presence_penalty for s in states]),
+            self._float([s.params.frequency_penalty for s in states]),
+            self._float([s.params.repetition_penalty for s in states]),
+        )
+
+    def _choose(self, x: Tensor, states: list[_SeqState]) -> Tensor:
+        """[rows] long: argmax for greedy rows, a filtered random draw for the others."""
+        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+        greedy = [i for i, s in enumerate(states) if s.params.greedy]
+        if greedy:
+            tokens[greedy] = torch.argmax(x[greedy], dim=-1)
+        drawn = [i for i, s in enumerate(states) if not s.params.greedy]
+        if drawn:
+            drawn_states = [states[i] for i in drawn]
+            probs = self._filtered_probs(x[drawn], [s.params for s in drawn_states])
+            tokens[drawn] = ops.draw_from_noise(probs, self._noise(drawn_states))
+        return tokens
+
+    def _filtered_probs(self, x: Tensor, params: list[SamplingParams]) -> Tensor:
+        """Temperature, top_k, top_p, min_p on [rows, vocab]; returns the probabilities to draw from."""
+        vocab = x.shape[1]
+        x = x / self._float([p.temperature for p in params]).unsqueeze(1)
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
+            x = ops.filter_top_k_top_p(x, self._long(top_k), self._float([p.top_p for p in params]))
+        if any(p.min_p > 0.0 for p in params):
+            x = ops.filter_min_p(x, self._float([p.min_p for p in params]))
+        return torch.softmax(x, dim=-1)
+
+    def _noise(self, states: list[_SeqState]) -> Tensor:
+        """[rows, vocab] Exp(1) noise: a seeded row from its own generator, the rest from the shared one."""
+        noise = torch.empty((len(states), self.vocab_size), dtype=torch.float32, device=self.device)
+        shared = [i for i, s in enumerate(states) if s.generator is None]
+        if shared:
+            noise[shared] = torch.empty((len(shared), self.vocab_size), device=self.device).exponential_(
+                generator=self._shared)
+        for i, state in enumerate(states):
+            if state.generator is not None:
+                # A fresh 1-D tensor: the draw depends on nothing but this sequence's generator.
+                noise[i] = torch.empty(self.vocab_size, device=self.device).exponential_(generator=state.generator)
+        return noise
+
+    def _token_logprobs(self, raw: Tensor, tokens: Tensor, states: list[_SeqState]) -> list[TokenLogprob | None]:
+        wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(states)
+        if not wanted:
+            return result
+        k = max(states[i].params.logprobs or 0 for i in wanted)
+        logprobs = torch.log_softmax(raw[wanted], dim=-1)
+        chosen, top_values, top_ids = ops.logprobs_with_top(logprobs, tokens[wanted], k)
+        rows = _to_token_logprobs(tokens[wanted].tolist(), chosen.tolist(), top_values.tolist(), top_ids.tolist())
+        for i, row in zip(wanted, rows):
+            own_k = states[i].params.logprobs or 0
+            result[i] = TokenLogprob(row.token_id, row.logprob, row.top[:own_k])
+        return result
+
+    def _long(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _float(self, values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(self.device, non_blocking=True)
+
+
+def _to_token_logprobs(targets: list[int], chosen: list[float], top_values: list[list[float]],
+                       top_ids: list[list[int]]) -> list[TokenLogprob]:
+    return [TokenLogprob(token_id=t, logprob=lp, top=tuple(zip(ids, values)))
+            for t, lp, values, ids in zip(targets, chosen, top_values, top_ids)]

@@ -1,0 +1,101 @@
+"""Batched tensor operations behind the sampler: penalties, filters, noise-driven draws, logprobs.
+
+Pure functions over [rows, vocab] tensors with per-row parameters as 1-D tensors, so one call
+serves a whole batch on CPU or CUDA with no Python loop over the vocabulary. Every operation is
+row-local and a disabled parameter is an exact identity (x / 1.0, x - 0.0, a mask that keeps
+everything): a row's result never depends on which other rows share the batch, which the seeded
+reproducibility of `Sampler` relies on. Imports torch only; no engine state lives here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def apply_penalties(
+    logits: Tensor,
+    output_counts: Tensor,
+    prompt_mask: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+    repetition: Tensor,
+) -> Tensor:
+    """Repetition (HF/vLLM), then presence and frequency (OpenAI) penalties; returns a new tensor.
+
+    logits: [rows, vocab] float32. output_counts: [rows, vocab] float32, how often each token was
+    generated so far. prompt_mask: [rows, vocab] bool, tokens of the prompt. presence, frequency,
+    repetition: [rows] float32.
+    Repetition: a token seen in the prompt or the output has its logit divided by the penalty when
+    positive and multiplied by it otherwise. Then
+    logit -= presence * (count > 0) + frequency * count, over generated tokens only.
+    """
+    seen = prompt_mask | (output_counts > 0)
+    rep = repetition.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    out = torch.where(seen, penalized, logits)
+    out = out - (presence.unsqueeze(1) * (output_counts > 0).to(out.dtype)
+                 + frequency.unsqueeze(1) * output_counts)
+    return out
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """Keep each row's `top_k` most likely tokens, then its nucleus; the rest become -inf.
+
+    logits: [rows, vocab] float32 (already divided by the temperature). top_k: [rows] long, the
+    vocabulary size where disabled. top_p: [rows] float32, 1.0 where disabled.
+    top_p is applied to the distribution renormalized over the top-k survivors (vLLM's order): the
+    smallest set of most likely tokens whose cumulative probability reaches top_p is kept, so a
+    token survives when the probability of the tokens before it is still below top_p. The most
+    likely token always survives; ties go to the lower token id (stable sort).
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    keep = ranks < top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    # Rounding can push the running sum to 1.0 before the tail; top_p == 1 must keep everything.
+    nucleus = (before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)
+    keep &= nucleus
+    keep[:, 0] = True
+    keep_unsorted = torch.empty_like(keep).scatter_(1, order, keep)
+    return logits.masked_fill(~keep_unsorted, float("-inf"))
+
+
+def filter_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    """Drop tokens whose probability is below min_p times the row's highest probability.
+
+    logits: [rows, vocab] float32; min_p: [rows] float32 (0.0 keeps everything).
+    The ratio test is the same on any renormalization, so it may follow top-k/top-p.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def draw_from_noise(probs: Tensor, noise: Tensor) -> Tensor:
+    """One token per row: argmax(probs / noise) with noise ~ Exp(1) is a draw from `probs`.
+
+    probs, noise: [rows, vocab] float32. Returns [rows] long. (For independent exponentials E_i,
+    P(argmax p_i / E_i = j) = p_j, the exponential-race form of the Gumbel-max trick.) Noise is
+    clamped away from zero so a filtered token (p = 0) can never win through 0 / 0.
+    """
+    noise = noise.clamp_min(torch.finfo(noise.dtype).tiny)
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def logprobs_with_top(logprobs: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The logprob of each row's target and its top k alternatives, most likely first.
+
+    logprobs: [rows, vocab] float32 (log_softmax already applied). targets: [rows] long.
+    Returns (target_logprob [rows], top_values [rows, k], top_ids [rows, k] long).
+    """
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if k > 0:
+        top_values, top_ids = torch.topk(logprobs, k, dim=-1, largest=True, sorted=True)
+    else:
+        top_values = logprobs.new_empty((logprobs.shape[0], 0))
+        top_ids = targets.new_empty((logprobs.shape[0], 0))
+    return chosen, top_values, top_ids

@@ -1,0 +1,182 @@
+"""Streaming validation and reading of a batch input file (OpenAI batch JSONL).
+
+Owns the per-line rules of contract §3.7: every error code with its 1-based physical line number,
+`\\n` and `\\r\\n` endings, a UTF-8 BOM on line 1, blank lines skipped but counted. The file is read
+one line at a time and never held whole (a 200 MB / 50,000-line file validates in a few MB);
+duplicate `custom_id`s are found through a set of 16-byte digests.
+
+Body-level problems that only the endpoint would detect (temperature 7, an unknown parameter, a
+prompt too long for the context) are NOT validation errors: they become per-line 4xx results at
+execution (render.prepare_request), exactly as OpenAI does.
+
+Imports only the stdlib: no torch, no aiohttp, no SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+BOM = b"\xef\xbb\xbf"
+MAX_CUSTOM_ID_CHARS = 512
+REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchError:
+    """One entry of a batch's `errors.data` (OpenAI's BatchError)."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(slots=True)
+class ValidationReport:
+    num_requests: int = 0
+    errors: list[BatchError] = field(default_factory=list)
+    truncated: bool = False              # more errors existed than max_errors; scanning stopped
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _LineRejected(Exception):
+    """Internal: the current line has a validation error (one error per line)."""
+
+    def __init__(self, code: str, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.error = (code, message, param)
+
+
+def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without its ending and without a BOM on line 1)."""
+    for line_no, raw in enumerate(f, start=1):
+        if line_no == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        yield line_no, raw
+
+
+def _parse_line(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _LineRejected("invalid_json_line", "This line is not valid UTF-8.", None) from None
+    except json.JSONDecodeError as exc:
+        raise _LineRejected("invalid_json_line", f"This line is not parseable as valid JSON: {exc.msg}.", None) from None
+
+
+def _check_line(obj: Any, *, endpoint: str, served_model_names: set[str]) -> str:
+    """Apply the §3.7 per-line rules; return the custom_id or raise _LineRejected."""
+    if not isinstance(obj, dict):
+        raise _LineRejected("invalid_request", "Each line must be a JSON object.", None)
+    for name in REQUIRED_FIELDS:
+        if name not in obj or obj[name] is None:
+            raise _LineRejected("missing_required_parameter", f"Missing required parameter: '{name}'.", name)
+    custom_id = obj["custom_id"]
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _LineRejected("invalid_request", "'custom_id' must be a non-empty string.", "custom_id")
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        raise _LineRejected("invalid_request", f"'custom_id' must be at most {MAX_CUSTOM_ID_CHARS} characters.",
+                            "custom_id")
+    if obj["method"] != "POST":
+        raise _LineRejected("invalid_request", f"Only the method 'POST' is supported, not {obj['method']!r}.", "method")
+    if obj["url"] != endpoint:
+        raise _LineRejected("invalid_url", f"The URL provided for this request does not match the batch endpoint "
+                            f"{endpoint!r}.", "url")
+    body = obj["body"]
+    if not isinstance(body, dict):
+        raise _LineRejected("invalid_request", "'body' must be a JSON object.", "body")
+    if body.get("stream") is True:
+        raise _LineRejected("streaming_unsupported", "Streaming is not supported in batch requests.", "body.stream")
+    model = body.get("model")
+    if model is None:
+        raise _LineRejected("invalid_request", "Missing required parameter: 'body.model'.", "body.model")
+    if not isinstance(model, str) or model not in served_model_names:
+        served = ", ".join(sorted(served_model_names))
+        raise _LineRejected("model_not_found", f"The model {model!r} does not exist or cannot be served here "
+                            f"(served: {served}).", "body.model")
+    if endpoint == CHAT_ENDPOINT and body.get("messages") is None:
+        raise _LineRejected("invalid_request", "Missing required parameter: 'body.messages'.", "body.messages")
+    if endpoint == COMPLETIONS_ENDPOINT and body.get("prompt") is None:
+        raise _LineRejected("invalid_request", "Missing required parameter: 'body.prompt'.", "body.prompt")
+    return custom_id
+
+
+def validate_input_file(
+    path: str | Path,
+    *,
+    endpoint: str,
+    served_model_names: set[str],
+    max_lines: int,
+    max_errors: int = 1000,
+    max_bytes: int | None = None,
+) -> ValidationReport:
+    """Validate a batch input file line by line with bounded memory.
+
+    Records at most one error per line and at most `max_errors` errors (then stops scanning and sets
+    `truncated`). File-level errors (too_many_requests, empty_file, file_too_large) have line None.
+    """
+    report = ValidationReport()
+    path = Path(path)
+
+    def add(code: str, message: str, param: str | None, line: int | None) -> bool:
+        report.errors.append(BatchError(code, message, param, line))
+        return len(report.errors) < max_errors
+
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        add("file_too_large", f"The input file is larger than the {max_bytes} byte limit.", None, None)
+        return report
+    seen: set[bytes] = set()
+    too_many_reported = False
+    with path.open("rb") as f:
+        for line_no, raw in _physical_lines(f):
+            if not raw.strip():
+                continue
+            report.num_requests += 1
+            if report.num_requests > max_lines and not too_many_reported:
+                too_many_reported = True
+                if not add("too_many_requests", f"The input file has more than {max_lines} requests.", None, None):
+                    report.truncated = True
+                    return report
+            try:
+                custom_id = _check_line(_parse_line(raw), endpoint=endpoint, served_model_names=served_model_names)
+                digest = hashlib.blake2b(custom_id.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    raise _LineRejected("duplicate_custom_id", f"The custom_id {custom_id!r} appears more than once "
+                                        "in the input file.", "custom_id")
+                seen.add(digest)
+            except _LineRejected as rejected:
+                if not add(*rejected.error, line_no):
+                    report.truncated = True
+                    return report
+    if report.num_requests == 0:
+        add("empty_file", "The input file contains no requests.", None, None)
+    return report
+
+
+def iter_requests(path: str | Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Yield (line number, custom_id, body) for each request of an already validated file, streaming."""
+    with Path(path).open("rb") as f:
+        for line_no, raw in _physical_lines(f):
+            if not raw.strip():
+                continue
+            obj = json.loads(raw.decode("utf-8"))
+            yield line_no, obj["custom_id"], obj["body"]
+
+
+__all__ = ["BatchError", "ValidationReport", "iter_requests", "validate_input_file"]

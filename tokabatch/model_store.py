@@ -42,6 +42,12 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / MARKER).is_file()
 
 
+def demo_model_folder(cache: Path | None = None) -> Path | None:
+    """The converted demo model folder if it is already in the cache, else None (never fetches)."""
+    target = models_dir(cache) / DEMO_FOLDER
+    return target if _is_complete(target) else None
+
+
 def fetch_demo_model(cache: Path | None = None) -> Path:
     """Return the converted demo model folder, downloading and converting it on first use."""
     target = models_dir(cache) / DEMO_FOLDER
@@ -172,6 +178,6 @@ def list_models(cache: Path | None = None) -> list[dict]:
 
 
 __all__ = [
-    "DEMO_SHA256", "ModelFetchError", "ModelLoadError", "fetch_demo_model", "list_models", "models_dir",
+    "DEMO_SHA256", "ModelFetchError", "ModelLoadError", "demo_model_folder", "fetch_demo_model", "list_models", "models_dir",
     "resolve_model_path", "served_model_name", "sha256_file",
 ]

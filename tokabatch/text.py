@@ -1,0 +1,248 @@
+"""Text in and out of the model: tokenizer, chat templates, incremental detokenization, stop strings.
+
+Does what transformers' tokenizer does, with the `tokenizers` library on the folder's tokenizer.json
+and jinja2 on its chat template (tokabatch.chat_template), because the service tokenizes and must
+stay torch-free: this module must not import torch or transformers, not even indirectly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from tokabatch.chat_template import ChatTemplate, ChatTemplateError, normalize_messages
+from tokabatch.errors import ModelLoadError
+
+_REPLACEMENT = "\ufffd"
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config writes special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: byte-level BPE spells each byte as one printable char."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _uses_byte_level(spec: dict | None) -> bool:
+    if not spec:
+        return False
+    if spec.get("type") == "ByteLevel":
+        return True
+    return any(_uses_byte_level(s) for s in spec.get("decoders", []) or [])
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization_spaces (only when the tokenizer config asks for it)."""
+    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(old, new)
+    return text
+
+
+class Tokenizer:
+    """A model folder's tokenizer; ids and texts equal transformers' AutoTokenizer on the same folder."""
+
+    def __init__(self, tokenizer: _HFTokenizer, config: dict, generation_config: dict,
+                 chat_template: str | None) -> None:
+        self._tok = tokenizer
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_tokens: dict[str, str] = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            content = _token_content(config.get(key))
+            if content is not None:
+                self.special_tokens[key] = content
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id: int | None = tokenizer.token_to_id(bos) if bos else None
+        self.eos_token_ids: tuple[int, ...] = self._eos_ids(generation_config)
+        self._cleanup = bool(config.get("clean_up_tokenization_spaces", False))
+        self._byte_level = _uses_byte_level(json.loads(tokenizer.to_str()).get("decoder"))
+        self._byte_decoder = _byte_decoder() if self._byte_level else {}
+        self._chat = ChatTemplate(chat_template, self.special_tokens) if chat_template else None
+
+    def _eos_ids(self, generation_config: dict) -> tuple[int, ...]:
+        ids: list[int] = []
+        eos = self.special_tokens.get("eos_token")
+        if eos is not None and self._tok.token_to_id(eos) is not None:
+            ids.append(self._tok.token_to_id(eos))
+        extra = generation_config.get("eos_token_id")
+        for i in extra if isinstance(extra, list) else ([extra] if isinstance(extra, int) else []):
+            if i not in ids:
+                ids.append(i)
+        return tuple(ids)
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "Tokenizer":
+        folder = Path(path)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"model folder {folder} has no tokenizer.json")
+        try:
+            tokenizer = _HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust library raises a bare Exception on a malformed file
+            raise ModelLoadError(f"could not load {tokenizer_file}: {e}") from e
+        config = _read_json(folder / "tokenizer_config.json")
+        # transformers prefers chat_template.jinja over the copy in tokenizer_config.json.
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+        if isinstance(template, list):   # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return cls(tokenizer, config, _read_json(folder / "generation_config.json"), template)
+
+    # ---- ids <-> text -----------------------------------------------------------------------------
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self._cleanup else text
+
+    def token_text(self, token_id: int) -> str:
+        """The token's own text, as in the logprobs "token" field (U+FFFD for a partial character)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's raw UTF-8 bytes (a byte-level BPE token may hold part of a character)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {self.vocab_size}")
+        if self._byte_level and all(c in self._byte_decoder for c in piece):
+            return [self._byte_decoder[c] for c in piece]
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):   # SentencePiece byte fallback
+            return [int(piece[3:5], 16)]
+        if self._byte_level:             # an added token stored as plain text
+            return list(piece.encode("utf-8"))
+        return list(piece.replace("\u2581", " ").encode("utf-8"))
+
+    def detokenizer(self, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True
+                    ) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens=skip_special_tokens)
+
+    # ---- chat -------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat is not None
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **template_kwargs: Any) -> str:
+        """The prompt text the chat template makes of `messages` (raises ChatTemplateError, a 400)."""
+        if self._chat is None:
+            raise ChatTemplateError("this model has no chat template; use the completions endpoint")
+        return self._chat.render(normalize_messages(messages, self._chat.source), add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message, **template_kwargs)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **template_kwargs: Any) -> list[int]:
+        """Prompt ids, as transformers' apply_chat_template(tokenize=True): the template places the specials."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                continue_final_message=continue_final_message, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns generated ids into text one token at a time without splitting a UTF-8 character.
+
+    Decodes a short window ending at the new token (prefix_offset..) against the same window without
+    it (prefix_offset..read_offset); the difference is the new text. Text ending in U+FFFD is an
+    incomplete character and is held back until a later token completes it (or `flush`).
+    """
+
+    _CONTEXT = 5   # prompt tokens used as left context, so leading spaces decode as in the full text
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-self._CONTEXT:]) if prompt_ids else []
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """The new text since the last push ("" while a character is incomplete)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever was held back (an incomplete character decodes to U+FFFD, as decode() does)."""
+        prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        new_text = self._decode(self._prefix_offset)
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, across token boundaries, and cuts them from the output."""
+
+    def __init__(self, stops: Sequence[str], *, include_stop: bool = False) -> None:
+        self._stops = [s for s in dict.fromkeys(stops) if s]
+        self._include = include_stop
+        self._held = ""
+        self.matched: str | None = None
+
+    def _hold_length(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def feed(self, new_text: str) -> tuple[str, str | None]:
+        """(text safe to emit now, the stop string that matched or None). After a match: ("", stop)."""
+        if self.matched is not None:
+            return "", self.matched
+        text = self._held + new_text
+        # The stop that completes first wins (as if the text came one character at a time), so the
+        # result does not depend on how the text was chunked; the longer one when two end together.
+        hits = [(text.find(s) + len(s), -len(s), s) for s in self._stops if s in text]
+        if hits:
+            end, _, stop = min(hits)
+            start = end - len(stop)
+            self.matched, self._held = stop, ""
+            return text[: start + len(stop)] if self._include else text[:start], stop
+        keep = self._hold_length(text)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], None
+
+    def flush(self) -> str:
+        """At the end (EOS or length): release the held-back text."""
+        held, self._held = self._held, ""
+        return "" if self.matched is not None else held
+
+
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "StopStringMatcher", "Tokenizer", "clean_up_tokenization"]

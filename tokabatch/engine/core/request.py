@@ -1,0 +1,94 @@
+"""Sequence state: one choice of one request, its tokens, its page table and its counters.
+
+Owned and mutated only by the scheduler; the engine loop reads it through `Scheduler.sequence()`.
+Pure stdlib: must not import torch (engine/core is unit-tested in milliseconds).
+
+Vocabulary: a sequence holds `num_tokens = len(prompt_ids) + len(output_ids)` tokens. The KV of
+positions [0, num_computed) is in its pages. A decoding sequence has num_computed == num_tokens - 1
+(the last sampled token has not run yet); a prefilling one has fewer computed positions (a fresh
+prompt, or prompt+output after preemption).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokabatch.engine.api import Priority, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"      # queued; holds no pages
+    RUNNING = "running"      # admitted; holds pages, prefilling or decoding
+    FINISHED = "finished"    # the loop ended it (or it was aborted); holds no pages
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One choice of a request. Identity is `seq_id`; the scheduler mutates it in place."""
+
+    seq_id: int
+    request_id: str
+    choice_index: int                    # 0 .. n-1 within the request
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    priority: Priority
+    arrival: int                         # global order of creation: FIFO key, and "newest" for preemption
+    max_len: int                         # hard cap on num_tokens: min(prompt+max_tokens, max_model_len, KV capacity)
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    page_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0                # positions whose KV is in page_ids
+    num_published_pages: int = 0         # leading pages already in the prefix tree
+    num_cached_tokens: int = 0           # prompt tokens served from the prefix cache at first admission
+    num_prompt_logprobs_done: int = 0    # prompt positions whose logprobs were already delivered
+    num_preemptions: int = 0
+    ever_admitted: bool = False
+    predicted_len: int = 0               # predicted final num_tokens (set at each admission check)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.sampling
+
+    @property
+    def is_decoding(self) -> bool:
+        """Exactly one token left to run (the last output token): a decode, not a prefill."""
+        return bool(self.output_ids) and self.num_computed == self.num_tokens - 1
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        # Only choice 0 reports prompt logprobs (they are the same for every choice), so the other
+        # choices may take prefix-cache hits on its pages.
+        return self.sampling.prompt_logprobs is not None and self.choice_index == 0
+
+    def token_slice(self, start: int, stop: int) -> tuple[int, ...]:
+        """Tokens [start, stop) of prompt+output without building the whole list."""
+        num_prompt = len(self.prompt_ids)
+        if stop <= num_prompt:
+            return self.prompt_ids[start:stop]
+        if start >= num_prompt:
+            return tuple(self.output_ids[start - num_prompt:stop - num_prompt])
+        return self.prompt_ids[start:] + tuple(self.output_ids[:stop - num_prompt])
+
+    def all_token_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + tuple(self.output_ids)
+
+
+def pages_for(num_positions: int, page_size: int) -> int:
+    """Pages needed to hold the KV of `num_positions` positions."""
+    return -(-num_positions // page_size)
+
+
+__all__ = ["SeqStatus", "Sequence", "pages_for"]

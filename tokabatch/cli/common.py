@@ -1,0 +1,107 @@
+"""What every command shares: exit codes, the one-line error decorator, and the stderr console.
+
+Owns the mapping from an exception to one line on stderr and an exit code. Stdlib, typer and
+rich only: it must not import torch, the service or the engine (the client commands run on
+machines that have neither a GPU nor a database).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import urllib.error
+from typing import Callable, TypeVar
+
+import typer
+
+from tokabatch.errors import TokabatchError
+
+# Exit codes, documented in `tokabatch submit --help` and the README; cron lines rely on them.
+EXIT_OK = 0                  # the batch completed and no line failed
+EXIT_ERROR = 1               # anything else: server unreachable, server error, internal error
+EXIT_USAGE = 2               # bad flags or bad input (missing file, rejected by the server with a 4xx)
+EXIT_LINES_FAILED = 3        # the batch completed but some lines failed (see the error file)
+EXIT_BATCH_FAILED = 4        # the batch failed (validation errors are printed with line numbers)
+EXIT_EXPIRED = 5             # the batch expired before every line ran
+EXIT_CANCELLED = 6           # the batch was cancelled
+EXIT_INTERRUPTED = 130       # Ctrl-C
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 completed with no failed line; 3 completed with failed lines; 4 failed "
+    "(validation errors are printed with their line numbers); 5 expired; 6 cancelled; "
+    "2 usage error or bad input; 1 other errors (server unreachable, server error)."
+)
+
+F = TypeVar("F", bound=Callable)
+
+
+class CliError(Exception):
+    """A failure the CLI reports as one line with a chosen exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    """Print `error: message` on stderr (one line) and return the Exit to raise."""
+    one_line = " ".join(str(message).split())
+    typer.secho(f"error: {one_line}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _connection_message(e: BaseException) -> str | None:
+    """A one-line reason for a network failure, or None if `e` is not one."""
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        return f"cannot reach the server: {getattr(e, 'reason', e)}"
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return f"cannot reach the server: {e}"
+    # httpx / openai connection errors, recognised by module and name so they need not be imported
+    module = type(e).__module__ or ""
+    name = type(e).__name__
+    if module.split(".")[0] in ("httpx", "httpx2", "httpcore", "openai") and (
+        "Connect" in name or "Timeout" in name or "Network" in name
+    ):
+        return f"cannot reach the server: {e}"
+    return None
+
+
+def one_line_errors(func: F) -> F:
+    """Turn expected failures into one line on stderr and a non-zero exit code, never a traceback.
+
+    TOKABATCH_DEBUG=1 re-raises unexpected exceptions so developers still get the traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CliError as e:
+            raise fail(e.message, e.code)
+        except TokabatchError as e:
+            raise fail(e.message, EXIT_USAGE if e.status < 500 and e.type != "model_error" else EXIT_ERROR)
+        except FileNotFoundError as e:
+            raise fail(f"no such file: {e.filename or e}", EXIT_USAGE)
+        except IsADirectoryError as e:
+            raise fail(f"is a directory, not a file: {e.filename or e}", EXIT_USAGE)
+        except PermissionError as e:
+            raise fail(f"permission denied: {e.filename or e}", EXIT_USAGE)
+        except KeyboardInterrupt:
+            raise fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as e:  # the last line of defence: still one line, never a traceback
+            reason = _connection_message(e)
+            if reason is not None:
+                raise fail(reason, EXIT_ERROR)
+            if os.environ.get("TOKABATCH_DEBUG"):
+                raise
+            raise fail(f"{type(e).__name__}: {e} (set TOKABATCH_DEBUG=1 for the traceback)", EXIT_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,127 @@
+"""`submit --wait`: poll a batch until it is terminal, with a live progress bar on stderr.
+
+Owns the progress display (completed/failed/total, tokens/s from the batch's usage, ETA) and the
+mapping from a terminal batch to the documented exit code and its one-line reason. Talks to the
+server only through `ApiClient`; must not import the service or torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from tokabatch.cli.client import ApiClient
+from tokabatch.cli.common import (
+    EXIT_BATCH_FAILED, EXIT_CANCELLED, EXIT_ERROR, EXIT_EXPIRED, EXIT_LINES_FAILED, EXIT_OK,
+)
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+MAX_ERRORS_SHOWN = 3
+
+
+@dataclass
+class Rates:
+    """Tokens/s and lines/s over the time the batch has been observed running."""
+
+    first_s: float | None = None
+    first_tokens: int = 0
+    first_lines: int = 0
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def update(self, now_s: float, output_tokens: int, done_lines: int) -> None:
+        if self.first_s is None:
+            self.first_s, self.first_tokens, self.first_lines = now_s, output_tokens, done_lines
+        self.samples.append((now_s, output_tokens, done_lines))
+        del self.samples[:-30]               # a sliding window keeps the rate current
+
+    def tokens_per_s(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (t0, k0, _), (t1, k1, _) = self.samples[0], self.samples[-1]
+        return (k1 - k0) / (t1 - t0) if t1 > t0 else None
+
+    def eta_s(self, remaining_lines: int) -> float | None:
+        if len(self.samples) < 2 or remaining_lines <= 0:
+            return None
+        (t0, _, n0), (t1, _, n1) = self.samples[0], self.samples[-1]
+        rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        return remaining_lines / rate if rate > 0 else None
+
+
+class _StatsColumn(ProgressColumn):
+    """'5 ok, 1 failed / 8  123.4 tok/s  ETA 0:01:02' from fields the poller stores on the task."""
+
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        parts = [f"{f.get('ok_lines', 0)} ok, {f.get('failed_lines', 0)} failed / {f.get('total_lines', 0)}"]
+        if f.get("tok_s") is not None:
+            parts.append(f"{f['tok_s']:.1f} tok/s")
+        if f.get("eta_s") is not None:
+            eta = int(f["eta_s"])
+            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        return Text("  ".join(parts))
+
+
+def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
+                   console: Console | None = None) -> dict:
+    """Poll until the batch is terminal; returns the final Batch object."""
+    console = console or Console(stderr=True)
+    rates = Rates()
+    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), _StatsColumn(), TimeElapsedColumn(),
+                        console=console, transient=False, disable=not console.is_terminal)
+    with progress:
+        task = progress.add_task("validating", total=None)
+        while True:
+            batch = client.retrieve_batch(batch_id)
+            counts = batch.get("request_counts") or {}
+            total = int(counts.get("total") or 0)
+            completed, failed = int(counts.get("completed") or 0), int(counts.get("failed") or 0)
+            output_tokens = int((batch.get("usage") or {}).get("output_tokens") or 0)
+            if batch.get("status") == "in_progress":
+                rates.update(time.monotonic(), output_tokens, completed + failed)
+            progress.update(task, description=str(batch.get("status")), total=total or None,
+                            completed=completed + failed, ok_lines=completed, failed_lines=failed,
+                            total_lines=total, tok_s=rates.tokens_per_s(),
+                            eta_s=rates.eta_s(total - completed - failed))
+            if batch.get("status") in TERMINAL:
+                progress.refresh()
+                return batch
+            time.sleep(poll_s)
+
+
+def exit_code_for(batch: dict) -> tuple[int, str]:
+    """The documented exit code of a terminal batch and a one-line reason."""
+    status = batch.get("status")
+    counts = batch.get("request_counts") or {}
+    total, completed, failed = counts.get("total", 0), counts.get("completed", 0), counts.get("failed", 0)
+    bid = batch.get("id")
+    if status == "completed":
+        if failed:
+            return EXIT_LINES_FAILED, f"batch {bid} completed with {failed} of {total} lines failed"
+        return EXIT_OK, f"batch {bid} completed: {completed} of {total} lines succeeded"
+    if status == "failed":
+        return EXIT_BATCH_FAILED, f"batch {bid} failed: {format_batch_errors(batch)}"
+    if status == "expired":
+        return EXIT_EXPIRED, (f"batch {bid} expired after {completed + failed} of {total} lines "
+                              f"({batch.get('completion_window')} window); unfinished lines are in the error file")
+    if status == "cancelled":
+        return EXIT_CANCELLED, f"batch {bid} was cancelled after {completed + failed} of {total} lines"
+    return EXIT_ERROR, f"batch {bid} is {status}, not a terminal state"
+
+
+def format_batch_errors(batch: dict) -> str:
+    """The first validation errors with their line numbers, on one line."""
+    data = (batch.get("errors") or {}).get("data") or []
+    if not data:
+        return "no error details"
+    shown = []
+    for err in data[:MAX_ERRORS_SHOWN]:
+        where = f"line {err['line']}" if err.get("line") is not None else "file"
+        param = f" [{err['param']}]" if err.get("param") else ""
+        shown.append(f"{where}: {err.get('code')}{param}: {err.get('message')}")
+    more = f" (and {len(data) - MAX_ERRORS_SHOWN} more)" if len(data) > MAX_ERRORS_SHOWN else ""
+    return "; ".join(shown) + more

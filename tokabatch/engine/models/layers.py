@@ -1,0 +1,124 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings (incl. llama3 scaling), SwiGLU MLP.
+
+Plain torch. Must not import anything from engine/runtime (attention reaches a model only through
+the `AttentionFn` protocol below) nor any serving code. The arithmetic mirrors HF transformers'
+(float32 RMSNorm, float32 rotary angles cast to the activation dtype) so float32 logits match
+theirs to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AttentionFn(Protocol):
+    """What a model calls for attention; the runtime's per-step attention context implements it.
+
+    q: [num_tokens, num_heads, head_dim], k/v: [num_tokens, num_kv_heads, head_dim] (rotary already
+    applied). Stores k/v in the KV cache and returns [num_tokens, num_heads, head_dim].
+    """
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RopeConfig:
+    """Rotary settings read from config.json (HF v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+
+    head_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"           # "default" | "linear" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(cfg: RopeConfig) -> Tensor:
+    """Inverse frequencies [head_dim // 2], float32 on CPU, as HF computes them for each rope_type."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.theta ** exponents)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.factor
+    if cfg.rope_type != "llama3":
+        return inv_freq
+    # llama3: long wavelengths (beyond the original context / low_freq_factor) are slowed down by
+    # `factor`, short ones (below original / high_freq_factor) kept, the band between interpolated.
+    old_len = cfg.original_max_position_embeddings
+    low_freq_wavelen = old_len / cfg.low_freq_factor
+    high_freq_wavelen = old_len / cfg.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / cfg.factor, inv_freq)
+    smooth = (old_len / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary positions (each token carries its own, so mixed steps need no layout).
+
+    `inv_freq` is a non-persistent float32 buffer; a model built on the meta device gets it back
+    through `init_buffers(device)` (the loader calls it after materializing the parameters).
+    """
+
+    def __init__(self, cfg: RopeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions: [num_tokens] int64 -> (cos, sin), each [num_tokens, head_dim] in `dtype`."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim] (HF's half-split layout)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in float32 whatever the activation dtype, then scale in it (as HF does).
+        in_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

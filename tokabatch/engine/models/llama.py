@@ -1,0 +1,205 @@
+"""The Llama family (Llama 2/3.x, SmolLM2, Mistral without sliding window) as a plain nn.Module.
+
+Owns the architecture, the parsing of config.json into `LlamaArgs`, and the explicit map from HF
+checkpoint names to our parameter names. Variants (Qwen2's q/k/v bias) are flags in `LlamaArgs`
+set by small subclasses. No serving logic: the model sees flat token rows, their positions and an
+`AttentionFn`; it never knows about pages, sequences or sampling. Must not import engine/runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from tokabatch.engine.models.layers import (
+    SUPPORTED_ROPE_TYPES,
+    AttentionFn,
+    GatedMLP,
+    RMSNorm,
+    RopeConfig,
+    RotaryEmbedding,
+    apply_rotary,
+)
+from tokabatch.errors import ModelLoadError
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False               # Qwen2: bias on q/k/v but not o
+    o_bias: bool = False                 # Llama's attention_bias puts a bias on all four
+    mlp_bias: bool = False
+
+
+def _need(config: Mapping[str, Any], key: str) -> Any:
+    if key not in config:
+        raise ModelLoadError(f"config.json lacks {key!r}")
+    return config[key]
+
+
+def parse_rope(config: Mapping[str, Any], head_dim: int) -> RopeConfig:
+    """Rotary settings from HF v5 `rope_parameters` or v4 `rope_theta` + `rope_scaling`."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelLoadError("partial_rotary_factor != 1 is not supported")
+    kwargs: dict[str, Any] = {}
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if merged.get(key) is not None:
+            kwargs[key] = merged[key]
+    return RopeConfig(head_dim=head_dim, theta=float(theta), rope_type=rope_type, **kwargs)
+
+
+def parse_llama_args(config: Mapping[str, Any]) -> LlamaArgs:
+    """LlamaArgs from a config.json dict; ModelLoadError for a missing key or an unsupported setting."""
+    hidden = int(_need(config, "hidden_size"))
+    num_heads = int(_need(config, "num_attention_heads"))
+    head_dim = int(config.get("head_dim") or hidden // num_heads)
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {act!r}; supported: silu")
+    attention_bias = bool(config.get("attention_bias", False))
+    return LlamaArgs(
+        vocab_size=int(_need(config, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_need(config, "intermediate_size")),
+        num_layers=int(_need(config, "num_hidden_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        rope=parse_rope(config, head_dim),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(config.get("mlp_bias", False)),
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionFn) -> Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args, layer_idx)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionFn) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(ids, positions, attn) -> hidden (pre final norm); compute_logits(rows) -> logits.
+
+    The final norm lives in `compute_logits` so that only rows that will be sampled (or scored for
+    prompt logprobs) pay for the norm and the LM head, which dominates small models.
+    """
+
+    args_parser = staticmethod(parse_llama_args)
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.rotary = RotaryEmbedding(args.rope)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "LlamaForCausalLM":
+        return cls(cls.args_parser(config))
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionFn) -> Tensor:
+        """input_ids, positions: [num_tokens] int64 -> hidden [num_tokens, hidden_size] (not normed)."""
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return x
+
+    def compute_logits(self, hidden_rows: Tensor) -> Tensor:
+        """hidden_rows: [rows, hidden_size] from forward -> logits [rows, vocab_size] (model dtype)."""
+        return self.lm_head(self.norm(hidden_rows))
+
+    def hf_name_map(self) -> dict[str, str]:
+        """HF checkpoint tensor name -> our parameter name, for every weight the checkpoint must hold.
+
+        A tied LM head is not listed: it is the embedding (see `ignored_hf_names`).
+        """
+        a = self.args
+        names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+        if not a.tie_word_embeddings:
+            names["lm_head.weight"] = "lm_head.weight"
+        for i in range(a.num_layers):
+            hf, ours = f"model.layers.{i}.", f"layers.{i}."
+            names[hf + "input_layernorm.weight"] = ours + "attn_norm.weight"
+            names[hf + "post_attention_layernorm.weight"] = ours + "mlp_norm.weight"
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                names[f"{hf}self_attn.{proj}.weight"] = f"{ours}attn.{proj}.weight"
+            if a.qkv_bias:
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    names[f"{hf}self_attn.{proj}.bias"] = f"{ours}attn.{proj}.bias"
+            if a.o_bias:
+                names[f"{hf}self_attn.o_proj.bias"] = f"{ours}attn.o_proj.bias"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                names[f"{hf}mlp.{proj}.weight"] = f"{ours}mlp.{proj}.weight"
+                if a.mlp_bias:
+                    names[f"{hf}mlp.{proj}.bias"] = f"{ours}mlp.{proj}.bias"
+        return names
+
+    def is_ignored_hf_name(self, hf_name: str) -> bool:
+        """Checkpoint tensors we knowingly skip: old rotary buffers, and a saved copy of a tied head."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return True
+        return self.args.tie_word_embeddings and hf_name == "lm_head.weight"
+
+    def post_materialize(self, device: torch.device) -> None:
+        """After a meta-device build was given storage (`to_empty`): recompute the non-persistent
+        rotary buffer and re-tie the LM head (to_empty replaces parameters one by one, untying them)."""
+        self.rotary.init_buffers(device)
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight

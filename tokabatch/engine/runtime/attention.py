@@ -1,0 +1,158 @@
+"""Paged attention in plain torch: the reference every faster backend is checked against.
+
+Owns `attention_with_lse` / `merge_attention` (the math Hydragen's merge relies on), `SeqAttn` (one
+sequence's share of a step, as the runner describes it to any backend) and `TorchBackend`, which
+turns a step's SeqAttn list into a `TorchAttentionContext`: the callable a model invokes per layer
+to write the step's K/V into the cache and attend over each sequence's pages.
+
+Worked example (page_size 4): a sequence with page_ids (7, 2) running tokens at positions 5..6
+writes them to slots 2*4+1 = 9 and 2*4+2 = 10, then its two queries read the 7 slots
+28, 29, 30, 31, 8, 9, 10 (positions 0..6); query at position 5 sees positions 0..5 only.
+
+Layout of the work: sequences with one query token (decodes, and one-token chunks) are attended in
+one padded batch; longer chunks each get one call with a causal mask. Each sequence's K/V is
+gathered once per layer per step, so the work is linear in the batch. Must not import the service
+or engine/core scheduling code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tokabatch.engine.runtime.kv_cache import KVCache
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                       scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax attention with grouped K/V heads, returning the log-sum-exp of the scores too.
+
+    q: [..., Lq, num_heads, head_dim]; k, v: [..., Lk, num_kv_heads, head_dim]; mask: bool
+    [..., Lq, Lk], True where a query may attend (None: everything). Query head h uses K/V head
+    h // (num_heads // num_kv_heads), as HF's repeat_kv does.
+    Returns out [..., Lq, num_heads, head_dim] in q's dtype and lse [..., Lq, num_heads] float32
+    (natural log; -inf and a zero output for a query that may attend to nothing).
+    """
+    *batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[-2]
+    group = num_heads // num_kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    qg = q.float().reshape(*batch, q_len, num_kv_heads, group, head_dim)
+    scores = torch.einsum("...qhgd,...khd->...hgqk", qg, k.float()) * scale  # [..., kvh, g, Lq, Lk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[..., None, None, :, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                     # [..., kvh, g, Lq]
+    # exp(-inf - 0) = 0 keeps fully masked rows at zero instead of NaN.
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.einsum("...hgqk,...khd->...qhgd", probs, v.float())
+    out = out.reshape(*batch, q_len, num_heads, head_dim).to(q.dtype)
+    lse = lse.movedim(-1, -3).reshape(*batch, q_len, num_heads)
+    return out, lse
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets (Hydragen: shared prefix + own suffix).
+
+    out_*: [num_tokens, num_heads, head_dim]; lse_*: [num_tokens, num_heads] (natural log).
+    o = (e^la·oa + e^lb·ob) / (e^la + e^lb), computed relative to the merged lse for stability.
+    Returns (out in out_a's dtype, merged lse float32).
+    """
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    w_a = torch.exp(lse_a.float() - safe)[..., None]
+    w_b = torch.exp(lse_b.float() - safe)[..., None]
+    out = w_a * out_a.float() + w_b * out_b.float()
+    return out.to(out_a.dtype), lse
+
+
+@dataclass(frozen=True, slots=True)
+class SeqAttn:
+    """One sequence's part of a step: rows q_start..q_start+q_len-1 of the step's tokens, at
+    positions start_pos.., attending through page_ids (covering positions 0..start_pos+q_len-1)."""
+
+    q_start: int
+    q_len: int
+    start_pos: int
+    page_ids: tuple[int, ...]
+
+    @property
+    def kv_len(self) -> int:
+        return self.start_pos + self.q_len
+
+
+def _slots(page_ids: Sequence[int], start: int, stop: int, page_size: int) -> list[int]:
+    """Flat cache slots of positions start..stop-1."""
+    return [page_ids[p // page_size] * page_size + p % page_size for p in range(start, stop)]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A multi-token chunk: its rows, the slots of all its K/V, and its causal mask [q_len, kv_len]."""
+
+    rows: slice
+    kv_slots: Tensor
+    mask: Tensor
+
+
+class TorchAttentionContext:
+    """Per-step state (slot mapping, gather indices, masks), built once and used by every layer."""
+
+    def __init__(self, cache: KVCache, seqs: Sequence[SeqAttn], num_tokens: int) -> None:
+        self.cache = cache
+        ps, dev = cache.page_size, cache.device
+        slot_mapping = [0] * num_tokens
+        single: list[SeqAttn] = []
+        self.chunks: list[_Chunk] = []
+        for s in seqs:
+            if len(s.page_ids) * ps < s.kv_len:
+                raise ValueError(f"page table of {len(s.page_ids)} pages cannot hold {s.kv_len} positions")
+            slot_mapping[s.q_start:s.q_start + s.q_len] = _slots(s.page_ids, s.start_pos, s.kv_len, ps)
+            if s.q_len == 1:
+                single.append(s)
+            else:
+                kv_pos = torch.arange(s.kv_len, device=dev)
+                q_pos = torch.arange(s.start_pos, s.kv_len, device=dev)
+                self.chunks.append(_Chunk(
+                    rows=slice(s.q_start, s.q_start + s.q_len),
+                    kv_slots=torch.tensor(_slots(s.page_ids, 0, s.kv_len, ps), device=dev),
+                    mask=kv_pos[None, :] <= q_pos[:, None]))
+        self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
+        # Single-token rows: one padded batch [B, max_kv]; padding slots point at slot 0, masked out.
+        self.single_rows = torch.tensor([s.q_start for s in single], dtype=torch.long, device=dev)
+        max_kv = max((s.kv_len for s in single), default=0)
+        padded = [_slots(s.page_ids, 0, s.kv_len, ps) + [0] * (max_kv - s.kv_len) for s in single]
+        self.single_slots = torch.tensor(padded, dtype=torch.long, device=dev).view(len(single), max_kv)
+        kv_lens = torch.tensor([s.kv_len for s in single], dtype=torch.long, device=dev)
+        self.single_mask = (torch.arange(max_kv, device=dev)[None, :] < kv_lens[:, None])[:, None, :]
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: [num_tokens, heads, dim]; k, v: [num_tokens, kv_heads, dim] -> [num_tokens, heads, dim]."""
+        k_cache, v_cache = self.cache.flat(layer_idx)
+        k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        if self.single_rows.numel():
+            q1 = q.index_select(0, self.single_rows)[:, None]                  # [B, 1, heads, dim]
+            o1, _ = attention_with_lse(q1, k_cache[self.single_slots], v_cache[self.single_slots],
+                                       self.single_mask)
+            out.index_copy_(0, self.single_rows, o1[:, 0])
+        for chunk in self.chunks:
+            out[chunk.rows], _ = attention_with_lse(
+                q[chunk.rows], k_cache[chunk.kv_slots], v_cache[chunk.kv_slots], chunk.mask)
+        return out
+
+
+class TorchBackend:
+    """The reference attention backend over a KVCache. Ignores Hydragen prefix groups: exact anyway."""
+
+    name = "torch"
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int) -> TorchAttentionContext:
+        """The context for one forward pass over `num_tokens` rows described by `seqs`."""
+        return TorchAttentionContext(self.cache, seqs, num_tokens)

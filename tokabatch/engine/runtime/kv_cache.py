@@ -1,0 +1,83 @@
+"""The paged KV cache: one K and one V tensor per layer, and how many pages fit.
+
+Layout per layer: K and V each [num_pages, page_size, num_kv_heads, head_dim] (flashinfer's "NHD"
+paged layout, so a faster backend can use the same tensors). Token position p of a sequence lives
+in page page_ids[p // page_size] at offset p % page_size; its flat slot is
+page * page_size + offset. Page bookkeeping (which pages are free) is engine/core's job, not this
+module's. Must not import the service or engine/core scheduling code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokabatch.engine.runtime.weights import ModelSpec
+from tokabatch.errors import ConfigError
+
+CPU_DEFAULT_KV_TOKENS = 65_536
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, num_pages: int, page_size: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        if num_pages < 1 or page_size < 1:
+            raise ConfigError(f"KV cache needs at least one page of at least one token "
+                              f"(num_pages={num_pages}, page_size={page_size})")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.dtype = dtype or spec.dtype
+        self.device = torch.device(device) if device is not None else spec.device
+        shape = (spec.num_layers, num_pages, page_size, spec.num_kv_heads, spec.head_dim)
+        # One allocation each for K and V; per-layer views index into them.
+        self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k: list[Tensor] = list(self._k.unbind(0))
+        self.v: list[Tensor] = list(self._v.unbind(0))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    def flat(self, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """K and V of one layer as [num_pages * page_size, num_kv_heads, head_dim] views (by slot)."""
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: torch.dtype | None = None) -> int:
+    """Bytes of K+V that one token takes over all layers."""
+    elem = torch.empty((), dtype=dtype or spec.dtype).element_size()
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
+
+
+def num_pages_for_tokens(num_tokens: int, page_size: int) -> int:
+    """Pages holding at least `num_tokens` tokens."""
+    return max(1, -(-num_tokens // page_size))
+
+
+def num_pages_from_free_memory(spec: ModelSpec, page_size: int, memory_fraction: float = 0.9,
+                               reserve_bytes: int = 0, dtype: torch.dtype | None = None) -> int:
+    """GPU sizing: pages that fit in `memory_fraction` of the device's free memory minus `reserve_bytes`.
+
+    Call it after the model is loaded and a warm-up step (largest activations) has run, so free
+    memory already excludes weights and workspace; `reserve_bytes` covers what is still to come
+    (CUDA graphs, sampler buffers).
+    """
+    if spec.device.type != "cuda":
+        raise ConfigError("sizing the KV cache from free memory needs a CUDA device")
+    free_bytes, _total = torch.cuda.mem_get_info(spec.device)
+    budget = int(free_bytes * memory_fraction) - reserve_bytes
+    page_bytes = kv_bytes_per_token(spec, dtype) * page_size
+    if budget < page_bytes:
+        raise ConfigError(f"not enough free GPU memory for one KV page ({free_bytes} bytes free)")
+    return budget // page_bytes
+
+
+def choose_num_pages(spec: ModelSpec, page_size: int, kv_cache_tokens: int | None = None,
+                     memory_fraction: float = 0.9) -> int:
+    """The page count: from an explicit token budget, else 65,536 tokens on CPU, else free GPU memory."""
+    if kv_cache_tokens is not None:
+        return num_pages_for_tokens(kv_cache_tokens, page_size)
+    if spec.device.type == "cuda":
+        return num_pages_from_free_memory(spec, page_size, memory_fraction)
+    return num_pages_for_tokens(CPU_DEFAULT_KV_TOKENS, page_size)

@@ -1,0 +1,52 @@
+"""Fixtures for the service tests: a migrated database on every backend, a blob store, a clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.service.dbutil import backends, fresh_database
+from tokabatch.service.storage import db as dbmod
+from tokabatch.service.storage.blobs import BlobStore
+
+
+@pytest.fixture(params=backends())
+def db_url(request, tmp_path):
+    """An empty database URL: SQLite always, PostgreSQL too when TOKABATCH_TEST_DATABASE_URL is set."""
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(db_url):
+    """An open Database migrated to head."""
+    await asyncio.to_thread(dbmod.upgrade, db_url)
+    database = await dbmod.Database.open(db_url)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    return BlobStore(tmp_path / "files")
+
+
+class FakeClock:
+    """An injectable clock: `clock()` returns the current fake Unix time in seconds."""
+
+    def __init__(self, now_s: float = 1_700_000_000.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()

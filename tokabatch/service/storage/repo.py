@@ -1,0 +1,294 @@
+"""The repository: every query tokabatch runs, as plain async functions over a `Database`.
+
+Owns owner scoping (every HTTP-facing query takes `owner`; another owner's ids are simply not
+found), cursor pagination, the compare-and-set status writes (through jobs/states.py) and the
+runner's claims (lease + heartbeat). Portable SQL only: the same code runs on SQLite and on
+PostgreSQL (`FOR UPDATE SKIP LOCKED` renders on PostgreSQL and is ignored by SQLite, where the
+conditional UPDATE alone makes a claim atomic). Must not import torch or aiohttp.
+
+`owner=None` on get_file/get_batch means "any owner" and is for the runner only.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, Generic, Mapping, Sequence, TypeVar
+
+from sqlalchemy import delete, or_, select, update
+
+from tokabatch.errors import Conflict, InvalidRequest
+from tokabatch.service.jobs.states import (
+    CANCELLABLE, NON_TERMINAL, TIMESTAMP_FIELD, BatchStatus, allowed_from,
+)
+from tokabatch.service.storage.db import Database
+from tokabatch.service.storage.models import Batch, File
+
+T = TypeVar("T")
+_BASE62 = string.digits + string.ascii_letters
+
+# Columns a caller may write together with a status change (transition_batch **fields).
+TRANSITION_FIELDS = frozenset({
+    "errors", "output_file_id", "error_file_id", "output_parquet_file_id", "request_total",
+    "request_completed", "request_failed", "input_tokens", "cached_tokens", "output_tokens",
+    "reasoning_tokens", "total_tokens", "model", "worker_id", "lease_expires_at",
+})
+
+
+def new_file_id() -> str:
+    return "file-" + "".join(secrets.choice(_BASE62) for _ in range(22))
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCounts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+
+
+# --- files -----------------------------------------------------------------------------------
+
+async def create_file(
+    db: Database, *, owner: str, filename: str, purpose: str, num_bytes: int, now_s: int,
+    expires_at: int | None = None, file_id: str | None = None,
+) -> File:
+    """Register a blob already written under blobs.path(file_id) (uploads and runner outputs)."""
+    row = File(id=file_id or new_file_id(), owner=owner, filename=filename, purpose=purpose,
+               bytes=num_bytes, created_at=int(now_s), expires_at=expires_at)
+    async with db.sessions() as session, session.begin():
+        session.add(row)
+    return row
+
+
+async def get_file(db: Database, file_id: str, *, owner: str | None) -> File | None:
+    query = select(File).where(File.id == file_id)
+    if owner is not None:
+        query = query.where(File.owner == owner)
+    async with db.sessions() as session:
+        return (await session.execute(query)).scalar_one_or_none()
+
+
+async def list_files(
+    db: Database, *, owner: str, after: str | None = None, limit: int = 10_000,
+    order: str = "desc", purpose: str | None = None,
+) -> Page[File]:
+    query = select(File).where(File.owner == owner)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    async with db.sessions() as session:
+        return await _page(session, File, query, owner=owner, after=after, limit=limit, order=order)
+
+
+async def file_in_use(db: Database, file_id: str, *, owner: str) -> bool:
+    """True while a non-terminal batch of `owner` reads `file_id` as its input."""
+    query = select(Batch.id).where(
+        Batch.owner == owner, Batch.input_file_id == file_id,
+        Batch.status.in_([s.value for s in NON_TERMINAL]),
+    ).limit(1)
+    async with db.sessions() as session:
+        return (await session.execute(query)).first() is not None
+
+
+async def delete_file(db: Database, file_id: str, *, owner: str) -> File | None:
+    """Delete the row (the caller removes the blob). None if unknown; Conflict if in use."""
+    if await file_in_use(db, file_id, owner=owner):
+        raise Conflict(f"File {file_id} is the input file of a batch that has not finished; "
+                       "cancel the batch or wait for it to finish first.", param="id")
+    async with db.sessions() as session, session.begin():
+        row = (await session.execute(
+            select(File).where(File.id == file_id, File.owner == owner))).scalar_one_or_none()
+        if row is None:
+            return None
+        await session.execute(delete(File).where(File.seq == row.seq))
+    return row
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+async def create_batch(
+    db: Database, *, owner: str, input_file_id: str, endpoint: str, completion_window: str,
+    now_s: int, window_s: int, model: str | None = None, metadata: Mapping[str, str] | None = None,
+    output_expires_after_s: int | None = None, batch_id: str | None = None,
+) -> Batch:
+    """Insert a batch in `validating`, expiring `window_s` after `now_s`."""
+    row = Batch(
+        id=batch_id or new_batch_id(), owner=owner, endpoint=endpoint, model=model,
+        input_file_id=input_file_id, completion_window=completion_window,
+        status=BatchStatus.VALIDATING.value, metadata_=dict(metadata) if metadata is not None else None,
+        output_expires_after_s=output_expires_after_s, created_at=int(now_s),
+        expires_at=int(now_s) + int(window_s), request_total=0, request_completed=0, request_failed=0,
+        input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0, total_tokens=0,
+        num_claims=0,
+    )
+    async with db.sessions() as session, session.begin():
+        session.add(row)
+    return row
+
+
+async def get_batch(db: Database, batch_id: str, *, owner: str | None) -> Batch | None:
+    query = select(Batch).where(Batch.id == batch_id)
+    if owner is not None:
+        query = query.where(Batch.owner == owner)
+    async with db.sessions() as session:
+        return (await session.execute(query)).scalar_one_or_none()
+
+
+async def list_batches(db: Database, *, owner: str, after: str | None = None, limit: int = 20) -> Page[Batch]:
+    """Newest first (insertion order, so batches created in the same second keep their order)."""
+    async with db.sessions() as session:
+        return await _page(session, Batch, select(Batch).where(Batch.owner == owner),
+                           owner=owner, after=after, limit=limit, order="desc")
+
+
+async def transition_batch(db: Database, batch_id: str, to: BatchStatus | str, now_s: int,
+                           **fields: Any) -> bool:
+    """Compare-and-set: move `batch_id` to `to` if states.TRANSITIONS allows it from the current
+    status, setting `<to>_at = now_s` and `fields` in the same UPDATE. False when the current
+    status does not allow it (another writer got there first: re-read and decide)."""
+    to = BatchStatus(to)
+    unknown = set(fields) - TRANSITION_FIELDS
+    if unknown:
+        raise ValueError(f"transition_batch cannot set {sorted(unknown)}")
+    values = dict(fields)
+    values["status"] = to.value
+    if to in TIMESTAMP_FIELD:
+        values[TIMESTAMP_FIELD[to]] = int(now_s)
+    statement = (update(Batch)
+                 .where(Batch.id == batch_id, Batch.status.in_([s.value for s in allowed_from(to)]))
+                 .values(**values))
+    async with db.sessions() as session, session.begin():
+        result = await session.execute(statement)
+    return result.rowcount == 1
+
+
+async def cancel_batch(db: Database, batch_id: str, *, owner: str, now_s: int) -> Batch | None:
+    """The cancel endpoint: validating/in_progress -> cancelling; cancelling/cancelled unchanged;
+    other statuses raise Conflict. None for an unknown id. Retries the CAS if a worker moved the
+    batch in between (e.g. validating -> in_progress)."""
+    for _ in range(8):
+        row = await get_batch(db, batch_id, owner=owner)
+        if row is None:
+            return None
+        status = BatchStatus(row.status)
+        if status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+            return row
+        if status not in CANCELLABLE:
+            raise Conflict(f"Cannot cancel a batch with status '{status.value}'.")
+        if await transition_batch(db, batch_id, BatchStatus.CANCELLING, now_s):
+            return await get_batch(db, batch_id, owner=owner)
+    raise Conflict(f"Batch {batch_id} changed status too often while being cancelled; try again.")
+
+
+async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float) -> Batch | None:
+    """Claim the oldest non-terminal batch whose lease is free or expired, for `lease_s` seconds.
+    Returns the claimed row (with the new lease) or None when there is no work."""
+    free = or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now_s)
+    candidates = (select(Batch.id)
+                  .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free)
+                  .order_by(Batch.seq).limit(8)
+                  .with_for_update(skip_locked=True))
+    async with db.sessions() as session, session.begin():
+        ids = list((await session.execute(candidates)).scalars())
+        for batch_id in ids:
+            # The WHERE repeats the lease test: on SQLite (no row locks) two workers may pick the
+            # same candidate, and only the UPDATE that still sees a free lease wins.
+            result = await session.execute(
+                update(Batch).where(Batch.id == batch_id, free)
+                .values(worker_id=worker_id, lease_expires_at=now_s + lease_s,
+                        num_claims=Batch.num_claims + 1))
+            if result.rowcount == 1:
+                return (await session.execute(
+                    select(Batch).where(Batch.id == batch_id)
+                    .execution_options(populate_existing=True))).scalar_one()
+    return None
+
+
+async def heartbeat(db: Database, batch_id: str, worker_id: str, lease_s: float, now_s: float) -> bool:
+    """Extend the lease; False if `worker_id` no longer holds it (stop working on the batch)."""
+    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
+                 .values(lease_expires_at=now_s + lease_s))
+    async with db.sessions() as session, session.begin():
+        return (await session.execute(statement)).rowcount == 1
+
+
+async def release_claim(db: Database, batch_id: str, worker_id: str) -> bool:
+    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
+                 .values(worker_id=None, lease_expires_at=None))
+    async with db.sessions() as session, session.begin():
+        return (await session.execute(statement)).rowcount == 1
+
+
+async def update_progress(db: Database, batch_id: str, request_counts: RequestCounts, usage: Usage,
+                          *, worker_id: str | None = None) -> bool:
+    """Write live counts and usage (absolute values). With `worker_id`, only while it holds the lease."""
+    statement = update(Batch).where(Batch.id == batch_id).values(
+        request_total=request_counts.total, request_completed=request_counts.completed,
+        request_failed=request_counts.failed, input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens, total_tokens=usage.total_tokens)
+    if worker_id is not None:
+        statement = statement.where(Batch.worker_id == worker_id)
+    async with db.sessions() as session, session.begin():
+        return (await session.execute(statement)).rowcount == 1
+
+
+async def set_validation_errors(db: Database, batch_id: str, errors: Sequence[Mapping[str, Any]]) -> None:
+    """Store `errors.data` entries ({code, message, param, line}); the runner then transitions to failed
+    (or passes errors= to transition_batch to do both at once)."""
+    await _set(db, batch_id, errors=[dict(e) for e in errors])
+
+
+async def set_result_files(db: Database, batch_id: str, output_file_id: str | None,
+                           error_file_id: str | None, output_parquet_file_id: str | None) -> None:
+    await _set(db, batch_id, output_file_id=output_file_id, error_file_id=error_file_id,
+               output_parquet_file_id=output_parquet_file_id)
+
+
+async def _set(db: Database, batch_id: str, **values: Any) -> None:
+    async with db.sessions() as session, session.begin():
+        await session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+
+
+async def _page(session: Any, model: type, query: Any, *, owner: str, after: str | None,
+                limit: int, order: str) -> Page:
+    """One page of `query` in `seq` order, strictly after the row whose id is `after`."""
+    descending = order != "asc"
+    if after is not None:
+        after_seq = (await session.execute(
+            select(model.seq).where(model.id == after, model.owner == owner))).scalar_one_or_none()
+        if after_seq is None:
+            raise InvalidRequest(f"Invalid 'after': no object with id {after!r}.", param="after",
+                                 code="invalid_value")
+        query = query.where(model.seq < after_seq if descending else model.seq > after_seq)
+    query = query.order_by(model.seq.desc() if descending else model.seq.asc()).limit(limit + 1)
+    rows = list((await session.execute(query)).scalars())
+    return Page(items=rows[:limit], has_more=len(rows) > limit)
+
+
+__all__ = [
+    "Page", "RequestCounts", "Usage", "new_file_id", "new_batch_id",
+    "create_file", "get_file", "list_files", "file_in_use", "delete_file",
+    "create_batch", "get_batch", "list_batches", "transition_batch", "cancel_batch",
+    "claim_batch", "heartbeat", "release_claim", "update_progress", "set_validation_errors",
+    "set_result_files",
+]

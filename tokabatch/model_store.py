@@ -57,6 +57,9 @@ def fetch_demo_model(cache: Path | None = None) -> Path:
     with _file_lock(target.parent / f".{DEMO_FOLDER}.lock"):
         if _is_complete(target):          # another process finished while we waited
             return target
+        # Only the lock holder creates temporary folders, so any left now are from a killed fetch.
+        for stale in target.parent.glob(f".{DEMO_FOLDER}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f".{DEMO_FOLDER}.tmp-", dir=target.parent) as tmp:
             work = Path(tmp)
             gguf = _download_demo_gguf(work)

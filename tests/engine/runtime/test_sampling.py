@@ -15,13 +15,17 @@ from tokabatch.engine.runtime import sampling_ops as ops
 from tokabatch.engine.runtime.sampling import Sampler, choice_seed
 from tokabatch.errors import InvalidRequest
 
+# Every test that runs the Sampler also runs on CUDA where one is present (the GPU machine).
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+on_devices = pytest.mark.parametrize("device", DEVICES)
+
 VOCAB = 8
 EOS = 7
 LOGITS8 = [2.0, 1.5, 1.2, 0.9, 0.3, -0.2, -1.0, 0.5]   # distinct, so every filter has a unique answer
 
 
-def make_sampler(vocab: int = VOCAB, seed: int = 1234) -> Sampler:
-    return Sampler(vocab, "cpu", (EOS,), seed=seed)
+def make_sampler(vocab: int = VOCAB, seed: int = 1234, device: str = "cpu") -> Sampler:
+    return Sampler(vocab, device, (EOS,), seed=seed)
 
 
 def reference_distribution(logits: list[float], p: SamplingParams) -> list[float]:
@@ -46,11 +50,12 @@ def reference_distribution(logits: list[float], p: SamplingParams) -> list[float
     return [probs.get(i, 0.0) for i in range(len(logits))]
 
 
-def empirical_distribution(params: SamplingParams, num: int = 40_000, logits: list[float] = LOGITS8) -> list[float]:
-    sampler = make_sampler(vocab=len(logits))
+def empirical_distribution(params: SamplingParams, device: str, num: int = 40_000,
+                           logits: list[float] = LOGITS8) -> list[float]:
+    sampler = make_sampler(vocab=len(logits), device=device)
     for seq in range(num):
         sampler.register(seq, params, [])
-    tokens = sampler.sample(list(range(num)), torch.tensor([logits] * num))
+    tokens = sampler.sample(list(range(num)), torch.tensor([logits] * num, device=device))
     counts = torch.bincount(torch.tensor([t.token_id for t in tokens]), minlength=len(logits))
     return (counts.double() / num).tolist()
 
@@ -65,9 +70,10 @@ def empirical_distribution(params: SamplingParams, num: int = 40_000, logits: li
     SamplingParams(min_p=0.2),
     SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
 ], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
-def test_distribution_matches_the_filtered_reference(params):
+@on_devices
+def test_distribution_matches_the_filtered_reference(params, device):
     expected = reference_distribution(LOGITS8, params)
-    observed = empirical_distribution(params)
+    observed = empirical_distribution(params, device)
     assert max(abs(o - e) for o, e in zip(observed, expected)) < 0.01, (observed, expected)
     for token, e in enumerate(expected):
         if e == 0.0:
@@ -81,14 +87,15 @@ def test_reference_filters_actually_filter():
     assert sum(q == 0.0 for q in reference_distribution(LOGITS8, SamplingParams(min_p=0.2))) == 3
 
 
-def test_greedy_is_argmax_with_ties_to_the_lowest_id():
-    sampler = make_sampler()
+@on_devices
+def test_greedy_is_argmax_with_ties_to_the_lowest_id(device):
+    sampler = make_sampler(device=device)
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB)
     logits[5] = torch.tensor([0.0, 3.0, 1.0, 3.0, 3.0, 0.0, 0.0, 0.0])
     for seq in range(6):
         sampler.register(seq, SamplingParams(temperature=0.0, top_k=2, top_p=0.5), [])
-    tokens = [t.token_id for t in sampler.sample(list(range(6)), logits)]
+    tokens = [t.token_id for t in sampler.sample(list(range(6)), logits.to(device))]
     assert tokens[:5] == logits[:5].argmax(-1).tolist()
     assert tokens[5] == 1
 
@@ -102,27 +109,28 @@ def run_seeded(sampler: Sampler, target: int, neighbours: list[int], position: i
         ids.insert(position, target)
         logits = torch.randn(len(ids), row.shape[0], generator=torch.Generator().manual_seed(step))
         logits[position] = row
-        out.append(sampler.sample(ids, logits)[position].token_id)
+        out.append(sampler.sample(ids, logits.to(sampler.device))[position].token_id)
     return out
 
 
-def test_seeded_rows_reproduce_whatever_the_batch():
+@on_devices
+def test_seeded_rows_reproduce_whatever_the_batch(device):
     vocab = 50
     steps = [torch.randn(vocab, generator=torch.Generator().manual_seed(100 + i)) for i in range(30)]
     params = SamplingParams(temperature=1.3, top_p=0.95, top_k=40, seed=42, presence_penalty=0.3)
 
-    alone = make_sampler(vocab, seed=1)
+    alone = make_sampler(vocab, seed=1, device=device)
     alone.register(0, params, [1, 2, 3])
     solo = run_seeded(alone, 0, [], 0, steps)
 
-    crowded = make_sampler(vocab, seed=2)
+    crowded = make_sampler(vocab, seed=2, device=device)
     crowded.register(10, params, [1, 2, 3])
     crowded.register(11, SamplingParams(temperature=1.0), [5])
     crowded.register(12, replace(params, seed=7, min_p=0.1), [4])        # another seeded row
     crowded.register(13, SamplingParams(temperature=0.0, repetition_penalty=1.2), [9])
     busy = run_seeded(crowded, 10, [11, 12, 13], 2, steps)
 
-    again = make_sampler(vocab, seed=3)
+    again = make_sampler(vocab, seed=3, device=device)
     again.register(99, params, [1, 2, 3])
     again.register(98, SamplingParams(), [])
     last = run_seeded(again, 99, [98], 1, steps)
@@ -163,10 +171,11 @@ def test_penalties_match_a_hand_computation():
     assert raw[0, 2].item() == 3.0               # the caller's logits are untouched
 
 
-def test_penalty_flips_greedy_and_sample_counts_its_own_tokens():
-    sampler = make_sampler()
+@on_devices
+def test_penalty_flips_greedy_and_sample_counts_its_own_tokens(device):
+    sampler = make_sampler(device=device)
     sampler.register(0, SamplingParams(temperature=0.0, frequency_penalty=2.0), [])
-    logits = torch.tensor([[0.0, 3.0, 2.5, 0, 0, 0, 0, 0]])
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0, 0, 0, 0, 0]], device=device)
     tokens = [sampler.sample([0], logits)[0].token_id for _ in range(3)]
     # 1 first; then 1 is at 3 - 2 = 1 < 2.5, so 2; then 2 is at 0.5 < 1, so 1 again.
     assert tokens == [1, 2, 1]
@@ -181,35 +190,38 @@ def test_apply_penalties_identity_when_disabled():
     assert torch.equal(ops.apply_penalties(x, counts, mask, zeros, zeros, ones), x)
 
 
-def test_logit_bias_forces_and_bans_tokens():
-    sampler = make_sampler()
+@on_devices
+def test_logit_bias_forces_and_bans_tokens(device):
+    sampler = make_sampler(device=device)
     sampler.register(0, SamplingParams(logit_bias=((5, 100.0),)), [])
     sampler.register(1, SamplingParams(temperature=0.0, logit_bias=((0, -100.0),)), [])
-    logits = torch.tensor([LOGITS8, LOGITS8])
+    logits = torch.tensor([LOGITS8, LOGITS8], device=device)
     for _ in range(50):
         a, b = sampler.sample([0, 1], logits)
         assert a.token_id == 5 and b.token_id == 1
 
 
-def test_min_tokens_masks_eos_and_stop_ids_until_enough_outputs():
-    sampler = make_sampler()
+@on_devices
+def test_min_tokens_masks_eos_and_stop_ids_until_enough_outputs(device):
+    sampler = make_sampler(device=device)
     sampler.register(0, SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(4,)), [])
     sampler.register(1, SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=(4,), ignore_eos=True), [])
-    logits = torch.tensor([[0.0, 1.0, 0, 0, 5.0, 0, 0, 9.0]] * 2)
+    logits = torch.tensor([[0.0, 1.0, 0, 0, 5.0, 0, 0, 9.0]] * 2, device=device)
     steps = [[t.token_id for t in sampler.sample([0, 1], logits)] for _ in range(4)]
     assert [s[0] for s in steps] == [1, 1, 1, EOS]
     assert [s[1] for s in steps] == [EOS, EOS, EOS, EOS]   # ignore_eos: EOS is an ordinary token
 
 
-def test_logprobs_are_raw_log_softmax_with_sorted_top():
-    sampler = make_sampler(vocab=37)
+@on_devices
+def test_logprobs_are_raw_log_softmax_with_sorted_top(device):
+    sampler = make_sampler(vocab=37, device=device)
     params = SamplingParams(temperature=0.6, top_k=5, presence_penalty=1.0, logit_bias=((3, 5.0),), logprobs=4)
     sampler.register(0, params, [3])
     sampler.register(1, SamplingParams(), [])                     # no logprobs wanted
     sampler.register(2, replace(params, logprobs=0, temperature=0.0), [])
     logits = torch.randn(3, 37, generator=torch.Generator().manual_seed(5))
     reference = torch.log_softmax(logits.double(), dim=-1)
-    out = sampler.sample([0, 1, 2], logits)
+    out = sampler.sample([0, 1, 2], logits.to(device))
     assert out[1].logprob is None
     for row in (0, 2):
         lp = out[row].logprob
@@ -223,26 +235,28 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top():
     assert out[2].logprob.top == ()
 
 
-def test_bf16_logits_are_accepted():
-    sampler = make_sampler()
+@on_devices
+def test_bf16_logits_are_accepted(device):
+    sampler = make_sampler(device=device)
     sampler.register(0, SamplingParams(temperature=0.0, logprobs=2), [])
-    out = sampler.sample([0], torch.tensor([LOGITS8], dtype=torch.bfloat16))
+    out = sampler.sample([0], torch.tensor([LOGITS8], dtype=torch.bfloat16, device=device))
     assert out[0].token_id == 0 and len(out[0].logprob.top) == 2
 
 
-def test_prompt_logprobs_are_raw_log_softmax():
-    sampler = make_sampler(vocab=37)
+@on_devices
+def test_prompt_logprobs_are_raw_log_softmax(device):
+    sampler = make_sampler(vocab=37, device=device)
     logits = torch.randn(17, 37, generator=torch.Generator().manual_seed(9))
     targets = torch.randint(0, 37, (17,), generator=torch.Generator().manual_seed(10))
     reference = torch.log_softmax(logits.double(), dim=-1)
-    out = sampler.prompt_logprobs(logits, targets, 3)
+    out = sampler.prompt_logprobs(logits.to(device), targets.to(device), 3)
     assert [lp.token_id for lp in out] == targets.tolist()
     for row, lp in enumerate(out):
         assert abs(lp.logprob - reference[row, lp.token_id].item()) < 1e-5
         assert [t for t, _ in lp.top] == reference[row].topk(3).indices.tolist()
         assert all(abs(v - reference[row, t].item()) < 1e-5 for t, v in lp.top)
-    assert all(lp.top == () for lp in sampler.prompt_logprobs(logits, targets, 0))
-    assert sampler.prompt_logprobs(logits[:0], targets[:0], 3) == []
+    assert all(lp.top == () for lp in sampler.prompt_logprobs(logits.to(device), targets.to(device), 0))
+    assert sampler.prompt_logprobs(logits[:0].to(device), targets[:0].to(device), 3) == []
 
 
 def test_state_lifecycle_and_errors():

@@ -1,0 +1,207 @@
+"""The synchronous step loop that runs inside the engine process, and the serve function that drives it.
+
+Owns the `StepLoop` protocol (what EngineLoop and the test FakeLoop implement), `LoopSpec` (the
+picklable recipe the engine process builds its loop from), the pipe messages between the engine
+process and `EngineClient`, and `serve()`, the engine process's main loop. Also the one mapping
+from a rejected request to its error output, so the real loop and the fakes agree on it.
+
+Imports the stdlib, engine/api and errors only: the parent process imports this module and must not
+load torch. The loop's own module (engine/runtime/loop.py) is imported by name inside the child.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from tokabatch.engine.api import (
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+    GenerationUpdate,
+    ModelInfo,
+    RequestError,
+)
+from tokabatch.errors import TokabatchError
+
+# Messages, parent -> engine: ("add", add_no, GenerationRequest) | ("abort", request_id) | ("close",)
+# Engine -> parent: ("ready", ModelInfo, Report) | ("failed", StartFailure) | ("report", Report)
+#                   | ("fatal", message) | ("closed",)
+
+
+@runtime_checkable
+class StepLoop(Protocol):
+    """One engine: requests in, finished outputs (and streaming deltas) out, one step at a time.
+
+    Contract: `add` never raises for a bad request (it queues that request's error output, or
+    raises `RequestRejected`, which serve() turns into one); `abort` queues an aborted output for
+    an unfinished request; `has_work()` stays True while any output is waiting to be returned, so
+    `step()` also delivers outputs when no forward pass is needed.
+    """
+
+    info: ModelInfo
+
+    def add(self, request: GenerationRequest) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def step(self) -> list[GenerationUpdate | GenerationOutput]: ...
+
+    def has_work(self) -> bool: ...
+
+    def num_wanted(self) -> int:
+        """How many more requests the engine could admit soon (back-pressure credits)."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+
+class RequestRejected(Exception):
+    """Raised by `StepLoop.add` for a request the engine refuses; carries the error to send back."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def error_output(request: GenerationRequest, error: RequestError) -> GenerationOutput:
+    """The output of a request that never ran (or whose engine died)."""
+    return GenerationOutput(
+        request_id=request.request_id, choices=(), num_prompt_tokens=len(request.prompt_token_ids),
+        num_cached_tokens=0, num_completion_tokens=0, error=error,
+    )
+
+
+def rejection_error(exc: BaseException) -> RequestError:
+    """Map an exception raised while admitting one request to that request's error.
+
+    `ValueError(param, message)` is the engine's convention for a bad value (SamplingParams.validate,
+    Scheduler.add_request); a message about the context becomes `context_length_exceeded`.
+    """
+    if isinstance(exc, RequestRejected):
+        return exc.error
+    if isinstance(exc, TokabatchError):
+        return RequestError(exc.status, exc.message, code=exc.code, param=exc.param)
+    if isinstance(exc, ValueError):
+        if len(exc.args) == 2 and all(isinstance(a, str) for a in exc.args):
+            param, message = exc.args
+        else:
+            param, message = None, str(exc)
+        code = "context_length_exceeded" if "context" in message.lower() else "invalid_value"
+        return RequestError(400, message, code=code, param=param)
+    return RequestError(500, f"the engine failed this request: {type(exc).__name__}: {exc}", code="engine_error")
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSpec:
+    """How to build a StepLoop: `factory` is "package.module:function" (picklable, for the engine
+    process) or, in-process only, any callable; it is called with `kwargs`."""
+
+    factory: str | Callable[..., StepLoop]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> StepLoop:
+        factory = self.factory
+        if isinstance(factory, str):
+            module_name, _, attr = factory.partition(":")
+            if not attr:
+                raise ValueError(f"LoopSpec.factory must look like 'package.module:function', not {factory!r}")
+            factory = getattr(importlib.import_module(module_name), attr)
+        return factory(**self.kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Engine -> client after each step (or batch of messages): outputs plus back-pressure state."""
+
+    items: tuple[GenerationUpdate | GenerationOutput, ...]
+    num_wanted: int
+    num_adds_seen: int                   # add messages processed so far: the client's in-flight count
+    stats: EngineStats
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailure:
+    """Why the loop could not be built; the client re-raises it as `error_type` from tokabatch.errors."""
+
+    error_type: str                      # a class name in tokabatch.errors, or "" for another exception
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+def _start_failure(exc: BaseException) -> StartFailure:
+    if isinstance(exc, TokabatchError):
+        return StartFailure(type(exc).__name__, exc.message, exc.param, exc.code)
+    return StartFailure("", f"{type(exc).__name__}: {exc}")
+
+
+def serve(conn: Connection, spec: LoopSpec) -> None:
+    """The engine's main loop: build the loop, then alternate between messages and steps until closed.
+
+    Blocks on the pipe while idle; while there is work, drains messages without waiting between
+    steps. A step that raises is fatal (the loop's state is unknown): the client is told and every
+    in-flight request fails with 503. Request-level errors never leave `add`.
+    """
+    try:
+        loop = spec.build()
+    except BaseException as exc:  # noqa: BLE001 - every start-up failure goes back to the client
+        _send_quietly(conn, ("failed", _start_failure(exc)))
+        conn.close()
+        return
+    num_adds_seen = 0
+    pending: list[GenerationUpdate | GenerationOutput] = []
+    try:
+        conn.send(("ready", loop.info, Report((), loop.num_wanted(), 0, loop.stats())))
+        while True:
+            timeout = 0.0 if (loop.has_work() or pending) else None
+            while conn.poll(timeout):
+                message = conn.recv()
+                kind = message[0]
+                if kind == "close":
+                    conn.send(("closed",))
+                    return
+                if kind == "add":
+                    num_adds_seen = message[1]
+                    request: GenerationRequest = message[2]
+                    try:
+                        loop.add(request)
+                    except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+                        pending.append(error_output(request, rejection_error(exc)))
+                elif kind == "abort":
+                    loop.abort(message[1])
+                timeout = 0.0
+            if loop.has_work():
+                pending.extend(loop.step())
+            conn.send(("report", Report(tuple(pending), loop.num_wanted(), num_adds_seen, loop.stats())))
+            pending = []
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the client is gone: nothing to report to
+    except BaseException:  # noqa: BLE001 - a broken step is fatal; the client turns it into 503s
+        _send_quietly(conn, ("fatal", traceback.format_exc(limit=20)))
+    finally:
+        conn.close()
+
+
+def _send_quietly(conn: Connection, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except (OSError, EOFError, ValueError):
+        pass  # the client is already gone; it learns of the failure from the closed pipe
+
+
+def serve_in_child(conn: Connection, spec: LoopSpec) -> None:
+    """Entry point of the engine process: Ctrl-C goes to the parent, which closes us in order."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(conn, spec)
+
+
+__all__ = [
+    "LoopSpec", "Report", "RequestRejected", "StartFailure", "StepLoop", "error_output", "rejection_error",
+    "serve", "serve_in_child",
+]

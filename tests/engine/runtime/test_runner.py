@@ -1,0 +1,156 @@
+"""ModelRunner: StepPlans through the paged model reproduce HF greedy decoding, logprobs and prompt logprobs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tests.engine.runtime.conftest import hf_logits
+from tokabatch.engine.api import SamplingParams
+from tokabatch.engine.core.plan import SeqWork, StepPlan
+from tokabatch.engine.runtime.runner import ModelRunner, build_runner
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 256) for _ in range(n)]
+
+
+def hf_greedy(hf, prompt: list[int], num_tokens: int) -> list[int]:
+    """Reference greedy continuation: full forward, argmax, append (slow, obviously right)."""
+    ids = list(prompt)
+    for _ in range(num_tokens):
+        ids.append(int(hf_logits(hf, ids)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+class MiniLoop:
+    """Just enough of a scheduler: pages handed out in a scrambled order, prefill chunks within a
+    token budget (several per step), then one decode per running sequence, all mixed in one step."""
+
+    def __init__(self, runner: ModelRunner, prompts: list[list[int]], params: SamplingParams,
+                 budget: int = 24) -> None:
+        self.runner, self.budget = runner, budget
+        self.tokens = [list(p) for p in prompts]
+        self.prompt_lens = [len(p) for p in prompts]
+        self.done = [0] * len(prompts)               # positions whose KV is in the cache
+        self.outputs: list[list[int]] = [[] for _ in prompts]
+        self.free = list(range(runner.kv_cache.num_pages))
+        random.Random(7).shuffle(self.free)
+        self.pages: list[list[int]] = [[] for _ in prompts]
+        for seq_id, p in enumerate(prompts):
+            runner.sampler.register(seq_id, params, p)
+        self.params, self.step_idx = params, 0
+
+    def _pages_for(self, i: int, length: int) -> tuple[int, ...]:
+        ps = self.runner.kv_cache.page_size
+        while len(self.pages[i]) * ps < length:
+            self.pages[i].append(self.free.pop())
+        return tuple(self.pages[i])
+
+    def step(self):
+        decodes, prefills, budget = [], [], self.budget
+        for i, toks in enumerate(self.tokens):
+            if len(self.outputs[i]) >= self.params.max_tokens:
+                continue
+            if self.done[i] >= self.prompt_lens[i]:           # decoding: feed the last sampled token
+                pos = len(toks) - 1
+                decodes.append(SeqWork(i, (toks[pos],), pos, self._pages_for(i, pos + 1), sample=True))
+            elif budget > 0:
+                n = min(budget, self.prompt_lens[i] - self.done[i])
+                start, budget = self.done[i], budget - n
+                ends = start + n == self.prompt_lens[i]
+                prefills.append(SeqWork(i, tuple(toks[start:start + n]), start, self._pages_for(i, start + n),
+                                        sample=ends))
+        plan = StepPlan(self.step_idx, tuple(decodes), tuple(prefills))
+        self.step_idx += 1
+        result = self.runner.execute(plan)
+        assert result.num_forward_tokens == plan.num_tokens
+        assert [s.seq_id for s in result.sampled] == [w.seq_id for w in plan.works if w.sample]
+        for w in plan.works:
+            self.done[w.seq_id] = w.start_pos + w.num_tokens
+        for s in result.sampled:
+            self.tokens[s.seq_id].append(s.token_id)
+            self.outputs[s.seq_id].append(s.token_id)
+        return plan, result
+
+    def run(self) -> list[list[int]]:
+        while any(len(o) < self.params.max_tokens for o in self.outputs):
+            self.step()
+        return self.outputs
+
+
+def test_greedy_batch_matches_hf(hf_checkpoint):
+    hf, folder = hf_checkpoint("llama", tie_word_embeddings=True)
+    runner = build_runner(folder, dtype="float32", device="cpu", page_size=16, kv_cache_tokens=1024)
+    prompts = [_prompt(n, n) for n in (17, 37, 16, 5, 32)]
+    outputs = MiniLoop(runner, prompts, GREEDY).run()
+    for prompt, out in zip(prompts, outputs):
+        assert out == hf_greedy(hf, prompt, GREEDY.max_tokens)
+
+
+def test_qwen2_greedy_alone_and_batched_agree(hf_checkpoint):
+    hf, folder = hf_checkpoint("qwen2")
+    prompts = [_prompt(n, 100 + n) for n in (21, 9, 33)]
+    batched = MiniLoop(build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=512),
+                       prompts, GREEDY, budget=16).run()
+    for prompt, out in zip(prompts, batched):
+        alone = MiniLoop(build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=512),
+                         [prompt], GREEDY, budget=64).run()[0]
+        assert out == alone == hf_greedy(hf, prompt, GREEDY.max_tokens)
+
+
+def test_logprobs_are_log_softmax_of_hf_logits(hf_checkpoint):
+    hf, folder = hf_checkpoint("llama")
+    runner = build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=256)
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=4)
+    prompt = _prompt(19, 3)
+    loop = MiniLoop(runner, [prompt], params, budget=64)
+    for _ in range(3):
+        _, result = loop.step()
+        (sampled,) = result.sampled
+        ref = torch.log_softmax(hf_logits(hf, loop.tokens[0][:-1])[-1], dim=-1)
+        lp = sampled.logprob
+        assert lp.token_id == sampled.token_id == int(ref.argmax())
+        assert abs(lp.logprob - ref[lp.token_id].item()) < 1e-4
+        top_ids = [t for t, _ in lp.top]
+        assert len(top_ids) == 4 and top_ids == ref.topk(4).indices.tolist()
+
+
+def test_prompt_logprobs_over_chunks(hf_checkpoint):
+    """Echo scoring: each chunk row scores the next prompt token; the last chunk is one target short."""
+    hf, folder = hf_checkpoint("qwen2", tie_word_embeddings=True)
+    runner = build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=256)
+    prompt = _prompt(37, 9)
+    runner.sampler.register(0, SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=2), prompt)
+    pages = (5, 1, 9)
+    scored = []
+    for start, n in ((0, 16), (16, 17), (33, 4)):
+        targets = tuple(prompt[start + 1:start + n + 1])               # shorter by one at the end
+        work = SeqWork(0, tuple(prompt[start:start + n]), start, pages[:-(-(start + n) // 16)], sample=False,
+                       prompt_logprobs=2, prompt_logprob_targets=targets)
+        result = runner.execute(StepPlan(start, decodes=(), prefills=(work,)))
+        assert result.sampled == () and result.num_forward_tokens == n
+        ((seq_id, entries),) = result.prompt_logprobs
+        assert seq_id == 0 and len(entries) == len(targets)
+        scored.extend(entries)
+    ref = torch.log_softmax(hf_logits(hf, prompt), dim=-1)
+    assert [e.token_id for e in scored] == prompt[1:]
+    for pos, entry in enumerate(scored):
+        assert abs(entry.logprob - ref[pos, prompt[pos + 1]].item()) < 1e-4
+        assert [t for t, _ in entry.top] == ref[pos].topk(2).indices.tolist()
+
+
+def test_empty_plan_and_no_sampling(hf_checkpoint):
+    _, folder = hf_checkpoint("llama")
+    runner = build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=64)
+    assert runner.kv_cache.num_pages == 4
+    empty = runner.execute(StepPlan(0, (), ()))
+    assert empty.sampled == () and empty.num_forward_tokens == 0
+    work = SeqWork(3, tuple(range(10, 30)), 0, (2, 0), sample=False)
+    result = runner.execute(StepPlan(1, (), (work,)))
+    assert result.sampled == () and result.prompt_logprobs == () and result.num_forward_tokens == 20
+    assert runner.kv_cache.k[0][2].abs().sum() > 0 and runner.kv_cache.k[0][1].abs().sum() == 0

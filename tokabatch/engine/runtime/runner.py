@@ -1,0 +1,108 @@
+"""The model runner: one StepPlan in, one forward pass, one StepResult out.
+
+Owns the translation of a plan's plain ints into tensors (token ids, positions, and a `SeqAttn`
+per sequence that the attention backend turns into slot mappings and page-table gathers), the
+choice of which hidden rows go through the LM head (only the last row of each sequence that
+samples, plus the scored rows of prompt-logprob chunks), and the hand-off to the Sampler.
+Stateless between steps: each SeqWork carries its own page table. Sampler registration
+(`register` on admission, `release` on finish) is the engine loop's job, not ours.
+Must not import the scheduler or the service.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tokabatch.engine.api import TokenLogprob
+from tokabatch.engine.core.plan import SampledToken, SeqWork, StepPlan, StepResult
+from tokabatch.engine.models.layers import AttentionFn
+from tokabatch.engine.runtime.attention import SeqAttn, TorchBackend
+from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
+from tokabatch.engine.runtime.sampling import Sampler
+from tokabatch.engine.runtime.weights import ModelSpec, load_model
+
+
+class AttentionBackend(Protocol):
+    """What the runner needs of an attention backend (TorchBackend, later FlashInfer)."""
+
+    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int) -> AttentionFn: ...
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, spec: ModelSpec, kv_cache: KVCache,
+                 backend: AttentionBackend, sampler: Sampler) -> None:
+        self.model, self.spec, self.kv_cache = model, spec, kv_cache
+        self.backend, self.sampler = backend, sampler
+        self.device = spec.device
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step: write the KV of every planned token, sample where asked, score prompts."""
+        works = plan.works
+        if not works:
+            return StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0)
+        input_ids, positions, seqs = self._flatten(works)
+        attn = self.backend.begin_step(seqs, plan.num_tokens)
+        hidden = self.model(input_ids, positions, attn)            # [num_tokens, hidden]
+        return StepResult(
+            step_idx=plan.step_idx,
+            sampled=self._sample(works, seqs, hidden),
+            prompt_logprobs=self._prompt_logprobs(works, seqs, hidden),
+            num_forward_tokens=plan.num_tokens,
+        )
+
+    def _flatten(self, works: Sequence[SeqWork]) -> tuple[Tensor, Tensor, list[SeqAttn]]:
+        """Token ids and positions [num_tokens] (plan order) and each sequence's rows."""
+        ids: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqAttn] = []
+        for w in works:
+            seqs.append(SeqAttn(q_start=len(ids), q_len=w.num_tokens, start_pos=w.start_pos, page_ids=w.page_ids))
+            ids.extend(w.token_ids)
+            positions.extend(range(w.start_pos, w.start_pos + w.num_tokens))
+        return self._long(ids), self._long(positions), seqs
+
+    def _sample(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn], hidden: Tensor) -> tuple[SampledToken, ...]:
+        picked = [(w.seq_id, s.q_start + s.q_len - 1) for w, s in zip(works, seqs) if w.sample]
+        if not picked:
+            return ()
+        rows = self._long([row for _, row in picked])
+        logits = self.model.compute_logits(hidden.index_select(0, rows))   # [num_sampled, vocab]
+        return tuple(self.sampler.sample([seq_id for seq_id, _ in picked], logits))
+
+    def _prompt_logprobs(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn],
+                         hidden: Tensor) -> tuple[tuple[int, tuple[TokenLogprob, ...]], ...]:
+        """Per chunk asking for them: row i scores prompt_logprob_targets[i] (the token after it)."""
+        result = []
+        for w, s in zip(works, seqs):
+            if w.prompt_logprobs is None:
+                continue
+            targets = w.prompt_logprob_targets
+            if len(targets) > w.num_tokens:
+                raise ValueError(f"sequence {w.seq_id}: {len(targets)} prompt logprob targets "
+                                 f"for a chunk of {w.num_tokens} tokens")
+            scored: tuple[TokenLogprob, ...] = ()
+            if targets:
+                logits = self.model.compute_logits(hidden[s.q_start:s.q_start + len(targets)])
+                scored = tuple(self.sampler.prompt_logprobs(logits, self._long(list(targets)), w.prompt_logprobs))
+            result.append((w.seq_id, scored))
+        return tuple(result)
+
+    def _long(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+
+def build_runner(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
+                 kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
+                 seed: int | None = None) -> ModelRunner:
+    """Model folder -> a ready ModelRunner with the torch backend (the runner's `kv_cache.num_pages`
+    is what the scheduler's page pool must be sized to). GPU sizing uses free memory after loading."""
+    model, spec = load_model(path, dtype=dtype, device=device)
+    num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
+    cache = KVCache(spec, num_pages=num_pages, page_size=page_size)
+    sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=seed)
+    return ModelRunner(model, spec, cache, TorchBackend(cache), sampler)

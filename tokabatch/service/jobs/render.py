@@ -1,0 +1,339 @@
+"""OpenAI request bodies -> engine requests, and engine outputs -> OpenAI response bodies.
+
+Shared by the batch runner and the online endpoints (http/online.py): a batch line is treated
+exactly like a synchronous `POST <url>` (contract §4), so both paths call `prepare_request` (which
+raises `InvalidRequest` for anything the endpoint rejects: the runner writes it as a 4xx line, the
+online handler as a 400 response) and `render_response`. Streaming chunks live in render_stream.py
+and reuse the per-choice helpers of render_body.py.
+
+Defaults are OpenAI's, not the engine's: chat temperature 1 and max tokens = the remaining context;
+completions max_tokens 16. Must not import torch, aiohttp or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tokabatch.engine.api import (
+    MAX_TOP_LOGPROBS, GenerationOutput, GenerationRequest, ModelInfo, Priority, RequestError, SamplingParams,
+)
+from tokabatch.errors import InvalidRequest, NotFound, TokabatchError
+from tokabatch.service.jobs import body_fields as bf
+from tokabatch.service.jobs.render_body import render_chat_body, render_completion_body
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
+MAX_N = 128
+MAX_COMPLETION_LOGPROBS = 5
+
+# Accepted by both endpoints: common sampling fields and the vLLM/SGLang extension names (§5.1).
+_COMMON = {
+    "model", "n", "temperature", "top_p", "stop", "seed", "frequency_penalty", "presence_penalty",
+    "logit_bias", "max_tokens", "stream", "stream_options", "user", "logprobs",
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+    "skip_special_tokens", "include_stop_str_in_output", "spaces_between_special_tokens",
+    "truncate_prompt_tokens", "priority",
+}
+# Hosted-only fields: accepted and ignored (contract §5.1 [tb]).
+_IGNORED = {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "metadata", "store",
+            "service_tier", "spaces_between_special_tokens", "priority", "logprobs_in_fingerprint",
+            "apply_chat_template_overrides"}
+# Features this engine cannot do: a 400 when given a non-null value (tool_choice "none" is fine).
+_CHAT_UNSUPPORTED = {"tools", "functions", "function_call", "audio", "prediction", "web_search_options",
+                     "reasoning_effort", "verbosity", "moderation"}
+_CHAT_FIELDS = _COMMON | _IGNORED | _CHAT_UNSUPPORTED | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tool_choice",
+    "parallel_tool_calls", "modalities", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message",
+}
+_COMPLETION_FIELDS = _COMMON | _IGNORED | {"prompt", "echo", "best_of", "suffix"}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """One endpoint call turned into engine requests (one per prompt), plus what rendering needs."""
+
+    endpoint: str
+    model: str                           # the served model name, echoed in responses
+    response_id: str                     # chatcmpl-… / cmpl-…
+    requests: tuple[GenerationRequest, ...]
+    prompt_texts: tuple[str, ...]        # per engine request: for echo and the Parquet file
+    n: int
+    logprobs: int | None                 # top-k alternatives per position; None: logprobs off
+    echo: bool = False
+    stream: bool = False
+    include_usage: bool = False          # stream_options.include_usage
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+
+def prepare_request(
+    endpoint: str,
+    body: Mapping[str, Any],
+    *,
+    tokenizer: Any,
+    model_info: ModelInfo,
+    served_model_names: set[str],
+    request_id: str,
+    priority: Priority = Priority.BATCH,
+) -> PreparedRequest:
+    """Validate `body` exactly as the endpoint would and build its engine requests.
+
+    Raises InvalidRequest (400, with param and code) or NotFound (404 model_not_found).
+    """
+    if endpoint not in ENDPOINTS:
+        raise InvalidRequest(f"Unsupported endpoint {endpoint!r}; supported: {', '.join(ENDPOINTS)}.",
+                             param="endpoint", code="invalid_value")
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    chat = endpoint == CHAT_ENDPOINT
+    allowed = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    for name in body:
+        if name not in allowed:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                                 code="unknown_parameter")
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    if model not in served_model_names:
+        raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model",
+                       code="model_not_found")
+    if chat:
+        _reject_unsupported_chat(body)
+        prompts = [_chat_prompt(body, tokenizer)]
+    else:
+        _reject_unsupported_completion(body)
+        prompts = _completion_prompts(body, tokenizer, model_info.vocab_size)
+    prompts = [_truncate(body, ids, text, tokenizer) for ids, text in prompts]
+    n = bf.get_int(body, "n", 1, 1, MAX_N)
+    logprobs = _logprobs(body, chat)
+    echo = bf.get_bool(body, "echo", False)
+    stream = bf.get_bool(body, "stream", False)
+    include_usage = _include_usage(body, stream)
+    requests = []
+    for i, (ids, _text) in enumerate(prompts):
+        sampling = _sampling(body, chat=chat, num_prompt_tokens=len(ids), model_info=model_info,
+                             logprobs=logprobs, echo=echo)
+        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        requests.append(GenerationRequest(rid, tuple(ids), sampling, n=n, priority=priority, stream=stream))
+    suffix = request_id.split("_", 1)[-1]
+    return PreparedRequest(
+        endpoint=endpoint, model=model_info.model_id, response_id=("chatcmpl-" if chat else "cmpl-") + suffix,
+        requests=tuple(requests), prompt_texts=tuple(text for _, text in prompts), n=n, logprobs=logprobs,
+        echo=echo, stream=stream, include_usage=include_usage, tokenizer=tokenizer,
+    )
+
+
+def _reject_unsupported_chat(body: Mapping[str, Any]) -> None:
+    for name in _CHAT_UNSUPPORTED:
+        if body.get(name) is not None:
+            raise bf.unsupported(name)
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and tool_choice != "none":
+        raise bf.unsupported("tool_choice", "other than 'none' needs tools, which this server does not support")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bf.unsupported("modalities", "other than ['text'] is not supported")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise bf.invalid_type("response_format", "an object", response_format)
+        if response_format.get("type") != "text":
+            raise bf.unsupported("response_format", f"of type {response_format.get('type')!r} is not supported "
+                                 "(no structured decoding)")
+
+
+def _reject_unsupported_completion(body: Mapping[str, Any]) -> None:
+    best_of = bf.get_int(body, "best_of", 1, 0, 20)
+    if best_of is not None and best_of > 1:
+        raise bf.unsupported("best_of", "greater than 1 is not supported")
+    suffix = body.get("suffix")
+    if suffix is not None and suffix != "":
+        raise bf.unsupported("suffix", "(fill-in-the-middle) is not supported")
+
+
+def _chat_prompt(body: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], str]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
+                             code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise bf.invalid_value("messages", "Invalid 'messages': expected a non-empty array of messages.")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bf.invalid_type("chat_template_kwargs", "an object", kwargs)
+    continue_final = bf.get_bool(body, "continue_final_message", False)
+    add_generation = bf.get_bool(body, "add_generation_prompt", not continue_final)
+    text = tokenizer.render_chat(messages, add_generation_prompt=add_generation,
+                                 continue_final_message=continue_final, **kwargs)
+    return tokenizer.encode(text, add_special_tokens=False), text
+
+
+def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int) -> list[tuple[list[int], str]]:
+    """`prompt`: string | string[] | int[] | int[][] -> [(ids, text)], one per engine request."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise bf.invalid_value("prompt", "Invalid 'prompt': expected a string, an array of strings, an array of "
+                               "token ids or an array of token id arrays, not an empty value.")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+            text = item
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            bad = [t for t in item if not 0 <= t < vocab_size]
+            if bad:
+                raise bf.invalid_value("prompt", f"Invalid 'prompt': token id {bad[0]} is outside the vocabulary "
+                                       f"(0..{vocab_size - 1}).")
+            ids, text = list(item), tokenizer.decode(item, skip_special_tokens=False)
+        else:
+            raise bf.invalid_type("prompt", "a string, an array of strings or token id arrays", item)
+        if not ids:
+            raise bf.invalid_value("prompt", "Invalid 'prompt': a prompt must contain at least one token.")
+        out.append((ids, text))
+    return out
+
+
+def _truncate(body: Mapping[str, Any], ids: list[int], text: str, tokenizer: Any) -> tuple[list[int], str]:
+    keep = bf.get_int(body, "truncate_prompt_tokens", None, 1)
+    if keep is None or len(ids) <= keep:
+        return ids, text
+    ids = ids[-keep:]
+    return ids, tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _logprobs(body: Mapping[str, Any], chat: bool) -> int | None:
+    """Top-k alternatives per position, or None. Chat: logprobs bool + top_logprobs; completions: int."""
+    if chat:
+        want = bf.get_bool(body, "logprobs", False)
+        top = bf.get_int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if top is not None and not want:
+            raise bf.invalid_value("top_logprobs", "Invalid 'top_logprobs': 'logprobs' must be set to true when "
+                                   "'top_logprobs' is used.")
+        return (top or 0) if want else None
+    return bf.get_int(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
+
+
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bf.invalid_value("stream_options", "Invalid 'stream_options': only allowed when 'stream' is true.")
+    if not isinstance(options, dict):
+        raise bf.invalid_type("stream_options", "an object", options)
+    return bf.get_bool(options, "include_usage", False)
+
+
+def _max_tokens(body: Mapping[str, Any], *, chat: bool, num_prompt_tokens: int, context_length: int) -> int:
+    """OpenAI's limit: chat max_completion_tokens/max_tokens (default: the rest of the context),
+    completions max_tokens (default 16). Prompt plus limit must fit the context."""
+    if chat:
+        new = bf.get_int(body, "max_completion_tokens", None, 1)
+        old = bf.get_int(body, "max_tokens", None, 1)
+        if new is not None and old is not None and new != old:
+            raise bf.invalid_value("max_tokens", f"Invalid 'max_tokens': {old} differs from 'max_completion_tokens' "
+                                   f"{new}; set only one of them.")
+        requested = new if new is not None else old
+        if num_prompt_tokens >= context_length:
+            raise _too_long(context_length, num_prompt_tokens, 1, "messages")
+        if requested is None:
+            return context_length - num_prompt_tokens
+    else:
+        requested = bf.get_int(body, "max_tokens", 16, 0)
+        assert requested is not None
+    if num_prompt_tokens + requested > context_length:
+        raise _too_long(context_length, num_prompt_tokens, requested, "messages" if chat else "prompt")
+    return requested
+
+
+def _too_long(context_length: int, num_prompt: int, num_completion: int, param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"This model's maximum context length is {context_length} tokens. However, you requested "
+        f"{num_prompt + num_completion} tokens ({num_prompt} in the {param}, {num_completion} in the completion). "
+        f"Please reduce the length of the {param} or completion.",
+        param=param, code="context_length_exceeded")
+
+
+def _sampling(body: Mapping[str, Any], *, chat: bool, num_prompt_tokens: int, model_info: ModelInfo,
+              logprobs: int | None, echo: bool) -> SamplingParams:
+    vocab = model_info.vocab_size
+    max_tokens = _max_tokens(body, chat=chat, num_prompt_tokens=num_prompt_tokens,
+                             context_length=model_info.context_length)
+    temperature = bf.get_number(body, "temperature", 1.0, 0, 2)
+    top_p = bf.get_number(body, "top_p", 1.0, 0, 1)
+    if top_p == 0.0:                     # keep only the most likely token: that is greedy decoding
+        temperature, top_p = 0.0, 1.0
+    top_k = bf.get_int(body, "top_k", 0, -1)
+    min_tokens = bf.get_int(body, "min_tokens", 0, 0)
+    if min_tokens > max_tokens:
+        raise bf.invalid_value("min_tokens", f"Invalid 'min_tokens': {min_tokens} is greater than the maximum "
+                               f"number of tokens {max_tokens}.")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=0 if top_k == -1 else top_k,
+        min_p=bf.get_number(body, "min_p", 0.0, 0, 1),
+        presence_penalty=bf.get_number(body, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=bf.get_number(body, "frequency_penalty", 0.0, -2, 2),
+        repetition_penalty=bf.get_number(body, "repetition_penalty", 1.0, 0),
+        logit_bias=bf.get_logit_bias(body, vocab),
+        seed=bf.get_int(body, "seed", None, bf.INT64_MIN, bf.INT64_MAX),
+        logprobs=logprobs,
+        prompt_logprobs=logprobs if (echo and logprobs is not None) else None,
+        stop=bf.get_stop(body), stop_token_ids=bf.get_token_ids(body, "stop_token_ids", vocab),
+        ignore_eos=bf.get_bool(body, "ignore_eos", False), min_tokens=min_tokens,
+        include_stop_str_in_output=bf.get_bool(body, "include_stop_str_in_output", False),
+        skip_special_tokens=bf.get_bool(body, "skip_special_tokens", True),
+    )
+    try:
+        params.validate(vocab)
+    except ValueError as exc:
+        param, message = exc.args if len(exc.args) == 2 else (None, str(exc))
+        raise bf.invalid_value(param, f"Invalid '{param}': {message}.") from None
+    return params
+
+
+def first_failure(outputs: list[GenerationOutput]) -> GenerationOutput | None:
+    """The first output that failed or was aborted (its line is an error, not a response body)."""
+    return next((o for o in outputs if not o.ok), None)
+
+
+def render_response(prepared: PreparedRequest, outputs: list[GenerationOutput], *, created: int) -> dict:
+    """The endpoint's JSON response body (strict-valid ChatCompletion / Completion).
+
+    `outputs` holds one successful GenerationOutput per engine request, in any order.
+    """
+    by_id = {o.request_id: o for o in outputs}
+    ordered = [by_id[r.request_id] for r in prepared.requests]
+    bad = first_failure(ordered)
+    if bad is not None:
+        raise ValueError(f"request {bad.request_id} did not finish (error or abort); render it with error_body")
+    if prepared.endpoint == CHAT_ENDPOINT:
+        return render_chat_body(prepared, ordered[0], created=created)
+    return render_completion_body(prepared, ordered, created=created)
+
+
+def error_body(err: TokabatchError | RequestError) -> dict:
+    """OpenAI's error envelope {"error": {message, type, param, code}} for either error kind."""
+    if isinstance(err, TokabatchError):
+        return err.to_dict()
+    kind = "invalid_request_error" if err.status < 500 else "server_error"
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+
+
+def error_status(err: TokabatchError | RequestError) -> int:
+    return err.status
+
+
+__all__ = [
+    "CHAT_ENDPOINT", "COMPLETIONS_ENDPOINT", "ENDPOINTS", "PreparedRequest", "error_body", "error_status",
+    "first_failure", "prepare_request", "render_response",
+]

@@ -23,6 +23,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 
 
+# Every runtime test that takes `device` runs on CPU, and on CUDA where present (the GPU machine).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+]
+
+
 def build_hf_model(arch: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A random HF model whose every parameter is perturbed (biases non-zero, norms not all ones)."""
     import transformers
@@ -95,10 +103,11 @@ class PagedDriver:
             self.done[i] += n
         ctx = self.backend.begin_step(seqs, len(ids))
         with torch.inference_mode():
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions), ctx)
+            dev = self.cache.device
+            hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), ctx)
             logits = self.model.compute_logits(hidden).float()
         for (i, _n), s in zip(chunks, seqs):
             self.logits[i].extend(logits[s.q_start:s.q_start + s.q_len])
 
     def all_logits(self, i: int) -> torch.Tensor:
-        return torch.stack(self.logits[i])
+        return torch.stack(self.logits[i]).cpu()

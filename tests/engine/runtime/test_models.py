@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.engine.runtime.conftest import LLAMA3_ROPE, PagedDriver, hf_logits
+from tests.engine.runtime.conftest import DEVICES, LLAMA3_ROPE, PagedDriver, hf_logits
 from tokabatch.engine.runtime.attention import attention_with_lse, merge_attention
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages, kv_bytes_per_token
 from tokabatch.engine.runtime.weights import load_model
@@ -50,10 +50,11 @@ def test_prefill_matches_hf(hf_checkpoint, arch, overrides, length):
     _check(driver, hf, 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch,overrides", VARIANTS)
-def test_chunked_prefill_then_decode_matches_hf(hf_checkpoint, arch, overrides):
+def test_chunked_prefill_then_decode_matches_hf(hf_checkpoint, arch, overrides, device):
     hf, folder = hf_checkpoint(arch, **overrides)
-    model, spec = load_model(folder, dtype="float32", device="cpu")
+    model, spec = load_model(folder, dtype="float32", device=device)
     driver = PagedDriver(model, spec, [_prompt(37, 1)])
     for n in (16, 5, 11):                # crosses a page boundary mid-chunk and ends at one (32)
         driver.step([(0, n)])
@@ -62,11 +63,12 @@ def test_chunked_prefill_then_decode_matches_hf(hf_checkpoint, arch, overrides):
     _check(driver, hf, 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch,overrides", VARIANTS[::2])
-def test_mixed_steps_several_sequences(hf_checkpoint, arch, overrides):
+def test_mixed_steps_several_sequences(hf_checkpoint, arch, overrides, device):
     """Decodes and prefill chunks of different sequences share steps; each stays exact."""
     hf, folder = hf_checkpoint(arch, **overrides)
-    model, spec = load_model(folder, dtype="float32", device="cpu")
+    model, spec = load_model(folder, dtype="float32", device=device)
     lengths = [19, 37, 19, 33, 5]      # seq 2: a full page, then decodes into the next
     driver = PagedDriver(model, spec, [_prompt(n, 10 + n) for n in lengths], seed=3)
     driver.step([(0, 12), (2, 16)])
@@ -92,7 +94,10 @@ def test_sharded_checkpoint(hf_checkpoint):
     hf, folder = hf_checkpoint("llama", max_shard_size="60KB")
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) >= 2 and (folder / "model.safetensors.index.json").is_file()
-    model, spec = load_model(folder, dtype="float32", device="cpu")
+    model, spec = load_model(folder, dtype="auto", device="auto")
+    assert spec.dtype == (torch.bfloat16 if spec.device.type == "cuda" else torch.float32)
+    if spec.device.type == "cuda":
+        return                           # bf16 logits: the exact comparison is for float32
     driver = PagedDriver(model, spec, [_prompt(19, 2)])
     driver.step([(0, 19)])
     _check(driver, hf, 0)
@@ -109,9 +114,10 @@ def test_spec_and_tied_head(hf_checkpoint):
     assert not any(p.is_meta for p in model.parameters())
 
 
-def test_bfloat16_load(hf_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_load(hf_checkpoint, device):
     hf, folder = hf_checkpoint("llama")
-    model, spec = load_model(folder, dtype="bfloat16", device="cpu")
+    model, spec = load_model(folder, dtype="bfloat16", device=device)
     assert spec.dtype == torch.bfloat16 and model.embed.weight.dtype == torch.bfloat16
     driver = PagedDriver(model, spec, [_prompt(17, 4)])
     driver.step([(0, 17)])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
-from tests.engine.runtime.conftest import hf_logits
+from tests.engine.runtime.conftest import DEVICES, hf_logits
 from tokabatch.engine.api import SamplingParams
 from tokabatch.engine.core.plan import SeqWork, StepPlan
 from tokabatch.engine.runtime.runner import ModelRunner, build_runner
@@ -83,9 +84,10 @@ class MiniLoop:
         return self.outputs
 
 
-def test_greedy_batch_matches_hf(hf_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_batch_matches_hf(hf_checkpoint, device):
     hf, folder = hf_checkpoint("llama", tie_word_embeddings=True)
-    runner = build_runner(folder, dtype="float32", device="cpu", page_size=16, kv_cache_tokens=1024)
+    runner = build_runner(folder, dtype="float32", device=device, page_size=16, kv_cache_tokens=1024)
     prompts = [_prompt(n, n) for n in (17, 37, 16, 5, 32)]
     outputs = MiniLoop(runner, prompts, GREEDY).run()
     for prompt, out in zip(prompts, outputs):
@@ -120,10 +122,11 @@ def test_logprobs_are_log_softmax_of_hf_logits(hf_checkpoint):
         assert len(top_ids) == 4 and top_ids == ref.topk(4).indices.tolist()
 
 
-def test_prompt_logprobs_over_chunks(hf_checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prompt_logprobs_over_chunks(hf_checkpoint, device):
     """Echo scoring: each chunk row scores the next prompt token; the last chunk is one target short."""
     hf, folder = hf_checkpoint("qwen2", tie_word_embeddings=True)
-    runner = build_runner(folder, dtype="float32", device="cpu", kv_cache_tokens=256)
+    runner = build_runner(folder, dtype="float32", device=device, kv_cache_tokens=256)
     prompt = _prompt(37, 9)
     runner.sampler.register(0, SamplingParams(temperature=0.0, max_tokens=0, prompt_logprobs=2), prompt)
     pages = (5, 1, 9)

@@ -1,0 +1,240 @@
+"""A batch's results on disk: output.jsonl, error.jsonl and a Parquet-row sidecar in a work folder.
+
+The files ARE the checkpoint. Each finished line is appended (and flushed) as it finishes; after a
+crash `ResultWriter.open()` reads both JSONL files back, cuts a torn last line, and returns every
+custom_id already written with the counts and usage so far, so the runner skips exactly those
+lines and recomputes none. `rows.jsonl` holds one Parquet row per line (prompt text included,
+which the JSONL lines lack); it is written BEFORE the result line, and on resume rows whose line
+never made it into output/error are dropped, so the sidecar always matches output ∪ error.
+
+Line shapes are the contract's §3.8. `write_parquet` turns the sidecar into a typed Parquet file in
+row groups (bounded memory). Imports pyarrow (lazily) and the stdlib; no torch, no aiohttp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+OUTPUT_NAME = "output.jsonl"
+ERROR_NAME = "error.jsonl"
+ROWS_NAME = "rows.jsonl"
+PARQUET_ROW_GROUP = 4096
+
+
+@dataclass(slots=True)
+class ResultTotals:
+    """Counts and usage of the lines written so far (contract §3.5 request_counts / usage)."""
+
+    num_completed: int = 0               # lines with a 2xx response (output file)
+    num_failed: int = 0                  # every error-file line
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add_usage(self, usage: dict | None) -> None:
+        if not usage:
+            return
+        self.input_tokens += int(usage.get("prompt_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or 0)
+        self.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        self.reasoning_tokens += int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+
+
+@dataclass(slots=True)
+class ResumeState:
+    done_custom_ids: set[str] = field(default_factory=set)
+    totals: ResultTotals = field(default_factory=ResultTotals)
+
+
+def new_line_id() -> str:
+    return "batch_req_" + secrets.token_hex(16)
+
+
+def _read_complete_lines(path: Path) -> Iterator[dict]:
+    """Yield each complete JSON line of `path`, truncating the file at the first torn/garbled line."""
+    if not path.exists():
+        return
+    good_end = 0
+    with path.open("rb+") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                break
+            good_end += len(raw)
+            yield obj
+        f.truncate(good_end)
+
+
+def _row(custom_id: str, status_code: int | None, request_id: str | None, body: dict | None,
+         error: dict | None, prompt_text: str | None) -> dict:
+    """One Parquet row, derived from what the line says (see PARQUET_SCHEMA)."""
+    completions: list[str] = []
+    finish_reasons: list[str] = []
+    usage: dict = {}
+    if body is not None and "choices" in body:
+        for choice in body["choices"]:
+            message = choice.get("message")
+            completions.append((message.get("content") or "") if message is not None else choice.get("text", ""))
+            finish_reasons.append(choice.get("finish_reason") or "")
+        usage = body.get("usage") or {}
+    if error is None and body is not None and isinstance(body.get("error"), dict):
+        error = body["error"]
+    return {
+        "custom_id": custom_id, "status_code": status_code, "request_id": request_id, "prompt": prompt_text,
+        "completions": completions, "finish_reasons": finish_reasons,
+        "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None,
+        "error_code": error.get("code") if error else None, "error_message": error.get("message") if error else None,
+    }
+
+
+class ResultWriter:
+    """Appends result lines for one batch; every line is flushed, fsync runs every `fsync_interval_s`."""
+
+    def __init__(self, work_dir: Path | str, *, fsync_interval_s: float = 1.0) -> None:
+        self.work_dir = Path(work_dir)
+        self.fsync_interval_s = fsync_interval_s
+        self.totals = ResultTotals()
+        self.done_custom_ids: set[str] = set()
+        self._files: dict[str, IO[bytes]] = {}
+        self._last_fsync = time.monotonic()
+
+    @property
+    def output_path(self) -> Path:
+        return self.work_dir / OUTPUT_NAME
+
+    @property
+    def error_path(self) -> Path:
+        return self.work_dir / ERROR_NAME
+
+    @property
+    def rows_path(self) -> Path:
+        return self.work_dir / ROWS_NAME
+
+    def open(self) -> ResumeState:
+        """Recover what a previous run wrote (possibly nothing) and open the files for appending."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        totals, done = ResultTotals(), set()
+        for line in _read_complete_lines(self.output_path):
+            done.add(line["custom_id"])
+            totals.num_completed += 1
+            totals.add_usage(((line.get("response") or {}).get("body") or {}).get("usage"))
+        for line in _read_complete_lines(self.error_path):
+            done.add(line["custom_id"])
+            totals.num_failed += 1
+        self._filter_rows(done)
+        self.totals, self.done_custom_ids = totals, done
+        for name in (OUTPUT_NAME, ERROR_NAME, ROWS_NAME):
+            self._files[name] = (self.work_dir / name).open("ab")
+        return ResumeState(set(done), dataclasses.replace(totals))
+
+    def _filter_rows(self, done: set[str]) -> None:
+        """Keep exactly one sidecar row per written line (drop rows of lines that never finished)."""
+        kept: set[str] = set()
+        temp = self.rows_path.with_suffix(".tmp")
+        with temp.open("wb") as out:
+            for row in _read_complete_lines(self.rows_path):
+                if row["custom_id"] in done and row["custom_id"] not in kept:
+                    kept.add(row["custom_id"])
+                    out.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, self.rows_path)
+
+    def write_response(self, custom_id: str, *, status_code: int, request_id: str, body: dict,
+                       prompt_text: str | None = None) -> None:
+        """An HTTP-style result: 2xx to the output file (counted completed), else to the error file."""
+        line = {"id": new_line_id(), "custom_id": custom_id,
+                "response": {"status_code": status_code, "request_id": request_id, "body": body}, "error": None}
+        ok = 200 <= status_code < 300
+        self._append(custom_id, line, _row(custom_id, status_code, request_id, body, None, prompt_text), ok)
+        if ok:
+            self.totals.add_usage(body.get("usage"))
+
+    def write_error(self, custom_id: str, *, code: str, message: str, prompt_text: str | None = None) -> None:
+        """A line that produced no HTTP response (batch_cancelled, batch_expired, request_timeout)."""
+        error = {"code": code, "message": message}
+        line = {"id": new_line_id(), "custom_id": custom_id, "response": None, "error": error}
+        self._append(custom_id, line, _row(custom_id, None, None, None, error, prompt_text), False)
+
+    def _append(self, custom_id: str, line: dict, row: dict, ok: bool) -> None:
+        if custom_id in self.done_custom_ids:
+            raise ValueError(f"custom_id {custom_id!r} already has a result line")
+        rows = self._files[ROWS_NAME]
+        rows.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+        rows.flush()
+        f = self._files[OUTPUT_NAME if ok else ERROR_NAME]
+        f.write(json.dumps(line, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n")
+        f.flush()
+        self.done_custom_ids.add(custom_id)
+        if ok:
+            self.totals.num_completed += 1
+        else:
+            self.totals.num_failed += 1
+        if time.monotonic() - self._last_fsync >= self.fsync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self._last_fsync = time.monotonic()
+
+    def close(self) -> None:
+        if self._files:
+            self.sync()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("custom_id", pa.string()), ("status_code", pa.int32()), ("request_id", pa.string()),
+        ("prompt", pa.string()), ("completions", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())),
+        ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("cached_tokens", pa.int64()),
+        ("error_code", pa.string()), ("error_message", pa.string()),
+    ])
+
+
+def write_parquet(rows_path: Path | str, parquet_path: Path | str, *, row_group_size: int = PARQUET_ROW_GROUP) -> int:
+    """Stream the sidecar into a Parquet file, one row group per `row_group_size` rows; returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = parquet_schema()
+    num_rows = 0
+    rows_path = Path(rows_path)
+    with pq.ParquetWriter(str(parquet_path), schema) as writer:
+        chunk: list[dict] = []
+        lines = _read_complete_lines(rows_path) if rows_path.exists() else iter(())
+        for row in lines:
+            chunk.append(row)
+            if len(chunk) >= row_group_size:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                num_rows += len(chunk)
+                chunk = []
+        if chunk or num_rows == 0:
+            writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+            num_rows += len(chunk)
+    return num_rows
+
+
+__all__ = ["ResultTotals", "ResultWriter", "ResumeState", "new_line_id", "parquet_schema", "write_parquet"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,9 +48,11 @@ class BlobStore:
     def exists(self, file_id: str) -> bool:
         return self.path(file_id).is_file()
 
-    def remove_stale_temps(self) -> int:
-        """Delete temporaries left by a crash (call at startup, before any writer runs)."""
-        stale = list(self.root.glob(".*.tmp"))
+    def remove_stale_temps(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporaries left by a crash. Only old ones: another process sharing this folder
+        (a worker) may be writing a fresh one right now."""
+        cutoff = time.time() - older_than_s
+        stale = [p for p in self.root.glob(".*.tmp") if p.stat().st_mtime < cutoff]
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)

@@ -1,0 +1,78 @@
+"""The aiohttp application factory: routes, middlewares, and resource lifetimes (cleanup_ctx).
+
+`make_app` builds an app that needs no engine (tests build one with a fake clock and their own
+database); server.py adds the engine and the runner as further cleanup contexts. Must not import
+torch (the engine lives in another process; here only its ModelInfo, a plain dataclass, is seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from aiohttp import web
+
+from tokabatch.config import Config
+from tokabatch.engine.api import ModelInfo
+from tokabatch.service.http import batches, files, models
+from tokabatch.service.http.context import (
+    BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, ServedModels,
+)
+from tokabatch.service.http.middleware import auth, hash_key, request_id_and_errors
+from tokabatch.service.storage import db as dbmod
+from tokabatch.service.storage.blobs import BlobStore
+
+JSON_BODY_LIMIT_BYTES = 4 << 20   # POST /v1/batches bodies; uploads stream and are not limited by it
+
+
+def blobs_dir(config: Config) -> Path:
+    return dbmod.data_dir(config.storage) / "files"
+
+
+async def _database(app: web.Application):
+    """Open (and migrate) the database from the config, unless the caller passed one in."""
+    if DB in app:
+        yield
+        return
+    url = dbmod.database_url(app[CONFIG].storage)
+    await asyncio.to_thread(dbmod.upgrade, url)
+    app[DB] = await dbmod.Database.open(url)
+    try:
+        yield
+    finally:
+        await app[DB].close()
+
+
+def make_app(
+    config: Config,
+    *,
+    db: dbmod.Database | None = None,
+    blobs: BlobStore | None = None,
+    engine_info: ModelInfo | None = None,
+    served_model_names: Sequence[str] = (),
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The HTTP app. `db`/`blobs` given: used as is and not closed here (the caller owns them);
+    omitted: opened from `config.storage` (migrations applied) for the app's lifetime.
+    `served_model_names[0]` is the name written on batches; the rest are aliases (e.g. "demo")."""
+    app = web.Application(middlewares=[request_id_and_errors, auth], client_max_size=JSON_BODY_LIMIT_BYTES)
+    app[CONFIG] = config
+    app[CLOCK] = clock
+    app[KEY_HASHES] = frozenset(hash_key(k) for k in config.server.api_keys)
+    names = tuple(dict.fromkeys(served_model_names or ((engine_info.model_id,) if engine_info else ())))
+    app[MODELS] = ServedModels(names=names, info=engine_info, created_at=int(clock()))
+    if db is not None:
+        app[DB] = db
+    store = blobs if blobs is not None else BlobStore(blobs_dir(config))
+    store.remove_stale_temps()
+    app[BLOBS] = store
+    app.cleanup_ctx.append(_database)
+    app.add_routes(files.routes)
+    app.add_routes(batches.routes)
+    app.add_routes(models.routes)
+    return app
+
+
+__all__ = ["make_app", "blobs_dir"]

@@ -1,0 +1,14 @@
+"""StepLoop factories for `tokabatch run --engine-factory` in the CLI tests (importable by name)."""
+
+from __future__ import annotations
+
+from tokabatch.engine.testing import FakeLoop
+
+
+def healthy() -> FakeLoop:
+    return FakeLoop(max_running=2, max_waiting=2)
+
+
+def dies_at_step_6() -> FakeLoop:
+    """Two requests run at a time, each needs a few steps: some lines finish before the crash."""
+    return FakeLoop(max_running=2, max_waiting=2, fail_on_step=6)

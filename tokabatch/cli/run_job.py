@@ -1,0 +1,180 @@
+"""`tokabatch run` without a server: validate, execute every line on an engine, write OpenAI lines.
+
+Owns the one-process job: the same validation as a batch (jobs/parse.validate_input_file), the same
+request preparation and response bodies (jobs/render), and the same writer as the batch runner
+(jobs/outputs.ResultWriter), so the output lines, the error lines and the Parquet rows are exactly a
+batch's. The writer's work folder `.<out name>.tokabatch/` beside the output is the checkpoint: a
+re-run with the same output path skips every custom_id already written (each appears exactly once),
+and a finished job re-run is a no-op that rewrites the final files. The folder records the input's
+sha256, so results of a different input are never mixed in.
+
+An engine failure (the engine died, 5xx engine_error) stops the job WITHOUT writing the affected
+lines, so the next run retries them. Requests the endpoint rejects (a 4xx) are results: they go to
+the error file, as in a batch. Must not import torch itself (the engine is passed in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest
+from tokabatch.errors import TokabatchError
+from tokabatch.service.jobs import outputs, parse, render
+
+ENGINE_FAILURE_CODES = {"engine_error", "engine_unavailable", "request_timeout"}
+INPUT_MARKER = "input.json"
+
+
+class EngineFailed(Exception):
+    """The engine could not finish the job; what was written stays, the rest runs on the next try."""
+
+
+class InputChanged(TokabatchError):
+    """The output path holds results of another input file."""
+
+
+def errors_path_for(out: Path) -> Path:
+    """Failed lines beside the output: results.parquet -> results.errors.jsonl."""
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tokabatch")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_writer(input_path: Path, out: Path) -> tuple[outputs.ResultWriter, outputs.ResumeState]:
+    """The checkpointed writer for `out`, refusing a work folder that belongs to another input."""
+    work = work_dir_for(out)
+    marker = {"input": str(input_path.resolve()), "sha256": _sha256(input_path)}
+    marker_path = work / INPUT_MARKER
+    if marker_path.is_file():
+        previous = json.loads(marker_path.read_text(encoding="utf-8"))
+        if previous.get("sha256") != marker["sha256"]:
+            raise InputChanged(f"{out} holds results of another input ({previous.get('input')}); "
+                               f"delete {work} to start over or choose another --output", param="output")
+    work.mkdir(parents=True, exist_ok=True)
+    marker_path.write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    writer = outputs.ResultWriter(work)
+    return writer, writer.open()
+
+
+@dataclass
+class JobProgress:
+    """What the progress bar shows; `on_change` is called after every written line."""
+
+    total: int = 0
+    skipped: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    on_change: Callable[["JobProgress"], None] = field(default=lambda p: None, repr=False)
+
+
+@dataclass
+class _Line:
+    custom_id: str
+    request_id: str
+    prepared: render.PreparedRequest
+    outputs: list[GenerationOutput] = field(default_factory=list)
+
+
+def validate(input_path: Path, *, endpoint: str, served_model_names: set[str], max_lines: int) -> parse.ValidationReport:
+    return parse.validate_input_file(input_path, endpoint=endpoint, served_model_names=served_model_names,
+                                     max_lines=max_lines)
+
+
+async def execute(input_path: Path, out: Path, *, engine: Engine, tokenizer: Any, endpoint: str,
+                  served_model_names: set[str], progress: JobProgress) -> JobProgress:
+    """Run every not-yet-written line of an already validated file; append results as they finish."""
+    writer, resumed = open_writer(input_path, out)
+    lines: dict[str, _Line] = {}            # engine request_id -> its line, while in flight
+    try:
+        progress.skipped = len(resumed.done_custom_ids)
+        progress.on_change(progress)
+
+        def count(ok: bool, tokens: int = 0) -> None:
+            progress.completed += ok
+            progress.failed += not ok
+            progress.output_tokens += tokens
+            progress.on_change(progress)
+
+        async def requests() -> AsyncIterator[GenerationRequest]:
+            for _line_no, custom_id, body in parse.iter_requests(input_path):
+                if custom_id in resumed.done_custom_ids:
+                    continue
+                request_id = f"req_{uuid.uuid4().hex}"
+                try:
+                    prepared = render.prepare_request(endpoint, body, tokenizer=tokenizer, model_info=engine.info,
+                                                      served_model_names=served_model_names, request_id=request_id)
+                except TokabatchError as e:     # the endpoint would reject it: a 4xx result line
+                    writer.write_response(custom_id, status_code=e.status, request_id=request_id,
+                                          body=render.error_body(e))
+                    count(False)
+                    continue
+                line = _Line(custom_id, request_id, prepared)
+                for request in prepared.requests:
+                    lines[request.request_id] = line
+                    yield request
+
+        async for output in engine.generate(requests()):
+            line = lines.pop(output.request_id)
+            _check_engine_alive(output)
+            line.outputs.append(output)
+            if len(line.outputs) == len(line.prepared.requests):
+                status_code, body = _finish(line)
+                writer.write_response(line.custom_id, status_code=status_code, request_id=line.request_id,
+                                      body=body, prompt_text="\n".join(line.prepared.prompt_texts))
+                count(status_code == 200, sum(o.num_completion_tokens for o in line.outputs))
+        return progress
+    finally:
+        writer.close()
+
+
+def _check_engine_alive(output: GenerationOutput) -> None:
+    err = output.error
+    if output.aborted or (err is not None and err.status >= 500 and (err.code in ENGINE_FAILURE_CODES)):
+        reason = err.message if err is not None else "the request was aborted"
+        raise EngineFailed(f"the engine stopped: {reason}")
+
+
+def _finish(line: _Line) -> tuple[int, dict]:
+    failure = render.first_failure(line.outputs)
+    if failure is not None and failure.error is not None:
+        return failure.error.status, render.error_body(failure.error)
+    return 200, render.render_response(line.prepared, line.outputs, created=int(time.time()))
+
+
+def finalize(out: Path) -> Path | None:
+    """Write the final files from the checkpoint: `out` (JSONL copy or Parquet) and the error file.
+
+    Returns the error file's path, or None when no line failed (a stale one is removed)."""
+    work = work_dir_for(out)
+    src_output, src_errors = work / outputs.OUTPUT_NAME, work / outputs.ERROR_NAME
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        outputs.write_parquet(work / outputs.ROWS_NAME, tmp)
+    else:
+        shutil.copyfile(src_output, tmp) if src_output.is_file() else tmp.write_bytes(b"")
+    os.replace(tmp, out)
+    errors = errors_path_for(out)
+    if src_errors.is_file() and src_errors.stat().st_size > 0:
+        shutil.copyfile(src_errors, errors)
+        return errors
+    errors.unlink(missing_ok=True)
+    return None

@@ -40,11 +40,17 @@ class SeqWork:
 
 @dataclass(frozen=True, slots=True)
 class PrefixGroup:
-    """Decoding sequences that share their first `len(page_ids)` pages (Hydragen)."""
+    """Decoding sequences that share pages start_page .. start_page+len(page_ids)-1 (Hydragen).
+
+    A top-level group starts at page 0; a nested group (a few-shot block shared by a subset of a
+    system-prompt group) starts where its parent group ends, so each sequence's groups tile its
+    first pages consecutively and its own part is what follows the last one.
+    """
 
     seq_ids: tuple[int, ...]
     page_ids: tuple[int, ...]            # the shared full pages, in position order
     num_tokens: int                      # len(page_ids) * page_size
+    start_page: int = 0                  # index in each member's page table of page_ids[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,23 @@ def _slots(page_ids: Sequence[int], start: int, stop: int, page_size: int) -> li
     return [page_ids[p // page_size] * page_size + p % page_size for p in range(start, stop)]
 
 
+def _padded_slots(seqs: Sequence[SeqAttn], page_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Slots of every position of each sequence, padded: ([B, max_kv] long, valid mask [B, 1, max_kv]).
+
+    Built from the page tables ([B, max_pages], page_size times smaller than the slots) with tensor
+    ops, so a large decode batch costs no per-token Python. Padding points at slot 0 and is masked.
+    """
+    max_kv = max((s.kv_len for s in seqs), default=0)
+    max_pages = -(-max_kv // page_size)
+    table = [list(s.page_ids[:max_pages]) + [0] * (max_pages - len(s.page_ids[:max_pages])) for s in seqs]
+    pages = torch.tensor(table, dtype=torch.long).view(len(seqs), max_pages).to(device)
+    pos = torch.arange(max_kv, device=device)
+    slots = pages[:, pos // page_size] * page_size + pos % page_size
+    kv_lens = torch.tensor([s.kv_len for s in seqs], dtype=torch.long).to(device)
+    valid = pos[None, :] < kv_lens[:, None]
+    return torch.where(valid, slots, 0), valid[:, None, :]
+
+
 @dataclass(slots=True)
 class _Chunk:
     """A multi-token chunk: its rows, the slots of all its K/V, and its causal mask [q_len, kv_len]."""
@@ -122,11 +139,7 @@ class TorchAttentionContext:
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
         # Single-token rows: one padded batch [B, max_kv]; padding slots point at slot 0, masked out.
         self.single_rows = torch.tensor([s.q_start for s in single], dtype=torch.long, device=dev)
-        max_kv = max((s.kv_len for s in single), default=0)
-        padded = [_slots(s.page_ids, 0, s.kv_len, ps) + [0] * (max_kv - s.kv_len) for s in single]
-        self.single_slots = torch.tensor(padded, dtype=torch.long, device=dev).view(len(single), max_kv)
-        kv_lens = torch.tensor([s.kv_len for s in single], dtype=torch.long, device=dev)
-        self.single_mask = (torch.arange(max_kv, device=dev)[None, :] < kv_lens[:, None])[:, None, :]
+        self.single_slots, self.single_mask = _padded_slots(single, ps, dev)
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [num_tokens, heads, dim]; k, v: [num_tokens, kv_heads, dim] -> [num_tokens, heads, dim]."""

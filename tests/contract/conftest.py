@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.service.live_server import LiveServer, test_config
+from tests.service.live_server import LiveServer, server_config
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage import repo
 
@@ -20,7 +20,7 @@ def server_factory(tmp_path):
 
     def start(**server_settings) -> LiveServer:
         data_dir = tmp_path / f"data{len(servers)}"
-        server = LiveServer(test_config(data_dir, **server_settings)).start()
+        server = LiveServer(server_config(data_dir, **server_settings)).start()
         servers.append(server)
         return server
 

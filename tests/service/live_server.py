@@ -17,7 +17,7 @@ from tokabatch.service.app import make_app
 from tokabatch.service.storage import db as dbmod
 
 
-def test_config(data_dir: Path, db_url: str | None = None, **server: object) -> Config:
+def server_config(data_dir: Path, db_url: str | None = None, **server: object) -> Config:
     return Config(storage=StorageConfig(data_dir=str(data_dir), db_url=db_url),
                   server=ServerConfig(port=0, **server))
 

@@ -1,0 +1,121 @@
+"""`tokabatch serve`: migrations, store, engine process, batch runner and HTTP, with a clean stop.
+
+Owns the process's lifetimes and their order: start database -> engine -> runner -> HTTP, stop in
+reverse on SIGINT/SIGTERM (HTTP first so no request lands on a closed store). The engine runs in
+its own process (EngineClient); this module never imports torch. `engine_factory` and
+`runner_factory` let tests and the lead swap either part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any, Awaitable, Callable, Protocol
+
+from aiohttp import web
+
+from tokabatch.config import DEMO_MODEL_NAME, Config
+from tokabatch.engine.api import Engine
+from tokabatch.service.app import blobs_dir, make_app
+from tokabatch.service.storage import db as dbmod
+from tokabatch.service.storage.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What serve() needs from the batch runner: start claiming work, and stop cleanly."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+EngineFactory = Callable[[Config], Awaitable[Engine]]
+RunnerFactory = Callable[[Config, dbmod.Database, BlobStore, Engine], Runner]
+
+
+async def default_engine_factory(config: Config) -> Engine:
+    """The real engine in its own process."""
+    from tokabatch.engine.client import EngineClient
+
+    return await EngineClient.from_config(config.engine)
+
+
+def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore, engine: Engine) -> Runner:
+    """The BatchRunner of service/jobs/runner.py (its constructor is wired here, in one place)."""
+    from tokabatch.service.jobs.runner import BatchRunner
+
+    return BatchRunner(config, db=db, blobs=blobs, engine=engine)
+
+
+def served_model_names(config: Config, engine: Engine) -> tuple[str, ...]:
+    """The engine's model name, plus the alias `demo` when serving the demo model."""
+    names = [engine.info.model_id]
+    if config.engine.model.path == DEMO_MODEL_NAME:
+        names.append(DEMO_MODEL_NAME)
+    return tuple(dict.fromkeys(names))
+
+
+def _install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def serve_async(
+    config: Config,
+    *,
+    engine_factory: EngineFactory | None = None,
+    runner_factory: RunnerFactory | None = None,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[int], Any] | None = None,
+) -> None:
+    """Run until `stop` is set (or SIGINT/SIGTERM). `on_started(port)` is called once HTTP listens."""
+    stop = stop or asyncio.Event()
+    url = dbmod.database_url(config.storage)
+    await asyncio.to_thread(dbmod.upgrade, url)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_install_stop_signals(stop))
+        db = await dbmod.Database.open(url)
+        stack.push_async_callback(db.close)
+        blobs = BlobStore(blobs_dir(config))
+        engine = await (engine_factory or default_engine_factory)(config)
+        stack.push_async_callback(engine.close)
+        runner = (runner_factory or default_runner_factory)(config, db, blobs, engine)
+        await runner.start()
+        stack.push_async_callback(runner.stop)
+        app = make_app(config, db=db, blobs=blobs, engine_info=engine.info,
+                       served_model_names=served_model_names(config, engine))
+        app_runner = web.AppRunner(app, handle_signals=False)
+        await app_runner.setup()
+        stack.push_async_callback(app_runner.cleanup)
+        site = web.TCPSite(app_runner, config.server.host, config.server.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1] if site._server else config.server.port  # type: ignore[union-attr]
+        log.info("tokabatch listening on http://%s:%s/v1", config.server.host, port)
+        if on_started is not None:
+            on_started(port)
+        await stop.wait()
+        log.info("tokabatch shutting down")
+
+
+def serve(config: Config, *, engine_factory: EngineFactory | None = None,
+          runner_factory: RunnerFactory | None = None) -> None:
+    """Blocking entry point of `tokabatch serve`: returns after SIGINT/SIGTERM and a clean stop."""
+    asyncio.run(serve_async(config, engine_factory=engine_factory, runner_factory=runner_factory))
+
+
+__all__ = ["serve", "serve_async", "served_model_names", "default_engine_factory", "default_runner_factory",
+           "EngineFactory", "RunnerFactory", "Runner"]

@@ -1,0 +1,88 @@
+"""serve(): migrations applied, engine and runner started, HTTP answers, and a clean stop in reverse
+order on SIGTERM. The engine and runner are stubs recording their lifetimes; torch stays unloaded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from tests.service.live_server import raw_request, server_config
+from tokabatch.engine.api import ModelInfo
+from tokabatch.service import server
+from tokabatch.service.storage import db as dbmod
+from tokabatch.service.storage import repo
+
+
+class StubEngine:
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.info = ModelInfo("stub-model", 2048, 1000, (2,))
+
+    async def close(self) -> None:
+        self.events.append("engine.close")
+
+
+class StubRunner:
+    def __init__(self, events: list[str], engine) -> None:
+        self.events, self.engine = events, engine
+
+    async def start(self) -> None:
+        self.events.append("runner.start")
+
+    async def stop(self) -> None:
+        self.events.append("runner.stop")
+
+
+async def test_serve_lifecycle_and_sigterm(tmp_path):
+    events: list[str] = []
+    config = server_config(tmp_path)
+    ports: list[int] = []
+
+    async def engine_factory(cfg):
+        events.append("engine.start")
+        return StubEngine(events)
+
+    task = asyncio.create_task(server.serve_async(
+        config, engine_factory=engine_factory,
+        runner_factory=lambda cfg, db, blobs, engine: StubRunner(events, engine),
+        on_started=ports.append))
+    while not ports:
+        assert not task.done(), task.exception()
+        await asyncio.sleep(0.02)
+    base = f"http://127.0.0.1:{ports[0]}"
+    status, _, body = await asyncio.to_thread(raw_request, f"{base}/v1/models")
+    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["stub-model", "demo"]  # default model: demo
+    status, _, body = await asyncio.to_thread(
+        raw_request, f"{base}/v1/batches", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"input_file_id": "file-x", "endpoint": "/v1/completions",
+                         "completion_window": "24h"}).encode())
+    assert status == 200 and json.loads(body)["model"] == "stub-model"
+    os.kill(os.getpid(), signal.SIGTERM)          # handled by serve's loop signal handler
+    await asyncio.wait_for(task, 30)
+    assert events == ["engine.start", "runner.start", "runner.stop", "engine.close"]
+    database = await dbmod.Database.open(dbmod.database_url(config.storage))
+    try:                                          # migrated at start; the batch is durable
+        assert len((await repo.list_batches(database, owner="")).items) == 1
+    finally:
+        await database.close()
+
+
+def test_demo_alias():
+    from tokabatch.config import Config, EngineConfig, ModelConfig
+
+    engine = StubEngine([])
+    demo = Config(engine=EngineConfig(model=ModelConfig(path="demo")))
+    other = Config(engine=EngineConfig(model=ModelConfig(path="/models/x")))
+    assert server.served_model_names(demo, engine) == ("stub-model", "demo")
+    assert server.served_model_names(other, engine) == ("stub-model",)
+
+
+def test_service_never_imports_torch():
+    code = ("import sys, tokabatch.service.app, tokabatch.service.server, tokabatch.service.storage.repo, "
+            "tokabatch.service.http.files, tokabatch.service.jobs.states; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": os.getcwd()})

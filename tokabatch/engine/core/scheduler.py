@@ -1,0 +1,422 @@
+"""The scheduler: which sequences run in each step, where their KV lives, and who waits.
+
+Owns the waiting queue, the running set, admission (by page-use forecast, admission.py),
+preemption and the prefix cache bookkeeping of every sequence. Pure stdlib: must not import torch.
+
+Contract with the engine loop, one step at a time:
+    plan = scheduler.schedule()                   # every decode + FIFO prefill chunks
+    result = runner.run(plan)
+    scheduler.on_step_done(plan, result)          # appends sampled tokens, publishes full pages
+    scheduler.finish_sequence(seq_id)             # for each sequence the loop decides has ended;
+                                                  # it MUST end one whose num_tokens reached seq.max_len
+on_step_done(plan N) must come before schedule() of step N+1: page tables may change in between
+(a page computed twice is swapped for the canonical copy in the prefix tree).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import OrderedDict
+
+from tokabatch.config import SchedulerConfig
+from tokabatch.engine.api import GenerationRequest
+from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
+from tokabatch.engine.core.pages import ROOT, PagePool
+from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult
+from tokabatch.engine.core.predictor import LengthPredictor
+from tokabatch.engine.core.request import Sequence, SeqStatus, pages_for
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_pages: int, *, max_model_len: int,
+                 predictor: LengthPredictor | None = None, retain_finished_requests: int = 4096) -> None:
+        self.config = config
+        self.page_size = config.page_size
+        self.max_model_len = max_model_len
+        self.pool = PagePool(num_pages, config.page_size)
+        self.predictor = predictor if predictor is not None else LengthPredictor(config.admission_margin)
+        # Every running sequence decodes every step, so the cap is also bounded by the token budget.
+        self.max_running = max(1, min(config.max_seqs, config.max_tokens_per_step))
+        self._retain = retain_finished_requests
+        self._seqs: dict[int, Sequence] = {}
+        self._requests: dict[str, list[int]] = {}
+        self._waiting: list[tuple[int, int, int, int]] = []   # (priority, 0=preempted/1=new, arrival, seq_id)
+        self._running: dict[int, Sequence] = {}               # admission order == prefill order
+        self._finished_requests: OrderedDict[str, None] = OrderedDict()
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._step_idx = 0
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0           # of admitted sequences (first admission), for metrics
+        self.num_cached_tokens = 0           # of which served from the prefix cache
+        self.num_admitted = 0
+
+    # ---- requests in, sequences out ----------------------------------------------------------
+
+    def add_request(self, request: GenerationRequest) -> list[int]:
+        """Queue request.n sequences; raises ValueError(param, message) for one that can never run."""
+        num_prompt = len(request.prompt_token_ids)
+        capacity = self.pool.num_pages * self.page_size
+        if num_prompt == 0:
+            raise ValueError("prompt", "the prompt must contain at least one token")
+        if num_prompt >= self.max_model_len:
+            raise ValueError("prompt", f"This model's maximum context length is {self.max_model_len} tokens, "
+                             f"but the prompt has {num_prompt} tokens (no room left to generate)")
+        if num_prompt > capacity:
+            raise ValueError("prompt", f"the prompt has {num_prompt} tokens but the KV cache holds only "
+                             f"{capacity} tokens")
+        if request.n < 1:
+            raise ValueError("n", "n must be at least 1")
+        if request.request_id in self._requests:
+            raise ValueError("request_id", f"request {request.request_id!r} is already queued")
+        max_len = min(num_prompt + max(1, request.sampling.max_tokens), self.max_model_len, capacity + 1)
+        seq_ids: list[int] = []
+        for choice in range(request.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids), request_id=request.request_id, choice_index=choice,
+                prompt_ids=tuple(request.prompt_token_ids), sampling=request.sampling,
+                priority=request.priority, arrival=next(self._arrivals), max_len=max_len)
+            self._seqs[seq.seq_id] = seq
+            self._enqueue(seq, preempted=False)
+            seq_ids.append(seq.seq_id)
+        self._requests[request.request_id] = seq_ids
+        return seq_ids
+
+    def abort_request(self, request_id: str) -> list[int]:
+        """Drop the request's unfinished sequences (waiting or running); returns their seq_ids."""
+        removed: list[int] = []
+        for seq_id in self._requests.get(request_id, []):
+            seq = self._seqs[seq_id]
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            self._end(seq)
+            removed.append(seq_id)
+        if request_id in self._requests:
+            self._retire_if_done(request_id)
+        return removed
+
+    def finish_sequence(self, seq_id: int) -> None:
+        """The loop ended this sequence: free its pages (full ones stay cached) and learn its length."""
+        seq = self._seqs[seq_id]
+        if seq.status is SeqStatus.FINISHED:
+            return
+        self.predictor.observe(len(seq.output_ids))
+        self._end(seq)
+        self._retire_if_done(seq.request_id)
+
+    def forget_request(self, request_id: str) -> None:
+        """Drop a finished request's sequences now (otherwise the last `retain` are kept for lookups)."""
+        if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests.get(request_id, [])):
+            for seq_id in self._requests.pop(request_id, []):
+                del self._seqs[seq_id]
+            self._finished_requests.pop(request_id, None)
+
+    def sequence(self, seq_id: int) -> Sequence:
+        return self._seqs[seq_id]
+
+    def request_seq_ids(self, request_id: str) -> list[int]:
+        return list(self._requests[request_id])
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        self._step_idx += 1
+        preempted_before = self.num_preemptions
+        decodes: list[Sequence] = []
+        for seq in list(self._running.values()):
+            if seq.status is SeqStatus.RUNNING and seq.is_decoding:
+                if seq.num_tokens >= seq.max_len:
+                    raise RuntimeError(f"sequence {seq.seq_id} has {seq.num_tokens} tokens, its max_len; "
+                                       "the engine loop must finish it (finish_reason length)")
+                if self._grow(seq, seq.num_tokens, shrinkable_from=None) is not None:
+                    decodes.append(seq)
+        if self.num_preemptions == preempted_before:
+            # After a preemption the forecast was just proven wrong: admit nothing this step.
+            self._admit()
+        budget = self.config.max_tokens_per_step - len(decodes)
+        chunks: list[tuple[Sequence, int, int]] = []
+        for seq in list(self._running.values()):
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING or seq.is_decoding:
+                continue
+            start = seq.num_computed
+            end = self._chunk_end(seq, start, min(seq.num_tokens, start + budget))
+            end = self._grow(seq, end, shrinkable_from=start)
+            if end is not None:
+                chunks.append((seq, start, end))
+                budget -= end - start
+        # A sequence preempted after it was planned (to make room for a later one) drops out.
+        decode_works = tuple(self._decode_work(s) for s in decodes if s.status is SeqStatus.RUNNING)
+        prefill_works = tuple(self._prefill_work(s, a, b) for s, a, b in chunks if s.status is SeqStatus.RUNNING)
+        return StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works)
+
+    def on_step_done(self, plan: StepPlan, result: StepResult) -> None:
+        sampled = {t.seq_id: t.token_id for t in result.sampled}
+        for work in plan.works:
+            seq = self._seqs.get(work.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue                          # aborted or finished while the step ran
+            if work.start_pos != seq.num_computed:
+                raise AssertionError(f"sequence {seq.seq_id}: step ran position {work.start_pos}, "
+                                     f"but {seq.num_computed} positions were computed")
+            seq.num_computed = work.start_pos + work.num_tokens
+            if work.prompt_logprobs is not None:
+                seq.num_prompt_logprobs_done = max(seq.num_prompt_logprobs_done,
+                                                   min(seq.num_computed, seq.num_prompt_tokens - 1))
+            if work.sample:
+                if work.seq_id not in sampled:
+                    raise AssertionError(f"step {plan.step_idx} result lacks the token of sequence {seq.seq_id}")
+                seq.output_ids.append(sampled[work.seq_id])
+            self._publish(seq)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def _predicted_len(self, seq: Sequence) -> int:
+        seq.predicted_len = min(seq.num_prompt_tokens + self.predictor.predict(seq), seq.max_len)
+        return seq.predicted_len
+
+    def forecast(self) -> Forecast:
+        """The page-use forecast of the running sequences (tests check admissions against it)."""
+        budget = self.config.max_tokens_per_step
+        return build_forecast(self._running.values(), self.pool, self._predicted_len,
+                              budget - (self.max_running - 1), budget)
+
+    def _admit(self) -> None:
+        """Admit waiting sequences in order, in batches that halve when the forecast overflows."""
+        slots = self.max_running - len(self._running)
+        candidates = self._candidates(slots)
+        batch = len(candidates)
+        fc = self.forecast() if candidates else None
+        while candidates and batch > 0 and fc is not None:
+            fits, _ = fits_with(fc, self.pool, candidates[:batch], self._predicted_len)
+            # Alone, a sequence always fits (its max_len is capped by the pool): never wait forever.
+            fits = fits or (batch == 1 and not self._running)
+            if not fits:
+                batch //= 2
+                continue
+            for seq, hit_pages in candidates[:batch]:
+                self._start(seq, hit_pages)
+            candidates = candidates[batch:]
+            batch = min(batch, len(candidates))
+            fc = self.forecast()
+
+    def _candidates(self, limit: int) -> list[tuple[Sequence, list[int]]]:
+        """Up to `limit` admissible waiting sequences, in queue order, with their prefix-cache hits."""
+        out: list[tuple[Sequence, list[int]]] = []
+        for *_, seq_id in self._waiting:
+            if len(out) >= limit:
+                break
+            seq = self._seqs[seq_id]
+            if not self._sibling_ready(seq):
+                continue
+            out.append((seq, self._cache_hits(seq)))
+        return out
+
+    def _sibling_ready(self, seq: Sequence) -> bool:
+        """Choices 1..n-1 wait until choice 0 has published its prompt's full pages, then share them."""
+        if seq.choice_index == 0 or not self.config.enable_prefix_cache:
+            return True
+        first = self._seqs[self._requests[seq.request_id][0]]
+        if first.status is SeqStatus.FINISHED:
+            return True
+        return (first.status is SeqStatus.RUNNING
+                and first.num_published_pages >= (seq.num_prompt_tokens - 1) // self.page_size)
+
+    def _cache_hits(self, seq: Sequence) -> list[int]:
+        if not self.config.enable_prefix_cache:
+            return []
+        max_tokens = seq.num_tokens - 1           # the last token always runs: its logits sample
+        if seq.wants_prompt_logprobs:
+            max_tokens = min(max_tokens, seq.num_prompt_logprobs_done)   # every undelivered position runs
+        return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
+
+    def _start(self, seq: Sequence, hit_pages: list[int]) -> None:
+        for page in hit_pages:
+            self.pool.incref(page)
+        seq.page_ids = list(hit_pages)
+        seq.num_computed = seq.num_published_pages = len(hit_pages)
+        seq.num_computed *= self.page_size
+        seq.status = SeqStatus.RUNNING
+        self._waiting.remove((int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id))
+        self._running[seq.seq_id] = seq
+        if not seq.ever_admitted:
+            seq.ever_admitted = True
+            seq.num_cached_tokens = seq.num_computed
+            self.num_prompt_tokens += seq.num_prompt_tokens
+            self.num_cached_tokens += seq.num_computed
+            self.num_admitted += 1
+
+    # ---- pages, preemption -------------------------------------------------------------------
+
+    def _grow(self, seq: Sequence, end: int, *, shrinkable_from: int | None) -> int | None:
+        """Give `seq` pages for positions [0, end). When pages run out, a prefill chunk (shrinkable
+        past `shrinkable_from`) is cut to the pages it holds; otherwise the newest sequence is
+        preempted. Returns the end that got pages, or None if `seq` itself was preempted."""
+        while len(seq.page_ids) < pages_for(end, self.page_size):
+            page = self.pool.allocate()
+            if page is not None:
+                seq.page_ids.append(page)
+                continue
+            held_end = len(seq.page_ids) * self.page_size
+            if shrinkable_from is not None and held_end > shrinkable_from:
+                return held_end
+            victim = max(self._running.values(), key=lambda s: (int(s.priority), s.arrival))
+            self._preempt(victim)
+            if victim is seq:
+                return None
+        return end
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free its pages (full ones stay cached, so the recompute may hit them) and requeue it first."""
+        self._publish(seq)
+        self._release(seq)
+        del self._running[seq.seq_id]
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(seq, preempted=True)
+
+    def _enqueue(self, seq: Sequence, *, preempted: bool) -> None:
+        # Priority first; within it, preempted sequences go back in front of new ones, oldest first.
+        bisect.insort(self._waiting, (int(seq.priority), 0 if preempted else 1, seq.arrival, seq.seq_id))
+
+    def _release(self, seq: Sequence) -> None:
+        for page in reversed(seq.page_ids):
+            self.pool.decref(page)
+        seq.page_ids = []
+        seq.num_computed = 0
+        seq.num_published_pages = 0
+
+    def _end(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self._publish(seq)
+            self._release(seq)
+            del self._running[seq.seq_id]
+        elif seq.status is SeqStatus.WAITING:
+            self._waiting.remove((int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id))
+        seq.status = SeqStatus.FINISHED
+
+    def _publish(self, seq: Sequence) -> None:
+        """Put every full page whose KV is computed into the prefix tree (in order, parents first)."""
+        if not self.config.enable_prefix_cache:
+            return
+        ps = self.page_size
+        for i in range(seq.num_published_pages, seq.num_computed // ps):
+            parent = seq.page_ids[i - 1] if i else ROOT
+            own = seq.page_ids[i]
+            canonical = self.pool.publish(parent, seq.token_slice(i * ps, (i + 1) * ps), own)
+            if canonical != own:              # computed twice (two sequences prefilled it together)
+                self.pool.incref(canonical)
+                self.pool.decref(own)
+                seq.page_ids[i] = canonical
+        seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
+
+    def _retire_if_done(self, request_id: str) -> None:
+        if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests[request_id]):
+            self._finished_requests[request_id] = None
+            while len(self._finished_requests) > self._retain:
+                old, _ = self._finished_requests.popitem(last=False)
+                for seq_id in self._requests.pop(old):
+                    del self._seqs[seq_id]
+
+    # ---- plan building -----------------------------------------------------------------------
+
+    def _chunk_end(self, seq: Sequence, start: int, end: int) -> int:
+        """Cut a chunk so that prompt logprobs are asked for exactly once per prompt position."""
+        if not seq.wants_prompt_logprobs:
+            return end
+        done = seq.num_prompt_logprobs_done
+        if start < done < end:
+            return done                        # positions before `done` were delivered already
+        if done <= start < seq.num_prompt_tokens - 1:
+            return min(end, seq.num_prompt_tokens)
+        return end
+
+    def _decode_work(self, seq: Sequence) -> SeqWork:
+        return SeqWork(seq_id=seq.seq_id, token_ids=(seq.output_ids[-1],), start_pos=seq.num_tokens - 1,
+                       page_ids=tuple(seq.page_ids), sample=True)
+
+    def _prefill_work(self, seq: Sequence, start: int, end: int) -> SeqWork:
+        num_prompt = seq.num_prompt_tokens
+        want = seq.wants_prompt_logprobs and seq.num_prompt_logprobs_done <= start < num_prompt - 1
+        return SeqWork(
+            seq_id=seq.seq_id, token_ids=seq.token_slice(start, end), start_pos=start,
+            page_ids=tuple(seq.page_ids), sample=end == seq.num_tokens,
+            prompt_logprobs=seq.sampling.prompt_logprobs if want else None,
+            prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
+
+    # ---- gauges and checks -------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        """Waiting sequences (a request with n > 1 counts n)."""
+        return len(self._waiting)
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len({self._seqs[s].request_id for *_, s in self._waiting})
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_cached_pages(self) -> int:
+        return self.pool.num_cached
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def num_wanted(self) -> int:
+        """How many more requests to add now: enough waiting sequences to refill every slot the
+        pool could hold (by the running sequences' average predicted size), minus those waiting."""
+        target = self.max_running
+        if self._running:
+            avg_pages = sum(pages_for(s.predicted_len or s.max_len, self.page_size)
+                            for s in self._running.values()) / len(self._running)
+            target = min(target, max(1, int(self.pool.num_pages / max(1.0, avg_pages)) + 1))
+        return max(0, target - len(self._waiting))
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError (with the reason) if the pages or the queues are inconsistent."""
+        refs: dict[int, int] = {}
+        ps = self.page_size
+        assert len(self._running) <= self.max_running, "more running sequences than max_seqs"
+        for seq in self._running.values():
+            sid = seq.seq_id
+            assert seq.status is SeqStatus.RUNNING, f"sequence {sid} is in the running set but {seq.status}"
+            assert seq.num_computed <= seq.num_tokens - 1, f"sequence {sid} computed its last token twice"
+            assert pages_for(seq.num_computed, ps) <= len(seq.page_ids) <= pages_for(seq.num_tokens, ps), \
+                f"sequence {sid}: {len(seq.page_ids)} pages for {seq.num_computed}/{seq.num_tokens} positions"
+            assert seq.num_tokens <= seq.max_len, f"sequence {sid} is longer than its max_len"
+            assert len(set(seq.page_ids)) == len(seq.page_ids), f"sequence {sid} holds a page twice"
+            for page in seq.page_ids:
+                refs[page] = refs.get(page, 0) + 1
+            published = seq.num_published_pages
+            assert published <= seq.num_computed // ps, f"sequence {sid} published an uncomputed page"
+            if self.config.enable_prefix_cache:
+                assert published == seq.num_computed // ps, f"sequence {sid} left a full page unpublished"
+                tokens = seq.token_slice(0, published * ps)
+                assert self.pool.match(tokens, published) == seq.page_ids[:published], \
+                    f"sequence {sid}: its published pages are not the tree's pages for its tokens"
+            else:
+                assert published == 0 and not any(self.pool.in_tree(p) for p in seq.page_ids)
+        assert self._waiting == sorted(self._waiting), "waiting queue out of order"
+        for *_, seq_id in self._waiting:
+            seq = self._seqs[seq_id]
+            assert seq.status is SeqStatus.WAITING and not seq.page_ids and seq.seq_id not in self._running, \
+                f"waiting sequence {seq_id} holds pages or is running"
+        self.pool.check(refs)
+
+
+__all__ = ["Scheduler"]

@@ -86,3 +86,58 @@ def test_service_never_imports_torch():
             "tokabatch.service.http.files, tokabatch.service.jobs.states; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
+
+
+async def test_serve_wires_the_real_runner(tmp_path):
+    """serve() with the default runner factory (BatchRunner + the model folder's tokenizer) and a
+    FakeEngine: an uploaded batch runs to `completed` through HTTP only."""
+    from tests.service.jobsutil import build_tokenizer_folder
+    from tokabatch.config import Config, EngineConfig, ModelConfig, RunnerConfig, ServerConfig, StorageConfig
+    from tokabatch.engine.testing import FakeEngine
+    from tokabatch.text import Tokenizer
+
+    folder = build_tokenizer_folder(tmp_path / "tok")
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')  # never loaded: fake engine
+    vocab = Tokenizer.from_folder(folder).vocab_size
+    config = Config(engine=EngineConfig(model=ModelConfig(path=str(folder))),
+                    storage=StorageConfig(data_dir=str(tmp_path / "data")), server=ServerConfig(port=0),
+                    runner=RunnerConfig(poll_interval_s=0.05, progress_interval_s=0.1, heartbeat_s=0.1))
+    stop, ports = asyncio.Event(), []
+
+    async def engine_factory(cfg):
+        return await FakeEngine.launch(vocab_size=vocab, model_id="tiny")
+
+    task = asyncio.create_task(server.serve_async(config, engine_factory=engine_factory, stop=stop,
+                                                  on_started=ports.append))
+    while not ports:
+        assert not task.done(), task.exception()
+        await asyncio.sleep(0.02)
+    base = f"http://127.0.0.1:{ports[0]}/v1"
+    line = {"custom_id": "c1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": "hello", "max_tokens": 3}}
+    boundary = "bnd"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n"
+            f"{json.dumps(line)}\n\r\n--{boundary}--\r\n").encode()
+    status, _, raw = await asyncio.to_thread(raw_request, f"{base}/files", method="POST", data=body,
+                                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, raw
+    file_id = json.loads(raw)["id"]
+    status, _, raw = await asyncio.to_thread(
+        raw_request, f"{base}/batches", method="POST", headers={"Content-Type": "application/json"},
+        data=json.dumps({"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}).encode())
+    batch_id = json.loads(raw)["id"]
+    try:
+        for _ in range(300):
+            status, _, raw = await asyncio.to_thread(raw_request, f"{base}/batches/{batch_id}")
+            batch = json.loads(raw)
+            if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+                break
+            await asyncio.sleep(0.05)
+        assert batch["status"] == "completed", batch
+        assert batch["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+        status, _, raw = await asyncio.to_thread(raw_request, f"{base}/files/{batch['output_file_id']}/content")
+        assert status == 200 and json.loads(raw)["response"]["status_code"] == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -44,11 +44,35 @@ async def default_engine_factory(config: Config) -> Engine:
     return await EngineClient.from_config(config.engine)
 
 
-def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore, engine: Engine) -> Runner:
-    """The BatchRunner of service/jobs/runner.py (its constructor is wired here, in one place)."""
-    from tokabatch.service.jobs.runner import BatchRunner
+class _RunnerTask:
+    """Adapts BatchRunner (run_forever/stop) to start/stop: run_forever runs as a task whose
+    failure is re-raised at stop (never a background exception nobody awaits)."""
 
-    return BatchRunner(config, db=db, blobs=blobs, engine=engine)
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.runner.run_forever(), name="batch-runner")
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        if not self.task.done():
+            await self.runner.stop()
+        await self.task
+
+
+def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore, engine: Engine) -> Runner:
+    """The BatchRunner of service/jobs/runner.py with the model's tokenizer (torch-free)."""
+    from tokabatch.model_store import resolve_model_path
+    from tokabatch.service.jobs.runner import BatchRunner
+    from tokabatch.text import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(resolve_model_path(config.engine.model.path))
+    runner = BatchRunner(config.runner, db, blobs, engine, tokenizer, set(served_model_names(config, engine)),
+                         max_batch_lines=config.server.max_batch_lines)
+    return _RunnerTask(runner)
 
 
 def served_model_names(config: Config, engine: Engine) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from tokabatch.config import SchedulerConfig
 from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
+from tokabatch.engine.core.hydragen import GroupingParams, find_decode_groups
 from tokabatch.engine.core.pages import ROOT, PagePool
 from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
@@ -30,7 +31,8 @@ from tokabatch.engine.core.request import Sequence, SeqStatus, pages_for
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_pages: int, *, max_model_len: int,
-                 predictor: LengthPredictor | None = None, retain_finished_requests: int = 4096) -> None:
+                 predictor: LengthPredictor | None = None, hydragen: GroupingParams | None = None,
+                 retain_finished_requests: int = 4096) -> None:
         self.config = config
         self.page_size = config.page_size
         self.max_model_len = max_model_len
@@ -39,6 +41,7 @@ class Scheduler:
         # Every running sequence decodes every step, so the cap is also bounded by the token budget.
         self.max_running = max(1, min(config.max_seqs, config.max_tokens_per_step))
         self._retain = retain_finished_requests
+        self._hydragen = hydragen            # None: no prefix groups in the plans
         self._seqs: dict[int, Sequence] = {}
         self._requests: dict[str, list[int]] = {}
         self._waiting: list[tuple[int, int, int, int]] = []   # (priority, 0=preempted/1=new, arrival, seq_id)
@@ -150,7 +153,8 @@ class Scheduler:
         # A sequence preempted after it was planned (to make room for a later one) drops out.
         decode_works = tuple(self._decode_work(s) for s in decodes if s.status is SeqStatus.RUNNING)
         prefill_works = tuple(self._prefill_work(s, a, b) for s, a, b in chunks if s.status is SeqStatus.RUNNING)
-        return StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works)
+        groups = find_decode_groups(decode_works, self.page_size, self._hydragen) if self._hydragen else ()
+        return StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
 
     def on_step_done(self, plan: StepPlan, result: StepResult) -> None:
         sampled = {t.seq_id: t.token_id for t in result.sampled}

@@ -1,0 +1,224 @@
+"""Scheduler behaviour on small hand-made workloads: prefix cache, priority, budgets, n > 1, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokabatch.engine.api import Priority
+from tokabatch.engine.core.hydragen import GroupingParams
+from tokabatch.engine.core.plan import SampledToken, StepResult
+from tokabatch.engine.core.request import SeqStatus
+
+from tests.engine.core.driver import Driver, make_scheduler, request
+
+PREFIX = [1, 2, 0, 2, 1, 1, 0, 2, 2, 0, 1, 2, 0, 0, 1, 2, 1, 0, 2, 1]    # 20 tokens: 10 pages of 2
+
+
+def prefill_tokens(plans, seq_id: int) -> int:
+    return sum(w.num_tokens for p in plans for w in p.prefills if w.seq_id == seq_id)
+
+
+def run_until_done(driver: Driver, limit: int = 1000) -> list:
+    plans = []
+    while driver.scheduler.has_work():
+        plans.append(driver.step())
+        assert len(plans) < limit
+    return plans
+
+
+def test_second_request_prefills_only_unshared_tokens() -> None:
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    [a] = d.add(request("a", PREFIX + [2, 2, 2], max_tokens=3), 3)
+    plans = run_until_done(d)
+    [b] = d.add(request("b", PREFIX + [0, 1, 0, 1, 0], max_tokens=3), 3)
+    plans += run_until_done(d)
+    assert prefill_tokens(plans, a) == 23
+    # b's first 20 tokens (10 full pages) were published by a: only its 5 own tokens run.
+    assert prefill_tokens(plans, b) == 5
+    assert sched.sequence(b).num_cached_tokens == 20
+    assert sched.num_cached_tokens == 20 and sched.num_prompt_tokens == 48
+
+
+def test_fully_cached_prompt_still_runs_its_last_token() -> None:
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    d.add(request("a", PREFIX, max_tokens=2), 2)
+    run_until_done(d)
+    [b] = d.add(request("b", PREFIX, max_tokens=2), 2)
+    plans = run_until_done(d)
+    first = next(w for p in plans for w in p.prefills if w.seq_id == b)
+    # 20 tokens = 10 full pages, but the last token must run for its logits: 9 pages hit, 2 tokens run.
+    assert (first.start_pos, first.num_tokens, first.sample) == (18, 2, True)
+    assert sched.sequence(b).num_cached_tokens == 18
+    assert sched.sequence(b).output_ids == d.expected_output(sched.sequence(b))
+
+
+def test_cache_off_means_no_reuse() -> None:
+    sched = make_scheduler(num_pages=64, enable_prefix_cache=False)
+    d = Driver(sched)
+    d.add(request("a", PREFIX, max_tokens=2), 2)
+    run_until_done(d)
+    [b] = d.add(request("b", PREFIX, max_tokens=2), 2)
+    plans = run_until_done(d)
+    assert prefill_tokens(plans, b) == 20
+    assert sched.num_cached_tokens == 0 and sched.num_cached_pages == 0
+
+
+def test_prompt_logprobs_request_takes_no_cache_hits() -> None:
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    d.add(request("a", PREFIX, max_tokens=2), 2)
+    run_until_done(d)
+    [b] = d.add(request("b", PREFIX, max_tokens=1, prompt_logprobs=2), 1)
+    plans = run_until_done(d)
+    assert prefill_tokens(plans, b) == 20
+    works = [w for p in plans for w in p.prefills if w.seq_id == b]
+    assert all(w.prompt_logprobs == 2 for w in works)
+    assert sorted(d.prompt_logprob_positions[b]) == list(range(19))
+    assert works[-1].prompt_logprob_targets == tuple(PREFIX[works[-1].start_pos + 1:])   # one shorter
+
+
+def test_concurrent_identical_prompts_end_up_sharing_pages() -> None:
+    """Two requests prefilled in the same step compute the prefix twice; publishing dedupes it."""
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    [a] = d.add(request("a", PREFIX + [0], max_tokens=6), 6)
+    [b] = d.add(request("b", PREFIX + [1], max_tokens=6), 6)
+    d.step()
+    sa, sb = sched.sequence(a), sched.sequence(b)
+    assert sa.page_ids[:10] == sb.page_ids[:10]
+    assert sched.pool.refcount(sa.page_ids[0]) == 2
+    run_until_done(d)
+    assert sa.output_ids == d.expected_output(sa) and sb.output_ids == d.expected_output(sb)
+
+
+def test_n_siblings_share_the_prompt_pages() -> None:
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    seq_ids = d.add(request("a", PREFIX + [2], n=3, max_tokens=5), [5, 4, 3])
+    plans = [d.step()]
+    assert [w.seq_id for w in plans[0].prefills] == [seq_ids[0]]     # siblings wait for its pages
+    plans += run_until_done(d)
+    assert prefill_tokens(plans, seq_ids[0]) == 21
+    # Siblings take the 10 full prompt pages by reference and recompute only the last token.
+    assert [prefill_tokens(plans, s) for s in seq_ids[1:]] == [1, 1]
+    seqs = [sched.sequence(s) for s in seq_ids]
+    assert [s.choice_index for s in seqs] == [0, 1, 2]
+    assert [len(s.output_ids) for s in seqs] == [5, 4, 3]
+    assert all(s.output_ids == d.expected_output(s) for s in seqs)
+
+
+def test_online_request_admitted_before_batch_backlog() -> None:
+    sched = make_scheduler(num_pages=64, max_seqs=2)
+    d = Driver(sched)
+    for i in range(6):
+        d.add(request(f"b{i}", [i % 3, 1, 2], max_tokens=4), 4)
+    d.step()
+    [online] = d.add(request("o", [2, 2, 2], max_tokens=4, priority=Priority.ONLINE), 4)
+    plans = run_until_done(d)
+    first_seen = {}
+    for i, p in enumerate(plans):
+        for w in p.works:
+            first_seen.setdefault(sched.sequence(w.seq_id).request_id, i)
+    assert all(first_seen["o"] <= first_seen[f"b{i}"] for i in range(2, 6))
+    assert sched.sequence(online).output_ids == d.expected_output(sched.sequence(online))
+
+
+def test_online_sequence_is_preempted_last() -> None:
+    # 8 pages of 2 tokens; three long-running sequences cannot all fit, so someone is preempted.
+    sched = make_scheduler(num_pages=8, max_seqs=3)
+    d = Driver(sched)
+    [o] = d.add(request("o", [0, 1], max_tokens=8, priority=Priority.ONLINE), 8)
+    [b1] = d.add(request("b1", [1, 2], max_tokens=8), 8)
+    [b2] = d.add(request("b2", [2, 0], max_tokens=8), 8)
+    # Force all three in at once: cold-start prediction would refuse, so pretend lengths are short.
+    sched.predictor.predict = lambda seq: 1
+    d.step()
+    assert sched.num_running == 3
+    preempted = []
+    orig = sched._preempt
+    sched._preempt = lambda seq: (preempted.append(seq.seq_id), orig(seq))
+    run_until_done(d)
+    assert preempted and o not in preempted and preempted[0] == b2
+    assert sched.num_preemptions == len(preempted)
+    for s in (o, b1, b2):
+        assert sched.sequence(s).output_ids == d.expected_output(sched.sequence(s))
+
+
+def test_chunked_prefill_respects_token_budget_and_max_seqs() -> None:
+    sched = make_scheduler(num_pages=200, max_seqs=3, max_tokens_per_step=7)
+    d = Driver(sched)
+    [long_id] = d.add(request("long", PREFIX + PREFIX[:5], max_tokens=3), 3)
+    for i in range(4):
+        d.add(request(f"s{i}", [i % 3, 0], max_tokens=3), 3)
+    plans = run_until_done(d)
+    assert all(p.num_tokens <= 7 for p in plans)
+    long_chunks = [w for p in plans for w in p.prefills if w.seq_id == long_id]
+    assert len(long_chunks) >= 4 and [w.sample for w in long_chunks][-1] is True
+    assert not any(w.sample for w in long_chunks[:-1])
+    starts = [w.start_pos for w in long_chunks]
+    assert starts == sorted(starts) and sum(w.num_tokens for w in long_chunks) == 25
+    running_counts = [len(p.works) for p in plans]
+    assert max(running_counts) <= 3
+
+
+def test_prompt_too_long_is_a_value_error() -> None:
+    sched = make_scheduler(num_pages=64, max_model_len=16)
+    with pytest.raises(ValueError) as info:
+        sched.add_request(request("x", list(range(3)) * 6))
+    assert info.value.args[0] == "prompt"
+    assert not sched.has_work()
+
+
+def test_huge_max_tokens_is_clamped_and_does_not_hang() -> None:
+    sched = make_scheduler(num_pages=6, max_model_len=10_000)
+    d = Driver(sched)
+    [s] = d.add(request("x", [1, 2, 0], max_tokens=5000), 5000)
+    run_until_done(d)
+    seq = sched.sequence(s)
+    assert seq.max_len == 13 and seq.num_tokens == 13          # 6 pages * 2 + the unrun last token
+    assert seq.output_ids == d.expected_output(seq)
+
+
+def test_abort_frees_pages_of_running_and_waiting() -> None:
+    sched = make_scheduler(num_pages=64, max_seqs=1)
+    d = Driver(sched)
+    a = d.add(request("a", PREFIX, max_tokens=8, n=2), 8)
+    d.step()
+    assert sched.pool.num_used > 0
+    assert sorted(sched.abort_request("a")) == sorted(a)
+    assert sched.pool.num_used == 0 and not sched.has_work()
+    assert all(sched.sequence(s).status is SeqStatus.FINISHED for s in a)
+    sched.check_invariants()
+
+
+def test_step_result_for_an_aborted_sequence_is_ignored() -> None:
+    sched = make_scheduler(num_pages=64)
+    [s] = sched.add_request(request("a", [1, 2, 0], max_tokens=4))
+    plan = sched.schedule()
+    sched.abort_request("a")
+    sched.on_step_done(plan, StepResult(plan.step_idx, (SampledToken(s, 1),)))
+    sched.check_invariants()
+    assert sched.sequence(s).output_ids == []
+
+
+def test_num_wanted_backpressure() -> None:
+    sched = make_scheduler(num_pages=64, max_seqs=4)
+    assert sched.num_wanted() == 4
+    for i in range(4):
+        sched.add_request(request(f"r{i}", [1, 2], max_tokens=4))
+    assert sched.num_wanted() == 0
+    sched.schedule()                          # admits them: the queue can take more again
+    assert sched.num_waiting == 0 and sched.num_wanted() > 0
+
+
+def test_hydragen_groups_in_plan() -> None:
+    sched = make_scheduler(num_pages=200, max_seqs=8, hydragen=GroupingParams(
+        min_prefix_tokens=4, min_group=2, call_cost_tokens=0, merge_cost_tokens=0))
+    d = Driver(sched)
+    for i in range(3):
+        d.add(request(f"r{i}", PREFIX + [i], max_tokens=6), 6)
+    plans = run_until_done(d)
+    grouped = [p for p in plans if p.prefix_groups]
+    assert grouped and len(grouped[0].prefix_groups[0].seq_ids) == 3

@@ -158,7 +158,10 @@ def build_forecast(running: Iterable[Sequence], pool: PagePool, predicted_len: C
                   max_prefill_budget=max(1, max_prefill_budget))
     for seq in running:
         g = seq.num_tokens
-        remaining = g - seq.num_computed if not seq.is_decoding else 0
+        # A decode that already has its page runs every step; anything else waits in the FIFO
+        # prefill queue (including a just-admitted sequence with only its last token to run).
+        decoding = seq.is_decoding and len(seq.page_ids) * fc.page_size >= g
+        remaining = 0 if decoding else g - seq.num_computed
         fc.prefill_backlog += remaining
         num_shared = 0
         for page in seq.page_ids:                 # refcounts never rise along a page table

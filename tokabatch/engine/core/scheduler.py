@@ -138,11 +138,13 @@ class Scheduler:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
             self._admit()
         budget = self.config.max_tokens_per_step - len(decodes)
+        decoding = {seq.seq_id for seq in decodes}
         chunks: list[tuple[Sequence, int, int]] = []
         for seq in list(self._running.values()):
             if budget <= 0:
                 break
-            if seq.status is not SeqStatus.RUNNING or seq.is_decoding:
+            # (A sequence admitted just now with all but its last token cached runs a 1-token chunk.)
+            if seq.status is not SeqStatus.RUNNING or seq.seq_id in decoding:
                 continue
             start = seq.num_computed
             end = self._chunk_end(seq, start, min(seq.num_tokens, start + budget))

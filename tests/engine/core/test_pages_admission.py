@@ -1,0 +1,125 @@
+"""Page pool (refcounts, prefix tree, LRU leaf-first eviction), the page-use sweep and the predictor."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokabatch.engine.core.admission import Curve, brute_force_peak, peak_page_use
+from tokabatch.engine.core.pages import ROOT, PagePool
+from tokabatch.engine.core.predictor import LengthPredictor
+
+# ---- page pool ------------------------------------------------------------------------------
+
+
+def test_allocate_until_empty_then_free() -> None:
+    pool = PagePool(3, 2)
+    pages = [pool.allocate() for _ in range(3)]
+    assert sorted(pages) == [0, 1, 2] and pool.allocate() is None
+    pool.check({p: 1 for p in pages})
+    pool.decref(pages[1])
+    assert pool.num_free == 1 and pool.allocate() == pages[1]
+
+
+def test_publish_match_and_dedupe() -> None:
+    pool = PagePool(8, 2)
+    a, b = pool.allocate(), pool.allocate()
+    assert pool.publish(ROOT, (1, 2), a) == a
+    assert pool.publish(a, (0, 0), b) == b
+    assert pool.match((1, 2, 0, 0, 1), 5) == [a, b]
+    assert pool.match((1, 2, 0, 1), 5) == [a]            # same first page, different second
+    assert pool.match((0, 0, 0, 0), 5) == []             # equal tokens under another parent differ
+    assert pool.match((1, 2, 0, 0), 1) == [a]            # max_pages caps the hit
+    c = pool.allocate()
+    assert pool.publish(ROOT, (1, 2), c) == a            # computed twice: the canonical copy wins
+    pool.check({a: 1, b: 1, c: 1})
+
+
+def test_cached_pages_evicted_leaves_first_lru() -> None:
+    pool = PagePool(4, 1)
+    x, y, z = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.publish(ROOT, (7,), x)
+    pool.publish(x, (8,), y)
+    pool.publish(ROOT, (9,), z)
+    for p in (z, x, y):                                  # release order: z oldest
+        pool.decref(p)
+    pool.check({})
+    assert pool.num_cached == 3 and pool.num_available == 4
+    w = pool.allocate()                                  # the free page first
+    assert w not in (x, y, z)
+    assert pool.allocate() == z                          # then the least recently released leaf
+    assert pool.allocate() == y                          # x is not a leaf until y goes
+    assert pool.allocate() == x
+    assert pool.allocate() is None
+    pool.check({w: 1, x: 1, y: 1, z: 1})
+
+
+def test_match_then_incref_protects_from_eviction() -> None:
+    pool = PagePool(2, 1)
+    a = pool.allocate()
+    pool.publish(ROOT, (5,), a)
+    pool.decref(a)
+    [hit] = pool.match((5, 6), 1)
+    pool.incref(hit)
+    b = pool.allocate()
+    assert b != a and pool.allocate() is None
+    pool.check({a: 1, b: 1})
+
+
+def test_check_catches_a_wrong_refcount() -> None:
+    pool = PagePool(2, 1)
+    a = pool.allocate()
+    with pytest.raises(AssertionError, match="refcount"):
+        pool.check({a: 2})
+
+
+# ---- the page-use sweep -------------------------------------------------------------------
+
+
+def test_worked_example_from_the_docstring() -> None:
+    running = [Curve(5, 2, 1), Curve(3, 6, 0)]
+    assert peak_page_use(running, [6], 4) == 4
+    assert peak_page_use(running + [Curve(6, 5, 0)], [6], 4) == 6
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_sweep_equals_step_by_step(seed: int) -> None:
+    rng = random.Random(seed)
+    ps = rng.choice([1, 2, 3, 4, 16])
+    curves = []
+    for _ in range(rng.randint(0, 8)):
+        g = rng.randint(1, 40)
+        delay = rng.choice([0, 0, rng.randint(1, 30)])
+        curves.append(Curve(g, delay + rng.randint(0, 40), rng.randint(0, (g - 1) // ps), delay))
+    ends = [rng.randint(0, 60) for _ in range(rng.randint(0, 5))]
+    assert peak_page_use(curves, ends, ps) == brute_force_peak(curves, ends, ps)
+
+
+# ---- predictor ----------------------------------------------------------------------------
+
+
+def test_cold_start_predicts_max_tokens() -> None:
+    p = LengthPredictor(0.1)
+    assert p.predict_output_len(0, 100) == 100
+    for n in (10, 10, 10):
+        p.observe(n)
+    assert p.predict_output_len(0, 100) == 100           # fewer than min_samples
+
+
+def test_conditional_mean_with_margin() -> None:
+    p = LengthPredictor(0.5, min_samples=2)
+    for n in (10, 20, 30, 40):
+        p.observe(n)
+    assert p.predict_output_len(0, 1000) == 38           # mean 25 * 1.5 = 37.5 -> 38
+    assert p.predict_output_len(25, 1000) == 53          # mean of 30, 40 = 35 * 1.5 = 52.5 -> 53
+    assert p.predict_output_len(35, 1000) == 1000        # one sample above: fall back to max_tokens
+    assert p.predict_output_len(0, 30) == 30             # clamped to max_tokens
+    assert p.predict_output_len(50, 40) == 51            # at least one more than generated
+
+
+def test_window_forgets_old_lengths() -> None:
+    p = LengthPredictor(0.0, window=4, min_samples=1)
+    for n in (100, 100, 100, 100, 2, 2, 2, 2):
+        p.observe(n)
+    assert p.num_samples == 4 and p.predict_output_len(0, 1000) == 2

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tokabatch.cli.client import ApiClient, resolve_connection
 from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
@@ -131,7 +131,7 @@ def submit(
     typer.echo(batch["id"])
     if not (wait or output is not None):
         return
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     try:
         batch = wait_for_batch(client, batch["id"], poll_s=poll_s, console=err)
     except KeyboardInterrupt:
@@ -182,7 +182,7 @@ def status(batch_id: str = typer.Argument(...), as_json: bool = JsonOpt,
         rows.append(("error", f"{where}: {err.get('code')}: {err.get('message')}"))
     for key, value in rows:
         table.add_row(key, "-" if value is None else str(value))
-    Console().print(table)
+    _stdout().print(table)
 
 
 @one_line_errors
@@ -193,11 +193,11 @@ def list_batches(limit: int = typer.Option(20, "--limit", min=1), as_json: bool 
     if as_json:
         typer.echo(json.dumps(batches, indent=2))
         return
-    table = Table("id", "status", "endpoint", "lines", "created")
+    table = Table(Column("id", no_wrap=True), "status", "endpoint", "lines", "created")
     for b in batches:
         table.add_row(b["id"], b.get("status"), b.get("endpoint"), _counts(b.get("request_counts") or {}),
                       _when(b.get("created_at")))
-    Console().print(table) if batches else typer.echo("no batches")
+    _stdout().print(table) if batches else typer.echo("no batches")
 
 
 @one_line_errors
@@ -245,10 +245,10 @@ def files_list(purpose: Optional[str] = typer.Option(None, "--purpose"), as_json
     if as_json:
         typer.echo(json.dumps(files, indent=2))
         return
-    table = Table("id", "filename", "purpose", "bytes", "created")
+    table = Table(Column("id", no_wrap=True), "filename", "purpose", "bytes", "created")
     for f in files:
         table.add_row(f["id"], f.get("filename"), f.get("purpose"), str(f.get("bytes")), _when(f.get("created_at")))
-    Console().print(table) if files else typer.echo("no files")
+    _stdout().print(table) if files else typer.echo("no files")
 
 
 @one_line_errors
@@ -259,6 +259,11 @@ def files_rm(file_ids: list[str] = typer.Argument(..., metavar="ID..."), as_json
     for file_id in file_ids:
         result = client.delete_file(file_id)
         typer.echo(json.dumps(result) if as_json else f"deleted {result.get('id', file_id)}")
+
+
+def _stdout() -> Console:
+    """Tables for people; piped into a file or another program they must not wrap ids at 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _counts(counts: dict) -> str:

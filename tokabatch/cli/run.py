@@ -59,7 +59,7 @@ def run(
         raise CliError(f"{file} failed validation: {format_batch_errors(batch)}", EXIT_BATCH_FAILED)
     config = load_config(model={"path": model, "dtype": dtype, "served_model_name": served_model_name})
     model_path = model_store.resolve_model_path(model)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     started = time.monotonic()
     try:
         progress = asyncio.run(_run_async(file, output, config=config, model_path=model_path, endpoint=endpoint,

@@ -69,7 +69,7 @@ class _StatsColumn(ProgressColumn):
 def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
                    console: Console | None = None) -> dict:
     """Poll until the batch is terminal; returns the final Batch object."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     rates = Rates()
     progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), _StatsColumn(), TimeElapsedColumn(),
                         console=console, transient=False, disable=not console.is_terminal)

@@ -203,9 +203,12 @@ async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float
     """Claim the oldest non-terminal batch whose lease is free or expired, for `lease_s` seconds.
     Returns the claimed row (with the new lease) or None when there is no work."""
     free = or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now_s)
+    # With row locks (PostgreSQL) lock ONE candidate: locking several would hide them all from
+    # concurrent workers until we commit. Without (SQLite) try a few, as a rival may win the first.
+    num_candidates = 8 if db.is_sqlite else 1
     candidates = (select(Batch.id)
                   .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free)
-                  .order_by(Batch.seq).limit(8)
+                  .order_by(Batch.seq).limit(num_candidates)
                   .with_for_update(skip_locked=True))
     async with db.sessions() as session, session.begin():
         ids = list((await session.execute(candidates)).scalars())

@@ -47,6 +47,7 @@ END_MESSAGES = {
     EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
 }
 ABORTED = ("engine_error", "The engine stopped this request before it finished.")
+MAX_ATTEMPTS = 5                         # claims of one batch before engine failures become error lines
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class _Job:
     writer: ResultWriter
     input_path: Path
     in_flight: dict[str, _Line] = field(default_factory=dict)   # engine request id -> line
+    num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
 
 
 class BatchRunner:
@@ -225,6 +227,10 @@ class BatchRunner:
             body = render_response(prepared, line.outputs, created=self._now())
             job.writer.write_response(line.custom_id, status_code=200, request_id=request_id, body=body,
                                       prompt_text=prompt)
+        elif failed.error is not None and failed.error.status >= 500 and job.batch.num_claims < MAX_ATTEMPTS:
+            # The engine failed (died, shut down): leave the line unwritten so the next claim, with a
+            # working engine, runs it again. After MAX_ATTEMPTS claims it is written as a 5xx line.
+            job.num_retryable += 1
         elif failed.error is not None:
             job.writer.write_response(line.custom_id, status_code=failed.error.status, request_id=request_id,
                                       body=error_body(failed.error), prompt_text=prompt)
@@ -289,8 +295,14 @@ class BatchRunner:
                 await repo.release_claim(self.db, batch.id, self.worker_id)
             return
         if outcome is None:
+            if job.num_retryable:
+                log.warning("batch %s: the engine failed %d line(s); releasing the batch to retry them",
+                            batch.id, job.num_retryable)
+                await self._write_progress(job)
+                await repo.release_claim(self.db, batch.id, self.worker_id)
+                return
             # Every line has its result, except lines the engine aborted on its own: those end as errors.
-            self._write_unwritten(job, *ABORTED)
+            await asyncio.to_thread(self._write_unwritten, job, *ABORTED)
             if await repo.transition_batch(self.db, batch.id, S.FINALIZING, self._now()):
                 return await self._finish(batch, S.COMPLETED, job)
             row = await repo.get_batch(self.db, batch.id, owner=None)
@@ -299,7 +311,7 @@ class BatchRunner:
             outcome = CANCEL if row.status == S.CANCELLING.value else None
             if outcome is None:
                 return
-        self._write_unwritten(job, *END_MESSAGES[outcome])
+        await asyncio.to_thread(self._write_unwritten, job, *END_MESSAGES[outcome])
         await self._finish(batch, S.CANCELLED if outcome == CANCEL else S.EXPIRED, job)
 
     @staticmethod

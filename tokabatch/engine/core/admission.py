@@ -163,16 +163,26 @@ def build_forecast(running: Iterable[Sequence], pool: PagePool, predicted_len: C
         decoding = seq.is_decoding and len(seq.page_ids) * fc.page_size >= g
         remaining = 0 if decoding else g - seq.num_computed
         fc.prefill_backlog += remaining
-        num_shared = 0
-        for page in seq.page_ids:                 # refcounts never rise along a page table
-            if pool.refcount(page) <= 1:
-                break
-            num_shared += 1
-        curve = fc.curve(g, predicted_len(seq), fc.prefill_backlog if remaining else 0, num_shared)
-        for page in seq.page_ids[:num_shared]:
-            fc.shared[page] = max(fc.shared.get(page, 0), curve.last_step)
-        fc.curves.append(curve)
+        # Refcounts never rise along a page table and shared pages are in the tree (published),
+        # so the shared pages are a prefix of the published ones: binary search its end.
+        lo, hi = 0, seq.num_published_pages
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pool.refcount(seq.page_ids[mid]) > 1:
+                lo = mid + 1
+            else:
+                hi = mid
+        fc.curves.append(fc.curve(g, predicted_len(seq), fc.prefill_backlog if remaining else 0, lo))
         fc.running.append(seq)
+    # A shared page lives until its last holder's last step. Visit holders latest-first: the first
+    # visitor of a page sets its end. Every holder of a page also holds the pages before it, so the
+    # pages already set form a prefix of each table: walk back from the end and stop at the first.
+    for idx in sorted(range(len(fc.curves)), key=lambda i: fc.curves[i].last_step, reverse=True):
+        curve, pages = fc.curves[idx], fc.running[idx].page_ids
+        for k in range(curve.num_shared_pages - 1, -1, -1):
+            if pages[k] in fc.shared:
+                break
+            fc.shared[pages[k]] = curve.last_step
     return fc
 
 

@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from tokabatch.engine.api import Priority, SamplingParams
+from tokabatch.engine.core.plan import SeqWork
 
 
 class SeqStatus(enum.Enum):
@@ -91,4 +92,37 @@ def pages_for(num_positions: int, page_size: int) -> int:
     return -(-num_positions // page_size)
 
 
-__all__ = ["SeqStatus", "Sequence", "pages_for"]
+def chunk_end(seq: Sequence, start: int, end: int) -> int:
+    """Cut a prefill chunk [start, end) so prompt logprobs are asked for exactly once per position
+    (a sequence preempted mid-prefill has delivered some already) and never past the prompt."""
+    if not seq.wants_prompt_logprobs:
+        return end
+    done = seq.num_prompt_logprobs_done
+    if start < done < end:
+        return done
+    if done <= start < seq.num_prompt_tokens - 1:
+        return min(end, seq.num_prompt_tokens)
+    return end
+
+
+def decode_work(seq: Sequence) -> SeqWork:
+    """Its last output token at position num_tokens - 1, sampled."""
+    return SeqWork(seq_id=seq.seq_id, token_ids=(seq.output_ids[-1],), start_pos=seq.num_tokens - 1,
+                   page_ids=tuple(seq.page_ids), sample=True)
+
+
+def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
+    """Tokens [start, end) of prompt+output; sampled when the chunk reaches the last token.
+
+    With prompt logprobs, targets[i] is the prompt token after position start+i (so the tuple is
+    one shorter than the chunk when the chunk ends the prompt)."""
+    num_prompt = seq.num_prompt_tokens
+    want = seq.wants_prompt_logprobs and seq.num_prompt_logprobs_done <= start < num_prompt - 1
+    return SeqWork(
+        seq_id=seq.seq_id, token_ids=seq.token_slice(start, end), start_pos=start,
+        page_ids=tuple(seq.page_ids), sample=end == seq.num_tokens,
+        prompt_logprobs=seq.sampling.prompt_logprobs if want else None,
+        prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
+
+
+__all__ = ["SeqStatus", "Sequence", "chunk_end", "decode_work", "pages_for", "prefill_work"]

@@ -24,9 +24,9 @@ from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import GroupingParams, find_decode_groups
 from tokabatch.engine.core.pages import ROOT, PagePool
-from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult
+from tokabatch.engine.core.plan import StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
-from tokabatch.engine.core.request import Sequence, SeqStatus, pages_for
+from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, decode_work, pages_for, prefill_work
 
 
 class Scheduler:
@@ -147,14 +147,14 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.seq_id in decoding:
                 continue
             start = seq.num_computed
-            end = self._chunk_end(seq, start, min(seq.num_tokens, start + budget))
+            end = chunk_end(seq, start, min(seq.num_tokens, start + budget))
             end = self._grow(seq, end, shrinkable_from=start)
             if end is not None:
                 chunks.append((seq, start, end))
                 budget -= end - start
         # A sequence preempted after it was planned (to make room for a later one) drops out.
-        decode_works = tuple(self._decode_work(s) for s in decodes if s.status is SeqStatus.RUNNING)
-        prefill_works = tuple(self._prefill_work(s, a, b) for s, a, b in chunks if s.status is SeqStatus.RUNNING)
+        decode_works = tuple(decode_work(s) for s in decodes if s.status is SeqStatus.RUNNING)
+        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is SeqStatus.RUNNING)
         groups = find_decode_groups(decode_works, self.page_size, self._hydragen) if self._hydragen else ()
         return StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
 
@@ -191,22 +191,24 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Admit waiting sequences in order, in batches that halve when the forecast overflows."""
-        slots = self.max_running - len(self._running)
-        candidates = self._candidates(slots)
+        candidates = self._candidates(self.max_running - len(self._running))
+        if not candidates:
+            return
+        fc = self.forecast()                  # built once: nothing is started until the end
+        accepted: list[tuple[Sequence, list[int]]] = []
         batch = len(candidates)
-        fc = self.forecast() if candidates else None
-        while candidates and batch > 0 and fc is not None:
-            fits, _ = fits_with(fc, self.pool, candidates[:batch], self._predicted_len)
+        while candidates and batch > 0:
+            trial = accepted + candidates[:batch]
+            fits, _ = fits_with(fc, self.pool, trial, self._predicted_len)
             # Alone, a sequence always fits (its max_len is capped by the pool): never wait forever.
-            fits = fits or (batch == 1 and not self._running)
-            if not fits:
+            if fits or (len(trial) == 1 and not self._running):
+                accepted = trial
+                candidates = candidates[batch:]
+                batch = min(batch, len(candidates))
+            else:
                 batch //= 2
-                continue
-            for seq, hit_pages in candidates[:batch]:
-                self._start(seq, hit_pages)
-            candidates = candidates[batch:]
-            batch = min(batch, len(candidates))
-            fc = self.forecast()
+        for seq, hit_pages in accepted:
+            self._start(seq, hit_pages)
 
     def _candidates(self, limit: int) -> list[tuple[Sequence, list[int]]]:
         """Up to `limit` admissible waiting sequences, in queue order, with their prefix-cache hits."""
@@ -326,32 +328,6 @@ class Scheduler:
                 old, _ = self._finished_requests.popitem(last=False)
                 for seq_id in self._requests.pop(old):
                     del self._seqs[seq_id]
-
-    # ---- plan building -----------------------------------------------------------------------
-
-    def _chunk_end(self, seq: Sequence, start: int, end: int) -> int:
-        """Cut a chunk so that prompt logprobs are asked for exactly once per prompt position."""
-        if not seq.wants_prompt_logprobs:
-            return end
-        done = seq.num_prompt_logprobs_done
-        if start < done < end:
-            return done                        # positions before `done` were delivered already
-        if done <= start < seq.num_prompt_tokens - 1:
-            return min(end, seq.num_prompt_tokens)
-        return end
-
-    def _decode_work(self, seq: Sequence) -> SeqWork:
-        return SeqWork(seq_id=seq.seq_id, token_ids=(seq.output_ids[-1],), start_pos=seq.num_tokens - 1,
-                       page_ids=tuple(seq.page_ids), sample=True)
-
-    def _prefill_work(self, seq: Sequence, start: int, end: int) -> SeqWork:
-        num_prompt = seq.num_prompt_tokens
-        want = seq.wants_prompt_logprobs and seq.num_prompt_logprobs_done <= start < num_prompt - 1
-        return SeqWork(
-            seq_id=seq.seq_id, token_ids=seq.token_slice(start, end), start_pos=start,
-            page_ids=tuple(seq.page_ids), sample=end == seq.num_tokens,
-            prompt_logprobs=seq.sampling.prompt_logprobs if want else None,
-            prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
 
     # ---- gauges and checks -------------------------------------------------------------------
 

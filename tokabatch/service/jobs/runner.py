@@ -147,10 +147,14 @@ class BatchRunner:
     # ---- validating -------------------------------------------------------------------------------
     async def _validate(self, batch: Batch) -> Batch | None:
         input_file = await repo.get_file(self.db, batch.input_file_id, owner=batch.owner)
-        if input_file is None or input_file.purpose != "batch" or not self.blobs.exists(batch.input_file_id):
-            why = "cannot find" if input_file is None or not self.blobs.exists(batch.input_file_id) else "has the wrong purpose for"
+        problem = None
+        if input_file is None or not self.blobs.exists(batch.input_file_id):
+            problem = f"cannot find file {batch.input_file_id}"
+        elif input_file.purpose != "batch":
+            problem = f"file {batch.input_file_id} has purpose {input_file.purpose!r}, not 'batch'"
+        if problem is not None:
             error = {"code": "invalid_request", "param": "file_id", "line": None,
-                     "message": f"The batch {why} its input file {batch.input_file_id}."}
+                     "message": f"The batch input file is unusable: {problem}."}
             await self._fail(batch, [error])
             return None
         job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
@@ -196,7 +200,9 @@ class BatchRunner:
                 if len(line.outputs) == len(line.prepared.requests):
                     self._write_line(job, line)
         finally:
-            await outputs.aclose()
+            aclose = getattr(outputs, "aclose", None)   # closing the stream aborts what is still running
+            if aclose is not None:
+                await aclose()
 
     async def _requests(self, job: _Job) -> AsyncIterator[GenerationRequest]:
         """The engine's request stream: unwritten lines only; a body the endpoint rejects is written

@@ -212,3 +212,10 @@ def test_bad_parameters_are_config_errors() -> None:
         GroupingParams(call_cost_tokens=-1)
     with pytest.raises(ConfigError):
         find_prefix_groups({1: (1,)}, 0)
+
+
+def test_group_detection_does_not_load_torch() -> None:
+    import subprocess
+
+    code = "import sys, tokabatch.engine.core.hydragen; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

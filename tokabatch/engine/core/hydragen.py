@@ -76,18 +76,17 @@ def group_score(num_members: int, num_tokens: int, params: GroupingParams) -> in
 
 @dataclass(slots=True)
 class _Node:
-    """A trie node where the member set changes: members are tables[lo:hi], sharing `depth` pages."""
+    """A trie node where the member set changes: `members` (row indices) share `depth` pages."""
 
     depth: int
-    lo: int
-    hi: int
+    members: list[int]
     parent: _Node | None
     children: list[_Node] = field(default_factory=list)
     # DP: for each depth d of the nearest chosen ancestor, (best score of this subtree, take this node?)
     best: dict[int, tuple[int, bool]] = field(default_factory=dict)
 
 
-def _common_pages(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+def _common_pages(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the common prefix of two page tables (binary search on C-speed slice compares)."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -102,28 +101,40 @@ def _common_pages(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return lo
 
 
-def _build_tree(tables: list[tuple[int, ...]], min_group: int) -> _Node:
-    """The compressed trie over sorted tables, keeping only nodes with >= min_group members.
+def _shared_depth(tables: list[tuple[int, ...]], members: list[int], known: int) -> int:
+    """Pages all `members` share, given that they share the first `known`. One slice compare per
+    member in the usual case (it agrees with the first member up to the depth found so far)."""
+    first = tables[members[0]]
+    depth = len(first)
+    for i in members[1:]:
+        t = tables[i]
+        if t[known:depth] != first[known:depth]:
+            depth = known + _common_pages(first[known:depth], t[known:depth])
+    return depth
 
-    In sorted order the members of any trie node are a contiguous run, and the pages a run shares
-    are the common prefix of its first and last tables. Iterative: the depth can reach the batch size.
+
+def _build_tree(tables: list[tuple[int, ...]], min_group: int) -> _Node:
+    """The compressed trie over the tables, keeping only nodes with >= min_group members.
+
+    Each node splits its members by the page after their shared prefix (dict buckets, no sort);
+    tables that end there stay in the node only. Iterative: the depth can reach the batch size.
     """
-    root = _Node(depth=_common_pages(tables[0], tables[-1]), lo=0, hi=len(tables), parent=None)
+    everyone = list(range(len(tables)))
+    root = _Node(depth=_shared_depth(tables, everyone, 0), members=everyone, parent=None)
     stack = [root]
     while stack:
         node = stack.pop()
-        h, i = node.depth, node.lo
-        while i < node.hi and len(tables[i]) == h:   # tables ending here sort first
-            i += 1
-        while i < node.hi:
-            page, j = tables[i][h], i + 1
-            while j < node.hi and tables[j][h] == page:
-                j += 1
-            if j - i >= min_group:
-                child = _Node(depth=_common_pages(tables[i], tables[j - 1]), lo=i, hi=j, parent=node)
+        h = node.depth
+        buckets: dict[int, list[int]] = {}
+        for i in node.members:
+            t = tables[i]
+            if len(t) > h:
+                buckets.setdefault(t[h], []).append(i)
+        for members in buckets.values():
+            if len(members) >= min_group:
+                child = _Node(depth=_shared_depth(tables, members, h + 1), members=members, parent=node)
                 node.children.append(child)
                 stack.append(child)
-            i = j
     return root
 
 
@@ -147,7 +158,7 @@ def _solve(root: _Node, page_size: int, params: GroupingParams) -> None:
         while up is not None:
             ancestors.add(up.depth)
             up = up.parent
-        members = node.hi - node.lo
+        members = len(node.members)
         below_if_taken = sum(c.best[node.depth][0] for c in node.children)
         for d in ancestors:
             if d > node.depth:
@@ -173,8 +184,8 @@ def find_prefix_groups(page_tables: Mapping[int, Sequence[int]], page_size: int,
         raise ConfigError(f"page_size must be >= 1 (got {page_size})")
     if len(page_tables) < max(2, params.min_group):
         return ()
-    items = sorted((tuple(pages), seq_id) for seq_id, pages in page_tables.items())
-    tables = [t for t, _ in items]
+    seq_ids = list(page_tables)
+    tables = [tuple(page_tables[s]) for s in seq_ids]
     root = _build_tree(tables, params.min_group)
     _solve(root, page_size, params)
     groups: list[PrefixGroup] = []
@@ -184,8 +195,8 @@ def find_prefix_groups(page_tables: Mapping[int, Sequence[int]], page_size: int,
         taken = node.best[d][1]
         if taken:
             groups.append(PrefixGroup(
-                seq_ids=tuple(sorted(seq_id for _, seq_id in items[node.lo:node.hi])),
-                page_ids=tables[node.lo][d:node.depth],
+                seq_ids=tuple(sorted(seq_ids[i] for i in node.members)),
+                page_ids=tables[node.members[0]][d:node.depth],
                 num_tokens=(node.depth - d) * page_size,
                 start_page=d))
         todo.extend((c, node.depth if taken else d) for c in node.children)

@@ -222,3 +222,28 @@ def test_hydragen_groups_in_plan() -> None:
     plans = run_until_done(d)
     grouped = [p for p in plans if p.prefix_groups]
     assert grouped and len(grouped[0].prefix_groups[0].seq_ids) == 3
+
+
+def test_finished_request_id_can_be_submitted_again_but_not_a_live_one() -> None:
+    sched = make_scheduler(num_pages=64)
+    d = Driver(sched)
+    d.add(request("a", [1, 2, 0], max_tokens=2), 2)
+    with pytest.raises(ValueError):
+        sched.add_request(request("a", [1, 2, 0]))
+    run_until_done(d)
+    [again] = sched.add_request(request("a", [1, 2, 0]))
+    assert sched.request_seq_ids("a") == [again]
+
+
+def test_preempted_mid_prefill_prompt_logprobs_once_per_position() -> None:
+    sched = make_scheduler(num_pages=64, max_tokens_per_step=6)
+    d = Driver(sched)
+    [s] = d.add(request("a", PREFIX, max_tokens=3, prompt_logprobs=0), 3)
+    d.step()
+    d.step()                                   # 12 of 20 prompt positions done
+    seq = sched.sequence(s)
+    assert seq.num_prompt_logprobs_done == 12
+    sched._preempt(seq)                        # as if the pool had run dry
+    run_until_done(d)
+    assert sorted(d.prompt_logprob_positions[s]) == list(range(19))
+    assert seq.output_ids == d.expected_output(seq) and seq.num_preemptions == 1

@@ -21,7 +21,7 @@ from tests.engine.core.driver import Driver, OraclePredictor, make_scheduler, re
 
 def random_workload(seed: int, *, oracle: bool = False) -> Driver:
     rng = random.Random(seed)
-    num_pages = rng.randint(10, 24)
+    num_pages = rng.randint(8, 20)
     max_seqs = rng.choice([1, 2, 3, 4, 8])
     sched_kw = dict(num_pages=num_pages, page_size=2, max_seqs=max_seqs,
                     max_tokens_per_step=rng.choice([max_seqs, 4, 7, 16]) if max_seqs <= 4 else 16,
@@ -31,7 +31,7 @@ def random_workload(seed: int, *, oracle: bool = False) -> Driver:
     driver = Driver(sched, seed=seed, vocab=3, true_lens=true_lens)
     bases = [[rng.randrange(3) for _ in range(rng.randint(0, 10))] for _ in range(3)]
     pending = []
-    for i in range(rng.randint(4, 14)):
+    for i in range(rng.randint(4, 24)):
         prompt = (rng.choice(bases) + [rng.randrange(3) for _ in range(rng.randint(1, 6))])[:10]
         n = rng.choice([1, 1, 1, 2, 3])
         max_tokens = rng.randint(0, 12)

@@ -11,6 +11,9 @@ Contract with the engine loop, one step at a time:
                                                   # it MUST end one whose num_tokens reached seq.max_len
 on_step_done(plan N) must come before schedule() of step N+1: page tables may change in between
 (a page computed twice is swapped for the canonical copy in the prefix tree).
+A prefill chunk that reaches a sequence's last token always samples, even with max_tokens 0 (the
+loop then discards the token and finishes it). Only choice 0 of a request computes prompt logprobs;
+the other choices share its prompt pages (they are admitted once choice 0 has published them).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ class Scheduler:
         if request.n < 1:
             raise ValueError("n", "n must be at least 1")
         if request.request_id in self._requests:
-            raise ValueError("request_id", f"request {request.request_id!r} is already queued")
+            self.forget_request(request.request_id)      # a finished one may be submitted again
+            if request.request_id in self._requests:
+                raise ValueError("request_id", f"request {request.request_id!r} is already queued")
         max_len = min(num_prompt + max(1, request.sampling.max_tokens), self.max_model_len, capacity + 1)
         seq_ids: list[int] = []
         for choice in range(request.n):

@@ -4,8 +4,7 @@ Owns the page-use forecast (one curve per sequence plus shared prefix pages) and
 computation. Pure stdlib: must not import torch.
 
 The model. Step t = 0 is the step being planned. A sequence with g KV positions after step 0
-(all of its tokens, if it is prefilling: the prefill is modelled as if done at once, see below)
-holds ceil((g + t) / page_size) pages after step t, one more position per step, until its last
+(all of its tokens, if it is prefilling; when that prefill ends is bounded below) holds ceil((g + t) / page_size) pages after step t, one more position per step, until its last
 step e (its predicted final length L* means e = L* - 1 - g: the last sampled token never runs).
 After e its pages are released (published full pages become cached, i.e. reusable).
 A prefilling sequence completes its prefill at some step c, unknown but bounded: at the earliest
@@ -22,6 +21,8 @@ one sequence's curve: each counts 1 until the last step of its last holder. So
 
 where s is how many of the sequence's pages are counted as shared. Between two "last step" events
 use(t) only rises, so its maximum is reached at one of those events: one point per finish event.
+With exact length predictions the model never under-counts (a seeded test checks that nothing is
+then ever preempted); with guesses, a wrong one is repaired by preemption in the scheduler.
 
 Evaluating a point fast: write g = q*ps + f (f in [0, ps)) and t = a*ps + b. Then
 ceil((g + t)/ps) = q + a + ceil((f + b)/ps), and ceil((f + b)/ps) is 0 if f + b == 0, 2 if

@@ -5,7 +5,8 @@ computation. Pure stdlib: must not import torch.
 
 The model. Step t = 0 is the step being planned. A sequence with g KV positions after step 0
 (all of its tokens if it is prefilling; when that prefill ends is bounded below) holds
-ceil((g + t) / page_size) pages after step t, one more position per step, until its last step e (its predicted final length L* means e = L* - 1 - g: the last sampled token never runs).
+ceil((g + t) / page_size) pages after step t, one more position per step, until its last step e
+(its predicted final length L* means e = L* - 1 - g: the last sampled token never runs).
 After e its pages are released (published full pages become cached, i.e. reusable).
 A prefilling sequence completes its prefill at some step c, unknown but bounded: at the earliest
 c_min = ceil(backlog / max_tokens_per_step) - 1 (the backlog is the prefill tokens ahead of it plus

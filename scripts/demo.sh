@@ -12,8 +12,9 @@ out_dir="${TOKABATCH_DEMO_DIR:-${TMPDIR:-/tmp}/tokabatch-demo}"
 
 scripts/setup.sh
 export HF_HUB_OFFLINE=1
-tokabatch=.venv/bin/tokabatch
 py=.venv/bin/python
+tokabatch=".venv/bin/python -m tokabatch"   # works before and after `pip install -e`
+
 echo "demo: model folder $($tokabatch models fetch demo)"
 
 mkdir -p "$out_dir"

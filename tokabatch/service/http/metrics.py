@@ -1,0 +1,127 @@
+"""GET /metrics: Prometheus text format (version 0.0.4) for the engine, the batches and online latency.
+
+Owns the metric names and the latency histogram that online.py observes (app key LATENCY).
+Engine gauges and counters come from `Engine.stats()` (a cheap read of the last report); tokens/s
+is measured between scrapes (over at least RATE_WINDOW_S, so frequent scrapers see a stable value);
+batches by status is one GROUP BY on the batches table. Must not import torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from sqlalchemy import func, select
+
+from tokabatch.service.http.context import DB
+from tokabatch.service.jobs.states import BatchStatus
+from tokabatch.service.storage.models import Batch
+
+RATE_WINDOW_S = 10.0
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+routes = web.RouteTableDef()
+
+
+@dataclass
+class LatencyHistogram:
+    """Online request latency per (endpoint, status), cumulative buckets as Prometheus expects."""
+
+    buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S
+    _series: dict[tuple[str, str], list[float]] = field(default_factory=dict)   # bucket counts, +Inf, sum
+
+    def observe(self, endpoint: str, status: str, seconds: float) -> None:
+        series = self._series.setdefault((endpoint, status), [0.0] * (len(self.buckets_s) + 2))
+        series[bisect.bisect_left(self.buckets_s, seconds)] += 1      # the first bucket with le >= seconds
+        series[-1] += seconds
+
+    def lines(self, name: str) -> list[str]:
+        out = [f"# HELP {name} Latency of online completion requests in seconds.", f"# TYPE {name} histogram"]
+        for (endpoint, status), series in sorted(self._series.items()):
+            labels = f'endpoint="{endpoint}",status="{status}"'
+            cumulative = 0.0
+            for le, count in zip((*self.buckets_s, float("inf")), series[:-1]):
+                cumulative += count
+                bound = "+Inf" if le == float("inf") else repr(le)
+                out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative:g}')
+            out.append(f"{name}_sum{{{labels}}} {series[-1]:.6f}")
+            out.append(f"{name}_count{{{labels}}} {cumulative:g}")
+        return out
+
+
+@dataclass
+class TokenRate:
+    """Generated tokens per second from (time, total) samples taken at scrape time."""
+
+    samples: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    def update(self, now_s: float, total_tokens: int) -> float:
+        self.samples.append((now_s, total_tokens))
+        while len(self.samples) > 2 and now_s - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()                  # keep the oldest sample still >= the window away
+        t0, k0 = self.samples[0]
+        return (total_tokens - k0) / (now_s - t0) if now_s > t0 else 0.0
+
+
+LATENCY = web.AppKey("online_latency", LatencyHistogram)
+TOKEN_RATE = web.AppKey("token_rate", TokenRate)
+
+
+def install(app: web.Application) -> None:
+    """Add /metrics and the state it keeps (call from make_app/server before the app starts)."""
+    app[LATENCY] = LatencyHistogram()
+    app[TOKEN_RATE] = TokenRate()
+    app.add_routes(routes)
+
+
+def _metric(name: str, kind: str, help_text: str, value: float | int, labels: str = "") -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value:g}"]
+
+
+async def batches_by_status(request: web.Request) -> dict[str, int]:
+    async with request.app[DB].sessions() as session:
+        rows = (await session.execute(select(Batch.status, func.count()).group_by(Batch.status))).all()
+    counts = {s.value: 0 for s in BatchStatus}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    from tokabatch.service.http.online import ENGINE   # online imports this module for LATENCY
+
+    lines: list[str] = []
+    engine = request.app.get(ENGINE)
+    if engine is not None:
+        stats = engine.stats()
+        rate = request.app[TOKEN_RATE].update(time.monotonic(), stats.num_generated_tokens)
+        lines += _metric("tokabatch_queue_depth", "gauge", "Requests queued in the engine, not yet admitted.",
+                         stats.num_waiting)
+        lines += _metric("tokabatch_running_sequences", "gauge", "Sequences holding KV pages.", stats.num_running)
+        lines += _metric("tokabatch_kv_pages_free", "gauge", "Free KV-cache pages.", stats.num_free_pages)
+        lines += _metric("tokabatch_kv_pages", "gauge", "KV-cache pages in all.", stats.num_pages)
+        lines += _metric("tokabatch_generation_tokens_per_second", "gauge",
+                         f"Generated tokens per second over the last {RATE_WINDOW_S:g} s of scrapes.", rate)
+        lines += _metric("tokabatch_generated_tokens_total", "counter", "Tokens generated.",
+                         stats.num_generated_tokens)
+        lines += _metric("tokabatch_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+                         stats.num_prompt_tokens)
+        lines += _metric("tokabatch_cached_prompt_tokens_total", "counter",
+                         "Prompt tokens served from the prefix cache.", stats.num_cached_tokens)
+        lines += _metric("tokabatch_prefix_cache_hit_rate", "gauge",
+                         "Cached prompt tokens / prompt tokens since start.", stats.prefix_cache_hit_rate)
+        lines += _metric("tokabatch_requests_finished_total", "counter", "Engine requests finished.",
+                         stats.num_requests_finished)
+        lines += _metric("tokabatch_preemptions_total", "counter", "Sequences preempted.", stats.num_preemptions)
+    counts = await batches_by_status(request)
+    lines += ["# HELP tokabatch_batches Batches by status.", "# TYPE tokabatch_batches gauge"]
+    lines += [f'tokabatch_batches{{status="{status}"}} {n}' for status, n in sorted(counts.items())]
+    lines += request.app[LATENCY].lines("tokabatch_online_request_duration_seconds")
+    return web.Response(body=("\n".join(lines) + "\n").encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
+
+__all__ = ["LATENCY", "LatencyHistogram", "TOKEN_RATE", "TokenRate", "install", "routes"]

@@ -140,6 +140,6 @@ def test_runner_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import tokabatch.service.jobs.runner, tokabatch.service.jobs.render; "
+    code = ("import sys; import tokabatch.service.jobs.runner, tokabatch.service.jobs.render, tokabatch.service.jobs.render_stream, tokabatch.service.jobs.outputs, tokabatch.service.jobs.seal; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ from tests.service.runnerutil import (
 from tokabatch.service.storage import repo
 
 pytestmark = pytest.mark.timeout(120)
-NUM_LINES = 12
+NUM_LINES = 16
 
 
 @pytest.fixture

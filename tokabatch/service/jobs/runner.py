@@ -141,6 +141,9 @@ class BatchRunner:
             elif batch.status == S.CANCELLING.value:
                 outcome = CANCEL
             await self._conclude(job, outcome)
+        except Exception:
+            await self._write_progress(job)      # the live counts stay right while the batch waits for a retry
+            raise
         finally:
             job.writer.close()
 

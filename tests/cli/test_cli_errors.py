@@ -154,3 +154,27 @@ def test_client_commands_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_serve_with_a_missing_model_folder_is_one_line(runner, tmp_path):
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), "--data-dir", str(tmp_path)])
+    _assert_one_line_error(result, 2, "no-model")
+
+
+def test_serve_with_a_bad_dtype_is_one_line(runner, tmp_path):
+    result = runner.invoke(app, ["serve", "--dtype", "float8", "--data-dir", str(tmp_path)])
+    _assert_one_line_error(result, 2, "--dtype")
+
+
+def test_db_upgrade_creates_the_sqlite_database(runner, tmp_path):
+    result = runner.invoke(app, ["db", "upgrade", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.stdout and (tmp_path / "tokabatch.db").is_file()
+    again = runner.invoke(app, ["db", "upgrade", "--data-dir", str(tmp_path)])
+    assert again.exit_code == 0
+
+
+def test_db_upgrade_unreachable_postgres_is_one_line(runner):
+    result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql+asyncpg://nobody:pw@127.0.0.1:1/none"])
+    _assert_one_line_error(result, 1, "cannot reach the database", "nobody:***@127.0.0.1:1")
+    assert ":pw@" not in result.stderr

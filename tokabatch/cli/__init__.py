@@ -51,6 +51,7 @@ def serve(
                                                         help="Accept completion windows like 30m or 2d (default: only 24h)."),
 ) -> None:
     """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
+    from tokabatch import model_store
     from tokabatch.config import load_config
     from tokabatch.service.server import serve as run_server
 
@@ -61,6 +62,7 @@ def serve(
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows},
     )
+    model_store.resolve_model_path(model)   # a bad --model fails here, in one line, before anything starts
     run_server(config)
 
 
@@ -76,7 +78,14 @@ def db_upgrade(
 
     config = load_config(storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db})
     url = database_url(config.storage)
-    upgrade(url)
+    try:
+        upgrade(url)
+    except (OSError, ImportError) as e:
+        raise CliError(f"cannot reach the database {_hide_password(url)}: {e}") from None
+    except Exception as e:  # SQLAlchemy/driver errors: one line that names the database, not a traceback
+        if type(e).__module__.split(".")[0] not in ("sqlalchemy", "asyncpg", "alembic", "sqlite3", "aiosqlite"):
+            raise
+        raise CliError(f"database {_hide_password(url)}: {' '.join(str(e).split())[:300]}") from None
     typer.echo(f"database is up to date: {_hide_password(url)}")
 
 

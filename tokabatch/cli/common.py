@@ -68,6 +68,13 @@ def _connection_message(e: BaseException) -> str | None:
     return None
 
 
+def _exit_code_of(error: TokabatchError) -> int:
+    """A 4xx-like error is the user's input (exit 2), except a model fetch that failed (network)."""
+    from tokabatch.errors import ModelFetchError
+
+    return EXIT_USAGE if error.status < 500 and not isinstance(error, ModelFetchError) else EXIT_ERROR
+
+
 def one_line_errors(func: F) -> F:
     """Turn expected failures into one line on stderr and a non-zero exit code, never a traceback.
 
@@ -83,7 +90,7 @@ def one_line_errors(func: F) -> F:
         except CliError as e:
             raise fail(e.message, e.code)
         except TokabatchError as e:
-            raise fail(e.message, EXIT_USAGE if e.status < 500 and e.type != "model_error" else EXIT_ERROR)
+            raise fail(e.message, _exit_code_of(e))
         except FileNotFoundError as e:
             raise fail(f"no such file: {e.filename or e}", EXIT_USAGE)
         except IsADirectoryError as e:

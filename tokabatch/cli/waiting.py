@@ -16,11 +16,12 @@ from rich.text import Text
 
 from tokabatch.cli.client import ApiClient
 from tokabatch.cli.common import (
-    EXIT_BATCH_FAILED, EXIT_CANCELLED, EXIT_ERROR, EXIT_EXPIRED, EXIT_LINES_FAILED, EXIT_OK,
+    CliError, EXIT_BATCH_FAILED, EXIT_CANCELLED, EXIT_ERROR, EXIT_EXPIRED, EXIT_LINES_FAILED, EXIT_OK,
 )
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 MAX_ERRORS_SHOWN = 3
+UNREACHABLE_GRACE_S = 60.0           # --wait keeps polling this long while the server is away
 
 
 @dataclass
@@ -76,7 +77,7 @@ def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
     with progress:
         task = progress.add_task("validating", total=None)
         while True:
-            batch = client.retrieve_batch(batch_id)
+            batch = _retrieve_patiently(client, batch_id, poll_s)
             counts = batch.get("request_counts") or {}
             total = int(counts.get("total") or 0)
             completed, failed = int(counts.get("completed") or 0), int(counts.get("failed") or 0)
@@ -91,6 +92,18 @@ def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
                 progress.refresh()
                 return batch
             time.sleep(poll_s)
+
+
+def _retrieve_patiently(client: ApiClient, batch_id: str, poll_s: float) -> dict:
+    """retrieve_batch, riding out a server restart of up to UNREACHABLE_GRACE_S (batches resume)."""
+    deadline = time.monotonic() + UNREACHABLE_GRACE_S
+    while True:
+        try:
+            return client.retrieve_batch(batch_id)
+        except CliError as e:
+            if e.code != EXIT_ERROR or time.monotonic() >= deadline:
+                raise
+        time.sleep(max(poll_s, 1.0))
 
 
 def exit_code_for(batch: dict) -> tuple[int, str]:

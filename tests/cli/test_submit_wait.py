@@ -134,3 +134,26 @@ def test_cancelled_is_exit_6(fake_server_factory, tmp_path):
     assert result.exit_code == 6, result.output
     assert "cancelled" in result.stderr
     assert 1 <= len(_lines(tmp_path / "res.jsonl")) < 20
+
+
+def test_submit_wait_as_a_subprocess(fake_server_factory, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    server = fake_server_factory(loop_kwargs={})
+    src = tmp_path / "in.jsonl"
+    ids = _write(src, [_chat(i) for i in range(3)] + ["{broken"])
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OPENAI_BASE_URL": server.base_url}
+    proc = subprocess.run([sys.executable, "-m", "tokabatch", "submit", str(src), "-o", str(tmp_path / "r.jsonl"),
+                           "--poll-interval", "0.1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stdout.strip().startswith("batch_")
+    assert proc.stderr.strip().count("\n") == 0 and "line 4: invalid_json_line" in proc.stderr
+
+    src.write_text("".join(line + "\n" for line in src.read_text().splitlines()[:3]))
+    proc = subprocess.run([sys.executable, "-m", "tokabatch", "submit", str(src), "-o", str(tmp_path / "r.jsonl"),
+                           "--poll-interval", "0.1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(x["custom_id"] for x in _lines(tmp_path / "r.jsonl")) == ids

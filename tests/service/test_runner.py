@@ -143,3 +143,9 @@ def test_runner_modules_do_not_import_torch():
     code = ("import sys; import tokabatch.service.jobs.runner, tokabatch.service.jobs.render, tokabatch.service.jobs.render_stream, tokabatch.service.jobs.outputs, tokabatch.service.jobs.seal; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_stop_without_run_returns(db, blobs, clock, tok, engine, tmp_path):
+    runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
+    await asyncio.wait_for(runner.stop(), 5)
+    assert not await runner.run_once()          # no batch: nothing claimed

@@ -86,6 +86,7 @@ class BatchRunner:
         self.worker_id = worker_id or f"{socket.gethostname()}:{secrets.token_hex(4)}"
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._running = False
 
     def _now(self) -> int:
         return int(self.clock())
@@ -94,18 +95,21 @@ class BatchRunner:
     async def run_forever(self) -> None:
         """Claim and run batches until stop(); a failing batch is logged, released and retried later."""
         self._stopped.clear()
+        self._running = True
         try:
             while not self._stopping.is_set():
                 if not await self.run_once():
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), self.config.poll_interval_s)
         finally:
+            self._running = False
             self._stopped.set()
 
     async def stop(self) -> None:
         """Stop after releasing the current batch's claim (its written lines are kept for the next run)."""
         self._stopping.set()
-        await self._stopped.wait()
+        if self._running:
+            await self._stopped.wait()
 
     async def run_once(self) -> bool:
         """Claim one batch and work on it until it is terminal or interrupted. False when there was no work."""

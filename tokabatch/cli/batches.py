@@ -165,8 +165,7 @@ def status(batch_id: str = typer.Argument(...), as_json: bool = JsonOpt,
     usage = batch.get("usage") or {}
     rows = [("id", batch.get("id")), ("status", batch.get("status")), ("endpoint", batch.get("endpoint")),
             ("model", batch.get("model")), ("lines", _counts(counts)),
-            ("tokens", f"{usage.get('input_tokens', 0)} in ({(usage.get('input_tokens_details') or {}).get('cached_tokens', 0)} cached), "
-                       f"{usage.get('output_tokens', 0)} out"),
+            ("tokens", _tokens(usage)),
             ("window", batch.get("completion_window")), ("created", _when(batch.get("created_at"))),
             ("expires", _when(batch.get("expires_at"))), ("input file", batch.get("input_file_id")),
             ("output file", batch.get("output_file_id")), ("error file", batch.get("error_file_id"))]
@@ -264,6 +263,11 @@ def files_rm(file_ids: list[str] = typer.Argument(..., metavar="ID..."), as_json
 def _stdout() -> Console:
     """Tables for people; piped into a file or another program they must not wrap ids at 80 columns."""
     return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _tokens(usage: dict) -> str:
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens", 0)
+    return f"{usage.get('input_tokens', 0)} in ({cached} cached), {usage.get('output_tokens', 0)} out"
 
 
 def _counts(counts: dict) -> str:

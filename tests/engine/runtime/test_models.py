@@ -90,6 +90,18 @@ def test_mistral_loads_as_llama(hf_checkpoint):
     _check(driver, hf, 0)
 
 
+def test_mistral_sliding_window_caps_context(hf_checkpoint):
+    _, folder = hf_checkpoint("mistral", sliding_window=128)
+    _, spec = load_model(folder, dtype="float32", device="cpu")
+    assert spec.max_position_embeddings == 128 and spec.architecture == "MistralForCausalLM"
+
+
+def test_qwen2_sliding_window_refused(hf_checkpoint):
+    _, folder = hf_checkpoint("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    with pytest.raises(ModelLoadError, match="sliding"):
+        load_model(folder, dtype="float32", device="cpu")
+
+
 def test_sharded_checkpoint(hf_checkpoint):
     hf, folder = hf_checkpoint("llama", max_shard_size="60KB")
     shards = sorted(folder.glob("*.safetensors"))

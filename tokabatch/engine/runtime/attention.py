@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.kv_cache import KVCache
 
 
@@ -77,6 +78,7 @@ class SeqAttn:
     q_len: int
     start_pos: int
     page_ids: tuple[int, ...]
+    seq_id: int = -1                     # lets a Hydragen backend match PrefixGroup.seq_ids to rows
 
     @property
     def kv_len(self) -> int:
@@ -166,6 +168,10 @@ class TorchBackend:
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
 
-    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int) -> TorchAttentionContext:
-        """The context for one forward pass over `num_tokens` rows described by `seqs`."""
+    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
+                   prefix_groups: Sequence[PrefixGroup] = ()) -> TorchAttentionContext:
+        """The context for one forward pass over `num_tokens` rows described by `seqs`.
+
+        `prefix_groups` (Hydragen) only change how a faster backend reads shared pages, never the
+        result, so the reference ignores them."""
         return TorchAttentionContext(self.cache, seqs, num_tokens)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tokabatch.engine.api import TokenLogprob
-from tokabatch.engine.core.plan import SampledToken, SeqWork, StepPlan, StepResult
+from tokabatch.engine.core.plan import PrefixGroup, SampledToken, SeqWork, StepPlan, StepResult
 from tokabatch.engine.models.layers import AttentionFn
 from tokabatch.engine.runtime.attention import SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
@@ -29,7 +29,8 @@ from tokabatch.engine.runtime.weights import ModelSpec, load_model
 class AttentionBackend(Protocol):
     """What the runner needs of an attention backend (TorchBackend, later FlashInfer)."""
 
-    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int) -> AttentionFn: ...
+    def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
+                   prefix_groups: Sequence[PrefixGroup] = ()) -> AttentionFn: ...
 
 
 class ModelRunner:
@@ -46,7 +47,7 @@ class ModelRunner:
         if not works:
             return StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0)
         input_ids, positions, seqs = self._flatten(works)
-        attn = self.backend.begin_step(seqs, plan.num_tokens)
+        attn = self.backend.begin_step(seqs, plan.num_tokens, plan.prefix_groups)
         hidden = self.model(input_ids, positions, attn)            # [num_tokens, hidden]
         return StepResult(
             step_idx=plan.step_idx,
@@ -61,7 +62,8 @@ class ModelRunner:
         positions: list[int] = []
         seqs: list[SeqAttn] = []
         for w in works:
-            seqs.append(SeqAttn(q_start=len(ids), q_len=w.num_tokens, start_pos=w.start_pos, page_ids=w.page_ids))
+            seqs.append(SeqAttn(q_start=len(ids), q_len=w.num_tokens, start_pos=w.start_pos,
+                                page_ids=w.page_ids, seq_id=w.seq_id))
             ids.extend(w.token_ids)
             positions.extend(range(w.start_pos, w.start_pos + w.num_tokens))
         return self._long(ids), self._long(positions), seqs

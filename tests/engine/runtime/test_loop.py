@@ -93,10 +93,10 @@ def greedy(rid: str, ids: tuple[int, ...], max_tokens: int, **kw) -> GenerationR
     return GenerationRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw), n=n)
 
 
-def hf_greedy(model, ids: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
+def hf_greedy(model, ids: tuple[int, ...], max_tokens: int, eos: int = EOS) -> tuple[int, ...]:
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=EOS, pad_token_id=0)
+                             eos_token_id=eos, pad_token_id=0)
     return tuple(out[0, len(ids):].tolist())
 
 
@@ -119,6 +119,28 @@ def test_greedy_batch_equals_hf_generate(tiny) -> None:
     assert stats.num_requests_finished == len(requests)
     assert stats.num_generated_tokens == sum(o.num_completion_tokens for o in outputs.values())
     assert stats.num_forward_tokens > 0 and stats.num_steps > 0
+
+
+def test_eos_ends_a_choice_like_hf(hf_checkpoint) -> None:
+    # With this seed, greedy decoding of prompt(5, 1) emits token 118 as its 7th token: make it EOS.
+    model, folder = hf_checkpoint("llama", seed=3, eos_token_id=118)
+    write_byte_tokenizer(folder)
+    loop = make_loop(folder)
+    assert loop.info.eos_token_ids == (118,)
+    requests = [greedy(f"r{i}", prompt(i, n), 20) for i, n in enumerate([17, 37, 4, 16, 33, 1])]
+    requests.append(greedy("ignore", prompt(5, 1), 20, ignore_eos=True))
+    outputs = run(loop, requests)
+    stopped = 0
+    for r in requests[:-1]:
+        expected = hf_greedy(model, r.prompt_token_ids, 20, eos=118)
+        choice = outputs[r.request_id].choices[0]
+        assert choice.token_ids == expected
+        if expected[-1] == 118:
+            stopped += 1
+            assert choice.finish_reason is FinishReason.STOP and choice.stop_reason is None
+            assert choice.text == loop.tokenizer.decode(expected[:-1])
+    assert stopped >= 1
+    assert len(outputs["ignore"].choices[0].token_ids) == 20
 
 
 def test_stop_strings_stop_token_ids_and_min_tokens(tiny) -> None:

@@ -158,7 +158,7 @@ def test_client_commands_do_not_import_torch():
 
 def test_serve_with_a_missing_model_folder_is_one_line(runner, tmp_path):
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "no-model"), "--data-dir", str(tmp_path)])
-    _assert_one_line_error(result, 2, "no-model")
+    _assert_one_line_error(result, 1, "no-model")
 
 
 def test_serve_with_a_bad_dtype_is_one_line(runner, tmp_path):

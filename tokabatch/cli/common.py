@@ -69,10 +69,9 @@ def _connection_message(e: BaseException) -> str | None:
 
 
 def _exit_code_of(error: TokabatchError) -> int:
-    """A 4xx-like error is the user's input (exit 2), except a model fetch that failed (network)."""
-    from tokabatch.errors import ModelFetchError
-
-    return EXIT_USAGE if error.status < 500 and not isinstance(error, ModelFetchError) else EXIT_ERROR
+    """A 4xx-like error is the user's input (exit 2); model errors (a folder that cannot be served, a
+    fetch that failed) are 1, as `tokabatch models` has always reported them."""
+    return EXIT_USAGE if error.status < 500 and error.type != "model_error" else EXIT_ERROR
 
 
 def one_line_errors(func: F) -> F:

@@ -300,3 +300,17 @@ async def test_priority_defaults_and_online_bypass_capacity() -> None:
         await gen
     finally:
         await engine.close()
+
+
+def slow_factory() -> FakeLoop:
+    import time
+
+    time.sleep(60)
+    return FakeLoop()
+
+
+async def test_start_timeout_stops_the_engine_process() -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(errors.EngineUnavailable, match="did not start"):
+        await EngineClient.start(LoopSpec(f"{__name__}:slow_factory"), start_timeout_s=1.0)
+    assert asyncio.get_running_loop().time() - started < 15

@@ -107,10 +107,11 @@ class EngineClient:
         try:
             await asyncio.wait_for(asyncio.shield(client._started), start_timeout_s)
         except asyncio.TimeoutError:
-            await client.close()
+            client._closing = True
+            await client._stop_workers(terminate=True)
             raise errors.EngineUnavailable(f"the engine did not start within {start_timeout_s:.0f} s") from None
-        except BaseException:
-            await client._stop_workers()
+        except BaseException:   # failed, or start-up was cancelled: do not wait for a half-built engine
+            await client._stop_workers(terminate=True)
             raise
         return client
 
@@ -336,15 +337,17 @@ class EngineClient:
             route.sink.put_nowait(error_output(route.request, error))
         asyncio.ensure_future(self._notify_credit())
 
-    async def _stop_workers(self) -> None:
+    async def _stop_workers(self, *, terminate: bool = False) -> None:
         self._outbox.put(None)
-        await asyncio.to_thread(self._join_all)
+        await asyncio.to_thread(self._join_all, terminate)
         if self.failure is None:
             self.failure = "the engine was closed"
 
-    def _join_all(self) -> None:
+    def _join_all(self, terminate: bool) -> None:
         self._writer.join(timeout=10)
         if self._process is not None:
+            if terminate and self._process.is_alive():
+                self._process.terminate()
             self._process.join(timeout=30)
             if self._process.is_alive():
                 log.warning("the engine process did not exit in 30 s; terminating it")

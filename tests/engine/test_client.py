@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -283,8 +284,10 @@ def test_parent_process_never_imports_torch() -> None:
         asyncio.run(main())
         print("torch" in sys.modules)
     """)
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=repo_root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
 

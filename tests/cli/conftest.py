@@ -25,7 +25,7 @@ class FakeServer:
     """serve_async on port 0 in its own thread and event loop. `clock_speed` > 1 makes the runner's
     clock run faster than the wall clock (a 1-minute completion window expires in about 1/speed min)."""
 
-    def __init__(self, data_dir: Path, *, loop_kwargs: dict, clock_speed: float = 1.0, online: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, loop_kwargs: dict, clock_speed: float = 1.0) -> None:
         self.config = Config(
             engine=EngineConfig(model=ModelConfig(path="demo")),
             storage=StorageConfig(data_dir=str(data_dir)),
@@ -34,7 +34,6 @@ class FakeServer:
         )
         self.loop_kwargs = {"model_id": "demo", **loop_kwargs}
         self.clock_speed = clock_speed
-        self.online = online
         self.engine: FakeEngine | None = None
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -54,18 +53,6 @@ class FakeServer:
     async def _engine(self, config: Config) -> FakeEngine:
         self.engine = await FakeEngine.launch(FakeLoop(**self.loop_kwargs))
         return self.engine
-
-    def add_online_routes(self, app) -> None:
-        """The online endpoints and /metrics on serve_async's app, unless server.py registered them."""
-        from tokabatch.service.http import metrics, online
-        from tokabatch.text import Tokenizer
-
-        if any(getattr(r.resource, "canonical", "") == "/v1/chat/completions" for r in app.router.routes()):
-            return
-        app[online.ENGINE] = self.engine
-        app[online.TOKENIZER] = Tokenizer.from_folder(model_store.resolve_model_path("demo"))
-        app.add_routes(online.routes)
-        metrics.install(app)
 
     def _runner(self, config, db, blobs, engine):
         from tokabatch.service.jobs.runner import BatchRunner
@@ -111,19 +98,9 @@ class FakeServer:
 
 
 @pytest.fixture
-def fake_server_factory(tmp_path, monkeypatch):
-    """start(loop_kwargs=..., clock_speed=..., online=...) -> a started FakeServer; all stopped after."""
+def fake_server_factory(tmp_path):
+    """start(loop_kwargs=..., clock_speed=...) -> a started FakeServer; all stopped after."""
     servers: list[FakeServer] = []
-    original_make_app = server_mod.make_app
-
-    def make_app(config, **kwargs):
-        app = original_make_app(config, **kwargs)
-        if servers and servers[-1].online:
-            servers[-1].add_online_routes(app)
-        return app
-
-    monkeypatch.setattr(server_mod, "make_app", make_app)
-
     def start(**kwargs) -> FakeServer:
         server = FakeServer(tmp_path / f"server{len(servers)}", **kwargs)
         servers.append(server)

@@ -20,8 +20,7 @@ pytestmark = needs_demo_tokenizer
 
 
 def test_online_request_finishes_while_a_big_batch_runs(fake_server_factory, tmp_path):
-    server = fake_server_factory(loop_kwargs={"token_interval_s": 0.05, "max_running": 4, "max_waiting": 4},
-                                 online=True)
+    server = fake_server_factory(loop_kwargs={"token_interval_s": 0.05, "max_running": 4, "max_waiting": 4})
 
     src = tmp_path / "big.jsonl"
     with src.open("w") as f:

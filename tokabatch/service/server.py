@@ -18,7 +18,9 @@ from aiohttp import web
 
 from tokabatch.config import DEMO_MODEL_NAME, Config
 from tokabatch.engine.api import Engine
+from tokabatch.text import Tokenizer
 from tokabatch.service.app import blobs_dir, make_app
+from tokabatch.service.http import metrics, online
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
 
@@ -63,13 +65,18 @@ class _RunnerTask:
         await self.task
 
 
+def load_tokenizer(config: Config) -> Tokenizer:
+    """The served model's tokenizer (torch-free): the service tokenizes, the engine gets token ids."""
+    from tokabatch.model_store import resolve_model_path
+
+    return Tokenizer.from_folder(resolve_model_path(config.engine.model.path))
+
+
 def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore, engine: Engine) -> Runner:
     """The BatchRunner of service/jobs/runner.py with the model's tokenizer (torch-free)."""
-    from tokabatch.model_store import resolve_model_path
     from tokabatch.service.jobs.runner import BatchRunner
-    from tokabatch.text import Tokenizer
 
-    tokenizer = Tokenizer.from_folder(resolve_model_path(config.engine.model.path))
+    tokenizer = load_tokenizer(config)
     runner = BatchRunner(config.runner, db, blobs, engine, tokenizer, set(served_model_names(config, engine)),
                          max_batch_lines=config.server.max_batch_lines)
     return _RunnerTask(runner)
@@ -122,6 +129,11 @@ async def serve_async(
         stack.push_async_callback(runner.stop)
         app = make_app(config, db=db, blobs=blobs, engine_info=engine.info,
                        served_model_names=served_model_names(config, engine))
+        # Online completions share the engine with batch work (at ONLINE priority); /metrics reads both.
+        app[online.ENGINE] = engine
+        app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)
+        app.add_routes(online.routes)
+        metrics.install(app)
         app_runner = web.AppRunner(app, handle_signals=False)
         await app_runner.setup()
         stack.push_async_callback(app_runner.cleanup)

@@ -55,6 +55,8 @@ class EngineConfig:
     kv_memory_fraction: float = 0.90     # of the free GPU memory after loading and warm-up
     enable_cuda_graphs: bool = True
     enable_hydragen: bool = True
+    hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
+    hydragen_min_group: int = 16            # ... among at least this many decoding sequences
     seed: int = 0
 
 
@@ -80,6 +82,7 @@ class RunnerConfig:
     heartbeat_s: float = 5.0
     progress_interval_s: float = 2.0     # request_counts and usage are written at least this often
     poll_interval_s: float = 0.5         # how often an idle runner looks for work
+    order_window: int = 2048             # lines read ahead and fed sorted by prompt (1: file order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +134,19 @@ def load_config(
     if scheduler_cfg.page_size < 1 or scheduler_cfg.max_seqs < 1 or scheduler_cfg.max_tokens_per_step < 1:
         raise ConfigError("page_size, max_seqs and max_tokens_per_step must be positive")
     engine_cfg = _replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine))
+    if engine_cfg.hydragen_min_prefix_tokens < 1 or engine_cfg.hydragen_min_group < 1:
+        raise ConfigError("hydragen_min_prefix_tokens and hydragen_min_group must be positive")
     server_cfg = _replace(ServerConfig(), **server_values)
+    runner_cfg = _replace(RunnerConfig(), **given(runner))
+    if runner_cfg.order_window < 1:
+        raise ConfigError("order_window must be at least 1 (1 feeds a batch in file order)")
     if server_cfg.max_upload_bytes < 1 or server_cfg.max_batch_lines < 1:
         raise ConfigError("--max-upload-bytes and --max-batch-lines must be positive")
     return Config(
         engine=engine_cfg,
         storage=_replace(StorageConfig(), **storage_values),
         server=server_cfg,
-        runner=_replace(RunnerConfig(), **given(runner)),
+        runner=runner_cfg,
     )
 
 

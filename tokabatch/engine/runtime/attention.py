@@ -11,20 +11,26 @@ writes them to slots 2*4+1 = 9 and 2*4+2 = 10, then its two queries read the 7 s
 
 Layout of the work: sequences with one query token (decodes, and one-token chunks) are attended in
 one padded batch; longer chunks each get one call with a causal mask. Each sequence's K/V is
-gathered once per layer per step, so the work is linear in the batch. Must not import the service
-or engine/core scheduling code.
+gathered once per layer per step, so the work is linear in the batch. With Hydragen on
+(`TorchBackend(cache, use_hydragen=True)`) and prefix groups in the step, the single-token rows are
+attended by parts instead (hydragen_attention.HydragenLayout: each group's shared pages once for all
+its members, then each row's own pages, merged by log-sum-exp); the result is the same attention.
+Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from tokabatch.engine.runtime.hydragen_attention import HydragenLayout
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
@@ -119,7 +125,8 @@ class _Chunk:
 class TorchAttentionContext:
     """Per-step state (slot mapping, gather indices, masks), built once and used by every layer."""
 
-    def __init__(self, cache: KVCache, seqs: Sequence[SeqAttn], num_tokens: int) -> None:
+    def __init__(self, cache: KVCache, seqs: Sequence[SeqAttn], num_tokens: int,
+                 prefix_groups: Sequence[PrefixGroup] = ()) -> None:
         self.cache = cache
         ps, dev = cache.page_size, cache.device
         slot_mapping = [0] * num_tokens
@@ -141,7 +148,16 @@ class TorchAttentionContext:
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
         # Single-token rows: one padded batch [B, max_kv]; padding slots point at slot 0, masked out.
         self.single_rows = torch.tensor([s.q_start for s in single], dtype=torch.long, device=dev)
-        self.single_slots, self.single_mask = _padded_slots(single, ps, dev)
+        # Hydragen: the groups' members are decodes, i.e. single-token rows; rows in no group get
+        # an own part from position 0, so the layout covers every single-token row.
+        self.grouped: HydragenLayout | None = None
+        if prefix_groups:
+            # Imported here: hydragen_attention builds on this module's attention_with_lse / merge.
+            from tokabatch.engine.runtime.hydragen_attention import HydragenLayout
+            self.grouped = HydragenLayout.build([s.page_ids for s in single], [s.kv_len for s in single],
+                                                [s.seq_id for s in single], prefix_groups, ps, dev)
+        else:
+            self.single_slots, self.single_mask = _padded_slots(single, ps, dev)
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [num_tokens, heads, dim]; k, v: [num_tokens, kv_heads, dim] -> [num_tokens, heads, dim]."""
@@ -149,7 +165,10 @@ class TorchAttentionContext:
         k_cache.index_copy_(0, self.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
-        if self.single_rows.numel():
+        if self.grouped is not None:
+            o1, _ = self.grouped.attend(q.index_select(0, self.single_rows), k_cache, v_cache)
+            out.index_copy_(0, self.single_rows, o1)
+        elif self.single_rows.numel():
             q1 = q.index_select(0, self.single_rows)[:, None]                  # [B, 1, heads, dim]
             o1, _ = attention_with_lse(q1, k_cache[self.single_slots], v_cache[self.single_slots],
                                        self.single_mask)
@@ -161,17 +180,21 @@ class TorchAttentionContext:
 
 
 class TorchBackend:
-    """The reference attention backend over a KVCache. Ignores Hydragen prefix groups: exact anyway."""
+    """The reference attention backend over a KVCache.
+
+    use_hydragen=False (the reference): prefix groups are ignored, every decode reads all its pages.
+    use_hydragen=True: a step with prefix groups attends its decodes by parts (same result up to
+    float rounding, shared pages read once per group)."""
 
     name = "torch"
 
-    def __init__(self, cache: KVCache) -> None:
+    def __init__(self, cache: KVCache, use_hydragen: bool = False) -> None:
         self.cache = cache
+        self.use_hydragen = use_hydragen
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> TorchAttentionContext:
-        """The context for one forward pass over `num_tokens` rows described by `seqs`.
-
-        `prefix_groups` (Hydragen) only change how a faster backend reads shared pages, never the
-        result, so the reference ignores them."""
-        return TorchAttentionContext(self.cache, seqs, num_tokens)
+        """The context for one forward pass over `num_tokens` rows described by `seqs`; `prefix_groups`
+        (members named by SeqAttn.seq_id, all single-token rows) are used only with use_hydragen."""
+        return TorchAttentionContext(self.cache, seqs, num_tokens,
+                                     prefix_groups if self.use_hydragen else ())

@@ -27,6 +27,7 @@ from tokabatch.engine.api import (
     RequestError,
     TokenLogprob,
 )
+from tokabatch.engine.core.hydragen import kv_reads_saved
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
 from tokabatch.engine.loop_protocol import RequestRejected
 from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -132,8 +133,6 @@ class EngineLoop:
         s.num_preemptions = _int_attr(sched, "num_preemptions", s.num_preemptions)
         s.num_prompt_tokens = _int_attr(sched, "num_prompt_tokens", s.num_prompt_tokens)   # of admitted ones
         s.num_cached_tokens = _int_attr(sched, "num_cached_tokens", s.num_cached_tokens)
-        s.num_hydragen_saved_kv_reads = _int_attr(sched, "num_hydragen_saved_kv_reads", s.num_hydragen_saved_kv_reads)
-        s.num_decode_kv_reads = _int_attr(sched, "num_decode_kv_reads", s.num_decode_kv_reads)
         return EngineStats(**{name: getattr(s, name) for name in EngineStats.__slots__ if name != "extra"},
                            extra=dict(s.extra))
 
@@ -145,6 +144,7 @@ class EngineLoop:
                 self.scheduler.on_step_done(plan, result)
                 self._stats.num_steps += 1
                 self._stats.num_forward_tokens += result.num_forward_tokens
+                self._count_decode_reads(plan)
                 self._take_prompt_logprobs(result)
                 touched = self._take_samples(result.sampled)
                 touched.update(self._finish_scored_prompts(plan))
@@ -154,6 +154,12 @@ class EngineLoop:
                 self.scheduler.check_invariants()
         out, self._ready = self._ready, []
         return out
+
+    def _count_decode_reads(self, plan: StepPlan) -> None:
+        """Hydragen sharing for /metrics: the KV-token reads of this step's decodes without grouping
+        (each reads its whole context, current token included) and those its prefix groups save."""
+        self._stats.num_decode_kv_reads += sum(w.start_pos + w.num_tokens for w in plan.decodes)
+        self._stats.num_hydragen_saved_kv_reads += kv_reads_saved(plan.prefix_groups)
 
     # ---- admission ------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 Owns the metric names and the latency histogram that online.py observes (app key LATENCY).
 Engine gauges and counters come from `Engine.stats()` (a cheap read of the last report); tokens/s
 is measured between scrapes (over at least RATE_WINDOW_S, so frequent scrapers see a stable value);
+the Hydragen sharing fraction (decode KV reads saved by prefix groups) sits beside the prefix-cache
+hit rate, both since the engine started;
 batches by status is one GROUP BY on the batches table. Must not import torch.
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from sqlalchemy import func, select
 
+from tokabatch.engine.api import EngineStats
 from tokabatch.service.http.context import DB
 from tokabatch.service.jobs.states import BatchStatus
 from tokabatch.service.storage.models import Batch
@@ -90,6 +93,38 @@ async def batches_by_status(request: web.Request) -> dict[str, int]:
     return counts
 
 
+def hydragen_saved_ratio(stats: EngineStats) -> float:
+    """The Hydragen sharing fraction: decode KV reads the prefix groups saved over those without them."""
+    return stats.num_hydragen_saved_kv_reads / stats.num_decode_kv_reads if stats.num_decode_kv_reads else 0.0
+
+
+def engine_lines(stats: EngineStats, rate: float) -> list[str]:
+    """The engine's gauges and counters from one stats report; `rate` is generated tokens per second."""
+    lines: list[str] = []
+    lines += _metric("tokabatch_queue_depth", "gauge", "Requests queued in the engine, not yet admitted.",
+                     stats.num_waiting)
+    lines += _metric("tokabatch_running_sequences", "gauge", "Sequences holding KV pages.", stats.num_running)
+    lines += _metric("tokabatch_kv_pages_free", "gauge", "Free KV-cache pages.", stats.num_free_pages)
+    lines += _metric("tokabatch_kv_pages", "gauge", "KV-cache pages in all.", stats.num_pages)
+    lines += _metric("tokabatch_generation_tokens_per_second", "gauge",
+                     f"Generated tokens per second over the last {RATE_WINDOW_S:g} s of scrapes.", rate)
+    lines += _metric("tokabatch_generated_tokens_total", "counter", "Tokens generated.",
+                     stats.num_generated_tokens)
+    lines += _metric("tokabatch_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+                     stats.num_prompt_tokens)
+    lines += _metric("tokabatch_cached_prompt_tokens_total", "counter",
+                     "Prompt tokens served from the prefix cache.", stats.num_cached_tokens)
+    lines += _metric("tokabatch_prefix_cache_hit_rate", "gauge",
+                     "Cached prompt tokens / prompt tokens since start.", stats.prefix_cache_hit_rate)
+    lines += _metric("tokabatch_hydragen_kv_read_saved_ratio", "gauge",
+                     "Decode KV-token reads saved by Hydragen prefix groups / decode KV-token reads since start.",
+                     hydragen_saved_ratio(stats))
+    lines += _metric("tokabatch_requests_finished_total", "counter", "Engine requests finished.",
+                     stats.num_requests_finished)
+    lines += _metric("tokabatch_preemptions_total", "counter", "Sequences preempted.", stats.num_preemptions)
+    return lines
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     from tokabatch.service.http.online import ENGINE   # online imports this module for LATENCY
@@ -99,24 +134,7 @@ async def metrics(request: web.Request) -> web.Response:
     if engine is not None:
         stats = engine.stats()
         rate = request.app[TOKEN_RATE].update(time.monotonic(), stats.num_generated_tokens)
-        lines += _metric("tokabatch_queue_depth", "gauge", "Requests queued in the engine, not yet admitted.",
-                         stats.num_waiting)
-        lines += _metric("tokabatch_running_sequences", "gauge", "Sequences holding KV pages.", stats.num_running)
-        lines += _metric("tokabatch_kv_pages_free", "gauge", "Free KV-cache pages.", stats.num_free_pages)
-        lines += _metric("tokabatch_kv_pages", "gauge", "KV-cache pages in all.", stats.num_pages)
-        lines += _metric("tokabatch_generation_tokens_per_second", "gauge",
-                         f"Generated tokens per second over the last {RATE_WINDOW_S:g} s of scrapes.", rate)
-        lines += _metric("tokabatch_generated_tokens_total", "counter", "Tokens generated.",
-                         stats.num_generated_tokens)
-        lines += _metric("tokabatch_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-                         stats.num_prompt_tokens)
-        lines += _metric("tokabatch_cached_prompt_tokens_total", "counter",
-                         "Prompt tokens served from the prefix cache.", stats.num_cached_tokens)
-        lines += _metric("tokabatch_prefix_cache_hit_rate", "gauge",
-                         "Cached prompt tokens / prompt tokens since start.", stats.prefix_cache_hit_rate)
-        lines += _metric("tokabatch_requests_finished_total", "counter", "Engine requests finished.",
-                         stats.num_requests_finished)
-        lines += _metric("tokabatch_preemptions_total", "counter", "Sequences preempted.", stats.num_preemptions)
+        lines += engine_lines(stats, rate)
     counts = await batches_by_status(request)
     lines += ["# HELP tokabatch_batches Batches by status.", "# TYPE tokabatch_batches gauge"]
     lines += [f'tokabatch_batches{{status="{status}"}} {n}' for status, n in sorted(counts.items())]
@@ -124,4 +142,5 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=("\n".join(lines) + "\n").encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
 
 
-__all__ = ["LATENCY", "LatencyHistogram", "TOKEN_RATE", "TokenRate", "install", "routes"]
+__all__ = ["LATENCY", "LatencyHistogram", "TOKEN_RATE", "TokenRate", "engine_lines", "hydragen_saved_ratio", "install",
+           "routes"]

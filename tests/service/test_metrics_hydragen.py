@@ -1,0 +1,49 @@
+"""/metrics shows the Hydragen sharing fraction (decode KV reads saved) beside the prefix-cache hit
+rate: the pure line builder, and GET /metrics on an app whose engine reports known stats."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from tokabatch.engine.api import EngineStats
+from tokabatch.service.http import metrics, online
+from tokabatch.service.http.context import DB
+
+
+def value(lines: list[str], name: str) -> float:
+    return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])
+
+
+def test_ratio_is_saved_over_decode_reads() -> None:
+    stats = EngineStats(num_hydragen_saved_kv_reads=300, num_decode_kv_reads=1200,
+                        num_prompt_tokens=100, num_cached_tokens=40)
+    lines = metrics.engine_lines(stats, 0.0)
+    assert value(lines, "tokabatch_hydragen_kv_read_saved_ratio") == 0.25
+    assert value(lines, "tokabatch_prefix_cache_hit_rate") == 0.4
+    assert "# TYPE tokabatch_hydragen_kv_read_saved_ratio gauge" in lines
+    names = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    assert names.index("tokabatch_hydragen_kv_read_saved_ratio") == names.index("tokabatch_prefix_cache_hit_rate") + 1
+    assert value(metrics.engine_lines(EngineStats(), 0.0), "tokabatch_hydragen_kv_read_saved_ratio") == 0.0
+
+
+class _StatsEngine:
+    """Only what /metrics reads of an engine."""
+
+    def __init__(self, stats: EngineStats) -> None:
+        self._stats = stats
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+
+async def test_metrics_endpoint_exports_the_ratio(db) -> None:
+    app = web.Application()
+    app[DB] = db
+    app[online.ENGINE] = _StatsEngine(EngineStats(num_hydragen_saved_kv_reads=7, num_decode_kv_reads=8))
+    metrics.install(app)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        text = await resp.text()
+    assert value(text.splitlines(), "tokabatch_hydragen_kv_read_saved_ratio") == 0.875

@@ -98,13 +98,26 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
 
+def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
+    """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise.
+
+    The flashinfer module is imported only here and only for CUDA, so CPU installs never need it."""
+    if cache.device.type == "cuda" and cache.dtype in (torch.bfloat16, torch.float16):
+        try:
+            from tokabatch.engine.runtime.flashinfer_backend import FlashInferBackend
+        except ImportError:
+            return TorchBackend(cache)
+        return FlashInferBackend(cache, num_heads)
+    return TorchBackend(cache)
+
+
 def build_runner(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                  kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
                  seed: int | None = None) -> ModelRunner:
-    """Model folder -> a ready ModelRunner with the torch backend (the runner's `kv_cache.num_pages`
+    """Model folder -> a ready ModelRunner with `select_backend`'s backend (the runner's `kv_cache.num_pages`
     is what the scheduler's page pool must be sized to). GPU sizing uses free memory after loading."""
     model, spec = load_model(path, dtype=dtype, device=device)
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
     cache = KVCache(spec, num_pages=num_pages, page_size=page_size)
     sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=seed)
-    return ModelRunner(model, spec, cache, TorchBackend(cache), sampler)
+    return ModelRunner(model, spec, cache, select_backend(cache, spec.num_heads), sampler)

@@ -1,0 +1,270 @@
+#!/usr/bin/env python
+"""GPU benchmark: a named workload (docs: ../shared/docs/performance.md) on a random-weight model.
+
+Builds the exact architecture with random bf16 weights in a temp folder (config.json, safetensors,
+a WordLevel tokenizer "t0".."tN" covering the vocabulary), runs the workload's random token-id
+prompts through EngineLoop in this process (fixed output length, EOS ignored) and prints one row:
+workload, engine, wall s, output tok/s, total tok/s, fraction of the sequential bound, start-up s,
+peak GPU memory. Wall time runs from the first request added to the last token returned; model
+build and warm-up (kernel compilation) are start-up, reported apart.
+
+`--vs-hf` first runs HF transformers in its own process (static `generate`, bf16, sdpa, batch 256,
+min_new_tokens = max_new_tokens, the first 256 prompts) and prints its row and the ratio.
+`--profile N` afterwards profiles N pure-decode steps (GPU time per kernel class against wall time).
+
+On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
+    python3 scripts/bench.py --workload TA-quick --vs-hf --profile 5
+Quick variants ("W1-quick") keep prompt and output lengths and take a quarter of the prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5,
+              rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
+              bos_token_id=128000, eos_token_id=128001, hidden_act="silu")
+_QWEN = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6, rope_theta=1000000.0,
+             max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645, hidden_act="silu",
+             use_sliding_window=False)
+ARCHS: dict[str, dict] = {
+    "Llama-3.2-1B": {**_LLAMA, "num_hidden_layers": 16, "hidden_size": 2048, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192, "tie_word_embeddings": True},
+    "Llama-3.1-8B": {**_LLAMA, "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+                     "tie_word_embeddings": False, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
+    "Qwen2.5-0.5B": {**_QWEN, "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "Qwen2.5-1.5B": {**_QWEN, "num_hidden_layers": 28, "hidden_size": 1536, "num_attention_heads": 12,
+                     "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "Qwen2.5-7B": {**_QWEN, "num_hidden_layers": 28, "hidden_size": 3584, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+                   "tie_word_embeddings": False},
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    num_prompts: int
+    prompt_len: int
+    output_len: int
+    temperature: float
+    sequential_bound: float          # output tok/s, performance.md "Limits"
+
+
+WORKLOADS = {
+    "TA": Workload("Llama-3.2-1B", 1024, 1024, 256, 0.0, 45_000),
+    "W1": Workload("Llama-3.2-1B", 4096, 1024, 512, 0.0, 55_600),
+    "W2": Workload("Llama-3.2-1B", 16384, 256, 256, 0.0, 117_000),
+    "W3": Workload("Llama-3.2-1B", 4096, 2048, 128, 0.0, 16_300),
+    "W6": Workload("Llama-3.1-8B", 2048, 1024, 512, 0.0, 10_600),
+    "W8": Workload("Qwen2.5-0.5B", 8192, 1024, 512, 0.0, 146_000),
+}
+
+
+def workload(name: str) -> Workload:
+    base = name.removesuffix("-quick")
+    if base not in WORKLOADS:
+        raise SystemExit(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)} (+ '-quick')")
+    w = WORKLOADS[base]
+    if name.endswith("-quick"):
+        w = Workload(w.model, w.num_prompts // 4, w.prompt_len, w.output_len, w.temperature, w.sequential_bound)
+    return w
+
+
+def prompts_of(w: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(w.prompt_len)] for _ in range(w.num_prompts)]
+
+
+def build_folder(arch: str, folder: Path) -> None:
+    """config.json + random bf16 safetensors (made on the GPU, std 0.02) + a WordLevel tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    cfg = {**ARCHS[arch], "torch_dtype": "bfloat16"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
+    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
+    tok = HFTokenizer(WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"t{cfg['eos_token_id']}"}))
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+        if cfg["model_type"] == "qwen2":
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen, device=dev, dtype=torch.float32)
+        t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
+        tensors[name] = t.to(torch.bfloat16).cpu()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+    import torch
+
+    from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
+    from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
+    from tokabatch.engine.runtime.factory import build_loop
+
+    t0 = time.perf_counter()
+    config = EngineConfig(
+        model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
+        scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
+        kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=False)
+    loop = build_loop(config)
+    info = loop.info
+    print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
+          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}", flush=True)
+    params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
+
+    def drain(batch: list[list[int]], tag: str, params: SamplingParams = params) -> tuple[int, int]:
+        for i, ids in enumerate(batch):
+            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params))
+        done = out_tokens = in_tokens = 0
+        while done < len(batch):
+            for item in loop.step():
+                if isinstance(item, GenerationOutput):
+                    if not item.ok:
+                        raise RuntimeError(f"request {item.request_id} failed: {item.error}")
+                    done += 1
+                    out_tokens += item.num_completion_tokens
+                    in_tokens += item.num_prompt_tokens
+        torch.cuda.synchronize()
+        return in_tokens, out_tokens
+
+    # Warm-up: compiles the attention kernels and touches a full-size step; different prompts so the
+    # prefix cache does not shorten the timed run.
+    rng = random.Random(12345)
+    warm = [[rng.randrange(info.vocab_size) for _ in range(w.prompt_len)] for _ in range(32)]
+    drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
+    startup = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    in_tokens, out_tokens = drain(prompts, "r")
+    wall = time.perf_counter() - start
+    stats = loop.stats()
+    row = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall,
+               total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, steps=stats.num_steps,
+               forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens)
+    if args.profile:
+        from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
+        profile_decode_steps(loop, prompts[:args.profile_batch], w, args.profile, args.out_dir)
+    return row
+
+
+def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int = 256) -> dict:
+    """HF transformers static generate: bf16, sdpa, EOS ignored, first `batch_size` prompts, one batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    batch = torch.tensor(prompts[:batch_size], device="cuda")
+    kw = dict(do_sample=w.temperature > 0, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(batch[:8, :32], max_new_tokens=4, min_new_tokens=4, **kw)    # warm-up
+        startup = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=w.output_len,
+                             min_new_tokens=w.output_len, **kw)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    out_tokens = (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    return dict(engine="hf-transformers", wall_s=wall, out_tok_s=out_tokens / wall,
+                total_tok_s=(out_tokens + batch.numel()) / wall, startup_s=startup,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def print_row(name: str, w: Workload, row: dict) -> None:
+    frac = row["out_tok_s"] / w.sequential_bound
+    print(f"| {name} | {row['engine']} | {row['wall_s']:.1f} | {row['out_tok_s']:,.0f} | {row['total_tok_s']:,.0f} "
+          f"| {frac:.2f} | {row['startup_s']:.1f} | {row['peak_gib']:.1f} GiB |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True)
+    ap.add_argument("--vs-hf", action="store_true")
+    ap.add_argument("--max-seqs", type=int, default=2048)
+    ap.add_argument("--max-tokens-per-step", type=int, default=16384)
+    ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
+    ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
+    ap.add_argument("--profile-batch", type=int, default=256)
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    ap.add_argument("--folder", help="reuse a model folder (skips the build)")
+    ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
+    args = ap.parse_args()
+    w = workload(args.workload)
+    vocab = ARCHS[w.model]["vocab_size"]
+    prompts = prompts_of(w, vocab)
+    if args.hf_only:
+        print("HFROW " + json.dumps(run_hf(Path(args.folder), w, prompts)), flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="tokabatch-bench-") as tmp:
+        folder = Path(args.folder) if args.folder else Path(tmp) / w.model
+        if not args.folder:
+            t = time.perf_counter()
+            build_folder(w.model, folder)
+            print(f"built random {w.model} in {time.perf_counter() - t:.1f} s", flush=True)
+        hf_row = None
+        if args.vs_hf:   # first, in its own process, so the engine later sees all the free memory
+            proc = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--hf-only",
+                                   "--folder", str(folder)], capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HFROW ")]
+            if proc.returncode or not lines:
+                print(f"HF run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            else:
+                hf_row = json.loads(lines[-1][6:])
+        row = run_engine(folder, w, prompts, args)
+    print(f"engine detail: {json.dumps(row)}")
+    print("| workload | engine | wall s | output tok/s | total tok/s | frac. of seq. bound | start-up s | peak GPU mem |")
+    print("|---|---|---|---|---|---|---|---|")
+    print_row(args.workload, w, row)
+    if hf_row:
+        print_row(f"{args.workload} (first 256)", w, hf_row)
+        print(f"ratio tokabatch / HF (output tok/s): {row['out_tok_s'] / hf_row['out_tok_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

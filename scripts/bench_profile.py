@@ -1,0 +1,73 @@
+"""Where a decode step's time goes: GPU time per kernel class against the step's wall time.
+
+Used by scripts/bench.py --profile N: admits a batch, steps until every sequence is decoding,
+times N plain steps, then profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per
+kernel class (matmul, attention, index/KV append, elementwise, reductions/sampling, copies) per
+step. GPU busy time well under the wall time means the step is bound by CPU work (Python,
+scheduling, launches), not by the GPU. The full key_averages table goes to OUT/profile-<wl>.txt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+CLASSES = (
+    ("attention", ("prefill", "decode", "flashinfer", "attention", "fmha")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "sm90_xmma", "splitk")),
+    ("copies", ("memcpy", "memset")),
+    ("index/KV append", ("index", "scatter", "gather", "embedding")),
+    ("reduce/sampling", ("reduce", "softmax", "argmax", "sort", "topk", "cumsum", "scan", "multinomial")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "fill", "copy_kernel", "cat")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps: int, out_dir: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokabatch.engine.api import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=64 + 3 * num_steps, temperature=w.temperature, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        loop.add(GenerationRequest(request_id=f"prof{i}", prompt_token_ids=tuple(ids), sampling=params))
+    for _ in range(10_000):          # until a step is all decodes (one token per running sequence)
+        before = loop.stats().num_forward_tokens
+        loop.step()
+        s = loop.stats()
+        if s.num_waiting == 0 and s.num_forward_tokens - before == s.num_running:
+            break
+    batch = loop.stats().num_running
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(num_steps):
+        loop.step()
+    torch.cuda.synchronize()
+    plain_ms = (time.perf_counter() - t) / num_steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            loop.step()
+        torch.cuda.synchronize()
+    per_class: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
+        if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
+            per_class[kernel_class(evt.key)] += gpu_us
+    gpu_ms = sum(per_class.values()) / num_steps / 1e3
+    print(f"profile: {num_steps} decode steps at batch {batch} (context ~{w.prompt_len}+): wall "
+          f"{plain_ms:.2f} ms/step unprofiled; GPU busy {gpu_ms:.2f} ms/step ({gpu_ms / plain_ms:.0%})")
+    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    Path(out_dir, f"profile-{w.model}-{w.prompt_len}.txt").write_text(table + "\n\n" + cpu_table)

@@ -6,7 +6,8 @@ a compare-and-set through repo.transition_batch. Crash safety comes from the res
 (outputs.ResultWriter): a batch whose lease lapses is claimed again, its written custom_ids are
 skipped, and every custom_id ends up exactly once in output ∪ error. While a batch runs, one
 supervisor loop heartbeats, writes request_counts/usage every `progress_interval_s`, and polls the
-row for cancel, the clock for expiry and the runner for stop.
+row for cancel, the clock for expiry and the runner for stop. Lines are fed in prompt order within
+a read-ahead window (ordering.py) so that lines sharing a prompt prefix are resident together.
 
 Talks to the engine only through engine/api (`Engine.generate` with back-pressure); must not
 import torch or aiohttp.
@@ -28,6 +29,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest, Priority
 from tokabatch.errors import TokabatchError
+from tokabatch.service.jobs.ordering import prompt_ordered
 from tokabatch.service.jobs.outputs import ResultWriter
 from tokabatch.service.jobs.parse import iter_requests, validate_input_file
 from tokabatch.service.jobs.render import PreparedRequest, error_body, first_failure, prepare_request, render_response
@@ -212,12 +214,28 @@ class BatchRunner:
                 await aclose()
 
     async def _requests(self, job: _Job) -> AsyncIterator[GenerationRequest]:
-        """The engine's request stream: unwritten lines only; a body the endpoint rejects is written
-        at once as its 4xx line and never reaches the engine."""
+        """The engine's request stream: unwritten lines, in windows of `order_window` lines sorted by
+        prompt (ordering.py: lines sharing a prefix run together). A line enters `in_flight` only
+        when its requests are fed, so a line read ahead but not fed is simply not written."""
+        prepared = self._prepared_lines(job)
+        ordered = prompt_ordered(prepared, self.config.order_window,
+                                 lambda line: line.prepared.requests[0].prompt_token_ids)
+        # Closed explicitly (the engine may stop pulling mid-batch): the input file is shut at once.
+        async with contextlib.aclosing(prepared), contextlib.aclosing(ordered):
+            async for line in ordered:
+                for request in line.prepared.requests:
+                    job.in_flight[request.request_id] = line
+                    yield request
+
+    async def _prepared_lines(self, job: _Job) -> AsyncIterator[_Line]:
+        """Unwritten lines, prepared (tokenized); a body the endpoint rejects is written at once as
+        its 4xx line and never reaches the engine."""
         batch, writer = job.batch, job.writer
         for line_no, custom_id, body in iter_requests(job.input_path):
             if custom_id in writer.done_custom_ids:
                 continue
+            if line_no % 64 == 0:
+                await asyncio.sleep(0)      # preparing a window is CPU work: let the supervisor run
             request_id = f"req_{line_no}x{secrets.token_hex(8)}"
             try:
                 prepared = prepare_request(batch.endpoint, body, tokenizer=self.tokenizer,
@@ -226,10 +244,7 @@ class BatchRunner:
             except TokabatchError as err:
                 writer.write_response(custom_id, status_code=err.status, request_id=request_id, body=error_body(err))
                 continue
-            line = _Line(custom_id, prepared)
-            for request in prepared.requests:
-                job.in_flight[request.request_id] = line
-                yield request
+            yield _Line(custom_id, prepared)
 
     def _write_line(self, job: _Job, line: _Line) -> None:
         prepared = line.prepared

@@ -24,7 +24,12 @@ Trade-offs of the window W (RunnerConfig.order_window, default 2048; 1 is file o
     later windows are prepared when the engine pulls past the end of the previous one, a short
     stall the engine's own queue of admitted work covers;
   - output order follows the feed, not the file (the contract guarantees no order; match on
-    custom_id).
+    custom_id);
+  - lines fed together are admitted together: until the scheduler holds a new sequence back while
+    a running one computes the same prompt pages (as it already does for the n choices of one
+    request), they prefill the shared prefix side by side and get no prefix-cache hits from each
+    other. File order hides this only in small batches, where tokenizing the next line takes long
+    enough for the previous line's pages to be published first.
 A whole-file sort would cluster best but needs the whole file's token ids in memory (or an
 external sort on disk); the window keeps the runner's memory independent of the batch size.
 """

@@ -20,3 +20,10 @@ def demo_model_path() -> Path:
     if folder is None:
         pytest.skip("demo model not fetched: run `python -m tokabatch models fetch` first")
     return folder
+
+
+def demo_model_ready() -> bool:
+    """True when the demo model is in the cache (for module-level skipif marks)."""
+    from tokabatch.model_store import demo_model_folder
+
+    return demo_model_folder() is not None

@@ -80,12 +80,14 @@ def test_prompt_logprobs_request_takes_no_cache_hits() -> None:
 
 
 def test_concurrent_identical_prompts_end_up_sharing_pages() -> None:
-    """Two requests prefilled in the same step compute the prefix twice; publishing dedupes it."""
+    """Two requests prefilled in the same step compute the prefix twice; publishing dedupes it.
+    (b asks for prompt logprobs, so it takes no cache hits and does not wait for a's pages.)"""
     sched = make_scheduler(num_pages=64)
     d = Driver(sched)
     [a] = d.add(request("a", PREFIX + [0], max_tokens=6), 6)
-    [b] = d.add(request("b", PREFIX + [1], max_tokens=6), 6)
-    d.step()
+    [b] = d.add(request("b", PREFIX + [1], max_tokens=6, prompt_logprobs=1), 6)
+    plan = d.step()
+    assert [w.num_tokens for w in plan.prefills] == [21, 21]
     sa, sb = sched.sequence(a), sched.sequence(b)
     assert sa.page_ids[:10] == sb.page_ids[:10]
     assert sched.pool.refcount(sa.page_ids[0]) == 2

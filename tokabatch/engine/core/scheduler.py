@@ -13,7 +13,18 @@ on_step_done(plan N) must come before schedule() of step N+1: page tables may ch
 (a page computed twice is swapped for the canonical copy in the prefix tree).
 A prefill chunk that reaches a sequence's last token always samples, even with max_tokens 0 (the
 loop then discards the token and finishes it). Only choice 0 of a request computes prompt logprobs;
-the other choices share its prompt pages (they are admitted once choice 0 has published them).
+the other choices share its prompt pages.
+
+Concurrent prefixes (prefix cache on): a waiting sequence whose next uncached full page is being
+computed right now (by a running sequence, or by a sequence admitted ahead of it in the same step;
+inflight.py) is deferred -- skipped, so the queue behind it still moves -- until that page is
+published; then it takes the page by reference like any cache hit. So k sequences sharing a prefix
+compute it once, not k times (the n choices of one request are the special case: they wait for
+choice 0). A sequence asking for prompt logprobs takes no cache hits and so never defers. No
+deadlock: only running sequences hold in-flight pages, and a preempted, aborted or finished one
+drops them, so when nothing runs nothing is deferred and the first waiting sequence is admitted.
+An ONLINE sequence defers too, even behind a BATCH prefill: waiting for the pages being computed
+is never slower than computing them again next to it.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from tokabatch.config import SchedulerConfig
 from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import GroupingParams, find_decode_groups
+from tokabatch.engine.core.inflight import InflightPages, chain_keys
 from tokabatch.engine.core.pages import ROOT, PagePool
 from tokabatch.engine.core.plan import StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
@@ -50,6 +62,8 @@ class Scheduler:
         self._waiting: list[tuple[int, int, int, int]] = []   # (priority, 0=preempted/1=new, arrival, seq_id)
         self._running: dict[int, Sequence] = {}               # admission order == prefill order
         self._finished_requests: OrderedDict[str, None] = OrderedDict()
+        self._inflight = InflightPages()     # full pages running sequences are computing (prefix cache on)
+        self._keys: dict[int, tuple[int, list[int]]] = {}    # waiting seq_id -> (num_tokens, chain keys)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._step_idx = 0
@@ -196,7 +210,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Admit waiting sequences in order, in batches that halve when the forecast overflows."""
-        candidates = self._candidates(self.max_running - len(self._running))
+        candidates, keys = self._candidates(self.max_running - len(self._running))
         if not candidates:
             return
         fc = self.forecast()                  # built once: nothing is started until the end
@@ -213,29 +227,42 @@ class Scheduler:
             else:
                 batch //= 2
         for seq, hit_pages in accepted:
-            self._start(seq, hit_pages)
+            self._start(seq, hit_pages, keys.get(seq.seq_id, []))
 
-    def _candidates(self, limit: int) -> list[tuple[Sequence, list[int]]]:
-        """Up to `limit` admissible waiting sequences, in queue order, with their prefix-cache hits."""
+    def _candidates(self, limit: int) -> tuple[list[tuple[Sequence, list[int]]], dict[int, list[int]]]:
+        """Up to `limit` admissible waiting sequences, in queue order, with their prefix-cache hits,
+        and (prefix cache on) the chain keys of their full pages. A sequence whose next uncached
+        page is in flight, or will be computed by a candidate ahead of it, is deferred (skipped)."""
         out: list[tuple[Sequence, list[int]]] = []
+        keys_of: dict[int, list[int]] = {}
+        planned: set[int] = set()             # pages the candidates so far will compute
         for *_, seq_id in self._waiting:
             if len(out) >= limit:
                 break
             seq = self._seqs[seq_id]
-            if not self._sibling_ready(seq):
-                continue
-            out.append((seq, self._cache_hits(seq)))
-        return out
+            hits = self._cache_hits(seq)
+            if self.config.enable_prefix_cache:
+                keys = self._chain_keys(seq)
+                if self._deferred(seq, keys, len(hits), planned):
+                    continue
+                planned.update(keys[len(hits):])
+                keys_of[seq_id] = keys
+            out.append((seq, hits))
+        return out, keys_of
 
-    def _sibling_ready(self, seq: Sequence) -> bool:
-        """Choices 1..n-1 wait until choice 0 has published its prompt's full pages, then share them."""
-        if seq.choice_index == 0 or not self.config.enable_prefix_cache:
-            return True
-        first = self._seqs[self._requests[seq.request_id][0]]
-        if first.status is SeqStatus.FINISHED:
-            return True
-        return (first.status is SeqStatus.RUNNING
-                and first.num_published_pages >= (seq.num_prompt_tokens - 1) // self.page_size)
+    def _chain_keys(self, seq: Sequence) -> list[int]:
+        """Its pages' chain keys, kept while it waits (recomputed only if preemption grew it)."""
+        memo = self._keys.get(seq.seq_id)
+        if memo is None or memo[0] != seq.num_tokens:
+            memo = (seq.num_tokens, chain_keys(seq.token_slice(0, seq.num_tokens), self.page_size))
+            self._keys[seq.seq_id] = memo
+        return memo[1]
+
+    def _deferred(self, seq: Sequence, keys: list[int], num_hits: int, planned: set[int]) -> bool:
+        """Wait for its next full page rather than compute it: someone else is computing it."""
+        if seq.wants_prompt_logprobs or num_hits >= (seq.num_tokens - 1) // self.page_size:
+            return False                      # takes no hits / nothing more it could take
+        return keys[num_hits] in self._inflight or keys[num_hits] in planned
 
     def _cache_hits(self, seq: Sequence) -> list[int]:
         if not self.config.enable_prefix_cache:
@@ -245,7 +272,9 @@ class Scheduler:
             max_tokens = min(max_tokens, seq.num_prompt_logprobs_done)   # every undelivered position runs
         return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
 
-    def _start(self, seq: Sequence, hit_pages: list[int]) -> None:
+    def _start(self, seq: Sequence, hit_pages: list[int], keys: list[int]) -> None:
+        self._keys.pop(seq.seq_id, None)
+        self._inflight.register(seq.seq_id, keys[len(hit_pages):], len(hit_pages))
         for page in hit_pages:
             self.pool.incref(page)
         seq.page_ids = list(hit_pages)
@@ -296,6 +325,7 @@ class Scheduler:
         bisect.insort(self._waiting, (int(seq.priority), 0 if preempted else 1, seq.arrival, seq.seq_id))
 
     def _release(self, seq: Sequence) -> None:
+        self._inflight.drop(seq.seq_id)
         for page in reversed(seq.page_ids):
             self.pool.decref(page)
         seq.page_ids = []
@@ -309,6 +339,7 @@ class Scheduler:
             del self._running[seq.seq_id]
         elif seq.status is SeqStatus.WAITING:
             self._waiting.remove((int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id))
+            self._keys.pop(seq.seq_id, None)
         seq.status = SeqStatus.FINISHED
 
     def _publish(self, seq: Sequence) -> None:
@@ -325,6 +356,7 @@ class Scheduler:
                 self.pool.decref(own)
                 seq.page_ids[i] = canonical
         seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
+        self._inflight.published(seq.seq_id, seq.num_published_pages)
 
     def _retire_if_done(self, request_id: str) -> None:
         if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests[request_id]):
@@ -403,6 +435,8 @@ class Scheduler:
             seq = self._seqs[seq_id]
             assert seq.status is SeqStatus.WAITING and not seq.page_ids and seq.seq_id not in self._running, \
                 f"waiting sequence {seq_id} holds pages or is running"
+        self._inflight.check({s.seq_id: s.num_published_pages for s in self._running.values()})
+        assert self._keys.keys() <= {s for *_, s in self._waiting}, "chain keys kept for a non-waiting sequence"
         self.pool.check(refs)
 
 

@@ -63,7 +63,7 @@ def run_hf(folder: str, prompts: list[list[int]], max_tokens: int, batch_size: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else next(iter(eos_ids))

@@ -89,9 +89,13 @@ class Database:
 
 def alembic_config(db_url: str) -> Any:
     """An Alembic Config pointing at migrations/ and `db_url` (no alembic.ini needed)."""
+    import sys
+
     from alembic.config import Config as AlembicConfig
 
-    cfg = AlembicConfig()
+    # Alembic's default `stdout` is bound when alembic is first imported; pass the current one so a
+    # stream replaced (and closed) since then is never written to.
+    cfg = AlembicConfig(stdout=sys.stdout)
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser interpolation: a literal % in a password must be doubled.
     cfg.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))

@@ -51,10 +51,13 @@ def serve(
     max_batch_lines: Optional[int] = typer.Option(None, "--max-batch-lines"),
     allow_custom_windows: Optional[bool] = typer.Option(None, "--allow-custom-windows/--openai-windows-only",
                                                         help="Accept completion windows like 30m or 2d (default: only 24h)."),
+    log_format: str = typer.Option("json", "--log-format", help="Logs on stderr: json (one object a line) or text."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
     """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
     from tokabatch import model_store
     from tokabatch.config import load_config
+    from tokabatch.logs import FORMATS, configure_logging
     from tokabatch.service.server import serve as run_server
 
     config = load_config(
@@ -64,7 +67,11 @@ def serve(
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows},
     )
+    if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "
+                       "warning, error")
     model_store.resolve_model_path(model)   # a bad --model fails here, in one line, before anything starts
+    configure_logging(log_level, log_format)
     run_server(config)
 
 

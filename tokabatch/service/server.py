@@ -134,7 +134,7 @@ async def serve_async(
         app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)
         app.add_routes(online.routes)
         metrics.install(app)
-        app_runner = web.AppRunner(app, handle_signals=False)
+        app_runner = web.AppRunner(app, handle_signals=False, access_log=None)  # middleware logs requests
         await app_runner.setup()
         stack.push_async_callback(app_runner.cleanup)
         site = web.TCPSite(app_runner, config.server.host, config.server.port)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from tokabatch.errors import (
 from tokabatch.service.http.context import KEY_HASHES, OWNER, REQUEST_ID
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("tokabatch.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -57,7 +59,9 @@ def _from_http_exception(request: web.Request, e: web.HTTPException) -> Tokabatc
 
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: give the request an id, turn every exception into the envelope, stamp the id."""
+    """Outermost: give the request an id, turn every exception into the envelope, stamp the id,
+    and write one access-log record with the id, status and duration."""
+    start = time.perf_counter()
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
     try:
@@ -76,6 +80,9 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = error_response(InternalError(
             f"The server had an error while processing your request (request id {request_id})."))
     response.headers["x-request-id"] = request_id
+    access_log.info("%s %s %s", request.method, request.path, response.status, extra={
+        "request_id": request_id, "method": request.method, "path": request.path, "status": response.status,
+        "duration_ms": round((time.perf_counter() - start) * 1000, 1)})
     return response
 
 

@@ -118,6 +118,8 @@ class BatchRunner:
         batch = await repo.claim_batch(self.db, self.worker_id, self.config.lease_s, self.clock())
         if batch is None:
             return False
+        log.info("batch %s claimed (%s)", batch.id, batch.status,
+                 extra={"batch_id": batch.id, "status": batch.status, "worker_id": self.worker_id})
         try:
             await self._run_batch(batch)
         except asyncio.CancelledError:
@@ -188,12 +190,16 @@ class BatchRunner:
         if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self._now(),
                                            request_total=report.num_requests, model=self._model_id()):
             return await repo.get_batch(self.db, batch.id, owner=None)   # cancelled meanwhile
+        log.info("batch %s validated: %d requests", batch.id, report.num_requests,
+                 extra={"batch_id": batch.id, "status": S.IN_PROGRESS.value, "num_requests": report.num_requests})
         return await repo.get_batch(self.db, batch.id, owner=None)
 
     def _model_id(self) -> str:
         return self.engine.info.model_id
 
     async def _fail(self, batch: Batch, errors: list[dict]) -> None:
+        log.info("batch %s failed validation: %d error(s)", batch.id, len(errors),
+                 extra={"batch_id": batch.id, "status": S.FAILED.value, "num_errors": len(errors)})
         await repo.transition_batch(self.db, batch.id, S.FAILED, self._now(), errors=errors,
                                     worker_id=None, lease_expires_at=None)
 
@@ -360,6 +366,9 @@ class BatchRunner:
                 request_failed=t.num_failed, input_tokens=t.input_tokens, cached_tokens=t.cached_tokens,
                 output_tokens=t.output_tokens, reasoning_tokens=t.reasoning_tokens, total_tokens=t.total_tokens)
         if await repo.transition_batch(self.db, batch.id, to, self._now(), **fields):
+            log.info("batch %s %s", batch.id, to.value, extra={
+                "batch_id": batch.id, "status": to.value, "completed": fields.get("request_completed"),
+                "failed": fields.get("request_failed"), "output_tokens": fields.get("output_tokens")})
             if job is not None:
                 shutil.rmtree(job.writer.work_dir, ignore_errors=True)
         else:

@@ -30,6 +30,7 @@ from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.kv_cache import KVCache
 
+DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
 WORKSPACE_BYTES = 256 * 1024 * 1024     # flashinfer's split-k scratch; 128 MiB is its usual minimum
 
 
@@ -62,6 +63,9 @@ class FlashInferBackend:
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
+        # The CUDA-core decode kernel is compiled for these GQA group sizes only ("Unsupported
+        # group_size: 7" on Qwen2.5-0.5B/7B, seen on the H200); others keep the prefill kernel.
+        self.decode_ok = num_heads // self.num_kv_heads in DECODE_GROUP_SIZES
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> FlashInferAttentionContext:
@@ -92,7 +96,7 @@ class FlashInferBackend:
         kv_indices_host = torch.tensor(list(chain.from_iterable(tables)), dtype=torch.int32)
         kv_indices = kv_indices_host.pin_memory().to(dev, non_blocking=True)
         dtype = self.cache.dtype
-        if all(n == 1 for n in q_lens):
+        if self.decode_ok and all(n == 1 for n in q_lens):
             wrapper = self.decode
             wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.num_kv_heads,
                          self.head_dim, ps, pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)

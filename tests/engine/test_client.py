@@ -206,15 +206,21 @@ async def test_engine_failure_fails_in_flight_requests_with_503() -> None:
         await engine.close()
 
 
-async def test_duplicate_request_id_is_refused(fake: FakeEngine) -> None:
-    slow = fake.submit(req("dup", max_tokens=10_000))
-    first = asyncio.create_task(anext(slow))
-    await asyncio.sleep(0.05)
-    items = [item async for item in fake.submit(req("dup"))]
-    assert items[-1].error.code == "duplicate_request_id"
-    await fake.abort(["dup"])
-    assert (await first).aborted
-    await slow.aclose()
+async def test_duplicate_request_id_is_refused() -> None:
+    # Paced tokens: the first request must still be running when its duplicate arrives and when it is
+    # aborted (unpaced, 10,000 fake tokens can finish within the sleep on a busy machine).
+    fake = await FakeEngine.launch(token_interval_s=0.01)
+    try:
+        slow = fake.submit(req("dup", max_tokens=10_000))
+        first = asyncio.create_task(anext(slow))
+        await asyncio.sleep(0.05)
+        items = [item async for item in fake.submit(req("dup"))]
+        assert items[-1].error.code == "duplicate_request_id"
+        await fake.abort(["dup"])
+        assert (await first).aborted
+        await slow.aclose()
+    finally:
+        await fake.close()
 
 
 # ---- a real engine process --------------------------------------------------------------

@@ -38,6 +38,7 @@ from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import GroupingParams, find_decode_groups
 from tokabatch.engine.core.inflight import InflightPages, chain_keys
+from tokabatch.engine.core.invariants import check_scheduler
 from tokabatch.engine.core.pages import ROOT, PagePool
 from tokabatch.engine.core.plan import StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
@@ -408,36 +409,7 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         """Raise AssertionError (with the reason) if the pages or the queues are inconsistent."""
-        refs: dict[int, int] = {}
-        ps = self.page_size
-        assert len(self._running) <= self.max_running, "more running sequences than max_seqs"
-        for seq in self._running.values():
-            sid = seq.seq_id
-            assert seq.status is SeqStatus.RUNNING, f"sequence {sid} is in the running set but {seq.status}"
-            assert seq.num_computed <= seq.num_tokens - 1, f"sequence {sid} computed its last token twice"
-            assert pages_for(seq.num_computed, ps) <= len(seq.page_ids) <= pages_for(seq.num_tokens, ps), \
-                f"sequence {sid}: {len(seq.page_ids)} pages for {seq.num_computed}/{seq.num_tokens} positions"
-            assert seq.num_tokens <= seq.max_len, f"sequence {sid} is longer than its max_len"
-            assert len(set(seq.page_ids)) == len(seq.page_ids), f"sequence {sid} holds a page twice"
-            for page in seq.page_ids:
-                refs[page] = refs.get(page, 0) + 1
-            published = seq.num_published_pages
-            assert published <= seq.num_computed // ps, f"sequence {sid} published an uncomputed page"
-            if self.config.enable_prefix_cache:
-                assert published == seq.num_computed // ps, f"sequence {sid} left a full page unpublished"
-                tokens = seq.token_slice(0, published * ps)
-                assert self.pool.match(tokens, published) == seq.page_ids[:published], \
-                    f"sequence {sid}: its published pages are not the tree's pages for its tokens"
-            else:
-                assert published == 0 and not any(self.pool.in_tree(p) for p in seq.page_ids)
-        assert self._waiting == sorted(self._waiting), "waiting queue out of order"
-        for *_, seq_id in self._waiting:
-            seq = self._seqs[seq_id]
-            assert seq.status is SeqStatus.WAITING and not seq.page_ids and seq.seq_id not in self._running, \
-                f"waiting sequence {seq_id} holds pages or is running"
-        self._inflight.check({s.seq_id: s.num_published_pages for s in self._running.values()})
-        assert self._keys.keys() <= {s for *_, s in self._waiting}, "chain keys kept for a non-waiting sequence"
-        self.pool.check(refs)
+        check_scheduler(self)
 
 
 __all__ = ["Scheduler"]

@@ -80,12 +80,17 @@ async def create_file(
     return row
 
 
-async def get_file(db: Database, file_id: str, *, owner: str | None) -> File | None:
-    query = select(File).where(File.id == file_id)
+async def _get_owned(db: Database, model: Any, object_id: str, owner: str | None) -> Any:
+    """The row with this id, if `owner` owns it (owner=None: any owner, for the runner only)."""
+    query = select(model).where(model.id == object_id)
     if owner is not None:
-        query = query.where(File.owner == owner)
+        query = query.where(model.owner == owner)
     async with db.sessions() as session:
         return (await session.execute(query)).scalar_one_or_none()
+
+
+async def get_file(db: Database, file_id: str, *, owner: str | None) -> File | None:
+    return await _get_owned(db, File, file_id, owner)
 
 
 async def list_files(
@@ -146,11 +151,7 @@ async def create_batch(
 
 
 async def get_batch(db: Database, batch_id: str, *, owner: str | None) -> Batch | None:
-    query = select(Batch).where(Batch.id == batch_id)
-    if owner is not None:
-        query = query.where(Batch.owner == owner)
-    async with db.sessions() as session:
-        return (await session.execute(query)).scalar_one_or_none()
+    return await _get_owned(db, Batch, batch_id, owner)
 
 
 async def list_batches(db: Database, *, owner: str, after: str | None = None, limit: int = 20) -> Page[Batch]:

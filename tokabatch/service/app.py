@@ -1,13 +1,14 @@
 """The aiohttp application factory: routes, middlewares, and resource lifetimes (cleanup_ctx).
 
 `make_app` builds an app that needs no engine (tests build one with a fake clock and their own
-database); server.py adds the engine and the runner as further cleanup contexts. Must not import
+database); it also runs the expiry sweep (storage/sweeper.py) while it is up. server.py adds the engine and the runner as further cleanup contexts. Must not import
 torch (the engine lives in another process; here only its ModelInfo, a plain dataclass, is seen).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +24,7 @@ from tokabatch.service.http.context import (
 from tokabatch.service.http.middleware import auth, hash_key, request_id_and_errors
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
+from tokabatch.service.storage.sweeper import SWEEP_INTERVAL_S, sweep_forever
 
 JSON_BODY_LIMIT_BYTES = 4 << 20   # POST /v1/batches bodies; uploads stream and are not limited by it
 
@@ -45,6 +47,25 @@ async def _database(app: web.Application):
         await app[DB].close()
 
 
+def _sweeper(interval_s: float | None):
+    """A cleanup context running sweep_forever (after _database: it needs the open store)."""
+
+    async def run(app: web.Application):
+        if interval_s is None:
+            yield
+            return
+        task = asyncio.create_task(sweep_forever(app[DB], app[BLOBS], app[CLOCK], interval_s),
+                                   name="expiry-sweep")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return run
+
+
 def make_app(
     config: Config,
     *,
@@ -53,10 +74,12 @@ def make_app(
     engine_info: ModelInfo | None = None,
     served_model_names: Sequence[str] = (),
     clock: Callable[[], float] = time.time,
+    sweep_interval_s: float | None = SWEEP_INTERVAL_S,
 ) -> web.Application:
     """The HTTP app. `db`/`blobs` given: used as is and not closed here (the caller owns them);
     omitted: opened from `config.storage` (migrations applied) for the app's lifetime.
-    `served_model_names[0]` is the name written on batches; the rest are aliases (e.g. "demo")."""
+    `served_model_names[0]` is the name written on batches; the rest are aliases (e.g. "demo").
+    `sweep_interval_s`: how often expired files and idempotency keys are removed (None: never)."""
     app = web.Application(middlewares=[request_id_and_errors, auth], client_max_size=JSON_BODY_LIMIT_BYTES)
     app[CONFIG] = config
     app[CLOCK] = clock
@@ -69,6 +92,7 @@ def make_app(
     store.remove_stale_temps()
     app[BLOBS] = store
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_sweeper(sweep_interval_s))
     app.add_routes(files.routes)
     app.add_routes(batches.routes)
     app.add_routes(models.routes)

@@ -4,12 +4,17 @@ Owns upload handling: the body is read part by part with `request.multipart()`, 
 streamed to a temporary blob while its bytes are counted against `max_upload_bytes` (413 envelope,
 never a buffered body or aiohttp's plain-text page), and `purpose=batch` files get the cheap
 upload-time checks of contract §2.1 (non-empty, UTF-8, first non-blank line a JSON object).
-Must not import torch.
+Expired files (`expires_at` reached, by the app's clock) answer exactly like deleted ones: not
+listed, 404 on retrieve/content/delete (repo hides them; storage/sweeper.py removes them later).
+With an `Idempotency-Key` header (http/idempotency.py) the upload's bytes are hashed while they
+stream; a repeat's bytes are read in full, compared by sha256 (with filename, purpose and
+expires_after) and discarded. Must not import torch.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +22,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from tokabatch.errors import InvalidRequest, NotFound, PayloadTooLarge
+from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BLOBS, CONFIG, DB, now_s, owner_of
 from tokabatch.service.http.schemas import file_object, list_object, parse_expires_after, parse_limit, parse_order
 from tokabatch.service.storage import repo
@@ -96,6 +102,7 @@ class UploadForm:
     writer: BlobWriter | None = None
     filename: str = "upload"
     check: FirstLineCheck | None = None
+    sha256: Any = None       # a hashlib object when the request has an Idempotency-Key
 
 
 async def _read_field(part: BodyPartReader) -> str:
@@ -124,6 +131,8 @@ async def _stream_file(request: web.Request, part: BodyPartReader, form: UploadF
     form.check = FirstLineCheck()
     while chunk := await part.read_chunk(CHUNK_BYTES):
         form.check.feed(chunk)
+        if form.sha256 is not None:
+            form.sha256.update(chunk)
         if form.check.num_bytes > max_bytes:
             await _drain(request)
             raise PayloadTooLarge(f"File is too large: the limit is {max_bytes} bytes.", param="file",
@@ -175,6 +184,21 @@ def _check_form(form: UploadForm) -> str:
     return purpose
 
 
+def _claim(key: str | None, form: UploadForm, purpose: str) -> repo.IdempotencyClaim | None:
+    """What makes a repeat "the same upload": filename, purpose, expires_after and the bytes."""
+    if key is None or form.sha256 is None:
+        return None
+    return repo.IdempotencyClaim(key, "/v1/files", idempotency.fingerprint(
+        form.filename, purpose, form.fields.get("expires_after[anchor]", ""),
+        form.fields.get("expires_after[seconds]", ""), form.sha256.hexdigest()))
+
+
+def _file_loader(request: web.Request) -> idempotency.Loader:
+    async def load(file_id: str) -> Any:
+        return await repo.get_file(request.app[DB], file_id, owner=owner_of(request), now_s=now_s(request))
+    return load
+
+
 @routes.post("/v1/files")
 async def upload_file(request: web.Request) -> web.Response:
     max_bytes = request.app[CONFIG].server.max_upload_bytes
@@ -182,13 +206,19 @@ async def upload_file(request: web.Request) -> web.Response:
         await _drain(request)
         raise PayloadTooLarge(f"File is too large: the limit is {max_bytes} bytes.", param="file",
                               code="file_too_large")
-    form = UploadForm(fields={})
+    key = idempotency.key_of(request)
+    form = UploadForm(fields={}, sha256=hashlib.sha256() if key is not None else None)
     try:
         await _read_form(request, form, max_bytes)
         purpose = _check_form(form)
         created_at = now_s(request)
         expires_at = _expires_at(form, purpose, created_at)
         assert form.writer is not None
+        claim = _claim(key, form, purpose)
+        if claim is not None and (replayed := await idempotency.replay(
+                request, claim, _file_loader(request), file_object)) is not None:
+            await form.writer.abort()      # a repeat: its bytes are dropped
+            return replayed
         num_bytes = await form.writer.commit()
     except BaseException:
         if form.writer is not None:
@@ -197,7 +227,11 @@ async def upload_file(request: web.Request) -> web.Response:
     try:
         row = await repo.create_file(request.app[DB], owner=owner_of(request), filename=form.filename,
                                      purpose=purpose, num_bytes=num_bytes, now_s=created_at,
-                                     expires_at=expires_at, file_id=form.writer.file_id)
+                                     expires_at=expires_at, file_id=form.writer.file_id, idempotency=claim)
+    except repo.IdempotencyKeyTaken:
+        request.app[BLOBS].delete(form.writer.file_id)
+        assert claim is not None
+        return await idempotency.replay_after_race(request, claim, _file_loader(request), file_object)
     except BaseException:
         request.app[BLOBS].delete(form.writer.file_id)
         raise
@@ -206,7 +240,7 @@ async def upload_file(request: web.Request) -> web.Response:
 
 async def _get_or_404(request: web.Request) -> Any:
     file_id = request.match_info["file_id"]
-    row = await repo.get_file(request.app[DB], file_id, owner=owner_of(request))
+    row = await repo.get_file(request.app[DB], file_id, owner=owner_of(request), now_s=now_s(request))
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="id")
     return row
@@ -217,7 +251,8 @@ async def list_files(request: web.Request) -> web.Response:
     q = request.query
     page = await repo.list_files(request.app[DB], owner=owner_of(request), after=q.get("after") or None,
                                  limit=parse_limit(q, default=10_000, maximum=10_000),
-                                 order=parse_order(q), purpose=q.get("purpose") or None)
+                                 order=parse_order(q), purpose=q.get("purpose") or None,
+                                 now_s=now_s(request))
     return web.json_response(list_object([file_object(f) for f in page.items], page.has_more))
 
 
@@ -240,7 +275,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 @routes.delete("/v1/files/{file_id}")
 async def delete_file(request: web.Request) -> web.Response:
     file_id = request.match_info["file_id"]
-    row = await repo.delete_file(request.app[DB], file_id, owner=owner_of(request))
+    row = await repo.delete_file(request.app[DB], file_id, owner=owner_of(request), now_s=now_s(request))
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="id")
     request.app[BLOBS].delete(row.id)

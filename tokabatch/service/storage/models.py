@@ -1,4 +1,4 @@
-"""The tables: files and batches (SQLAlchemy 2 declarative models).
+"""The tables: files, batches and idempotency keys (SQLAlchemy 2 declarative models).
 
 Owns the schema; migrations/versions must match it (`alembic check` runs in the tests). Every row
 has `owner` (the API key's hash, "" when no keys are configured). Rows are ordered by `seq`, an
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tokabatch.service.jobs.states import is_terminal
@@ -42,7 +42,10 @@ class File(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
     expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
-    __table_args__ = (Index("ix_files_owner_seq", "owner", "seq"),)
+    __table_args__ = (
+        Index("ix_files_owner_seq", "owner", "seq"),
+        Index("ix_files_expires_at", "expires_at"),   # the expiry sweep (repo.sweep_expired_files)
+    )
 
 
 class Batch(Base):
@@ -101,4 +104,25 @@ class Batch(Base):
         return is_terminal(self.status)
 
 
-__all__ = ["Base", "File", "Batch"]
+class IdempotencyKey(Base):
+    """One `Idempotency-Key` a client sent on a create (contract §1.2 [tb]): which object the
+    first request made, and a fingerprint of that request to tell a retry from a different
+    request reusing the key. Unique per (owner, key); swept 24 h after `created_at`."""
+
+    __tablename__ = "idempotency_keys"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), nullable=False)
+    key: Mapped[str] = mapped_column(String(255), nullable=False)
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    object_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("owner", "key"),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )
+
+
+__all__ = ["Base", "File", "Batch", "IdempotencyKey"]

@@ -7,6 +7,15 @@ PostgreSQL (`FOR UPDATE SKIP LOCKED` renders on PostgreSQL and is ignored by SQL
 conditional UPDATE alone makes a claim atomic). Must not import torch or aiohttp.
 
 `owner=None` on get_file/get_batch means "any owner" and is for the runner only.
+
+Expiry (contract §2.2-2.5): HTTP-facing file queries pass `now_s`, and a file whose `expires_at`
+is at or before it is not found, exactly like a deleted one. The runner passes no `now_s`: an
+expired input file of a batch that has not finished stays readable to it, and
+`sweep_expired_files` never removes such a file (it is swept once the batch is terminal).
+
+Idempotency keys (contract §1.2 [tb]): `create_file`/`create_batch` take an optional
+`IdempotencyClaim` and insert its row in the same transaction as the object, so two concurrent
+requests with one key create one object; the loser gets `IdempotencyKeyTaken`.
 """
 
 from __future__ import annotations
@@ -17,16 +26,18 @@ from dataclasses import dataclass
 from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from tokabatch.errors import Conflict, InvalidRequest
 from tokabatch.service.jobs.states import (
     CANCELLABLE, NON_TERMINAL, TIMESTAMP_FIELD, BatchStatus, allowed_from,
 )
 from tokabatch.service.storage.db import Database
-from tokabatch.service.storage.models import Batch, File
+from tokabatch.service.storage.models import Batch, File, IdempotencyKey
 
 T = TypeVar("T")
 _BASE62 = string.digits + string.ascii_letters
+IDEMPOTENCY_TTL_S = 86_400          # a key is remembered for 24 h after its first request
 
 # Columns a caller may write together with a status change (transition_batch **fields).
 TRANSITION_FIELDS = frozenset({
@@ -66,38 +77,75 @@ class Page(Generic[T]):
     has_more: bool
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """The `Idempotency-Key` of a create request: stored with the object it creates."""
+
+    key: str
+    endpoint: str
+    fingerprint: str
+
+
+class IdempotencyKeyTaken(Exception):
+    """A concurrent request stored the same (owner, key) first; nothing was created. Internal:
+    the handler answers with that request's object (or a 409), never with this."""
+
+
+async def _insert(db: Database, row: File | Batch, owner: str, idempotency: IdempotencyClaim | None) -> None:
+    """Add `row` and, with a claim, its idempotency record in one transaction."""
+    try:
+        async with db.sessions() as session, session.begin():
+            session.add(row)
+            if idempotency is not None:
+                session.add(IdempotencyKey(owner=owner, key=idempotency.key, endpoint=idempotency.endpoint,
+                                           fingerprint=idempotency.fingerprint, object_id=row.id,
+                                           created_at=row.created_at))
+    except IntegrityError as e:
+        if idempotency is None:
+            raise
+        raise IdempotencyKeyTaken(idempotency.key) from e
+
+
+def _live(now_s: int | None) -> list[Any]:
+    """The WHERE terms hiding files expired at `now_s` (none when `now_s` is None)."""
+    if now_s is None:
+        return []
+    return [or_(File.expires_at.is_(None), File.expires_at > int(now_s))]
+
+
 # --- files -----------------------------------------------------------------------------------
 
 async def create_file(
     db: Database, *, owner: str, filename: str, purpose: str, num_bytes: int, now_s: int,
-    expires_at: int | None = None, file_id: str | None = None,
+    expires_at: int | None = None, file_id: str | None = None, idempotency: IdempotencyClaim | None = None,
 ) -> File:
     """Register a blob already written under blobs.path(file_id) (uploads and runner outputs)."""
     row = File(id=file_id or new_file_id(), owner=owner, filename=filename, purpose=purpose,
                bytes=num_bytes, created_at=int(now_s), expires_at=expires_at)
-    async with db.sessions() as session, session.begin():
-        session.add(row)
+    await _insert(db, row, owner, idempotency)
     return row
 
 
-async def _get_owned(db: Database, model: Any, object_id: str, owner: str | None) -> Any:
+async def _get_owned(db: Database, model: Any, object_id: str, owner: str | None, *where: Any) -> Any:
     """The row with this id, if `owner` owns it (owner=None: any owner, for the runner only)."""
-    query = select(model).where(model.id == object_id)
+    query = select(model).where(model.id == object_id, *where)
     if owner is not None:
         query = query.where(model.owner == owner)
     async with db.sessions() as session:
         return (await session.execute(query)).scalar_one_or_none()
 
 
-async def get_file(db: Database, file_id: str, *, owner: str | None) -> File | None:
-    return await _get_owned(db, File, file_id, owner)
+async def get_file(db: Database, file_id: str, *, owner: str | None, now_s: int | None = None) -> File | None:
+    """With `now_s`, a file expired by then is None (the HTTP view); without, it is returned."""
+    return await _get_owned(db, File, file_id, owner, *_live(now_s))
 
 
 async def list_files(
     db: Database, *, owner: str, after: str | None = None, limit: int = 10_000,
-    order: str = "desc", purpose: str | None = None,
+    order: str = "desc", purpose: str | None = None, now_s: int | None = None,
 ) -> Page[File]:
-    query = select(File).where(File.owner == owner)
+    """With `now_s`, files expired by then are left out (`after` may still name one)."""
+    query = select(File).where(File.owner == owner, *_live(now_s))
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     async with db.sessions() as session:
@@ -114,8 +162,11 @@ async def file_in_use(db: Database, file_id: str, *, owner: str) -> bool:
         return (await session.execute(query)).first() is not None
 
 
-async def delete_file(db: Database, file_id: str, *, owner: str) -> File | None:
-    """Delete the row (the caller removes the blob). None if unknown; Conflict if in use."""
+async def delete_file(db: Database, file_id: str, *, owner: str, now_s: int | None = None) -> File | None:
+    """Delete the row (the caller removes the blob). None if unknown (or, with `now_s`, expired:
+    the sweep removes it); Conflict if in use."""
+    if await get_file(db, file_id, owner=owner, now_s=now_s) is None:
+        return None
     if await file_in_use(db, file_id, owner=owner):
         raise Conflict(f"File {file_id} is the input file of a batch that has not finished; "
                        "cancel the batch or wait for it to finish first.", param="id")
@@ -128,12 +179,55 @@ async def delete_file(db: Database, file_id: str, *, owner: str) -> File | None:
     return row
 
 
+async def sweep_expired_files(db: Database, now_s: int, *, limit: int = 1000) -> list[str]:
+    """Delete up to `limit` rows of files expired at `now_s` and return their ids (the caller
+    removes the blobs). Never the input file of a non-terminal batch: the runner still reads it."""
+    in_use = (select(Batch.id)
+              .where(Batch.input_file_id == File.id, Batch.status.in_([s.value for s in NON_TERMINAL]))
+              .exists())
+    expired = [File.expires_at.is_not(None), File.expires_at <= int(now_s), ~in_use]
+    async with db.sessions() as session, session.begin():
+        ids = list((await session.execute(select(File.id).where(*expired).limit(limit))).scalars())
+        if not ids:
+            return []
+        # The conditions are repeated: a batch may have started reading one of them meanwhile.
+        result = await session.execute(delete(File).where(File.id.in_(ids), *expired).returning(File.id))
+        return list(result.scalars())
+
+
+# --- idempotency keys ------------------------------------------------------------------------
+
+async def find_idempotency_key(db: Database, *, owner: str, key: str, now_s: int) -> IdempotencyKey | None:
+    """The record of (owner, key) if it is younger than IDEMPOTENCY_TTL_S. An older one is
+    deleted here (the key is free again), so a reuse does not wait for the sweep."""
+    stale = IdempotencyKey.created_at <= int(now_s) - IDEMPOTENCY_TTL_S
+    mine = [IdempotencyKey.owner == owner, IdempotencyKey.key == key]
+    async with db.sessions() as session, session.begin():
+        await session.execute(delete(IdempotencyKey).where(*mine, stale))
+        return (await session.execute(select(IdempotencyKey).where(*mine))).scalar_one_or_none()
+
+
+async def forget_idempotency_key(db: Database, *, owner: str, key: str) -> None:
+    """Drop (owner, key), e.g. when the object it names was deleted or has expired."""
+    async with db.sessions() as session, session.begin():
+        await session.execute(delete(IdempotencyKey).where(IdempotencyKey.owner == owner,
+                                                           IdempotencyKey.key == key))
+
+
+async def sweep_idempotency_keys(db: Database, now_s: int) -> int:
+    """Delete every key older than IDEMPOTENCY_TTL_S; returns how many."""
+    statement = delete(IdempotencyKey).where(IdempotencyKey.created_at <= int(now_s) - IDEMPOTENCY_TTL_S)
+    async with db.sessions() as session, session.begin():
+        return (await session.execute(statement)).rowcount
+
+
 # --- batches ---------------------------------------------------------------------------------
 
 async def create_batch(
     db: Database, *, owner: str, input_file_id: str, endpoint: str, completion_window: str,
     now_s: int, window_s: int, model: str | None = None, metadata: Mapping[str, str] | None = None,
     output_expires_after_s: int | None = None, batch_id: str | None = None,
+    idempotency: IdempotencyClaim | None = None,
 ) -> Batch:
     """Insert a batch in `validating`, expiring `window_s` after `now_s`."""
     row = Batch(
@@ -145,8 +239,7 @@ async def create_batch(
         input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0, total_tokens=0,
         num_claims=0,
     )
-    async with db.sessions() as session, session.begin():
-        session.add(row)
+    await _insert(db, row, owner, idempotency)
     return row
 
 
@@ -290,8 +383,9 @@ async def _page(session: Any, model: type, query: Any, *, owner: str, after: str
 
 
 __all__ = [
-    "Page", "RequestCounts", "Usage", "new_file_id", "new_batch_id",
-    "create_file", "get_file", "list_files", "file_in_use", "delete_file",
+    "Page", "RequestCounts", "Usage", "IdempotencyClaim", "IdempotencyKeyTaken", "IDEMPOTENCY_TTL_S",
+    "new_file_id", "new_batch_id", "create_file", "get_file", "list_files", "file_in_use", "delete_file",
+    "sweep_expired_files", "find_idempotency_key", "forget_idempotency_key", "sweep_idempotency_keys",
     "create_batch", "get_batch", "list_batches", "transition_batch", "cancel_batch",
     "claim_batch", "heartbeat", "release_claim", "update_progress", "set_validation_errors",
     "set_result_files",

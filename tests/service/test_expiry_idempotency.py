@@ -224,3 +224,41 @@ async def test_repo_loser_of_a_key_race_gets_key_taken(db):
         await repo.create_batch(db, **kw)
     page = await repo.list_batches(db, owner="o")
     assert [b.id for b in page.items] == [first.id]        # the loser's batch was rolled back
+
+
+# --- the runner and expired inputs -----------------------------------------------------------
+
+async def test_runner_reads_an_input_that_expires_while_the_batch_waits(db, blobs, clock, tmp_path):
+    from tests.service.jobsutil import tiny_tokenizer
+    from tests.service.runnerutil import OWNER, chat_line, fake_engine, make_runner, run_to_terminal
+
+    raw = b"".join(json.dumps(chat_line(i)).encode() + b"\n" for i in range(2))
+
+    async def put(expires_at: int) -> str:
+        file_id = repo.new_file_id()
+        temp = blobs.temp_path(file_id)
+        temp.write_bytes(raw)
+        blobs.commit(temp, file_id)
+        await repo.create_file(db, owner=OWNER, filename="in.jsonl", purpose="batch", num_bytes=len(raw),
+                               now_s=int(clock()), expires_at=expires_at, file_id=file_id)
+        return file_id
+
+    async def batch_on(file_id: str) -> str:
+        return (await repo.create_batch(db, owner=OWNER, input_file_id=file_id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", now_s=int(clock()), window_s=86_400)).id
+
+    waiting = await batch_on(await put(int(clock()) + HOUR))     # created before its input expires
+    late_input = await put(int(clock()) + HOUR)
+    clock.advance(HOUR)
+    too_late = await batch_on(late_input)                        # created after: the file is gone
+    assert (await sweep_once(db, blobs, int(clock()))).files == 0  # both are inputs of unfinished batches
+    engine = await fake_engine()
+    try:
+        tok = tiny_tokenizer(tmp_path)
+        assert (await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, waiting)
+                ).status == "completed"
+        failed = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, too_late)
+    finally:
+        await engine.close()
+    assert failed.status == "failed" and "cannot find file" in failed.errors[0]["message"]
+    assert (await sweep_once(db, blobs, int(clock()))).files == 2   # both batches are terminal now

@@ -157,7 +157,9 @@ class BatchRunner:
 
     # ---- validating -------------------------------------------------------------------------------
     async def _validate(self, batch: Batch) -> Batch | None:
-        input_file = await repo.get_file(self.db, batch.input_file_id, owner=batch.owner)
+        # A file already expired when the batch was created is gone, as for users; one that expires
+        # later stays readable until the batch ends (the sweep spares inputs of unfinished batches).
+        input_file = await repo.get_file(self.db, batch.input_file_id, owner=batch.owner, now_s=batch.created_at)
         problem = None
         if input_file is None or not self.blobs.exists(batch.input_file_id):
             problem = f"cannot find file {batch.input_file_id}"

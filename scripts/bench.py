@@ -33,31 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
-_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, rms_norm_eps=1e-5,
-              rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
-              bos_token_id=128000, eos_token_id=128001, hidden_act="silu")
-_QWEN = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6, rope_theta=1000000.0,
-             max_position_embeddings=32768, bos_token_id=151643, eos_token_id=151645, hidden_act="silu",
-             use_sliding_window=False)
-ARCHS: dict[str, dict] = {
-    "Llama-3.2-1B": {**_LLAMA, "num_hidden_layers": 16, "hidden_size": 2048, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192, "tie_word_embeddings": True},
-    "Llama-3.1-8B": {**_LLAMA, "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
-                     "tie_word_embeddings": False, "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0}},
-    "Qwen2.5-0.5B": {**_QWEN, "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
-                     "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
-                     "tie_word_embeddings": True},
-    "Qwen2.5-1.5B": {**_QWEN, "num_hidden_layers": 28, "hidden_size": 1536, "num_attention_heads": 12,
-                     "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936,
-                     "tie_word_embeddings": True},
-    "Qwen2.5-7B": {**_QWEN, "num_hidden_layers": 28, "hidden_size": 3584, "num_attention_heads": 28,
-                   "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
-                   "tie_word_embeddings": False},
-}
-
+from tokabatch.engine.random_models import ARCHS, build_folder  # noqa: E402
 
 @dataclass(frozen=True)
 class Workload:
@@ -94,49 +70,6 @@ def prompts_of(w: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(vocab_size) for _ in range(w.prompt_len)] for _ in range(w.num_prompts)]
 
 
-def build_folder(arch: str, folder: Path) -> None:
-    """config.json + random bf16 safetensors (made on the GPU, std 0.02) + a WordLevel tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    cfg = {**ARCHS[arch], "torch_dtype": "bfloat16"}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
-    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
-    tok = HFTokenizer(WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"t{cfg['eos_token_id']}"}))
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                       p + "mlp.down_proj.weight": (h, inter)})
-        if cfg["model_type"] == "qwen2":
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(0)
-    tensors = {}
-    for name, shape in shapes.items():
-        t = torch.randn(shape, generator=gen, device=dev, dtype=torch.float32)
-        t = 1.0 + 0.1 * t if name.endswith("norm.weight") else 0.02 * t
-        tensors[name] = t.to(torch.bfloat16).cpu()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
 def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     import torch
 
@@ -148,11 +81,15 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     config = EngineConfig(
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
         scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
-        kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=False)
+        kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=not args.no_cuda_graphs,
+        enable_hydragen=not args.no_hydragen)
     loop = build_loop(config)
     info = loop.info
+    graphs = loop.runner.graphs
     print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
-          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}", flush=True)
+          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, CUDA graphs "
+          f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
+          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
 
     def drain(batch: list[list[int]], tag: str, params: SamplingParams = params) -> tuple[int, int]:
@@ -177,18 +114,44 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
     startup = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
+    timers = _time_phases(loop)
     start = time.perf_counter()
     in_tokens, out_tokens = drain(prompts, "r")
     wall = time.perf_counter() - start
+    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items())
+          + f"; loop rest {wall - sum(timers.values()):.2f}", flush=True)
     stats = loop.stats()
     row = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall,
                total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, steps=stats.num_steps,
-               forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens)
+               forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens,
+               graph_steps=loop.runner.num_graph_steps, eager_steps=loop.runner.num_eager_steps)
     if args.profile:
         from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
         profile_decode_steps(loop, prompts[:args.profile_batch], w, args.profile, args.out_dir)
     return row
+
+
+def _time_phases(loop) -> dict[str, float]:
+    """Wrap the scheduler and runner to add up wall seconds per phase (a step syncs on its sampled
+    tokens, so `execute` includes the GPU time of the step)."""
+    totals = {"schedule": 0.0, "execute graph": 0.0, "execute eager": 0.0, "on_step_done": 0.0}
+    runner, sched = loop.runner, loop.scheduler
+
+    def timed(fn, key_of):
+        def wrapper(*a, **kw):
+            before = runner.num_graph_steps
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            totals[key_of(before)] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    runner.execute = timed(runner.execute,
+                           lambda before: "execute graph" if runner.num_graph_steps > before else "execute eager")
+    sched.schedule = timed(sched.schedule, lambda _: "schedule")
+    sched.on_step_done = timed(sched.on_step_done, lambda _: "on_step_done")
+    return totals
 
 
 def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int = 256) -> dict:
@@ -229,6 +192,8 @@ def main() -> None:
     ap.add_argument("--max-seqs", type=int, default=2048)
     ap.add_argument("--max-tokens-per-step", type=int, default=16384)
     ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
+    ap.add_argument("--no-hydragen", action="store_true", help="plan no prefix groups")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))

@@ -9,6 +9,8 @@ plans prefix groups and the torch backend attends them by parts. Runs in the eng
 
 from __future__ import annotations
 
+import logging
+
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
@@ -19,6 +21,8 @@ from tokabatch.engine.runtime.runner import build_runner
 from tokabatch.model_store import resolve_model_path, served_model_name
 from tokabatch.text import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False) -> EngineLoop:
     """A ready EngineLoop; raises ModelLoadError / ModelFetchError / ConfigError for a bad setup."""
@@ -28,7 +32,8 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False) -
     runner = build_runner(
         folder, dtype=model_cfg.dtype, device=model_cfg.device, page_size=engine_config.scheduler.page_size,
         kv_cache_tokens=engine_config.kv_cache_tokens, kv_memory_fraction=engine_config.kv_memory_fraction,
-        seed=engine_config.seed)
+        seed=engine_config.seed, cuda_graphs=engine_config.enable_cuda_graphs,
+        max_decode_batch=max(1, min(engine_config.scheduler.max_seqs, engine_config.scheduler.max_tokens_per_step)))
     spec = runner.spec
     num_pages = runner.kv_cache.num_pages
     grouping = None
@@ -50,6 +55,11 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False) -
         device=str(spec.device),
         dtype=spec.dtype_name,
     )
+    graphs = runner.graphs
+    log.info("engine ready: KV cache %d pages x %d = %d tokens, largest batch %d sequences, backend %s, "
+             "CUDA graphs %s", num_pages, info.page_size, num_pages * info.page_size, info.max_seqs,
+             getattr(runner.backend, "name", "?"),
+             f"for decode batches up to {graphs.max_batch} ({len(graphs.sizes)} sizes)" if graphs else "off")
     return EngineLoop(scheduler=scheduler, runner=runner, sampler=runner.sampler, tokenizer=tokenizer, info=info,
                       check_invariants=check_invariants)
 

@@ -1,24 +1,28 @@
 """FlashInfer paged attention on CUDA: the fast backend, checked against TorchBackend (the reference).
 
-Owns `FlashInferBackend` and its per-step `FlashInferAttentionContext`. One step is planned once
-(`begin_step`: page tables -> CSR indptr/indices/last_page_len, then the wrapper's `plan()`), and
-every layer then only appends its K/V into the paged cache and calls `run()`.
+Owns `FlashInferBackend`, its per-step `FlashInferAttentionContext`, and `paged_layout` (a step's
+page tables as the CSR arrays flashinfer plans from, shared with cuda_graphs.py). One step is
+planned once (`begin_step`), and every layer then only appends its K/V into the paged cache and
+calls `run()` on each part.
 
-A step whose rows are all one-token decodes goes through `BatchDecodeWithPagedKVCacheWrapper`
-(measured on the H200: the prefill kernel read the KV cache of a 256-sequence decode step at only
-~0.55 TB/s). Any other step goes through one `BatchPrefillWithPagedKVCacheWrapper` (causal,
-ragged) for all its rows: prefill chunks, chunked prefill after cached positions, and the decode
-rows mixed in (flashinfer aligns the causal mask bottom-right, so a query at position p sees
-0..p), which keeps the step in plan order with no gather/scatter of q.
+A step is split in two parts by row: the leading single-token rows (the plan's decodes come first)
+go through `BatchDecodeWithPagedKVCacheWrapper`, the rest (prefill chunks, chunked prefill after
+cached positions) through one causal `BatchPrefillWithPagedKVCacheWrapper`. Measured on the H200:
+the prefill kernel reads the KV cache of a 256-sequence decode batch at only ~0.55 TB/s, the decode
+kernel at ~2.9 TB/s, so mixed steps must not send their decodes through the prefill kernel. The
+CUDA-core decode kernel exists for GQA group sizes 1,2,3,4,6,8 only; other group sizes (Qwen2.5-0.5B
+and -7B: 7) use the decode wrapper's tensor-core variant, which takes any group size.
 
 KV append: each step token's flat slot (page * page_size + offset, as kv_cache.py lays it out) is
 computed on the GPU from the step's page indices, then `index_copy_` into the flat view.
-flashinfer is imported only here; runner.select_backend imports this module only on CUDA.
-Must not import the service or engine/core scheduling code.
+flashinfer is imported only here and in cuda_graphs.py; runner.select_backend imports this module
+only on CUDA. Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
 
+from array import array
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Sequence
 
@@ -30,23 +34,84 @@ from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
+CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
 WORKSPACE_BYTES = 256 * 1024 * 1024     # flashinfer's split-k scratch; 128 MiB is its usual minimum
 
 
-class FlashInferAttentionContext:
-    """A planned step: the slot of every step token and the wrapper ready to `run` per layer."""
+@dataclass(frozen=True, slots=True)
+class PagedLayout:
+    """Rows' page tables as host int32 CSR arrays (what flashinfer's plan() takes)."""
 
-    def __init__(self, cache: KVCache, wrapper: Any, slot_mapping: Tensor) -> None:
-        self.cache, self.wrapper, self.slot_mapping = cache, wrapper, slot_mapping
+    q_lens: Tensor             # [n]
+    kv_lens: Tensor            # [n]
+    qo_indptr: Tensor          # [n + 1]
+    kv_indptr: Tensor          # [n + 1], in pages
+    kv_indices: Tensor         # [kv_indptr[-1]] page ids
+    last_page_len: Tensor      # [n], 1..page_size
+
+
+def paged_layout(seqs: Sequence[SeqAttn], page_size: int) -> PagedLayout:
+    """CSR layout of `seqs` (each reads pages 0..ceil(kv_len / page_size)-1 of its table)."""
+    q_lens, kv_lens, pages_per_seq, last = array("i"), array("i"), array("i"), array("i")
+    tables = []
+    for s in seqs:
+        kv_len = s.kv_len
+        num_pages = -(-kv_len // page_size)
+        if len(s.page_ids) < num_pages:
+            raise ValueError(f"page table of {len(s.page_ids)} pages cannot hold {kv_len} positions")
+        q_lens.append(s.q_len)
+        kv_lens.append(kv_len)
+        pages_per_seq.append(num_pages)
+        last.append(kv_len - (num_pages - 1) * page_size)
+        tables.append(s.page_ids if len(s.page_ids) == num_pages else s.page_ids[:num_pages])
+    q_lens_t = _int32(q_lens)
+    pages_t = _int32(pages_per_seq)
+    return PagedLayout(q_lens=q_lens_t, kv_lens=_int32(kv_lens), qo_indptr=indptr_of(q_lens_t),
+                       kv_indptr=indptr_of(pages_t), kv_indices=_int32(array("i", chain.from_iterable(tables))),
+                       last_page_len=_int32(last))
+
+
+def _int32(values: array) -> Tensor:
+    return torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
+
+
+def indptr_of(lengths: Tensor) -> Tensor:
+    """CSR offsets [len+1] int32 (host) of a lengths vector."""
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, **graph_buffers: Any) -> Any:
+    """A decode wrapper with the CUDA-core kernel where it exists for this GQA group, tensor cores otherwise."""
+    tensor_cores = num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
+    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores,
+                                                         **graph_buffers)
+
+
+class FlashInferAttentionContext:
+    """A planned step: the slot of every step token, and the wrappers of its decode and prefill rows."""
+
+    def __init__(self, cache: KVCache, slot_mapping: Tensor, decode: Any | None, num_decode_rows: int,
+                 prefill: Any | None) -> None:
+        self.cache, self.slot_mapping = cache, slot_mapping
+        self.decode, self.num_decode_rows, self.prefill = decode, num_decode_rows, prefill
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [num_tokens, heads, dim]; k, v: [num_tokens, kv_heads, dim] -> [num_tokens, heads, dim]."""
         k_flat, v_flat = self.cache.flat(layer_idx)
         k_flat.index_copy_(0, self.slot_mapping, k.to(k_flat.dtype))
         v_flat.index_copy_(0, self.slot_mapping, v.to(v_flat.dtype))
-        out = self.wrapper.run(q.contiguous(), (self.cache.k[layer_idx], self.cache.v[layer_idx]))
-        return out.to(q.dtype)
+        kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
+        d = self.num_decode_rows
+        if self.prefill is None:
+            return self.decode.run(q.contiguous(), kv).to(q.dtype)
+        if self.decode is None:
+            return self.prefill.run(q.contiguous(), kv).to(q.dtype)
+        out = torch.empty_like(q)
+        out[:d] = self.decode.run(q[:d].contiguous(), kv)
+        out[d:] = self.prefill.run(q[d:].contiguous(), kv)
+        return out
 
 
 class FlashInferBackend:
@@ -62,70 +127,57 @@ class FlashInferBackend:
         self.num_kv_heads, self.head_dim = cache.k[0].shape[2], cache.k[0].shape[3]
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
-        # The CUDA-core decode kernel is compiled for these GQA group sizes only ("Unsupported
-        # group_size: 7" on Qwen2.5-0.5B/7B, seen on the H200); others keep the prefill kernel.
-        self.decode_ok = num_heads // self.num_kv_heads in DECODE_GROUP_SIZES
+        self.decode = decode_wrapper(self.workspace, num_heads, self.num_kv_heads)
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> FlashInferAttentionContext:
-        """Plan one forward pass over `num_tokens` rows described by `seqs` (in row order).
+        """Plan one forward pass over `num_tokens` rows described by `seqs` (in row order, no gaps).
 
         `prefix_groups` (Hydragen) change only how shared pages could be read, never the result;
         this backend reads every sequence's pages itself."""
-        ps, dev = self.cache.page_size, self.cache.device
-        q_lens, kv_lens, tables = [], [], []
         expected_start = 0
+        num_decode = 0                   # leading single-token rows: the decode part
         for s in seqs:
             if s.q_start != expected_start:
                 raise ValueError("FlashInferBackend needs sequences in row order without gaps")
+            if s.q_len == 1 and expected_start == num_decode:
+                num_decode += 1
             expected_start += s.q_len
-            num_pages = -(-s.kv_len // ps)
-            if len(s.page_ids) < num_pages:
-                raise ValueError(f"page table of {len(s.page_ids)} pages cannot hold {s.kv_len} positions")
-            q_lens.append(s.q_len)
-            kv_lens.append(s.kv_len)
-            tables.append(s.page_ids[:num_pages])
         if expected_start != num_tokens:
             raise ValueError(f"sequences cover {expected_start} rows, the step has {num_tokens}")
-        pages_per_seq = [len(t) for t in tables]
-        q_lens_t = torch.tensor(q_lens, dtype=torch.int32)
-        qo_indptr = _indptr(q_lens_t)
-        kv_indptr = _indptr(torch.tensor(pages_per_seq, dtype=torch.int32))
-        last_page_len = torch.tensor([n - (p - 1) * ps for n, p in zip(kv_lens, pages_per_seq)], dtype=torch.int32)
-        kv_indices_host = torch.tensor(list(chain.from_iterable(tables)), dtype=torch.int32)
-        kv_indices = kv_indices_host.pin_memory().to(dev, non_blocking=True)
-        dtype = self.cache.dtype
-        if self.decode_ok and all(n == 1 for n in q_lens):
-            wrapper = self.decode
-            wrapper.plan(kv_indptr, kv_indices, last_page_len, self.num_heads, self.num_kv_heads,
-                         self.head_dim, ps, pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
-        else:
-            wrapper = self.prefill
-            wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, self.num_heads, self.num_kv_heads,
-                         self.head_dim, ps, causal=True, q_data_type=dtype, kv_data_type=dtype)
-        slot_mapping = _slot_mapping(q_lens_t, torch.tensor(kv_lens, dtype=torch.int32), qo_indptr,
-                                     kv_indptr, kv_indices, ps, num_tokens, dev)
-        return FlashInferAttentionContext(self.cache, wrapper, slot_mapping)
+        ps, dev, dtype = self.cache.page_size, self.cache.device, self.cache.dtype
+        layout = paged_layout(seqs, ps)
+        kv_indices = layout.kv_indices.pin_memory().to(dev, non_blocking=True)
+        decode = prefill = None
+        if num_decode:
+            n_pages = int(layout.kv_indptr[num_decode])
+            self.decode.plan(layout.kv_indptr[:num_decode + 1], kv_indices[:n_pages],
+                             layout.last_page_len[:num_decode], self.num_heads, self.num_kv_heads,
+                             self.head_dim, ps, pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
+            decode = self.decode
+        if num_decode < len(seqs):
+            first_page = int(layout.kv_indptr[num_decode])
+            qo = layout.qo_indptr[num_decode:] - layout.qo_indptr[num_decode]
+            kvp = layout.kv_indptr[num_decode:] - first_page
+            self.prefill.plan(qo, kvp, kv_indices[first_page:], layout.last_page_len[num_decode:],
+                              self.num_heads, self.num_kv_heads, self.head_dim, ps, causal=True,
+                              q_data_type=dtype, kv_data_type=dtype)
+            prefill = self.prefill
+        slot_mapping = slot_mapping_of(layout, kv_indices, ps, num_tokens, dev)
+        return FlashInferAttentionContext(self.cache, slot_mapping, decode, num_decode, prefill)
 
 
-def _indptr(lengths: Tensor) -> Tensor:
-    """CSR offsets [len+1] int32 (host) of a lengths vector."""
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
-
-
-def _slot_mapping(q_lens: Tensor, kv_lens: Tensor, qo_indptr: Tensor, kv_indptr: Tensor,
-                  kv_indices: Tensor, page_size: int, num_tokens: int, device: torch.device) -> Tensor:
+def slot_mapping_of(layout: PagedLayout, kv_indices: Tensor, page_size: int, num_tokens: int,
+                    device: torch.device) -> Tensor:
     """Flat cache slot of every step token, computed on the GPU (no per-token Python).
 
     Token t of sequence s sits at position kv_len[s] - q_len[s] + (t - qo_indptr[s]); its page is
     kv_indices[kv_indptr[s] + pos // page_size] and its slot page * page_size + pos % page_size.
     """
-    q_lens, kv_lens = q_lens.to(device, non_blocking=True), kv_lens.to(device, non_blocking=True)
-    qo_indptr = qo_indptr.to(device, non_blocking=True).long()
-    kv_indptr = kv_indptr.to(device, non_blocking=True).long()
+    q_lens = layout.q_lens.to(device, non_blocking=True)
+    kv_lens = layout.kv_lens.to(device, non_blocking=True)
+    qo_indptr = layout.qo_indptr.to(device, non_blocking=True).long()
+    kv_indptr = layout.kv_indptr.to(device, non_blocking=True).long()
     # output_size keeps repeat_interleave from syncing with the GPU to learn the length.
     seq_of_token = torch.repeat_interleave(torch.arange(q_lens.numel(), device=device), q_lens.long(),
                                            output_size=num_tokens)

@@ -4,7 +4,8 @@ Layout per layer: K and V each [num_pages, page_size, num_kv_heads, head_dim] (f
 paged layout, so a faster backend can use the same tensors). Token position p of a sequence lives
 in page page_ids[p // page_size] at offset p % page_size; its flat slot is
 page * page_size + offset. Page bookkeeping (which pages are free) is engine/core's job, not this
-module's. Must not import the service or engine/core scheduling code.
+module's. `reserved_pages` extra pages at the end belong to no sequence: the first is the scratch
+page where padded CUDA-graph rows write their K/V (harmless, nobody reads it as context). Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ CPU_DEFAULT_KV_TOKENS = 65_536
 
 class KVCache:
     def __init__(self, spec: ModelSpec, num_pages: int, page_size: int,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        if num_pages < 1 or page_size < 1:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 reserved_pages: int = 0) -> None:
+        """`num_pages` usable pages (what the scheduler's pool gets) plus `reserved_pages` after them."""
+        if num_pages < 1 or page_size < 1 or reserved_pages < 0:
             raise ConfigError(f"KV cache needs at least one page of at least one token "
                               f"(num_pages={num_pages}, page_size={page_size})")
         self.num_pages, self.page_size = num_pages, page_size
+        self.scratch_page = num_pages if reserved_pages else None
         self.dtype = dtype or spec.dtype
         self.device = torch.device(device) if device is not None else spec.device
-        shape = (spec.num_layers, num_pages, page_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_layers, num_pages + reserved_pages, page_size, spec.num_kv_heads, spec.head_dim)
         # One allocation each for K and V; per-layer views index into them.
         self._k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._v = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -36,6 +40,7 @@ class KVCache:
 
     @property
     def num_tokens(self) -> int:
+        """Usable token slots (reserved pages excluded)."""
         return self.num_pages * self.page_size
 
     def flat(self, layer_idx: int) -> tuple[Tensor, Tensor]:

@@ -6,13 +6,18 @@ choice of which hidden rows go through the LM head (only the last row of each se
 samples, plus the scored rows of prompt-logprob chunks), and the hand-off to the Sampler.
 Stateless between steps: each SeqWork carries its own page table. Sampler registration
 (`register` on admission, `release` on finish) is the engine loop's job, not ours.
+
+With `graphs` (cuda_graphs.DecodeGraphs, CUDA only) a pure decode step replays a captured graph
+instead of running the model eagerly; mixed and prefill steps, prefix-grouped steps when the
+backend attends groups, and steps larger than the largest graph run eagerly. `num_graph_steps` /
+`num_eager_steps` count which way each step went.
 Must not import the scheduler or the service.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +40,13 @@ class AttentionBackend(Protocol):
 
 class ModelRunner:
     def __init__(self, model: nn.Module, spec: ModelSpec, kv_cache: KVCache,
-                 backend: AttentionBackend, sampler: Sampler) -> None:
+                 backend: AttentionBackend, sampler: Sampler, graphs: Any | None = None) -> None:
         self.model, self.spec, self.kv_cache = model, spec, kv_cache
         self.backend, self.sampler = backend, sampler
+        self.graphs = graphs
         self.device = spec.device
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -46,6 +54,16 @@ class ModelRunner:
         works = plan.works
         if not works:
             return StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0)
+        if self.graphs is not None and self._graphable(plan):
+            decodes = plan.decodes
+            logits = self.graphs.run([w.token_ids[0] for w in decodes], [w.start_pos + 1 for w in decodes],
+                                     [w.page_ids for w in decodes])
+            if logits is not None:
+                self.num_graph_steps += 1
+                sampled = self.sampler.sample([w.seq_id for w in decodes], logits)
+                return StepResult(step_idx=plan.step_idx, sampled=tuple(sampled),
+                                  num_forward_tokens=plan.num_tokens)
+        self.num_eager_steps += 1
         input_ids, positions, seqs = self._flatten(works)
         attn = self.backend.begin_step(seqs, plan.num_tokens, plan.prefix_groups)
         hidden = self.model(input_ids, positions, attn)            # [num_tokens, hidden]
@@ -55,6 +73,28 @@ class ModelRunner:
             prompt_logprobs=self._prompt_logprobs(works, seqs, hidden),
             num_forward_tokens=plan.num_tokens,
         )
+
+    def _graphable(self, plan: StepPlan) -> bool:
+        """A pure decode step whose every row samples; prefix groups only where the backend ignores them."""
+        if plan.prefills or (plan.prefix_groups and getattr(self.backend, "use_hydragen", False)):
+            return False
+        return all(w.sample and w.prompt_logprobs is None for w in plan.decodes)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One eager step over the scratch page (a prefill chunk of one page and a decode row), so the
+        attention kernels are compiled and loaded before the first request. Needs a scratch page."""
+        scratch = self.kv_cache.scratch_page
+        if scratch is None:
+            return
+        ps = self.kv_cache.page_size
+        seqs = [SeqAttn(q_start=0, q_len=1, start_pos=0, page_ids=(scratch,)),
+                SeqAttn(q_start=1, q_len=ps, start_pos=0, page_ids=(scratch,))]
+        attn = self.backend.begin_step(seqs, ps + 1)
+        hidden = self.model(self._long([0] * (ps + 1)), self._long([0] + list(range(ps))), attn)
+        self.model.compute_logits(hidden[[0, ps]])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _flatten(self, works: Sequence[SeqWork]) -> tuple[Tensor, Tensor, list[SeqAttn]]:
         """Token ids and positions [num_tokens] (plan order) and each sequence's rows."""
@@ -113,11 +153,22 @@ def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
 
 def build_runner(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                  kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
-                 seed: int | None = None) -> ModelRunner:
+                 seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256) -> ModelRunner:
     """Model folder -> a ready ModelRunner with `select_backend`'s backend (the runner's `kv_cache.num_pages`
-    is what the scheduler's page pool must be sized to). GPU sizing uses free memory after loading."""
+    is what the scheduler's page pool must be sized to). GPU sizing uses free memory after loading.
+
+    On CUDA with flashinfer: a warm-up step compiles the attention kernels, then (with `cuda_graphs`)
+    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs."""
     model, spec = load_model(path, dtype=dtype, device=device)
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
-    cache = KVCache(spec, num_pages=num_pages, page_size=page_size)
+    cache = KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)
     sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=seed)
-    return ModelRunner(model, spec, cache, select_backend(cache, spec.num_heads), sampler)
+    backend = select_backend(cache, spec.num_heads)
+    runner = ModelRunner(model, spec, cache, backend, sampler)
+    if getattr(backend, "name", "") == "flashinfer":
+        runner.warm_up()
+        if cuda_graphs:
+            from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs   # CUDA + flashinfer only
+            runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch)
+            runner.graphs.capture()
+    return runner

@@ -72,6 +72,11 @@ class _SeqState:
         return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
     @property
+    def unadjusted(self) -> bool:
+        """Nothing of steps 1-3 applies this step: the raw logits are what is sampled from."""
+        return self.bias_ids is None and not self.penalized and not self.min_tokens_pending
+
+    @property
     def min_tokens_pending(self) -> bool:
         return bool(self.blocked_ids) and len(self.output_ids) < self.params.min_tokens
 
@@ -170,10 +175,14 @@ class Sampler:
         if not seq_ids:
             return []
         states = [self._state(s) for s in seq_ids]
-        raw = logits.float()
-        adjusted = self._adjust(raw, states)
-        tokens = self._choose(adjusted, states)
-        logprobs = self._token_logprobs(raw, tokens, states)
+        if all(s.unadjusted for s in states):
+            raw = None
+            tokens = self._choose_unadjusted(logits, states)
+        else:
+            raw = logits.float()
+            tokens = self._choose(self._adjust(raw, states), states)
+        logprobs = self._token_logprobs(raw if raw is not None else logits.float(), tokens, states) \
+            if any(s.params.logprobs is not None for s in states) else [None] * len(states)
         token_list = tokens.tolist()
         for state, token in zip(states, token_list):
             state.output_ids.append(token)
@@ -248,6 +257,17 @@ class Sampler:
             probs = self._filtered_probs(x[drawn], [s.params for s in drawn_states])
             tokens[drawn] = ops.draw_from_noise(probs, self._noise(drawn_states))
         return tokens
+
+    def _choose_unadjusted(self, logits: Tensor, states: list[_SeqState]) -> Tensor:
+        """`_choose` without the copies and row gathers when every row is greedy, or every row draws
+        from the shared generator (the common batch cases; same tokens as `_choose`)."""
+        if all(s.params.greedy for s in states):
+            return torch.argmax(logits, dim=-1)       # bf16 -> float32 is exact: same argmax, same ties
+        if all(not s.params.greedy and s.generator is None for s in states):
+            probs = self._filtered_probs(logits.float(), [s.params for s in states])
+            noise = torch.empty_like(probs).exponential_(generator=self._shared)
+            return ops.draw_from_noise(probs, noise)
+        return self._choose(logits.float(), states)
 
     def _filtered_probs(self, x: Tensor, params: list[SamplingParams]) -> Tensor:
         """Temperature, top_k, top_p, min_p on [rows, vocab]; returns the probabilities to draw from."""

@@ -1,0 +1,308 @@
+"""Hydragen decode attention by parts on the GPU, through flashinfer (hydragen_attention.py is the
+torch reference of the same math).
+
+Owns `plan_hydragen` (one decode step's parts as flashinfer page tables: pure, CPU torch tensors,
+no flashinfer needed) and `FlashInferHydragenAttention` (plans the two wrappers once per step and
+attends per layer). Imports flashinfer only inside the class, so the planning half is importable
+and tested on CPU. Must not import the service or engine/core scheduling code (plan.PrefixGroup is
+plain data).
+
+The parts of one decode step (rows 0..B-1, one query token each; see hydragen_attention.py):
+  - group parts: ONE BatchPrefillWithPagedKVCacheWrapper call (non-causal) whose request g is
+    group g: its members' queries, gathered contiguously (`group_rows`), over the group's full
+    pages. The shared K/V is read once per group, for all members together;
+  - own parts: ONE BatchDecodeWithPagedKVCacheWrapper call (the prefill wrapper for GQA group sizes
+    the decode kernel lacks) over each row's pages from the end of its last group through its
+    current token, page_ids[own_start // page_size : ceil(kv_len / page_size)];
+  - merge: every part output (out, lse) is one row of a buffer [own outputs; group outputs; one
+    empty state]; `state_index[row]` lists the row's parts (own first, then its groups by
+    start_page, padded with the empty state), and flashinfer.merge_states folds them. The empty
+    state is (0, EMPTY_LSE), a finite lse whose weight exp2(EMPTY_LSE - m) is exactly 0 next to
+    any real part. Finite on purpose: state_t::merge computes exp2(m_prev - m), i.e. -inf - -inf
+    when a merge starts from an -inf state, which merge_states' many-states kernel could meet on
+    padding (one H200 check with -inf padding, 3 rows x 3 states, gave no NaN; finite needs no luck).
+Nested groups (a row in 2+ groups) need nothing else: each group is one more request and one more
+state. flashinfer's lse is base 2 (the kernels' m + log2(d); merge_states uses exp2), a different
+base from attention.py's natural log, so it is never mixed with that module's values.
+
+Worked example (page_size 4): rows A, B with page tables (7, 2, 9) and (7, 2, 5, 1), kv_len 11
+and 14, one group {A, B} over pages (7, 2). Group part: request 0 = queries [A, B] (group_rows
+[0, 1], qo_indptr [0, 2]) over pages [7, 2] (last_page_len 4). Own parts: A over pages [9]
+(last_page_len 3), B over [5, 1] (last_page_len 2). Part outputs: rows 0, 1 = own A, own B; rows
+2, 3 = group (A, B); row 4 = empty. state_index = [[0, 2], [1, 3]].
+
+The caller appends the step's K/V to the cache before `run` (as FlashInferAttentionContext does):
+the own part includes the current token.
+
+Measured on the H200 (eager, 256 decodes, contexts 900..1100, 4 groups over 2 levels, 32 rows in
+no group): bf16 relative error ~4e-3 against float32 (ungrouped flashinfer ~2.5e-3). Llama-3.2-1B
+heads: run() 151..212 us per layer (two runs) against 188 us ungrouped; alone, the own-part decode
+took 113 us and the group-part prefill 50 us, so gathers, merge and launches are the rest. GQA-7
+(14/2): 267 us against 429 us (ungrouped, every row goes through the prefill kernel).
+
+CUDA graphs (not done here; eager correctness first). What is graph-friendly already: `plan()` is
+once per step and `run()` launches only kernels and index_selects, with the page indices and gather
+indices in device buffers reused across steps (re-allocated only when a step needs more). What a
+captured `run()` would still need, per captured batch size B:
+  - wrappers built with use_cuda_graph=True and fixed buffers: the decode wrapper's
+    paged_kv_indptr/indices/last_page_len buffers ([B+1], [max pages], [B]) and the prefill
+    wrapper's qo_indptr/paged_kv_indptr/indices/last_page_len buffers, whose batch size (the
+    number of groups G) is then fixed: pad each step's groups to a G_max with empty requests
+    (qo_len 0), and plan() the first time with the largest M (its total rows are fixed then);
+  - fixed shapes for everything indexed per step: group_rows padded to M_max (padding gathers row
+    0, its outputs land in unused state rows), state_index at [B, S_max] (padding -> the empty
+    state), own parts over all B rows (decode rows always have a non-empty own part: the current
+    token), and the empty state's row at a fixed index (the last row of a max-size buffer);
+  - the part-output buffers allocated once at max size (they are already reused across layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from tokabatch.engine.core.plan import PrefixGroup
+from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.hydragen_attention import own_part_starts
+from tokabatch.engine.runtime.kv_cache import KVCache
+
+__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "plan_hydragen"]
+
+EMPTY_LSE = -1e30                        # lse of the padding state: weight exactly 0 next to any real part
+# GQA group sizes the CUDA-core decode kernel is compiled for ("Unsupported group_size: 7" otherwise,
+# seen on the H200); own parts of other sizes go through the prefill kernel. Kept in step with
+# flashinfer_backend.py by hand: this module does not import it (it imports flashinfer at load).
+CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class HydragenPlan:
+    """One decode step's parts as flashinfer page tables (CPU tensors; int32 where flashinfer reads
+    them, int64 for torch gathers). Row r is the r-th decode row (query r of `run`'s q)."""
+
+    num_rows: int
+    page_size: int
+    # Group parts: request g = group g; its queries are rows group_rows[qo_indptr[g]:qo_indptr[g+1]].
+    group_rows: Tensor                   # [M] int64: decode row of each group-part query (gather/scatter-back)
+    group_qo_indptr: Tensor              # [G+1] int32
+    group_kv_indptr: Tensor              # [G+1] int32
+    group_kv_indices: Tensor             # [group pages] int32
+    group_last_page_len: Tensor          # [G] int32, all page_size (groups are whole pages)
+    # Own parts: request i = row own_rows[i], positions own_starts[row] .. kv_len-1.
+    own_rows: Tensor                     # [R] int64, ascending: rows with a non-empty own part
+    own_kv_indptr: Tensor                # [R+1] int32
+    own_kv_indices: Tensor               # [own pages] int32
+    own_last_page_len: Tensor            # [R] int32, in 1..page_size
+    own_starts: tuple[int, ...]          # [B] first position of each row's own part
+    # Merge: part outputs are rows [own 0..R-1; group queries R..R+M-1; empty state R+M].
+    state_index: Tensor                  # [B, num_states] int64, padded with the empty state
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_qo_indptr.numel() - 1
+
+    @property
+    def num_group_queries(self) -> int:
+        return self.group_rows.numel()
+
+    @property
+    def num_own(self) -> int:
+        return self.own_rows.numel()
+
+    @property
+    def num_states(self) -> int:
+        return self.state_index.shape[1]
+
+    @property
+    def empty_state(self) -> int:
+        """Row of the (zero output, EMPTY_LSE) state in the part outputs."""
+        return self.num_own + self.num_group_queries
+
+    @property
+    def own_only(self) -> bool:
+        """No merge needed: every row is its own part alone, in row order (a step without groups)."""
+        return self.num_states == 1 and self.num_own == self.num_rows and self.num_group_queries == 0
+
+
+def plan_hydragen(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_size: int) -> HydragenPlan:
+    """The parts of one decode step. rows[r] is decode row r (q_len 1; its page table covers its
+    kv_len positions, the current token included); groups name members by SeqAttn.seq_id.
+
+    Raises ValueError for a row that is not a one-token decode, a page table too short for its
+    context, duplicate seq_ids, or groups inconsistent with the page tables (own_part_starts)."""
+    seq_ids = [s.seq_id for s in rows]
+    if len(set(seq_ids)) != len(seq_ids):
+        raise ValueError("decode rows need distinct seq_ids to be matched to prefix groups")
+    for s in rows:
+        if s.q_len != 1:
+            raise ValueError(f"sequence {s.seq_id} runs {s.q_len} tokens; Hydragen parts are for decodes")
+        if len(s.page_ids) * page_size < s.kv_len:
+            raise ValueError(f"page table of sequence {s.seq_id} cannot hold {s.kv_len} positions")
+    kv_lens = [s.kv_len for s in rows]
+    starts = own_part_starts([s.page_ids for s in rows], kv_lens, seq_ids, groups, page_size)
+    row_of = {seq_id: r for r, seq_id in enumerate(seq_ids)}
+    groups = [g for g in groups if g.page_ids and g.seq_ids]     # an empty part would be an empty request
+
+    # Group parts, in start_page order (any order works; this one keeps outer groups first).
+    ordered = sorted(groups, key=lambda g: g.start_page)
+    group_rows = [row_of[s] for g in ordered for s in g.seq_ids]
+    group_sizes = [len(g.seq_ids) for g in ordered]
+    group_pages = [len(g.page_ids) for g in ordered]
+
+    # Own parts: rows with positions after their groups (every real decode row: its current token).
+    own_rows = [r for r in range(len(rows)) if starts[r] < kv_lens[r]]
+    own_tables = [rows[r].page_ids[starts[r] // page_size:-(-kv_lens[r] // page_size)] for r in own_rows]
+    own_last = [kv_lens[r] - ((-(-kv_lens[r] // page_size)) - 1) * page_size for r in own_rows]
+
+    # Merge: each row's states, own part first, then its groups.
+    states: list[list[int]] = [[] for _ in rows]
+    for i, r in enumerate(own_rows):
+        states[r].append(i)
+    for j, r in enumerate(group_rows):
+        states[r].append(len(own_rows) + j)
+    empty = len(own_rows) + len(group_rows)
+    width = max((len(s) for s in states), default=1)
+    state_index = [s + [empty] * (width - len(s)) for s in states]
+
+    return HydragenPlan(
+        num_rows=len(rows), page_size=page_size,
+        group_rows=torch.tensor(group_rows, dtype=torch.long),
+        group_qo_indptr=_indptr(group_sizes),
+        group_kv_indptr=_indptr(group_pages),
+        group_kv_indices=torch.tensor(list(chain.from_iterable(g.page_ids for g in ordered)), dtype=torch.int32),
+        group_last_page_len=torch.full((len(ordered),), page_size, dtype=torch.int32),
+        own_rows=torch.tensor(own_rows, dtype=torch.long),
+        own_kv_indptr=_indptr([len(t) for t in own_tables]),
+        own_kv_indices=torch.tensor(list(chain.from_iterable(own_tables)), dtype=torch.int32),
+        own_last_page_len=torch.tensor(own_last, dtype=torch.int32),
+        own_starts=tuple(starts),
+        state_index=torch.tensor(state_index, dtype=torch.long).view(len(rows), width),
+    )
+
+
+def _indptr(lengths: Sequence[int]) -> Tensor:
+    """CSR offsets [len+1] int32 of a list of lengths."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    if lengths:
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
+    return out
+
+
+class _DeviceBuffer:
+    """A device tensor reused from step to step (first dim grows, by re-allocation, when needed)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.tensor = torch.empty(shape, dtype=dtype, device=device)
+
+    def take(self, n: int) -> Tensor:
+        """The first n rows, growing the buffer to at least 2x its size if it is too small."""
+        if n > self.tensor.shape[0]:
+            grown = max(n, 2 * self.tensor.shape[0])
+            self.tensor = torch.empty((grown, *self.tensor.shape[1:]), dtype=self.tensor.dtype,
+                                      device=self.tensor.device)
+        return self.tensor[:n]
+
+    def load(self, host: Tensor) -> Tensor:
+        """`host` copied into the first rows (asynchronously; stream order protects earlier readers)."""
+        view = self.take(host.shape[0])
+        view.copy_(host, non_blocking=True)
+        return view
+
+
+class FlashInferHydragenAttention:
+    """Hydragen decode attention on CUDA over a KVCache's NHD tensors (bf16 or fp16).
+
+    Per step: `plan(plan_hydragen(rows, groups, page_size))` once, then per layer, after the
+    step's K/V is appended to the cache, `run(layer_idx, q)` with q [B, heads, dim] in row order.
+    `workspace` is flashinfer's float scratch (>= 128 MiB); both wrappers share it (they run one
+    after the other on one stream), and it may be the one the FlashInferBackend's wrappers use.
+    `max_rows` sizes the reused device buffers up front (they grow if a step needs more)."""
+
+    def __init__(self, cache: KVCache, num_heads: int, workspace: Tensor, max_rows: int = 512) -> None:
+        import flashinfer
+
+        if cache.device.type != "cuda":
+            raise ValueError("FlashInferHydragenAttention needs a CUDA KV cache")
+        self._fi = flashinfer
+        self.cache = cache
+        self.num_heads = num_heads
+        self.num_kv_heads, self.head_dim = cache.k[0].shape[2], cache.k[0].shape[3]
+        dev = cache.device
+        self.group_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+        self.decode_ok = num_heads // self.num_kv_heads in CUDA_CORE_DECODE_GROUP_SIZES
+        self.own_wrapper: Any = (flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+                                 if self.decode_ok else
+                                 flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD"))
+        pages_guess = max_rows * 64
+        self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
+        self._own_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
+        self._group_rows = _DeviceBuffer((max_rows,), torch.long, dev)
+        self._own_rows = _DeviceBuffer((max_rows,), torch.long, dev)
+        self._state_index = _DeviceBuffer((2 * max_rows,), torch.long, dev)
+        self._part_out = _DeviceBuffer((3 * max_rows, num_heads, self.head_dim), cache.dtype, dev)
+        self._part_lse = _DeviceBuffer((3 * max_rows, num_heads), torch.float32, dev)
+        # The planned step's device gather indices (views into the buffers above).
+        self.group_rows = self.own_rows = self.state_index = torch.empty(0, dtype=torch.long, device=dev)
+        self.hplan: HydragenPlan | None = None
+
+    def plan(self, hplan: HydragenPlan) -> None:
+        """Plan the step: copy the indices to the device and plan both wrappers (once per step)."""
+        if hplan.page_size != self.cache.page_size:
+            raise ValueError(f"plan for page size {hplan.page_size}, cache has {self.cache.page_size}")
+        dtype, ps = self.cache.dtype, self.cache.page_size
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
+        if hplan.num_groups:
+            self.group_wrapper.plan(hplan.group_qo_indptr, hplan.group_kv_indptr,
+                                    self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len,
+                                    *heads, causal=False, q_data_type=dtype, kv_data_type=dtype)
+            self.group_rows = self._group_rows.load(hplan.group_rows)
+        if hplan.num_own:
+            own_indices = self._own_indices.load(hplan.own_kv_indices)
+            if self.decode_ok:
+                self.own_wrapper.plan(hplan.own_kv_indptr, own_indices, hplan.own_last_page_len, *heads,
+                                      pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
+            else:
+                self.own_wrapper.plan(_indptr([1] * hplan.num_own), hplan.own_kv_indptr, own_indices,
+                                      hplan.own_last_page_len, *heads, causal=False,
+                                      q_data_type=dtype, kv_data_type=dtype)
+            self.own_rows = self._own_rows.load(hplan.own_rows)
+        if not hplan.own_only:
+            self.state_index = self._state_index.load(hplan.state_index.reshape(-1))
+            # The empty state: never written by run(), so set once per step.
+            empty = hplan.empty_state
+            self._part_out.take(empty + 1)[empty].zero_()
+            self._part_lse.take(empty + 1)[empty].fill_(EMPTY_LSE)
+        self.hplan = hplan
+
+    def run(self, layer_idx: int, q: Tensor) -> Tensor:
+        """q: [B, heads, dim] in the cache dtype, decode rows in plan order -> out [B, heads, dim].
+        The step's K/V must already be in the cache."""
+        hp = self.hplan
+        if hp is None:
+            raise RuntimeError("run() before plan()")
+        if hp.num_rows == 0 and q.shape[0] == 0:
+            return q.new_empty(q.shape)
+        if q.shape != (hp.num_rows, self.num_heads, self.head_dim):
+            raise ValueError(f"expected q of shape {(hp.num_rows, self.num_heads, self.head_dim)}, got {tuple(q.shape)}")
+        kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
+        q = q.contiguous()
+        if hp.own_only:
+            return self.own_wrapper.run(q, kv)
+        n_own, n_grp = hp.num_own, hp.num_group_queries
+        part_out = self._part_out.take(hp.empty_state + 1)
+        part_lse = self._part_lse.take(hp.empty_state + 1)
+        if n_own:
+            q_own = q if n_own == hp.num_rows else q.index_select(0, self.own_rows)
+            self.own_wrapper.run(q_own, kv, out=part_out[:n_own], lse=part_lse[:n_own], return_lse=True)
+        if n_grp:
+            self.group_wrapper.run(q.index_select(0, self.group_rows), kv, out=part_out[n_own:n_own + n_grp],
+                                   lse=part_lse[n_own:n_own + n_grp], return_lse=True)
+        b, s = hp.num_rows, hp.num_states
+        states_out = part_out.index_select(0, self.state_index).view(b, s, self.num_heads, self.head_dim)
+        states_lse = part_lse.index_select(0, self.state_index).view(b, s, self.num_heads)
+        out, _ = self._fi.merge_states(states_out, states_lse)
+        return out

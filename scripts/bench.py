@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +43,8 @@ class Workload:
     output_len: int
     temperature: float
     sequential_bound: float          # output tok/s, performance.md "Limits"
+    n: int = 1                       # samples per prompt (TB, W4: n samples of one problem)
+    shared_prefix: int = 0           # W5: the first tokens of every prompt are the same
 
 
 WORKLOADS = {
@@ -52,6 +54,10 @@ WORKLOADS = {
     "W3": Workload("Llama-3.2-1B", 4096, 2048, 128, 0.0, 16_300),
     "W6": Workload("Llama-3.1-8B", 2048, 1024, 512, 0.0, 10_600),
     "W8": Workload("Qwen2.5-0.5B", 8192, 1024, 512, 0.0, 146_000),
+    # Shared prompts (Hydragen): sequential bounds with Hydragen, from performance.md.
+    "TB": Workload("Llama-3.2-1B", 64, 1024, 256, 1.0, 228_000, n=64),
+    "W4": Workload("Llama-3.2-1B", 128, 1024, 512, 1.0, 192_000, n=100),
+    "W5": Workload("Llama-3.2-1B", 16384, 2048 + 128, 256, 1.0, 154_000, shared_prefix=2048),
 }
 
 
@@ -61,13 +67,15 @@ def workload(name: str) -> Workload:
         raise SystemExit(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)} (+ '-quick')")
     w = WORKLOADS[base]
     if name.endswith("-quick"):
-        w = Workload(w.model, w.num_prompts // 4, w.prompt_len, w.output_len, w.temperature, w.sequential_bound)
+        w = replace(w, num_prompts=w.num_prompts // 4)
     return w
 
 
 def prompts_of(w: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(w.prompt_len)] for _ in range(w.num_prompts)]
+    prefix = [rng.randrange(vocab_size) for _ in range(w.shared_prefix)]
+    return [prefix + [rng.randrange(vocab_size) for _ in range(w.prompt_len - w.shared_prefix)]
+            for _ in range(w.num_prompts)]
 
 
 def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argparse.Namespace) -> dict:
@@ -94,7 +102,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
 
     def drain(batch: list[list[int]], tag: str, params: SamplingParams = params) -> tuple[int, int]:
         for i, ids in enumerate(batch):
-            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params))
+            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params,
+                                       n=w.n if tag == "r" else 1))
         done = out_tokens = in_tokens = 0
         while done < len(batch):
             for item in loop.step():
@@ -161,7 +170,7 @@ def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int 
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    batch = torch.tensor(prompts[:batch_size], device="cuda")
+    batch = torch.tensor([p for p in prompts for _ in range(w.n)][:batch_size], device="cuda")   # n: repeated
     kw = dict(do_sample=w.temperature > 0, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         model.generate(batch[:8, :32], max_new_tokens=4, min_new_tokens=4, **kw)    # warm-up

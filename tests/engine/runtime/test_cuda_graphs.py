@@ -74,21 +74,25 @@ def test_graph_step_matches_eager_step(config: dict) -> None:
     replayed = graphs.run(tokens, [n + 1 for n in lens], tables)
     assert replayed is not None and replayed.shape == eager.shape and graphs.num_replays == 1
     rel = (replayed.float() - eager).norm() / eager.norm()
+    print(f"graph vs eager logits: relative error {rel:.2e}")
     assert rel < TOL, f"graph vs eager relative error {rel:.4f}"
     assert torch.equal(cache.k[0][untouched], before), "a padded row wrote outside the scratch page"
     assert graphs.run(tokens * 2, [n + 1 for n in lens] * 2, tables * 2) is None   # 40 rows > 32: eager
 
 
-def _run_loop(folder: Path, prompts: list[list[int]], graphs: bool) -> tuple[list[list[int]], list, object]:
+def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: bool = False,
+             max_tokens: int = 64) -> tuple[list[list[int]], list, object, object]:
+    """Greedy outputs (tokens, logprobs with top 2) of every prompt through a fresh engine loop,
+    plus its runner and final stats."""
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
     from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
     from tokabatch.engine.runtime.factory import build_loop
 
     config = EngineConfig(model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
                           scheduler=SchedulerConfig(max_seqs=256, max_tokens_per_step=8192),
-                          kv_cache_tokens=131072, enable_cuda_graphs=graphs, enable_hydragen=False)
+                          kv_cache_tokens=131072, enable_cuda_graphs=graphs, enable_hydragen=hydragen)
     loop = build_loop(config)
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     for i, ids in enumerate(prompts):
         loop.add(GenerationRequest(request_id=str(i), prompt_token_ids=tuple(ids), sampling=params))
     outputs: dict[int, GenerationOutput] = {}
@@ -98,33 +102,69 @@ def _run_loop(folder: Path, prompts: list[list[int]], graphs: bool) -> tuple[lis
                 outputs[int(item.request_id)] = item
     tokens = [list(outputs[i].choices[0].token_ids) for i in range(len(prompts))]
     logprobs = [outputs[i].choices[0].logprobs for i in range(len(prompts))]
-    runner = loop.runner
+    runner, stats = loop.runner, loop.stats()
     del loop
-    return tokens, logprobs, runner
+    return tokens, logprobs, runner, stats
+
+
+def walk_model(folder: Path) -> None:
+    """A 4-layer Llama-3.2-1B-shaped model whose greedy choice is decided by a wide margin.
+
+    With plain random weights the top-2 logit gap is often below bf16 noise, so eager and graph
+    steps (different GEMM tilings for B vs the padded bucket) legitimately pick different tokens
+    at many positions. Here the embedding is large (std 1) and the untied LM head is a permutation
+    of it, so the next token is mostly perm(current) shifted by what the layers add: outputs still
+    depend on every row's own token, position and KV, but near-ties are rare."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tokabatch.engine.random_models import build_folder
+
+    build_folder("Llama-3.2-1B", folder, num_layers=4)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(folder / "model.safetensors"))
+    embed = tensors["model.embed_tokens.weight"].float() * 50.0          # std 0.02 -> 1
+    gen = torch.Generator().manual_seed(3)
+    tensors["model.embed_tokens.weight"] = embed.to(torch.bfloat16)
+    tensors["lm_head.weight"] = embed[torch.randperm(embed.shape[0], generator=gen)].to(torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def test_greedy_outputs_agree_with_graphs_on_and_off(tmp_path: Path) -> None:
-    from tokabatch.engine.random_models import build_folder
-
     folder = tmp_path / "llama"
-    build_folder("Llama-3.2-1B", folder, num_layers=4, final_norm_scale=8.0)
+    walk_model(folder)
     rng = random.Random(1)
     prompts = [[rng.randrange(128256) for _ in range(rng.randrange(20, 300))] for _ in range(200)]
-    on, _, on_runner = _run_loop(folder, prompts, graphs=True)
+    on, _, on_runner, _ = run_loop(folder, prompts, graphs=True)
     graph_steps, eager_steps = on_runner.num_graph_steps, on_runner.num_eager_steps
     del on_runner
     torch.cuda.empty_cache()
-    off, off_logprobs, off_runner = _run_loop(folder, prompts, graphs=False)
+    off, off_logprobs, off_runner, _ = run_loop(folder, prompts, graphs=False)
     assert off_runner.num_graph_steps == 0
     assert graph_steps >= 50, f"only {graph_steps} graph replays ({eager_steps} eager steps)"
+    print(f"graph steps {graph_steps}, eager {eager_steps}")
+    assert_agree(on, off, off_logprobs, 64, "graphs on/off")
+
+
+def assert_agree(a_runs: list[list[int]], b_runs: list[list[int]], b_logprobs: list, length: int,
+                 what: str) -> None:
+    """>= 99% of tokens equal position by position, and every first divergence at a near-tie
+    (top-2 logit gap < 0.05 in run b, whose context up to there is the same as run a's)."""
     same = total = 0
-    for a, b, lps in zip(on, off, off_logprobs):
-        assert len(a) == len(b) == 64
+    wide_divergences = []
+    for a, b, lps in zip(a_runs, b_runs, b_logprobs):
+        assert len(a) == len(b) == length
         same += sum(x == y for x, y in zip(a, b))
         total += len(a)
         diverged = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if diverged is not None:
             top = lps[diverged].top
             gap = top[0][1] - top[1][1]
-            assert gap < 0.05, f"first divergence at token {diverged} with a top-2 gap of {gap:.3f}"
-    assert same / total >= 0.99, f"graphs on/off agree on {same / total:.2%} of tokens"
+            if gap >= 0.05:
+                wide_divergences.append((diverged, round(gap, 3)))
+    print(f"{what}: {same / total:.2%} of tokens agree")
+    assert same / total >= 0.99, f"{what} agree on {same / total:.2%} of tokens"
+    assert not wide_divergences, f"first divergences not at near-ties (token, top-2 gap): {wide_divergences}"

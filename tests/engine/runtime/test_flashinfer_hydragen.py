@@ -172,3 +172,23 @@ def test_rows_without_own_part_and_padded_states() -> None:
         assert torch.isfinite(got).all() and rel_error(got, reference(q, cache, layer, rows)) < TOL
     attn.plan(plan_hydragen(rows, (), PAGE))
     assert rel_error(attn.run(1, q), reference(q, cache, 1, rows)) < TOL
+
+
+def test_shared_prefix_batch_agrees_with_grouping_on_and_off(tmp_path) -> None:
+    """500 requests = one 512-token prefix + 16 own tokens, 32 greedy tokens each, through the
+    whole engine (flashinfer backend, CUDA graphs on): prefix groups formed and attended by parts."""
+    from tests.engine.runtime.test_cuda_graphs import assert_agree, run_loop, walk_model
+
+    folder = tmp_path / "walk"
+    walk_model(folder)
+    rng = random.Random(5)
+    prefix = [rng.randrange(128256) for _ in range(512)]
+    prompts = [prefix + [rng.randrange(128256) for _ in range(16)] for _ in range(500)]
+    on, _, on_runner, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
+    del on_runner
+    torch.cuda.empty_cache()
+    off, off_logprobs, _, off_stats = run_loop(folder, prompts, graphs=True, hydragen=False, max_tokens=32)
+    saved = on_stats.num_hydragen_saved_kv_reads / max(1, on_stats.num_decode_kv_reads)
+    print(f"hydragen: {saved:.0%} of decode KV reads saved")
+    assert saved > 0.5 and off_stats.num_hydragen_saved_kv_reads == 0
+    assert_agree(on, off, off_logprobs, 32, "grouping on/off")

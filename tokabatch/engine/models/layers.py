@@ -104,11 +104,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in float32 whatever the activation dtype, then scale in it (as HF does).
-        in_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        if x.dtype == torch.float32:
+            # HF's arithmetic, exactly (the float32 tests compare logits with HF's to ~1e-6).
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # bf16/fp16: one fused kernel (float32 inside) instead of ~7 elementwise passes; it rounds
+        # once where HF rounds before and after the weight, a difference within bf16 noise.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -120,5 +121,24 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
+        self.gate_up_proj: nn.Linear | None = None    # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one gate_up_proj (gate rows first): one GEMM instead of two."""
+        if self.gate_up_proj is not None:
+            return
+        g, u = self.gate_proj, self.up_proj
+        fused = nn.Linear(g.weight.shape[1], 2 * g.weight.shape[0], bias=g.bias is not None,
+                          device=g.weight.device, dtype=g.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([g.weight, u.weight]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([g.bias, u.bias]))
+        self.gate_up_proj = fused.requires_grad_(False)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -106,14 +106,36 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
 
+        self.qkv_proj: nn.Linear | None = None    # set by fuse(): q, k, v in one matrix product
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one qkv_proj (concatenated rows): one GEMM and one rotary call."""
+        if self.qkv_proj is not None:
+            return
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        w = parts[0].weight
+        fused = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
+                          device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.qkv_proj = fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionFn) -> Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(n, hq + 2 * hk, d)
+            qk = apply_rotary(qkv[:, :hq + hk], cos, sin)
+            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hk:]
+        else:
+            q = apply_rotary(self.q_proj(x).view(n, hq, d), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(n, hk, d), cos, sin)
+            v = self.v_proj(x).view(n, hk, d)
         out = attn(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, hq * d))
 
 
 class DecoderLayer(nn.Module):
@@ -160,6 +182,13 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return x
+
+    def fuse(self) -> None:
+        """After loading: fused q/k/v and gate/up projections (fewer, larger matrix products; the
+        same results up to float rounding). Loading needs the unfused names, so call it last."""
+        for layer in self.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
 
     def compute_logits(self, hidden_rows: Tensor) -> Tensor:
         """hidden_rows: [rows, hidden_size] from forward -> logits [rows, vocab_size] (model dtype)."""

@@ -4,7 +4,7 @@ Owns the order of start-up: resolve the model folder (model_store: "demo" is fet
 the tokenizer (a bad folder fails before the slow weight load), load the weights (dtype auto:
 float32 on CPU, bfloat16 on GPU), size the KV cache (kv_cache_tokens, else 65,536 tokens on CPU or
 free GPU memory), then the scheduler over exactly that many pages; with enable_hydragen the scheduler
-plans prefix groups and the torch backend attends them by parts. Runs in the engine process.
+plans prefix groups and the backend (torch or flashinfer) attends them by parts. Runs in the engine process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.scheduler import Scheduler
-from tokabatch.engine.runtime.attention import TorchBackend
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.engine.runtime.runner import build_runner
 from tokabatch.model_store import resolve_model_path, served_model_name
@@ -40,8 +39,8 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False) -
     if engine_config.enable_hydragen:
         grouping = GroupingParams(min_prefix_tokens=engine_config.hydragen_min_prefix_tokens,
                                   min_group=engine_config.hydragen_min_group)
-        if isinstance(runner.backend, TorchBackend):
-            runner.backend.use_hydragen = True     # its default is the reference path, which ignores groups
+        if hasattr(runner.backend, "use_hydragen"):
+            runner.backend.use_hydragen = True     # backends default to reading every page themselves
     scheduler = Scheduler(engine_config.scheduler, num_pages, max_model_len=spec.max_position_embeddings,
                           hydragen=grouping)
     info = ModelInfo(

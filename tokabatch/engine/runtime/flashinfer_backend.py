@@ -93,9 +93,11 @@ class FlashInferAttentionContext:
     """A planned step: the slot of every step token, and the wrappers of its decode and prefill rows."""
 
     def __init__(self, cache: KVCache, slot_mapping: Tensor, decode: Any | None, num_decode_rows: int,
-                 prefill: Any | None) -> None:
+                 prefill: Any | None, hydragen: Any | None = None) -> None:
+        """`hydragen` (a planned FlashInferHydragenAttention) replaces `decode` for the decode rows."""
         self.cache, self.slot_mapping = cache, slot_mapping
         self.decode, self.num_decode_rows, self.prefill = decode, num_decode_rows, prefill
+        self.hydragen = hydragen
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [num_tokens, heads, dim]; k, v: [num_tokens, kv_heads, dim] -> [num_tokens, heads, dim]."""
@@ -105,21 +107,31 @@ class FlashInferAttentionContext:
         kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
         d = self.num_decode_rows
         if self.prefill is None:
-            return self.decode.run(q.contiguous(), kv).to(q.dtype)
-        if self.decode is None:
+            return self._decode(layer_idx, q, kv).to(q.dtype)
+        if d == 0:
             return self.prefill.run(q.contiguous(), kv).to(q.dtype)
         out = torch.empty_like(q)
-        out[:d] = self.decode.run(q[:d].contiguous(), kv)
+        out[:d] = self._decode(layer_idx, q[:d], kv)
         out[d:] = self.prefill.run(q[d:].contiguous(), kv)
         return out
 
+    def _decode(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        if self.hydragen is not None:
+            return self.hydragen.run(layer_idx, q)
+        return self.decode.run(q.contiguous(), kv)
+
 
 class FlashInferBackend:
-    """Paged attention through flashinfer over the KVCache's NHD tensors (bf16 or fp16 on CUDA)."""
+    """Paged attention through flashinfer over the KVCache's NHD tensors (bf16 or fp16 on CUDA).
+
+    use_hydragen=False: prefix groups are ignored, every decode reads all its pages.
+    use_hydragen=True: a step's decode rows with prefix groups are attended by parts
+    (flashinfer_hydragen.py: shared pages read once per group, merged with the own parts)."""
 
     name = "flashinfer"
 
-    def __init__(self, cache: KVCache, num_heads: int, workspace_bytes: int = WORKSPACE_BYTES) -> None:
+    def __init__(self, cache: KVCache, num_heads: int, workspace_bytes: int = WORKSPACE_BYTES,
+                 use_hydragen: bool = False) -> None:
         if cache.device.type != "cuda":
             raise ValueError("FlashInferBackend needs a CUDA KV cache")
         self.cache = cache
@@ -128,13 +140,15 @@ class FlashInferBackend:
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=cache.device)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
         self.decode = decode_wrapper(self.workspace, num_heads, self.num_kv_heads)
+        self.use_hydragen = use_hydragen
+        self._hydragen: Any | None = None     # FlashInferHydragenAttention, built on first use
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> FlashInferAttentionContext:
         """Plan one forward pass over `num_tokens` rows described by `seqs` (in row order, no gaps).
 
-        `prefix_groups` (Hydragen) change only how shared pages could be read, never the result;
-        this backend reads every sequence's pages itself."""
+        `prefix_groups` (Hydragen; members are decode rows, named by SeqAttn.seq_id) change only
+        how shared pages are read, never the result, and are used only with use_hydragen."""
         expected_start = 0
         num_decode = 0                   # leading single-token rows: the decode part
         for s in seqs:
@@ -148,8 +162,15 @@ class FlashInferBackend:
         ps, dev, dtype = self.cache.page_size, self.cache.device, self.cache.dtype
         layout = paged_layout(seqs, ps)
         kv_indices = layout.kv_indices.pin_memory().to(dev, non_blocking=True)
-        decode = prefill = None
-        if num_decode:
+        decode = prefill = hydragen = None
+        if num_decode and self.use_hydragen and prefix_groups:
+            from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention, plan_hydragen
+
+            if self._hydragen is None:
+                self._hydragen = FlashInferHydragenAttention(self.cache, self.num_heads, self.workspace)
+            self._hydragen.plan(plan_hydragen(seqs[:num_decode], prefix_groups, ps))
+            hydragen = self._hydragen
+        elif num_decode:
             n_pages = int(layout.kv_indptr[num_decode])
             self.decode.plan(layout.kv_indptr[:num_decode + 1], kv_indices[:n_pages],
                              layout.last_page_len[:num_decode], self.num_heads, self.num_kv_heads,
@@ -164,7 +185,7 @@ class FlashInferBackend:
                               q_data_type=dtype, kv_data_type=dtype)
             prefill = self.prefill
         slot_mapping = slot_mapping_of(layout, kv_indices, ps, num_tokens, dev)
-        return FlashInferAttentionContext(self.cache, slot_mapping, decode, num_decode, prefill)
+        return FlashInferAttentionContext(self.cache, slot_mapping, decode, num_decode, prefill, hydragen)
 
 
 def slot_mapping_of(layout: PagedLayout, kv_indices: Tensor, page_size: int, num_tokens: int,

@@ -11,8 +11,8 @@ The parts of one decode step (rows 0..B-1, one query token each; see hydragen_at
   - group parts: ONE BatchPrefillWithPagedKVCacheWrapper call (non-causal) whose request g is
     group g: its members' queries, gathered contiguously (`group_rows`), over the group's full
     pages. The shared K/V is read once per group, for all members together;
-  - own parts: ONE BatchDecodeWithPagedKVCacheWrapper call (the prefill wrapper for GQA group sizes
-    the decode kernel lacks) over each row's pages from the end of its last group through its
+  - own parts: ONE BatchDecodeWithPagedKVCacheWrapper call (its tensor-core variant for GQA group
+    sizes the CUDA-core decode kernel lacks) over each row's pages from the end of its last group through its
     current token, page_ids[own_start // page_size : ceil(kv_len / page_size)];
   - merge: every part output (out, lse) is one row of a buffer [own outputs; group outputs; one
     empty state]; `state_index[row]` lists the row's parts (own first, then its groups by
@@ -234,9 +234,9 @@ class FlashInferHydragenAttention:
         dev = cache.device
         self.group_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
         self.decode_ok = num_heads // self.num_kv_heads in CUDA_CORE_DECODE_GROUP_SIZES
-        self.own_wrapper: Any = (flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
-                                 if self.decode_ok else
-                                 flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD"))
+        # Other GQA group sizes: the decode wrapper's tensor-core variant (any group size).
+        self.own_wrapper: Any = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, kv_layout="NHD", use_tensor_cores=not self.decode_ok)
         pages_guess = max_rows * 64
         self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
         self._own_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
@@ -262,13 +262,8 @@ class FlashInferHydragenAttention:
             self.group_rows = self._group_rows.load(hplan.group_rows)
         if hplan.num_own:
             own_indices = self._own_indices.load(hplan.own_kv_indices)
-            if self.decode_ok:
-                self.own_wrapper.plan(hplan.own_kv_indptr, own_indices, hplan.own_last_page_len, *heads,
-                                      pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
-            else:
-                self.own_wrapper.plan(_indptr([1] * hplan.num_own), hplan.own_kv_indptr, own_indices,
-                                      hplan.own_last_page_len, *heads, causal=False,
-                                      q_data_type=dtype, kv_data_type=dtype)
+            self.own_wrapper.plan(hplan.own_kv_indptr, own_indices, hplan.own_last_page_len, *heads,
+                                  pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
             self.own_rows = self._own_rows.load(hplan.own_rows)
         if not hplan.own_only:
             self.state_index = self._state_index.load(hplan.state_index.reshape(-1))

@@ -155,6 +155,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "auto") -> t
     model = build_on_meta(config, dt, dev)
     load_weights(model, safetensors_files(folder))
     model.eval().requires_grad_(False)
+    model.fuse()
     a = model.args
     spec = ModelSpec(
         architecture=config["architectures"][0], num_layers=a.num_layers, num_heads=a.num_heads,

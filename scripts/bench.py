@@ -90,12 +90,13 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
         scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
         kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=not args.no_cuda_graphs,
-        enable_hydragen=not args.no_hydragen)
+        enable_hydragen=not args.no_hydragen, pipelined=not args.no_pipeline)
     loop = build_loop(config)
     info = loop.info
     graphs = loop.runner.graphs
     print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
-          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, CUDA graphs "
+          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
+          f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
           f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
           f"built in {time.perf_counter() - t0:.1f} s", flush=True)
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
@@ -130,11 +131,12 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items())
           + f"; loop rest {wall - sum(timers.values()):.2f}", flush=True)
     stats = loop.stats()
+    runners = getattr(loop, "runners", [loop.runner])
     row = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall,
                total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, steps=stats.num_steps,
                forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens,
-               graph_steps=loop.runner.num_graph_steps, eager_steps=loop.runner.num_eager_steps)
+               graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners))
     if args.profile:
         from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
         profile_decode_steps(loop, prompts[:args.profile_batch], w, args.profile, args.out_dir)
@@ -142,24 +144,34 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
 
 
 def _time_phases(loop) -> dict[str, float]:
-    """Wrap the scheduler and runner to add up wall seconds per phase (a step syncs on its sampled
-    tokens, so `execute` includes the GPU time of the step)."""
-    totals = {"schedule": 0.0, "execute graph": 0.0, "execute eager": 0.0, "on_step_done": 0.0}
-    runner, sched = loop.runner, loop.scheduler
+    """Wrap the schedulers and runners to add up wall seconds per phase: CPU time to schedule, to
+    build and launch a step (graph replay or eager), to process its result, and the time spent
+    waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that)."""
+    totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
+    halves = getattr(loop, "halves", [loop])
 
-    def timed(fn, key_of):
+    def timed(fn, key):
         def wrapper(*a, **kw):
-            before = runner.num_graph_steps
             t = time.perf_counter()
             out = fn(*a, **kw)
-            totals[key_of(before)] += time.perf_counter() - t
+            totals[key] += time.perf_counter() - t
             return out
         return wrapper
 
-    runner.execute = timed(runner.execute,
-                           lambda before: "execute graph" if runner.num_graph_steps > before else "execute eager")
-    sched.schedule = timed(sched.schedule, lambda _: "schedule")
-    sched.on_step_done = timed(sched.on_step_done, lambda _: "on_step_done")
+    for half in halves:
+        runner, sched = half.runner, half.scheduler
+
+        def launch(plan, _runner=runner, _launch=runner.launch):
+            before = _runner.num_graph_steps
+            t = time.perf_counter()
+            pending = _launch(plan)
+            totals["launch graph" if _runner.num_graph_steps > before else "launch eager"] += time.perf_counter() - t
+            pending.result = timed(pending.result, "wait for GPU")
+            return pending
+
+        runner.launch = launch
+        sched.schedule = timed(sched.schedule, "schedule")
+        sched.on_step_done = timed(sched.on_step_done, "on_step_done")
     return totals
 
 
@@ -203,6 +215,7 @@ def main() -> None:
     ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     ap.add_argument("--no-hydragen", action="store_true", help="plan no prefix groups")
+    ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--profile-batch", type=int, default=256)
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))

@@ -54,6 +54,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None   # None: sized from free memory (GPU) or 65,536 tokens (CPU)
     kv_memory_fraction: float = 0.90     # of the free GPU memory after loading and warm-up
     enable_cuda_graphs: bool = True
+    pipelined: bool = True               # CUDA: two engine loops in turn, so CPU work overlaps GPU work
     enable_hydragen: bool = True
     hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
     hydragen_min_group: int = 16            # ... among at least this many decoding sequences

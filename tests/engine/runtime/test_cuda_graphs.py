@@ -83,7 +83,7 @@ def test_graph_step_matches_eager_step(config: dict) -> None:
 def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: bool = False,
              max_tokens: int = 64) -> tuple[list[list[int]], list, object, object]:
     """Greedy outputs (tokens, logprobs with top 2) of every prompt through a fresh engine loop,
-    plus its runner and final stats."""
+    plus its runners (two with the default pipelined loop on CUDA) and final stats."""
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
     from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
     from tokabatch.engine.runtime.factory import build_loop
@@ -102,9 +102,9 @@ def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: boo
                 outputs[int(item.request_id)] = item
     tokens = [list(outputs[i].choices[0].token_ids) for i in range(len(prompts))]
     logprobs = [outputs[i].choices[0].logprobs for i in range(len(prompts))]
-    runner, stats = loop.runner, loop.stats()
+    runners, stats = getattr(loop, "runners", [loop.runner]), loop.stats()
     del loop
-    return tokens, logprobs, runner, stats
+    return tokens, logprobs, runners, stats
 
 
 def walk_model(folder: Path) -> None:
@@ -138,12 +138,13 @@ def test_greedy_outputs_agree_with_graphs_on_and_off(tmp_path: Path) -> None:
     walk_model(folder)
     rng = random.Random(1)
     prompts = [[rng.randrange(128256) for _ in range(rng.randrange(20, 300))] for _ in range(200)]
-    on, _, on_runner, _ = run_loop(folder, prompts, graphs=True)
-    graph_steps, eager_steps = on_runner.num_graph_steps, on_runner.num_eager_steps
-    del on_runner
+    on, _, on_runners, _ = run_loop(folder, prompts, graphs=True)
+    graph_steps = sum(r.num_graph_steps for r in on_runners)
+    eager_steps = sum(r.num_eager_steps for r in on_runners)
+    del on_runners
     torch.cuda.empty_cache()
-    off, off_logprobs, off_runner, _ = run_loop(folder, prompts, graphs=False)
-    assert off_runner.num_graph_steps == 0
+    off, off_logprobs, off_runners, _ = run_loop(folder, prompts, graphs=False)
+    assert sum(r.num_graph_steps for r in off_runners) == 0
     assert graph_steps >= 50, f"only {graph_steps} graph replays ({eager_steps} eager steps)"
     print(f"graph steps {graph_steps}, eager {eager_steps}")
     assert_agree(on, off, off_logprobs, 64, "graphs on/off")

@@ -184,8 +184,8 @@ def test_shared_prefix_batch_agrees_with_grouping_on_and_off(tmp_path) -> None:
     rng = random.Random(5)
     prefix = [rng.randrange(128256) for _ in range(512)]
     prompts = [prefix + [rng.randrange(128256) for _ in range(16)] for _ in range(500)]
-    on, _, on_runner, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
-    del on_runner
+    on, _, on_runners, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
+    del on_runners
     torch.cuda.empty_cache()
     off, off_logprobs, _, off_stats = run_loop(folder, prompts, graphs=True, hydragen=False, max_tokens=32)
     saved = on_stats.num_hydragen_saved_kv_reads / max(1, on_stats.num_decode_kv_reads)

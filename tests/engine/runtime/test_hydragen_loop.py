@@ -43,13 +43,13 @@ def workload():
 
 def record_plans(loop: EngineLoop) -> list[StepPlan]:
     plans: list[StepPlan] = []
-    execute = loop.runner.execute
+    launch = loop.runner.launch
 
     def recording(plan: StepPlan):
         plans.append(plan)
-        return execute(plan)
+        return launch(plan)
 
-    loop.runner.execute = recording
+    loop.runner.launch = recording
     return plans
 
 

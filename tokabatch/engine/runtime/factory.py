@@ -10,57 +10,74 @@ plans prefix groups and the backend (torch or flashinfer) attends them by parts.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.scheduler import Scheduler
 from tokabatch.engine.runtime.loop import EngineLoop
-from tokabatch.engine.runtime.runner import build_runner
+from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
+from tokabatch.engine.runtime.runner import build_runners
+from tokabatch.engine.runtime.weights import resolve_device
 from tokabatch.model_store import resolve_model_path, served_model_name
 from tokabatch.text import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False) -> EngineLoop:
-    """A ready EngineLoop; raises ModelLoadError / ModelFetchError / ConfigError for a bad setup."""
-    model_cfg = engine_config.model
+def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
+               parts: int | None = None) -> EngineLoop | PipelinedLoop:
+    """A ready StepLoop: one EngineLoop, or on CUDA with `pipelined` a PipelinedLoop of two over one
+    model (each half gets half of max_seqs, max_tokens_per_step and the KV cache); `parts` (tests:
+    1 or 2) overrides that choice. Raises ModelLoadError / ModelFetchError / ConfigError for a bad setup."""
+    model_cfg, sched_cfg = engine_config.model, engine_config.scheduler
     folder = resolve_model_path(model_cfg.path)
     tokenizer = Tokenizer.from_folder(folder)
-    runner = build_runner(
-        folder, dtype=model_cfg.dtype, device=model_cfg.device, page_size=engine_config.scheduler.page_size,
+    if parts is None:
+        parts = 2 if engine_config.pipelined and resolve_device(model_cfg.device).type == "cuda" else 1
+    if parts > 1:
+        sched_cfg = replace(sched_cfg, max_seqs=-(-sched_cfg.max_seqs // parts),
+                            max_tokens_per_step=max(1, sched_cfg.max_tokens_per_step // parts))
+    runners = build_runners(
+        folder, dtype=model_cfg.dtype, device=model_cfg.device, page_size=sched_cfg.page_size,
         kv_cache_tokens=engine_config.kv_cache_tokens, kv_memory_fraction=engine_config.kv_memory_fraction,
         seed=engine_config.seed, cuda_graphs=engine_config.enable_cuda_graphs,
-        max_decode_batch=max(1, min(engine_config.scheduler.max_seqs, engine_config.scheduler.max_tokens_per_step)))
-    spec = runner.spec
-    num_pages = runner.kv_cache.num_pages
+        max_decode_batch=max(1, min(sched_cfg.max_seqs, sched_cfg.max_tokens_per_step)), parts=parts)
+    spec = runners[0].spec
     grouping = None
     if engine_config.enable_hydragen:
         grouping = GroupingParams(min_prefix_tokens=engine_config.hydragen_min_prefix_tokens,
                                   min_group=engine_config.hydragen_min_group)
-        if hasattr(runner.backend, "use_hydragen"):
+    schedulers = []
+    for runner in runners:
+        if grouping is not None and hasattr(runner.backend, "use_hydragen"):
             runner.backend.use_hydragen = True     # backends default to reading every page themselves
-    scheduler = Scheduler(engine_config.scheduler, num_pages, max_model_len=spec.max_position_embeddings,
-                          hydragen=grouping)
+        schedulers.append(Scheduler(sched_cfg, runner.kv_cache.num_pages, max_model_len=spec.max_position_embeddings,
+                                    hydragen=grouping))
+    num_pages = sum(r.kv_cache.num_pages for r in runners)
     info = ModelInfo(
         model_id=served_model_name(model_cfg.path, model_cfg.served_model_name),
         context_length=spec.max_position_embeddings,
         vocab_size=spec.vocab_size,
         eos_token_ids=spec.eos_token_ids or tokenizer.eos_token_ids,
-        page_size=engine_config.scheduler.page_size,
+        page_size=sched_cfg.page_size,
         num_pages=num_pages,
-        max_seqs=scheduler.max_running,
+        max_seqs=sum(s.max_running for s in schedulers),
         device=str(spec.device),
         dtype=spec.dtype_name,
     )
-    graphs = runner.graphs
+    graphs = runners[0].graphs
     log.info("engine ready: KV cache %d pages x %d = %d tokens, largest batch %d sequences, backend %s, "
-             "CUDA graphs %s", num_pages, info.page_size, num_pages * info.page_size, info.max_seqs,
-             getattr(runner.backend, "name", "?"),
-             f"for decode batches up to {graphs.max_batch} ({len(graphs.sizes)} sizes)" if graphs else "off")
-    return EngineLoop(scheduler=scheduler, runner=runner, sampler=runner.sampler, tokenizer=tokenizer, info=info,
-                      check_invariants=check_invariants)
+             "CUDA graphs %s, %s", num_pages, info.page_size, num_pages * info.page_size, info.max_seqs,
+             getattr(runners[0].backend, "name", "?"),
+             f"for decode batches up to {graphs.max_batch} ({len(graphs.sizes)} sizes)" if graphs else "off",
+             "two pipelined halves" if parts > 1 else "one loop")
+    loops = [EngineLoop(scheduler=sched, runner=runner, sampler=runner.sampler, tokenizer=tokenizer,
+                        info=replace(info, num_pages=runner.kv_cache.num_pages, max_seqs=sched.max_running),
+                        check_invariants=check_invariants)
+             for sched, runner in zip(schedulers, runners)]
+    return loops[0] if parts == 1 else PipelinedLoop(loops, info)
 
 
 __all__ = ["build_loop"]

@@ -38,6 +38,26 @@ class KVCache:
         self.k: list[Tensor] = list(self._k.unbind(0))
         self.v: list[Tensor] = list(self._v.unbind(0))
 
+    def split(self, parts: int) -> list["KVCache"]:
+        """Disjoint sub-caches over this one's pages (no copy): `parts` equal slices of all its pages,
+        each with its last page reserved as its scratch page. For engines that run several
+        schedulers over one model, each with its own page pool (page ids local to the part)."""
+        total = self._k.shape[1]
+        per_part = total // parts
+        if parts < 1 or per_part < 2:
+            raise ConfigError(f"cannot split {total} KV pages into {parts} parts of at least 2 pages")
+        out = []
+        for i in range(parts):
+            part = object.__new__(KVCache)
+            part.num_pages, part.page_size = per_part - 1, self.page_size
+            part.scratch_page = per_part - 1
+            part.dtype, part.device = self.dtype, self.device
+            part._k = self._k[:, i * per_part:(i + 1) * per_part]
+            part._v = self._v[:, i * per_part:(i + 1) * per_part]
+            part.k, part.v = list(part._k.unbind(0)), list(part._v.unbind(0))
+            out.append(part)
+        return out
+
     @property
     def num_tokens(self) -> int:
         """Usable token slots (reserved pages excluded)."""

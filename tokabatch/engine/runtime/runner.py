@@ -17,7 +17,7 @@ Must not import the scheduler or the service.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,31 +48,31 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_eager_steps = 0
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step: write the KV of every planned token, sample where asked, score prompts."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> "PendingStep":
+        """Queue one step on the device and return at once (on CUDA; the CPU runs it to the end):
+        its `result()` waits for the sampled tokens. Call `result()` before the next `launch`."""
         works = plan.works
         if not works:
-            return StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0)
+            return PendingStep(StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0))
         if self.graphs is not None and self._graphable(plan):
             decodes = plan.decodes
             logits = self.graphs.run([w.token_ids[0] for w in decodes], [w.start_pos + 1 for w in decodes],
                                      [w.page_ids for w in decodes])
             if logits is not None:
                 self.num_graph_steps += 1
-                sampled = self.sampler.sample([w.seq_id for w in decodes], logits)
-                return StepResult(step_idx=plan.step_idx, sampled=tuple(sampled),
-                                  num_forward_tokens=plan.num_tokens)
+                finish = self.sampler.sample_async([w.seq_id for w in decodes], logits)
+                return PendingStep(None, plan, finish)
         self.num_eager_steps += 1
         input_ids, positions, seqs = self._flatten(works)
         attn = self.backend.begin_step(seqs, plan.num_tokens, plan.prefix_groups)
         hidden = self.model(input_ids, positions, attn)            # [num_tokens, hidden]
-        return StepResult(
-            step_idx=plan.step_idx,
-            sampled=self._sample(works, seqs, hidden),
-            prompt_logprobs=self._prompt_logprobs(works, seqs, hidden),
-            num_forward_tokens=plan.num_tokens,
-        )
+        prompt_logprobs = self._prompt_logprobs(works, seqs, hidden)
+        return PendingStep(None, plan, self._sample(works, seqs, hidden), prompt_logprobs)
 
     def _graphable(self, plan: StepPlan) -> bool:
         """A pure decode step whose every row samples; prefix groups only where the backend ignores them."""
@@ -108,13 +108,14 @@ class ModelRunner:
             positions.extend(range(w.start_pos, w.start_pos + w.num_tokens))
         return self._long(ids), self._long(positions), seqs
 
-    def _sample(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn], hidden: Tensor) -> tuple[SampledToken, ...]:
+    def _sample(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn],
+                hidden: Tensor) -> Callable[[], list[SampledToken]]:
         picked = [(w.seq_id, s.q_start + s.q_len - 1) for w, s in zip(works, seqs) if w.sample]
         if not picked:
-            return ()
+            return list
         rows = self._long([row for _, row in picked])
         logits = self.model.compute_logits(hidden.index_select(0, rows))   # [num_sampled, vocab]
-        return tuple(self.sampler.sample([seq_id for seq_id, _ in picked], logits))
+        return self.sampler.sample_async([seq_id for seq_id, _ in picked], logits)
 
     def _prompt_logprobs(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn],
                          hidden: Tensor) -> tuple[tuple[int, tuple[TokenLogprob, ...]], ...]:
@@ -138,6 +139,22 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
 
+class PendingStep:
+    """A launched step: `result()` waits for its sampled tokens (once) and returns the StepResult."""
+
+    def __init__(self, done: StepResult | None, plan: StepPlan | None = None,
+                 finish: Callable[[], list[SampledToken]] | None = None,
+                 prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]], ...] = ()) -> None:
+        self._done, self._plan, self._finish, self._prompt_logprobs = done, plan, finish, prompt_logprobs
+
+    def result(self) -> StepResult:
+        if self._done is None:
+            plan = self._plan
+            self._done = StepResult(step_idx=plan.step_idx, sampled=tuple(self._finish()),
+                                    prompt_logprobs=self._prompt_logprobs, num_forward_tokens=plan.num_tokens)
+        return self._done
+
+
 def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
     """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise.
 
@@ -151,24 +168,37 @@ def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
     return TorchBackend(cache)
 
 
-def build_runner(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
-                 kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
-                 seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256) -> ModelRunner:
-    """Model folder -> a ready ModelRunner with `select_backend`'s backend (the runner's `kv_cache.num_pages`
-    is what the scheduler's page pool must be sized to). GPU sizing uses free memory after loading.
+def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
+                  kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
+                  seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256,
+                  parts: int = 1) -> list[ModelRunner]:
+    """Model folder -> `parts` ready ModelRunners over one copy of the weights, each with its own
+    slice of the KV cache (its `kv_cache.num_pages` is what its scheduler's pool must be sized to),
+    sampler, `select_backend`'s backend and CUDA graphs. GPU sizing uses free memory after loading.
 
     On CUDA with flashinfer: a warm-up step compiles the attention kernels, then (with `cuda_graphs`)
-    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs."""
+    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs, per runner."""
     model, spec = load_model(path, dtype=dtype, device=device)
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
-    cache = KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)
-    sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=seed)
-    backend = select_backend(cache, spec.num_heads)
-    runner = ModelRunner(model, spec, cache, backend, sampler)
-    if getattr(backend, "name", "") == "flashinfer":
-        runner.warm_up()
-        if cuda_graphs:
-            from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs   # CUDA + flashinfer only
-            runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch)
-            runner.graphs.capture()
-    return runner
+    if parts == 1:
+        caches = [KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)]
+    else:
+        caches = KVCache(spec, num_pages=num_pages, page_size=page_size).split(parts)
+    runners = []
+    for i, cache in enumerate(caches):
+        sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=None if seed is None else seed + i)
+        backend = select_backend(cache, spec.num_heads)
+        runner = ModelRunner(model, spec, cache, backend, sampler)
+        if getattr(backend, "name", "") == "flashinfer":
+            runner.warm_up()
+            if cuda_graphs:
+                from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs   # CUDA + flashinfer only
+                runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch)
+                runner.graphs.capture()
+        runners.append(runner)
+    return runners
+
+
+def build_runner(path: str | Path, **kwargs: Any) -> ModelRunner:
+    """One ModelRunner (`build_runners` with parts=1)."""
+    return build_runners(path, **kwargs)[0]

@@ -29,7 +29,7 @@ Unseeded rows share one generator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -171,10 +171,43 @@ class Sampler:
         in row order, with a TokenLogprob when the sequence asked for logprobs (logprob of the
         sampled token under log_softmax of the raw logits, plus the top `params.logprobs`).
         """
+        return self.sample_async(seq_ids, logits)()
+
+    def sample_async(self, seq_ids: list[int], logits: Tensor) -> Callable[[], list[SampledToken]]:
+        """`sample` in two halves: launch the draw now, get the tokens from the returned callable.
+
+        On CUDA the draw's kernels and the copy of the tokens to pinned host memory are queued and
+        this returns at once, so the caller can do CPU work while the GPU finishes; calling the
+        result waits for the copy and records the tokens (call it before this sampler's next
+        `sample*`: penalties and min_tokens read the recorded tokens). Rows that want logprobs
+        are computed synchronously (their top-k needs the host)."""
         self._check_logits(logits, len(seq_ids))
         if not seq_ids:
-            return []
+            return list
         states = [self._state(s) for s in seq_ids]
+        if all(s.unadjusted for s in states) and all(s.params.logprobs is None for s in states):
+            tokens = self._choose_unadjusted(logits, states)
+            if tokens.device.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host, done = tokens, None
+
+            def finish() -> list[SampledToken]:
+                if done is not None:
+                    done.synchronize()
+                token_list = host.tolist()
+                for state, token in zip(states, token_list):
+                    state.output_ids.append(token)
+                return [SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, token_list)]
+
+            return finish
+        result = self._sample_now(seq_ids, logits, states)
+        return lambda: result
+
+    def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> list[SampledToken]:
         if all(s.unadjusted for s in states):
             raw = None
             tokens = self._choose_unadjusted(logits, states)

@@ -1,0 +1,56 @@
+"""PipelinedLoop: two engine loops over one model give the same outputs as one loop (CPU, float32).
+
+On the CPU a step runs to the end inside `launch`, so this checks the routing, the alternation,
+aborts and the merged stats; the overlap itself shows on the GPU (scripts/bench.py --no-pipeline).
+"""
+
+from __future__ import annotations
+
+from tests.engine.runtime.test_loop import EngineConfig, ModelConfig, SchedulerConfig, drain, greedy, prompt, run
+from tests.engine.runtime.test_loop import tiny  # noqa: F401  (a fixture)
+from tokabatch.engine.api import GenerationOutput
+from tokabatch.engine.runtime.factory import build_loop
+from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
+
+
+def make(folder, parts: int):
+    config = EngineConfig(model=ModelConfig(path=str(folder), dtype="float32", device="cpu"),
+                          scheduler=SchedulerConfig(page_size=4, max_tokens_per_step=64, max_seqs=8),
+                          kv_cache_tokens=4096)
+    return build_loop(config, check_invariants=True, parts=parts)
+
+
+def test_two_halves_give_the_same_greedy_outputs_as_one_loop(tiny) -> None:  # noqa: F811
+    _, folder = tiny
+    requests = [greedy(f"r{i}", prompt(i, 5 + 7 * i % 40), 12 + i % 5, n=1 + i % 3) for i in range(14)]
+    single = run(make(folder, 1), requests)
+    loop = make(folder, 2)
+    assert isinstance(loop, PipelinedLoop)
+    assert loop.info.num_pages == sum(h.info.num_pages for h in loop.halves)
+    piped = run(loop, requests)
+    assert piped.keys() == single.keys()
+    for rid, out in single.items():
+        assert [c.token_ids for c in piped[rid].choices] == [c.token_ids for c in out.choices], rid
+        assert [c.text for c in piped[rid].choices] == [c.text for c in out.choices], rid
+    # Both halves ran steps, and the merged stats add up.
+    assert all(h.stats().num_steps > 0 for h in loop.halves)
+    stats = loop.stats()
+    assert stats.num_requests_finished == len(requests)
+    assert stats.num_generated_tokens == sum(len(c.token_ids) for o in single.values() for c in o.choices)
+    assert not loop.has_work() and loop._load == [0, 0]
+
+
+def test_abort_reaches_the_half_that_runs_the_request(tiny) -> None:  # noqa: F811
+    _, folder = tiny
+    loop = make(folder, 2)
+    for i in range(4):
+        loop.add(greedy(f"a{i}", prompt(i, 9), 40))
+    loop.step()
+    loop.step()
+    loop.abort("a1")
+    loop.abort("a2")
+    outputs = drain(loop)
+    assert outputs["a1"].aborted and outputs["a2"].aborted
+    assert not outputs["a0"].aborted and len(outputs["a0"].choices[0].token_ids) == 40
+    assert all(isinstance(o, GenerationOutput) for o in outputs.values())
+    assert not loop.has_work()

@@ -90,7 +90,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
         scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
         kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=not args.no_cuda_graphs,
-        enable_hydragen=not args.no_hydragen, pipelined=not args.no_pipeline)
+        enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline)
     loop = build_loop(config)
     info = loop.info
     graphs = loop.runner.graphs
@@ -214,7 +214,8 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-step", type=int, default=16384)
     ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
-    ap.add_argument("--no-hydragen", action="store_true", help="plan no prefix groups")
+    ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
+                    help="prefix groups (auto: off when CUDA graphs are on, see EngineConfig)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--profile-batch", type=int, default=256)

@@ -46,7 +46,10 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
         max_decode_batch=max(1, min(sched_cfg.max_seqs, sched_cfg.max_tokens_per_step)), parts=parts)
     spec = runners[0].spec
     grouping = None
-    if engine_config.enable_hydragen:
+    hydragen = engine_config.enable_hydragen
+    if hydragen is None:
+        hydragen = runners[0].graphs is None
+    if hydragen:
         grouping = GroupingParams(min_prefix_tokens=engine_config.hydragen_min_prefix_tokens,
                                   min_group=engine_config.hydragen_min_group)
     schedulers = []

@@ -198,3 +198,96 @@ def test_stop_strings_do_not_depend_on_chunking() -> None:
             assert one_char[0] == text
         else:
             assert one_char[1] not in one_char[0] and text.startswith(one_char[0] + one_char[1])
+
+
+def _reference_pieces(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool) -> list[str]:
+    """The two-decode incremental algorithm, with no fast path and no trimming: what
+    IncrementalDetokenizer must return push for push (its fast path skips the decodes)."""
+    window = list(prompt[-5:])
+    prefix, read = 0, len(window)
+    out = []
+    for i in ids:
+        window.append(i)
+        before = tok.decode(window[prefix:read], skip_special_tokens=skip)
+        after = tok.decode(window[prefix:], skip_special_tokens=skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            prefix, read = read, len(window)
+            out.append(after[len(before):])
+        else:
+            out.append("")
+    before = tok.decode(window[prefix:read], skip_special_tokens=skip)
+    after = tok.decode(window[prefix:], skip_special_tokens=skip)
+    out.append(after[len(before):] if len(after) > len(before) else "")
+    return out
+
+
+def _pieces(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool) -> list[str]:
+    """push by push, then flush; and push_all (one call for every id) must give the same text."""
+    detok = tok.detokenizer(prompt, skip_special_tokens=skip)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    at_once = tok.detokenizer(prompt, skip_special_tokens=skip)
+    cut = len(ids) // 3
+    assert at_once.push_all(ids[:cut]) + at_once.push_all(ids[cut:]) == "".join(pieces[:-1])
+    assert at_once.flush() == pieces[-1]
+    return pieces
+
+
+def _random_ids(rng, tok: Tokenizer, special: list[int]) -> list[int]:
+    """Ids of real text, random ids (byte-level: many are parts of characters) and added tokens."""
+    kind = rng.random()
+    if kind < 0.4:
+        ids = tok.encode(rng.choice(TEXTS) + rng.choice(TEXTS), add_special_tokens=False)
+    else:
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 30))]
+    for _ in range(rng.randint(0, 3)):
+        ids.insert(rng.randint(0, len(ids)), rng.choice(special))
+    return ids
+
+
+def test_incremental_detokenizer_fast_path_equals_two_decodes(ours: Tokenizer) -> None:
+    import random
+
+    rng = random.Random(1)
+    special = sorted(ours._added_ids)
+    for _ in range(300):
+        prompt = _random_ids(rng, ours, special)
+        ids = _random_ids(rng, ours, special)
+        skip = rng.random() < 0.5
+        assert _pieces(ours, prompt, ids, skip) == _reference_pieces(ours, prompt, ids, skip), (prompt, ids, skip)
+
+
+def test_simple_pieces_of_a_byte_level_tokenizer(ours: Tokenizer) -> None:
+    hello = ours.encode(" Hello", add_special_tokens=False)
+    assert len(hello) == 1 and ours.simple_piece(hello[0]) == " Hello"
+    rocket = ours.encode("🚀", add_special_tokens=False)
+    assert len(rocket) > 1 and all(ours.simple_piece(i) is None for i in rocket), "parts of a character"
+    assert ours.simple_piece(ours.encode("<|im_end|>", add_special_tokens=False)[0]) is None, "added token"
+
+
+def test_incremental_detokenizer_without_a_decoder(tmp_path: Path) -> None:
+    """A tokenizer without a decoder (the benchmarks' WordLevel one) joins tokens with spaces."""
+    import json
+    import random
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {f"t{i}": i for i in range(50)} | {"": 50, "\ufffd": 51}
+    hf_tok = HFTokenizer(WordLevel(vocab, unk_token="t0"))
+    hf_tok.pre_tokenizer = WhitespaceSplit()
+    hf_tok.add_special_tokens([AddedToken("<eos>", special=True)])
+    hf_tok.add_tokens([AddedToken("<tool>", special=False)])
+    hf_tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    tok = Tokenizer.from_folder(tmp_path)
+    assert tok.joins_pieces_with_spaces and tok.simple_piece(7) == "t7" and tok.simple_piece(52) is None
+    rng = random.Random(2)
+    for _ in range(300):
+        prompt = [rng.randrange(54) for _ in range(rng.randint(0, 7))]
+        ids = [rng.randrange(54) for _ in range(rng.randint(0, 20))]
+        skip = rng.random() < 0.5
+        assert _pieces(tok, prompt, ids, skip) == _reference_pieces(tok, prompt, ids, skip), (prompt, ids, skip)
+    detok = tok.detokenizer([3, 4])
+    assert [detok.push(i) for i in (5, 6)] == [" t5", " t6"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -17,6 +17,7 @@ from tokabatch.chat_template import ChatTemplate, ChatTemplateError, normalize_m
 from tokabatch.errors import ModelLoadError
 
 _REPLACEMENT = "\ufffd"
+_UNKNOWN = object()
 
 
 def _token_content(value: Any) -> str | None:
@@ -81,9 +82,16 @@ class Tokenizer:
         self.bos_token_id: int | None = tokenizer.token_to_id(bos) if bos else None
         self.eos_token_ids: tuple[int, ...] = self._eos_ids(generation_config)
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False))
-        self._byte_level = _uses_byte_level(json.loads(tokenizer.to_str()).get("decoder"))
+        decoder = json.loads(tokenizer.to_str()).get("decoder")
+        self._byte_level = _uses_byte_level(decoder)
         self._byte_decoder = _byte_decoder() if self._byte_level else {}
         self._chat = ChatTemplate(chat_template, self.special_tokens) if chat_template else None
+        # Incremental detokenization fast path (see simple_piece), for the decoders where decoding
+        # a window of ids is exactly a concatenation of per-token pieces.
+        self._piece_kind = None if self._cleanup else (
+            "join" if decoder is None else "bytes" if decoder.get("type") == "ByteLevel" else None)
+        self._added_ids = frozenset(tokenizer.get_added_tokens_decoder())
+        self._pieces: dict[int, str | None] = {}
 
     def _eos_ids(self, generation_config: dict) -> tuple[int, ...]:
         ids: list[int] = []
@@ -140,6 +148,42 @@ class Tokenizer:
             return list(piece.encode("utf-8"))
         return list(piece.replace("\u2581", " ").encode("utf-8"))
 
+    @property
+    def joins_pieces_with_spaces(self) -> bool:
+        """True when decode() joins the tokens' pieces with " " (a tokenizer without a decoder)."""
+        return self._piece_kind == "join"
+
+    def simple_piece(self, token_id: int) -> str | None:
+        """The text this token adds after any window of simple tokens, or None if it is not simple.
+
+        A token is simple when decode(window + [token]) == decode(window) + piece for every window
+        of simple tokens (with " " before the piece for a space-joining tokenizer, when the window
+        is not empty), so the incremental detokenizer can skip both decodes. That holds for an
+        ordinary (not added) token of a byte-level tokenizer whose bytes are complete UTF-8 on their
+        own (the decoder concatenates bytes, then decodes UTF-8), and of a tokenizer without a
+        decoder (it joins token strings with spaces); never with clean_up_tokenization_spaces.
+        Cached per id: computed once, on first use.
+        """
+        piece = self._pieces.get(token_id, _UNKNOWN)
+        if piece is _UNKNOWN:
+            piece = self._pieces[token_id] = self._simple_piece(token_id)
+        return piece
+
+    def _simple_piece(self, token_id: int) -> str | None:
+        if self._piece_kind is None or token_id in self._added_ids:
+            return None
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            return None
+        if self._piece_kind == "join":
+            return token
+        if not all(c in self._byte_decoder for c in token):
+            return None
+        try:
+            return bytes(self._byte_decoder[c] for c in token).decode("utf-8")
+        except UnicodeDecodeError:
+            return None                  # part of a character: its text depends on its neighbours
+
     def detokenizer(self, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True
                     ) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens=skip_special_tokens)
@@ -168,9 +212,16 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns generated ids into text one token at a time without splitting a UTF-8 character.
 
-    Decodes a short window ending at the new token (prefix_offset..) against the same window without
-    it (prefix_offset..read_offset); the difference is the new text. Text ending in U+FFFD is an
-    incomplete character and is held back until a later token completes it (or `flush`).
+    Keeps a short window of ids: ids[:read_offset] produced the text already returned, the rest is
+    held back. Each push decodes the whole window against the window without the held-back part;
+    the difference is the new text. Text ending in U+FFFD is an incomplete character and stays held
+    back until a later token completes it (or `flush`). When text comes out, the window restarts
+    at the ids that made it (the old read offset), so the window stays a few ids long.
+
+    Fast path, same text: when nothing is held back, the window holds only simple tokens and the new
+    token is simple (Tokenizer.simple_piece), the difference is that token's piece, so neither
+    decode runs. That is the usual case for byte-level tokenizers (Llama 3, Qwen, GPT-2 style)
+    without clean-up; anything else takes the two decodes.
     """
 
     _CONTEXT = 5   # prompt tokens used as left context, so leading spaces decode as in the full text
@@ -179,27 +230,62 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = list(prompt_ids[-self._CONTEXT:]) if prompt_ids else []
-        self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._space = " " if tokenizer.joins_pieces_with_spaces else ""
+        self._pieces = tokenizer._pieces             # simple_piece's cache, read directly (hot path)
+        self._window_simple = self._all_simple()     # ids[:read_offset] are all simple tokens
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
 
+    def _all_simple(self) -> bool:
+        piece = self._tokenizer.simple_piece
+        return all(piece(i) is not None for i in self._ids[:self._read_offset])
+
     def push(self, token_id: int) -> str:
         """The new text since the last push ("" while a character is incomplete)."""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset)
+        return self.push_all((token_id,))
+
+    def push_all(self, token_ids: Iterable[int]) -> str:
+        """The text of pushing each id in turn (what the pushes return, joined), in one tight loop."""
+        out: list[str] = []
+        ids, cache, space = self._ids, self._pieces, self._space
+        for token_id in token_ids:
+            if self._window_simple and self._read_offset == len(ids):      # nothing held back
+                piece = cache.get(token_id, _UNKNOWN)
+                if piece is _UNKNOWN:
+                    piece = self._tokenizer.simple_piece(token_id)
+                if piece is not None:
+                    if space and ids:
+                        piece = space + piece           # decode() joins with spaces: one before it
+                    ids.append(token_id)
+                    if piece and not piece.endswith(_REPLACEMENT):
+                        del ids[:-1]                    # the window restarts at this token
+                        self._read_offset = 1
+                        out.append(piece)
+                    continue                            # (else held back, exactly as the decodes would)
+            out.append(self._push_decoding(token_id))
+        return "".join(out)
+
+    def _push_decoding(self, token_id: int) -> str:
+        ids = self._ids
+        ids.append(token_id)
+        prefix_text = self._decode(0, self._read_offset)
+        new_text = self._decode(0)
         if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            del ids[:self._read_offset]
+            self._read_offset = len(ids)
+            self._window_simple = self._all_simple()
             return new_text[len(prefix_text):]
         return ""
 
     def flush(self) -> str:
         """At the end: whatever was held back (an incomplete character decodes to U+FFFD, as decode() does)."""
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset)
-        self._prefix_offset = self._read_offset = len(self._ids)
+        prefix_text = self._decode(0, self._read_offset)
+        new_text = self._decode(0)
+        self._ids.clear()
+        self._read_offset = 0
+        self._window_simple = True
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
 
 

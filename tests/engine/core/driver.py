@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tokabatch.config import SchedulerConfig
 from tokabatch.engine.api import GenerationRequest, Priority, SamplingParams
 from tokabatch.engine.core.admission import brute_force_peak
+from tokabatch.engine.core.hydragen import find_decode_groups
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
 from tokabatch.engine.core.request import Sequence, pages_for
@@ -46,6 +47,7 @@ class Driver:
     prompt_logprob_positions: dict[int, list[int]] = field(default_factory=dict)
     forward_tokens: int = 0
     steps: int = 0
+    num_grouped_steps: int = 0                                         # steps whose plan had prefix groups
     finished: list[int] = field(default_factory=list)
 
     def add(self, request: GenerationRequest, true_len: int | list[int]) -> list[int]:
@@ -69,6 +71,11 @@ class Driver:
         assert sched.num_running <= cfg.max_seqs, "more running sequences than max_seqs"
         assert len({w.seq_id for w in plan.works}) == len(plan.works), "a sequence runs twice in one step"
         assert sched.pool.num_used <= sched.num_pages
+        if sched._hydragen is not None:
+            # The scheduler reuses the previous step's groups when they cannot differ: check that.
+            assert plan.prefix_groups == find_decode_groups(plan.decodes, sched.page_size, sched._hydragen), \
+                f"step {plan.step_idx}: prefix groups differ from a fresh detection"
+            self.num_grouped_steps += bool(plan.prefix_groups)
         sched.check_invariants()
         admitted = {s.seq_id for s in sched._running.values()} - running_before
         alone = not running_before and len(admitted) == 1     # always admitted: max_len fits the pool

@@ -249,3 +249,29 @@ def test_preempted_mid_prefill_prompt_logprobs_once_per_position() -> None:
     run_until_done(d)
     assert sorted(d.prompt_logprob_positions[s]) == list(range(19))
     assert seq.output_ids == d.expected_output(seq) and seq.num_preemptions == 1
+
+
+def test_sampled_tokens_in_any_order_land_on_their_sequences() -> None:
+    """on_step_done matches tokens by position (StepResult's order); out of order, by seq_id."""
+    def run(order) -> dict[int, tuple[list[int], int]]:
+        sched = make_scheduler(num_pages=64, max_seqs=4, max_tokens_per_step=64)
+        for i in range(3):
+            sched.add_request(request(f"r{i}", PREFIX[:5 + i], max_tokens=20))
+        step = 0
+        while step < 8:
+            plan = sched.schedule()
+            tokens = [SampledToken(w.seq_id, (w.seq_id * 7 + step) % 3) for w in plan.works if w.sample]
+            sched.on_step_done(plan, StepResult(plan.step_idx, tuple(order(tokens))))
+            sched.check_invariants()
+            step += 1
+        return {s: (list(sched.sequence(s).output_ids), sched.sequence(s).num_computed) for s in range(3)}
+
+    in_order = run(lambda t: t)
+    assert all(len(out) >= 4 for out, _ in in_order.values()), in_order
+    assert run(lambda t: t[::-1]) == in_order
+    assert run(lambda t: t[1:] + t[:1]) == in_order
+    sched = make_scheduler(num_pages=64)
+    sched.add_request(request("a", PREFIX[:5], max_tokens=3))
+    plan = sched.schedule()
+    with pytest.raises(AssertionError, match="lacks the token"):
+        sched.on_step_done(plan, StepResult(plan.step_idx, ()))

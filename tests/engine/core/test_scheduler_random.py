@@ -14,12 +14,13 @@ import random
 import pytest
 
 from tokabatch.engine.api import Priority
+from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.request import SeqStatus
 
 from tests.engine.core.driver import Driver, OraclePredictor, make_scheduler, request
 
 
-def random_workload(seed: int, *, oracle: bool = False) -> Driver:
+def random_workload(seed: int, *, oracle: bool = False, hydragen: GroupingParams | None = None) -> Driver:
     rng = random.Random(seed)
     num_pages = rng.randint(8, 20)
     max_seqs = rng.choice([1, 2, 3, 4, 8])
@@ -27,7 +28,7 @@ def random_workload(seed: int, *, oracle: bool = False) -> Driver:
                     max_tokens_per_step=rng.choice([max_seqs, 4, 7, 16]) if max_seqs <= 4 else 16,
                     enable_prefix_cache=rng.random() < 0.8, max_model_len=rng.choice([12, 20, 40]))
     true_lens: dict[tuple[str, int], int] = {}
-    sched = make_scheduler(**sched_kw, predictor=OraclePredictor(true_lens) if oracle else None)
+    sched = make_scheduler(**sched_kw, predictor=OraclePredictor(true_lens) if oracle else None, hydragen=hydragen)
     driver = Driver(sched, seed=seed, vocab=3, true_lens=true_lens)
     bases = [[rng.randrange(3) for _ in range(rng.randint(0, 10))] for _ in range(3)]
     pending = []
@@ -92,3 +93,19 @@ def test_random_workloads_do_preempt() -> None:
         run_random(driver)
         total += driver.scheduler.num_preemptions
     assert total > 0
+
+
+def test_random_workloads_prefix_groups_equal_fresh_detection() -> None:
+    """The scheduler answers prefix groups from the previous step when they cannot have changed
+    (core/hydragen.py DecodeGroupCache); every plan's groups must equal a fresh detection (the
+    driver checks each step). Tiny thresholds so groups form, split and re-form all the time."""
+    params = GroupingParams(min_prefix_tokens=2, min_group=2, call_cost_tokens=0, merge_cost_tokens=0)
+    grouped_steps = recomputed = steps = 0
+    for seed in range(80):
+        driver = random_workload(seed, hydragen=params)
+        run_random(driver)
+        grouped_steps += driver.num_grouped_steps
+        recomputed += driver.scheduler._groups.num_recomputed
+        steps += driver.steps
+    assert grouped_steps > 100, "the workloads should form prefix groups"
+    assert recomputed < steps, "the previous step's groups should sometimes be reused"

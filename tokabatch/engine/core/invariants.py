@@ -28,6 +28,7 @@ def check_scheduler(scheduler: "Scheduler") -> None:
             f"sequence {sid}: {len(seq.page_ids)} pages for {seq.num_computed}/{seq.num_tokens} positions"
         assert seq.num_tokens <= seq.max_len, f"sequence {sid} is longer than its max_len"
         assert len(set(seq.page_ids)) == len(seq.page_ids), f"sequence {sid} holds a page twice"
+        assert type(seq.page_ids) is tuple, f"sequence {sid}: page table is not a tuple (plans share it)"
         for page in seq.page_ids:
             refs[page] = refs.get(page, 0) + 1
         published = seq.num_published_pages
@@ -35,15 +36,14 @@ def check_scheduler(scheduler: "Scheduler") -> None:
         if scheduler.config.enable_prefix_cache:
             assert published == seq.num_computed // ps, f"sequence {sid} left a full page unpublished"
             tokens = seq.token_slice(0, published * ps)
-            assert scheduler.pool.match(tokens, published) == seq.page_ids[:published], \
+            assert tuple(scheduler.pool.match(tokens, published)) == seq.page_ids[:published], \
                 f"sequence {sid}: its published pages are not the tree's pages for its tokens"
         else:
             assert published == 0 and not any(scheduler.pool.in_tree(p) for p in seq.page_ids)
-    assert scheduler._waiting == sorted(scheduler._waiting), "waiting queue out of order"
-    for *_, seq_id in scheduler._waiting:
+    scheduler._waiting.check()
+    for seq_id in scheduler._waiting.seq_ids():
         seq = scheduler._seqs[seq_id]
         assert seq.status is SeqStatus.WAITING and not seq.page_ids and seq.seq_id not in scheduler._running, \
             f"waiting sequence {seq_id} holds pages or is running"
     scheduler._inflight.check({s.seq_id: s.num_published_pages for s in scheduler._running.values()})
-    assert scheduler._keys.keys() <= {s for *_, s in scheduler._waiting}, "chain keys kept for a non-waiting sequence"
     scheduler.pool.check(refs)

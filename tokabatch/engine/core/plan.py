@@ -38,6 +38,30 @@ class SeqWork:
         return len(self.token_ids)
 
 
+_new_object = object.__new__
+_SEQ_WORK_SLOTS = ("seq_id", "token_ids", "start_pos", "page_ids", "sample", "prompt_logprobs",
+                   "prompt_logprob_targets")
+if set(SeqWork.__slots__) != set(_SEQ_WORK_SLOTS):   # a new field must be set by decode_seq_work too
+    raise AssertionError(f"decode_seq_work is out of date with SeqWork's fields {SeqWork.__slots__}")
+(_set_seq_id, _set_token_ids, _set_start_pos, _set_page_ids, _set_sample, _set_prompt_logprobs,
+ _set_prompt_logprob_targets) = (SeqWork.__dict__[name].__set__ for name in _SEQ_WORK_SLOTS)
+
+
+def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[int, ...]) -> SeqWork:
+    """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), equal in every way, built in
+    about half the time: a frozen dataclass's __init__ goes through object.__setattr__ once per
+    field, this sets the slots directly. The scheduler builds one per running sequence per step."""
+    work = _new_object(SeqWork)
+    _set_seq_id(work, seq_id)
+    _set_token_ids(work, (token_id,))
+    _set_start_pos(work, start_pos)
+    _set_page_ids(work, page_ids)
+    _set_sample(work, True)
+    _set_prompt_logprobs(work, None)
+    _set_prompt_logprob_targets(work, ())
+    return work
+
+
 @dataclass(frozen=True, slots=True)
 class PrefixGroup:
     """Decoding sequences that share pages start_page .. start_page+len(page_ids)-1 (Hydragen).

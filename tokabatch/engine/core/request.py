@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from tokabatch.engine.api import Priority, SamplingParams
-from tokabatch.engine.core.plan import SeqWork
+from tokabatch.engine.core.plan import SeqWork, decode_seq_work
 
 
 class SeqStatus(enum.Enum):
@@ -38,7 +38,8 @@ class Sequence:
     max_len: int                         # hard cap on num_tokens: min(prompt+max_tokens, max_model_len, KV capacity)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    page_ids: list[int] = field(default_factory=list)
+    # A tuple, replaced (never mutated) when it changes: each step's SeqWork shares it without a copy.
+    page_ids: tuple[int, ...] = ()
     num_computed: int = 0                # positions whose KV is in page_ids
     num_published_pages: int = 0         # leading pages already in the prefix tree
     num_cached_tokens: int = 0           # prompt tokens served from the prefix cache at first admission
@@ -107,8 +108,8 @@ def chunk_end(seq: Sequence, start: int, end: int) -> int:
 
 def decode_work(seq: Sequence) -> SeqWork:
     """Its last output token at position num_tokens - 1, sampled."""
-    return SeqWork(seq_id=seq.seq_id, token_ids=(seq.output_ids[-1],), start_pos=seq.num_tokens - 1,
-                   page_ids=tuple(seq.page_ids), sample=True)
+    return decode_seq_work(seq.seq_id, seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1,
+                           seq.page_ids)
 
 
 def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
@@ -120,7 +121,7 @@ def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
     want = seq.wants_prompt_logprobs and seq.num_prompt_logprobs_done <= start < num_prompt - 1
     return SeqWork(
         seq_id=seq.seq_id, token_ids=seq.token_slice(start, end), start_pos=start,
-        page_ids=tuple(seq.page_ids), sample=end == seq.num_tokens,
+        page_ids=seq.page_ids, sample=end == seq.num_tokens,
         prompt_logprobs=seq.sampling.prompt_logprobs if want else None,
         prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
 

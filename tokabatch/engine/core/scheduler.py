@@ -1,7 +1,8 @@
 """The scheduler: which sequences run in each step, where their KV lives, and who waits.
 
-Owns the waiting queue, the running set, admission (by page-use forecast, admission.py),
-preemption and the prefix cache bookkeeping of every sequence. Pure stdlib: must not import torch.
+Owns the running set, admission (by page-use forecast, admission.py, from the candidates of the
+waiting queue, waiting.py: prefix-cache hits, deferral behind pages in flight), preemption and
+the prefix cache bookkeeping of every sequence. Pure stdlib: must not import torch.
 
 Contract with the engine loop, one step at a time:
     plan = scheduler.schedule()                   # every decode + FIFO prefill chunks
@@ -14,35 +15,24 @@ on_step_done(plan N) must come before schedule() of step N+1: page tables may ch
 A prefill chunk that reaches a sequence's last token always samples, even with max_tokens 0 (the
 loop then discards the token and finishes it). Only choice 0 of a request computes prompt logprobs;
 the other choices share its prompt pages.
-
-Concurrent prefixes (prefix cache on): a waiting sequence whose next uncached full page is being
-computed right now (by a running sequence, or by a sequence admitted ahead of it in the same step;
-inflight.py) is deferred -- skipped, so the queue behind it still moves -- until that page is
-published; then it takes the page by reference like any cache hit. So k sequences sharing a prefix
-compute it once, not k times (the n choices of one request are the special case: they wait for
-choice 0). A sequence asking for prompt logprobs takes no cache hits and so never defers. No
-deadlock: only running sequences hold in-flight pages, and a preempted, aborted or finished one
-drops them, so when nothing runs nothing is deferred and the first waiting sequence is admitted.
-An ONLINE sequence defers too, even behind a BATCH prefill: waiting for the pages being computed
-is never slower than computing them again next to it.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections import OrderedDict
 
 from tokabatch.config import SchedulerConfig
 from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
-from tokabatch.engine.core.hydragen import GroupingParams, find_decode_groups
-from tokabatch.engine.core.inflight import InflightPages, chain_keys
+from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
+from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.invariants import check_scheduler
 from tokabatch.engine.core.pages import ROOT, PagePool
-from tokabatch.engine.core.plan import StepPlan, StepResult
+from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult, decode_seq_work
 from tokabatch.engine.core.predictor import LengthPredictor
-from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, decode_work, pages_for, prefill_work
+from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, pages_for, prefill_work
+from tokabatch.engine.core.waiting import WaitingQueue
 
 
 class Scheduler:
@@ -58,16 +48,17 @@ class Scheduler:
         self.max_running = max(1, min(config.max_seqs, config.max_tokens_per_step))
         self._retain = retain_finished_requests
         self._hydragen = hydragen            # None: no prefix groups in the plans
+        self._groups = DecodeGroupCache(config.page_size, hydragen) if hydragen else None
         self._seqs: dict[int, Sequence] = {}
         self._requests: dict[str, list[int]] = {}
-        self._waiting: list[tuple[int, int, int, int]] = []   # (priority, 0=preempted/1=new, arrival, seq_id)
         self._running: dict[int, Sequence] = {}               # admission order == prefill order
         self._finished_requests: OrderedDict[str, None] = OrderedDict()
         self._inflight = InflightPages()     # full pages running sequences are computing (prefix cache on)
-        self._keys: dict[int, tuple[int, list[int]]] = {}    # waiting seq_id -> (num_tokens, chain keys)
+        self._waiting = WaitingQueue(self.pool, self._inflight, enable_prefix_cache=config.enable_prefix_cache)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._step_idx = 0
+        self._planned: tuple[StepPlan | None, list[Sequence]] = (None, [])  # the last plan and its decodes' sequences
         self.num_preemptions = 0
         self.num_prompt_tokens = 0           # of admitted sequences (first admission), for metrics
         self.num_cached_tokens = 0           # of which served from the prefix cache
@@ -101,7 +92,7 @@ class Scheduler:
                 prompt_ids=tuple(request.prompt_token_ids), sampling=request.sampling,
                 priority=request.priority, arrival=next(self._arrivals), max_len=max_len)
             self._seqs[seq.seq_id] = seq
-            self._enqueue(seq, preempted=False)
+            self._waiting.push(seq)
             seq_ids.append(seq.seq_id)
         self._requests[request.request_id] = seq_ids
         return seq_ids
@@ -144,27 +135,42 @@ class Scheduler:
     # ---- the step ----------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
+        """Every decode (pages grown, preempting the newest when they run out), then admission,
+        then FIFO prefill chunks within the token budget. The decode loop runs over every running
+        sequence every step, so it reads each sequence's fields once and builds its SeqWork on the
+        spot (scripts/bench_step_overhead.py measures it)."""
         self._step_idx += 1
         preempted_before = self.num_preemptions
+        ps = self.page_size
+        running = SeqStatus.RUNNING
         decodes: list[Sequence] = []
+        decode_works: list[SeqWork] = []
+        prefilling: list[Sequence] = []       # running but not decoding, in admission order
         for seq in list(self._running.values()):
-            if seq.status is SeqStatus.RUNNING and seq.is_decoding:
-                if seq.num_tokens >= seq.max_len:
-                    raise RuntimeError(f"sequence {seq.seq_id} has {seq.num_tokens} tokens, its max_len; "
-                                       "the engine loop must finish it (finish_reason length)")
-                if self._grow(seq, seq.num_tokens, shrinkable_from=None) is not None:
-                    decodes.append(seq)
+            if seq.status is not running:
+                continue                      # preempted this step to give an earlier one pages
+            output_ids = seq.output_ids
+            num_tokens = len(seq.prompt_ids) + len(output_ids)
+            if not output_ids or seq.num_computed != num_tokens - 1:    # not seq.is_decoding
+                prefilling.append(seq)
+                continue
+            if num_tokens >= seq.max_len:
+                raise RuntimeError(f"sequence {seq.seq_id} has {num_tokens} tokens, its max_len; "
+                                   "the engine loop must finish it (finish_reason length)")
+            if num_tokens > len(seq.page_ids) * ps and self._grow(seq, num_tokens, shrinkable_from=None) is None:
+                continue
+            decodes.append(seq)               # its SeqWork is decode_work(seq), inlined:
+            decode_works.append(decode_seq_work(seq.seq_id, output_ids[-1], num_tokens - 1, seq.page_ids))
         if self.num_preemptions == preempted_before:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
-            self._admit()
+            prefilling.extend(self._admit())   # admitted last, so they prefill after the others
         budget = self.config.max_tokens_per_step - len(decodes)
-        decoding = {seq.seq_id for seq in decodes}
         chunks: list[tuple[Sequence, int, int]] = []
-        for seq in list(self._running.values()):
+        for seq in prefilling:
             if budget <= 0:
                 break
             # (A sequence admitted just now with all but its last token cached runs a 1-token chunk.)
-            if seq.status is not SeqStatus.RUNNING or seq.seq_id in decoding:
+            if seq.status is not running:
                 continue
             start = seq.num_computed
             end = chunk_end(seq, start, min(seq.num_tokens, start + budget))
@@ -172,17 +178,62 @@ class Scheduler:
             if end is not None:
                 chunks.append((seq, start, end))
                 budget -= end - start
-        # A sequence preempted after it was planned (to make room for a later one) drops out.
-        decode_works = tuple(decode_work(s) for s in decodes if s.status is SeqStatus.RUNNING)
-        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is SeqStatus.RUNNING)
-        groups = find_decode_groups(decode_works, self.page_size, self._hydragen) if self._hydragen else ()
-        return StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
+        if self.num_preemptions != preempted_before:
+            # A sequence preempted after it was planned (to make room for a later one) drops out.
+            # (Its page table changed only then, so the works of the others stand.)
+            kept = [i for i, seq in enumerate(decodes) if seq.status is running]
+            decodes = [decodes[i] for i in kept]
+            decode_works = [decode_works[i] for i in kept]
+        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is running)
+        works = tuple(decode_works)
+        groups = self._groups.groups(works, self.pool.refcount) if self._groups else ()
+        plan = StepPlan(step_idx=self._step_idx, decodes=works, prefills=prefill_works, prefix_groups=groups)
+        self._planned = (plan, decodes)
+        return plan
 
     def on_step_done(self, plan: StepPlan, result: StepResult) -> None:
-        sampled = {t.seq_id: t.token_id for t in result.sampled}
-        for work in plan.works:
+        """Advance every sequence of `plan` past the tokens it ran and append its sampled token.
+
+        The result has one token per sampled work, in plan order (StepResult's contract), so
+        tokens are matched by position, with a lookup by seq_id should the order ever differ. The
+        decodes of the plan schedule() just made (one token each, sampled, decodes first) take a
+        short path: their sequences are known by position too, and most of them only count one
+        more position and one more token."""
+        sampled = result.sampled
+        ps = self.page_size
+        running = SeqStatus.RUNNING
+        num_done = 0                          # works (and tokens: all decodes sample) handled so far
+        planned, planned_seqs = self._planned
+        if plan is planned:
+            for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
+                if token.seq_id != work.seq_id:
+                    break                     # out of order: the general path below sorts it out
+                num_done += 1
+                if seq.status is not running:
+                    continue                  # aborted or finished while the step ran
+                start = work.start_pos
+                if start != seq.num_computed:
+                    raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
+                                         f"but {seq.num_computed} positions were computed")
+                seq.num_computed = start + 1
+                seq.output_ids.append(token.token_id)
+                if (start + 1) // ps > seq.num_published_pages:
+                    self._publish(seq)        # (nothing to publish otherwise: most decode steps)
+        works = plan.decodes[num_done:] + plan.prefills if num_done else plan.works
+        by_seq: dict[int, int] | None = None
+        num_sampled = num_done
+        for work in works:
+            token_id = None
+            if work.sample:
+                if num_sampled < len(sampled) and sampled[num_sampled].seq_id == work.seq_id:
+                    token_id = sampled[num_sampled].token_id
+                else:
+                    if by_seq is None:
+                        by_seq = {t.seq_id: t.token_id for t in sampled}
+                    token_id = by_seq.get(work.seq_id)
+                num_sampled += 1
             seq = self._seqs.get(work.seq_id)
-            if seq is None or seq.status is not SeqStatus.RUNNING:
+            if seq is None or seq.status is not running:
                 continue                          # aborted or finished while the step ran
             if work.start_pos != seq.num_computed:
                 raise AssertionError(f"sequence {seq.seq_id}: step ran position {work.start_pos}, "
@@ -192,10 +243,11 @@ class Scheduler:
                 seq.num_prompt_logprobs_done = max(seq.num_prompt_logprobs_done,
                                                    min(seq.num_computed, seq.num_prompt_tokens - 1))
             if work.sample:
-                if work.seq_id not in sampled:
+                if token_id is None:
                     raise AssertionError(f"step {plan.step_idx} result lacks the token of sequence {seq.seq_id}")
-                seq.output_ids.append(sampled[work.seq_id])
-            self._publish(seq)
+                seq.output_ids.append(token_id)
+            if seq.num_computed // ps > seq.num_published_pages:
+                self._publish(seq)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -209,18 +261,30 @@ class Scheduler:
         return build_forecast(self._running.values(), self.pool, self._predicted_len,
                               budget - (self.max_running - 1), budget)
 
-    def _admit(self) -> None:
-        """Admit waiting sequences in order, in batches that halve when the forecast overflows."""
-        candidates, keys = self._candidates(self.max_running - len(self._running))
-        if not candidates:
-            return
+    def _admit(self) -> list[Sequence]:
+        """Admit waiting sequences in order, in batches that halve when the forecast overflows.
+        Returns the sequences started, in order.
+
+        Adding a candidate never lowers the forecast at any step (its curve is non-negative; a page
+        it shares moves out of its owner's curve but is counted until the later of the two ends),
+        so when the first candidate alone does not fit, no batch does: that is checked first, with
+        only the first candidate looked up. A memory-bound engine (a queue that waits for pages)
+        otherwise spent ~10 halvings over every running sequence and candidate on every step."""
+        keys: dict[int, list[int]] = {}
+        found = self._waiting.candidates(self._seqs, self.max_running - len(self._running), keys)
+        first = next(found, None)
+        if first is None:
+            return []
         fc = self.forecast()                  # built once: nothing is started until the end
+        # Alone, a sequence always fits (its max_len is capped by the pool): never wait forever.
+        if self._running and not fits_with(fc, self.pool, [first], self._predicted_len)[0]:
+            return []
+        candidates = [first, *found]
         accepted: list[tuple[Sequence, list[int]]] = []
         batch = len(candidates)
         while candidates and batch > 0:
             trial = accepted + candidates[:batch]
             fits, _ = fits_with(fc, self.pool, trial, self._predicted_len)
-            # Alone, a sequence always fits (its max_len is capped by the pool): never wait forever.
             if fits or (len(trial) == 1 and not self._running):
                 accepted = trial
                 candidates = candidates[batch:]
@@ -229,60 +293,17 @@ class Scheduler:
                 batch //= 2
         for seq, hit_pages in accepted:
             self._start(seq, hit_pages, keys.get(seq.seq_id, []))
-
-    def _candidates(self, limit: int) -> tuple[list[tuple[Sequence, list[int]]], dict[int, list[int]]]:
-        """Up to `limit` admissible waiting sequences, in queue order, with their prefix-cache hits,
-        and (prefix cache on) the chain keys of their full pages. A sequence whose next uncached
-        page is in flight, or will be computed by a candidate ahead of it, is deferred (skipped)."""
-        out: list[tuple[Sequence, list[int]]] = []
-        keys_of: dict[int, list[int]] = {}
-        planned: set[int] = set()             # pages the candidates so far will compute
-        for *_, seq_id in self._waiting:
-            if len(out) >= limit:
-                break
-            seq = self._seqs[seq_id]
-            hits = self._cache_hits(seq)
-            if self.config.enable_prefix_cache:
-                keys = self._chain_keys(seq)
-                if self._deferred(seq, keys, len(hits), planned):
-                    continue
-                planned.update(keys[len(hits):])
-                keys_of[seq_id] = keys
-            out.append((seq, hits))
-        return out, keys_of
-
-    def _chain_keys(self, seq: Sequence) -> list[int]:
-        """Its pages' chain keys, kept while it waits (recomputed only if preemption grew it)."""
-        memo = self._keys.get(seq.seq_id)
-        if memo is None or memo[0] != seq.num_tokens:
-            memo = (seq.num_tokens, chain_keys(seq.token_slice(0, seq.num_tokens), self.page_size))
-            self._keys[seq.seq_id] = memo
-        return memo[1]
-
-    def _deferred(self, seq: Sequence, keys: list[int], num_hits: int, planned: set[int]) -> bool:
-        """Wait for its next full page rather than compute it: someone else is computing it."""
-        if seq.wants_prompt_logprobs or num_hits >= (seq.num_tokens - 1) // self.page_size:
-            return False                      # takes no hits / nothing more it could take
-        return keys[num_hits] in self._inflight or keys[num_hits] in planned
-
-    def _cache_hits(self, seq: Sequence) -> list[int]:
-        if not self.config.enable_prefix_cache:
-            return []
-        max_tokens = seq.num_tokens - 1           # the last token always runs: its logits sample
-        if seq.wants_prompt_logprobs:
-            max_tokens = min(max_tokens, seq.num_prompt_logprobs_done)   # every undelivered position runs
-        return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
+        return [seq for seq, _ in accepted]
 
     def _start(self, seq: Sequence, hit_pages: list[int], keys: list[int]) -> None:
-        self._keys.pop(seq.seq_id, None)
+        self._waiting.remove(seq)             # (before ever_admitted changes: it is part of its place)
         self._inflight.register(seq.seq_id, keys[len(hit_pages):], len(hit_pages))
         for page in hit_pages:
             self.pool.incref(page)
-        seq.page_ids = list(hit_pages)
+        seq.page_ids = tuple(hit_pages)
         seq.num_computed = seq.num_published_pages = len(hit_pages)
         seq.num_computed *= self.page_size
         seq.status = SeqStatus.RUNNING
-        self._waiting.remove((int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id))
         self._running[seq.seq_id] = seq
         if not seq.ever_admitted:
             seq.ever_admitted = True
@@ -297,10 +318,16 @@ class Scheduler:
         """Give `seq` pages for positions [0, end). When pages run out, a prefill chunk (shrinkable
         past `shrinkable_from`) is cut to the pages it holds; otherwise the newest sequence is
         preempted. Returns the end that got pages, or None if `seq` itself was preempted."""
-        while len(seq.page_ids) < pages_for(end, self.page_size):
-            page = self.pool.allocate()
-            if page is not None:
-                seq.page_ids.append(page)
+        num_pages = pages_for(end, self.page_size)
+        while len(seq.page_ids) < num_pages:
+            new_pages: list[int] = []
+            for _ in range(num_pages - len(seq.page_ids)):
+                page = self.pool.allocate()
+                if page is None:
+                    break
+                new_pages.append(page)
+            if new_pages:
+                seq.page_ids += tuple(new_pages)   # held before any preemption below can release them
                 continue
             held_end = len(seq.page_ids) * self.page_size
             if shrinkable_from is not None and held_end > shrinkable_from:
@@ -319,17 +346,13 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._enqueue(seq, preempted=True)
-
-    def _enqueue(self, seq: Sequence, *, preempted: bool) -> None:
-        # Priority first; within it, preempted sequences go back in front of new ones, oldest first.
-        bisect.insort(self._waiting, (int(seq.priority), 0 if preempted else 1, seq.arrival, seq.seq_id))
+        self._waiting.push(seq)               # ahead of new ones (see waiting.py)
 
     def _release(self, seq: Sequence) -> None:
         self._inflight.drop(seq.seq_id)
         for page in reversed(seq.page_ids):
             self.pool.decref(page)
-        seq.page_ids = []
+        seq.page_ids = ()
         seq.num_computed = 0
         seq.num_published_pages = 0
 
@@ -339,8 +362,7 @@ class Scheduler:
             self._release(seq)
             del self._running[seq.seq_id]
         elif seq.status is SeqStatus.WAITING:
-            self._waiting.remove((int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id))
-            self._keys.pop(seq.seq_id, None)
+            self._waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
 
     def _publish(self, seq: Sequence) -> None:
@@ -348,14 +370,16 @@ class Scheduler:
         if not self.config.enable_prefix_cache:
             return
         ps = self.page_size
+        pages = seq.page_ids
         for i in range(seq.num_published_pages, seq.num_computed // ps):
-            parent = seq.page_ids[i - 1] if i else ROOT
-            own = seq.page_ids[i]
+            parent = pages[i - 1] if i else ROOT
+            own = pages[i]
             canonical = self.pool.publish(parent, seq.token_slice(i * ps, (i + 1) * ps), own)
             if canonical != own:              # computed twice (two sequences prefilled it together)
                 self.pool.incref(canonical)
                 self.pool.decref(own)
-                seq.page_ids[i] = canonical
+                pages = pages[:i] + (canonical,) + pages[i + 1:]
+                seq.page_ids = pages
         seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
         self._inflight.published(seq.seq_id, seq.num_published_pages)
 
@@ -376,7 +400,7 @@ class Scheduler:
 
     @property
     def num_waiting_requests(self) -> int:
-        return len({self._seqs[s].request_id for *_, s in self._waiting})
+        return len({self._seqs[s].request_id for s in self._waiting.seq_ids()})
 
     @property
     def num_running(self) -> int:

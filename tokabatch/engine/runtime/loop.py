@@ -12,7 +12,10 @@ Runs inside the engine process (it imports torch through the runner); nothing of
 
 from __future__ import annotations
 
+import gc
+from array import array
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from tokabatch.engine.api import (
@@ -34,6 +37,21 @@ from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 Item = GenerationUpdate | GenerationOutput
 
+# The cyclic garbage collector's first generation runs when tracked allocations minus deallocations
+# pass this many. At the default (700) a step at 4096 sequences, which holds ~12k tracked objects
+# (SeqWorks, tuples, sampled tokens) for a moment, ran ~15 young collections, and the survivors of
+# those pushed a full collection (~65 ms over the engine's per-sequence lists) every ~7 steps:
+# ~10 ms per step on average (scripts/bench_step_overhead.py). 50,000 leaves only the net growth.
+GC_MIN_THRESHOLD0 = 50_000
+
+
+def raise_gc_threshold() -> None:
+    """Raise gen-0's threshold to GC_MIN_THRESHOLD0 (process-wide; never lowers one set higher).
+    Called when an EngineLoop is built: it runs in the engine process."""
+    threshold0, threshold1, threshold2 = gc.get_threshold()
+    if threshold0 < GC_MIN_THRESHOLD0:
+        gc.set_threshold(GC_MIN_THRESHOLD0, threshold1, threshold2)
+
 
 @dataclass(slots=True)
 class _Choice:
@@ -43,15 +61,29 @@ class _Choice:
     index: int
     detokenizer: IncrementalDetokenizer
     matcher: StopStringMatcher | None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    # Fixed at admission, so the per-token checks read one attribute each:
+    min_tokens: int = 0                  # no stop token before this many tokens
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_on: frozenset[int] = frozenset()   # stop_token_ids, plus EOS unless ignore_eos
+    max_output: int = 0                  # LENGTH at this many tokens (max_tokens, context, max_len)
+    # No stop strings and no streaming: nothing reads the text before the end, so it is made then,
+    # by one push_all of the ids the pushes would have seen (the same text, a tighter loop).
+    text_at_end: bool = False
+    # An array, not a list: a full garbage collection walks every slot of a list (4096 of them
+    # growing to thousands of ints each were a large part of its time).
+    token_ids: array = field(default_factory=lambda: array("q"))
+    pieces: list[str] = field(default_factory=list)   # the text, joined when read (no quadratic +=)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0
     sent_tokens: int = 0                 # streaming: how much was already sent as deltas
-    sent_chars: int = 0
+    sent_pieces: int = 0
     finish_sent: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 @dataclass(slots=True)
@@ -59,10 +91,11 @@ class _RequestState:
     request: GenerationRequest
     choices: list[_Choice]
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_unfinished: int = 0              # choices without a finish_reason
 
     @property
     def done(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
+        return self.num_unfinished == 0
 
 
 class EngineLoop:
@@ -78,6 +111,7 @@ class EngineLoop:
         self._by_seq: dict[int, tuple[_RequestState, _Choice]] = {}
         self._ready: list[Item] = []
         self._stats = EngineStats(num_pages=info.num_pages)
+        raise_gc_threshold()
 
     # ---- StepLoop -------------------------------------------------------------------------
 
@@ -92,16 +126,26 @@ class EngineLoop:
         state = _RequestState(request, [])
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = []
+        num_prompt = len(request.prompt_token_ids)
+        stop_token_ids = frozenset(params.stop_token_ids)
+        stop_on = stop_token_ids | (frozenset() if params.ignore_eos else self._eos_ids)
         try:
             for seq_id in seq_ids:
                 seq = self.scheduler.sequence(seq_id)
                 self.sampler.register(seq_id, params, request.prompt_token_ids, choice_index=seq.choice_index)
+                max_output = min(params.max_tokens, self.info.context_length - num_prompt)
+                max_len = getattr(seq, "max_len", None)
+                if max_len is not None:
+                    max_output = min(max_output, max_len - num_prompt)
                 choice = _Choice(
                     seq_id, seq.choice_index,
                     self.tokenizer.detokenizer(request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens),
                     StopStringMatcher(params.stop, include_stop=params.include_stop_str_in_output) if params.stop else None,
+                    min_tokens=params.min_tokens, stop_token_ids=stop_token_ids, stop_on=stop_on, max_output=max_output,
+                    text_at_end=not params.stop and not request.stream,
                     logprobs=[] if params.logprobs is not None else None)
                 state.choices.append(choice)
+                state.num_unfinished += 1
                 self._by_seq[seq_id] = (state, choice)
         except BaseException:
             self._forget(request.request_id, self.scheduler.abort_request(request.request_id))
@@ -137,10 +181,25 @@ class EngineLoop:
                            extra=dict(s.extra))
 
     def step(self) -> list[Item]:
-        if self.scheduler.has_work():
-            plan: StepPlan = self.scheduler.schedule()
-            if not plan.is_empty:
-                result: StepResult = self.runner.execute(plan)
+        return self.end_step(self.begin_step())
+
+    def begin_step(self) -> Any:
+        """Schedule one step and launch it on the device (on CUDA it runs while the caller goes on);
+        None when there was nothing to schedule. `end_step` must get it before the next begin_step."""
+        if not self.scheduler.has_work():
+            return None
+        plan: StepPlan = self.scheduler.schedule()
+        if plan.is_empty:
+            return (plan, None)
+        launch = getattr(self.runner, "launch", None)          # test doubles may only `execute`
+        return (plan, launch(plan) if launch is not None else _Done(self.runner.execute(plan)))
+
+    def end_step(self, launched: Any) -> list[Item]:
+        """Wait for a begin_step's tokens, then stop checks, text and outputs; returns the ready items."""
+        if launched is not None:
+            plan, pending = launched
+            if pending is not None:
+                result: StepResult = pending.result()
                 self.scheduler.on_step_done(plan, result)
                 self._stats.num_steps += 1
                 self._stats.num_forward_tokens += result.num_forward_tokens
@@ -158,7 +217,8 @@ class EngineLoop:
     def _count_decode_reads(self, plan: StepPlan) -> None:
         """Hydragen sharing for /metrics: the KV-token reads of this step's decodes without grouping
         (each reads its whole context, current token included) and those its prefix groups save."""
-        self._stats.num_decode_kv_reads += sum(w.start_pos + w.num_tokens for w in plan.decodes)
+        # (A decode runs one token, so its reads are start_pos + 1.)
+        self._stats.num_decode_kv_reads += sum(map(_start_pos, plan.decodes)) + len(plan.decodes)
         self._stats.num_hydragen_saved_kv_reads += kv_reads_saved(plan.prefix_groups)
 
     # ---- admission ------------------------------------------------------------------------
@@ -197,60 +257,76 @@ class EngineLoop:
                 entry[0].prompt_logprobs.extend(scored)
 
     def _take_samples(self, sampled: tuple[SampledToken, ...]) -> dict[str, _RequestState]:
+        """Each new token: its choice's token ids, logprobs, text and stop checks (ending the choice
+        when one fires). Runs once per running sequence per step, so it is one loop with the
+        checks reading fields fixed at admission (add), not a call chain per token."""
         touched: dict[str, _RequestState] = {}
+        by_seq = self._by_seq
+        num_taken = 0
         for token in sampled:
-            entry = self._by_seq.get(token.seq_id)
-            if entry is None or entry[1].finish_reason is not None or entry[0].request.sampling.max_tokens == 0:
-                continue   # aborted or finished while its step ran; or scoring a prompt only (echo)
+            entry = by_seq.get(token.seq_id)
+            if entry is None:
+                continue                      # aborted while its step ran
             state, choice = entry
-            self._stats.num_generated_tokens += 1
-            self._append(state, choice, token)
+            if choice.finish_reason is not None or state.request.sampling.max_tokens == 0:
+                continue                      # finished while its step ran; or scoring a prompt only (echo)
+            num_taken += 1
             touched[state.request.request_id] = state
+            tid = token.token_id
+            token_ids = choice.token_ids
+            token_ids.append(tid)
+            if choice.logprobs is not None and token.logprob is not None:
+                choice.logprobs.append(token.logprob)
+            if tid in choice.stop_on and len(token_ids) >= choice.min_tokens:
+                # A stop token id (stop_reason: the id) or EOS (None); a stop token is not in the text.
+                self._finish(choice, FinishReason.STOP, tid if tid in choice.stop_token_ids else None,
+                             num_text_tokens=len(token_ids) - 1)
+                continue
+            if choice.text_at_end:
+                if len(token_ids) >= choice.max_output:
+                    self._finish(choice, FinishReason.LENGTH, None)
+                continue
+            piece = choice.detokenizer.push(tid)
+            if choice.matcher is None:
+                if piece:
+                    choice.pieces.append(piece)
+            elif self._add_text(choice, piece):
+                continue                      # a stop string ended it
+            if len(token_ids) >= choice.max_output:
+                self._finish(choice, FinishReason.LENGTH, None)
+        self._stats.num_generated_tokens += num_taken
         return touched
-
-    def _append(self, state: _RequestState, choice: _Choice, token: SampledToken) -> None:
-        """One new token of one choice: text, stop checks, and the end of the sequence if it stops."""
-        params = state.request.sampling
-        tid = token.token_id
-        choice.token_ids.append(tid)
-        if choice.logprobs is not None and token.logprob is not None:
-            choice.logprobs.append(token.logprob)
-        may_stop = len(choice.token_ids) >= params.min_tokens
-        if may_stop and tid in params.stop_token_ids:
-            self._finish(choice, FinishReason.STOP, tid)
-            return
-        if may_stop and not params.ignore_eos and tid in self._eos_ids:
-            self._finish(choice, FinishReason.STOP, None)
-            return
-        if self._add_text(choice, choice.detokenizer.push(tid)):
-            return
-        seq = self.scheduler.sequence(choice.seq_id)
-        num_tokens = len(state.request.prompt_token_ids) + len(choice.token_ids)
-        max_len = getattr(seq, "max_len", None)
-        if (len(choice.token_ids) >= params.max_tokens or num_tokens >= self.info.context_length
-                or (max_len is not None and num_tokens >= max_len)):
-            self._finish(choice, FinishReason.LENGTH, None)
 
     def _add_text(self, choice: _Choice, new_text: str) -> bool:
         """Append text through the stop-string matcher; True when a stop string ended the choice."""
         if choice.matcher is None:
-            choice.text += new_text
+            if new_text:
+                choice.pieces.append(new_text)
             return False
         emit, matched = choice.matcher.feed(new_text)
-        choice.text += emit
+        if emit:
+            choice.pieces.append(emit)
         if matched is not None:
             self._finish(choice, FinishReason.STOP, matched, flush=False)
             return True
         return False
 
     def _finish(self, choice: _Choice, reason: FinishReason, stop_reason: str | int | None, *,
-                flush: bool = True) -> None:
-        """End a choice. A stop token is in token_ids but not in the text; held-back text is released."""
+                flush: bool = True, num_text_tokens: int | None = None) -> None:
+        """End a choice. A stop token is in token_ids but not in the text (num_text_tokens: the ids
+        before it); held-back text is released."""
+        if choice.text_at_end and choice.finish_reason is None:
+            ids = choice.token_ids if num_text_tokens is None else choice.token_ids[:num_text_tokens]
+            choice.pieces.append(choice.detokenizer.push_all(ids))
         if flush:
             if self._add_text(choice, choice.detokenizer.flush()):
                 return   # the released text completed a stop string: that is what ended it
             if choice.matcher is not None:
-                choice.text += choice.matcher.flush()
+                held = choice.matcher.flush()
+                if held:
+                    choice.pieces.append(held)
+        if choice.finish_reason is None:
+            self._by_seq[choice.seq_id][0].num_unfinished -= 1
         choice.finish_reason, choice.stop_reason = reason, stop_reason
         choice.num_cached_tokens = _int_attr(self.scheduler.sequence(choice.seq_id), "num_cached_tokens")
         self.scheduler.finish_sequence(choice.seq_id)
@@ -289,10 +365,10 @@ class EngineLoop:
     @staticmethod
     def _delta(choice: _Choice, with_logprobs: bool) -> ChoiceDelta:
         delta = ChoiceDelta(
-            choice.index, tuple(choice.token_ids[choice.sent_tokens:]), choice.text[choice.sent_chars:],
+            choice.index, tuple(choice.token_ids[choice.sent_tokens:]), "".join(choice.pieces[choice.sent_pieces:]),
             tuple(choice.logprobs[choice.sent_tokens:]) if with_logprobs and choice.logprobs is not None else None,
             choice.finish_reason)
-        choice.sent_tokens, choice.sent_chars = len(choice.token_ids), len(choice.text)
+        choice.sent_tokens, choice.sent_pieces = len(choice.token_ids), len(choice.pieces)
         choice.finish_sent = choice.finish_reason is not None
         return delta
 
@@ -318,6 +394,19 @@ class EngineLoop:
         return GenerationOutput(request_id=request.request_id, choices=choices,
                                 num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=0,
                                 num_completion_tokens=0)
+
+
+_start_pos = attrgetter("start_pos")
+
+
+class _Done:
+    """A step that already ran (a runner without `launch`)."""
+
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def result(self) -> StepResult:
+        return self._result
 
 
 def _int_attr(obj: Any, name: str, default: int = 0) -> int:

@@ -6,6 +6,8 @@ aborts and the merged stats; the overlap itself shows on the GPU (scripts/bench.
 
 from __future__ import annotations
 
+import dataclasses
+
 from tests.engine.runtime.test_loop import EngineConfig, ModelConfig, SchedulerConfig, drain, greedy, prompt, run
 from tests.engine.runtime.test_loop import tiny  # noqa: F401  (a fixture)
 from tokabatch.engine.api import GenerationOutput
@@ -54,3 +56,29 @@ def test_abort_reaches_the_half_that_runs_the_request(tiny) -> None:  # noqa: F8
     assert not outputs["a0"].aborted and len(outputs["a0"].choices[0].token_ids) == 40
     assert all(isinstance(o, GenerationOutput) for o in outputs.values())
     assert not loop.has_work()
+
+
+async def test_engine_client_drives_a_pipelined_loop(tiny) -> None:  # noqa: F811
+    """The service's path: EngineClient (engine thread, back-pressure, streaming) over the two halves."""
+    from tokabatch.engine.api import GenerationUpdate
+    from tokabatch.engine.client import EngineClient
+    from tokabatch.engine.loop_protocol import LoopSpec
+
+    _, folder = tiny
+    requests = [greedy(f"c{i}", prompt(50 + i, 6 + i), 10, n=1 + i % 2) for i in range(9)]
+    expected = run(make(folder, 1), requests)
+    client = await EngineClient.start(LoopSpec(make, {"folder": folder, "parts": 2}), in_process=True)
+    try:
+        async def source():
+            for r in requests:
+                yield r
+
+        got = {o.request_id: o async for o in client.generate(source())}
+        stream_request = dataclasses.replace(greedy("s", prompt(99, 8), 6), stream=True)
+        streamed = [item async for item in client.submit(stream_request)]
+    finally:
+        await client.close()
+    assert {rid: [c.token_ids for c in o.choices] for rid, o in got.items()} == \
+        {rid: [c.token_ids for c in o.choices] for rid, o in expected.items()}
+    assert isinstance(streamed[-1], GenerationOutput) and len(streamed[-1].choices[0].token_ids) == 6
+    assert any(isinstance(item, GenerationUpdate) for item in streamed)

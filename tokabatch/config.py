@@ -55,9 +55,10 @@ class EngineConfig:
     kv_memory_fraction: float = 0.90     # of the free GPU memory after loading and warm-up
     enable_cuda_graphs: bool = True
     pipelined: bool = True               # CUDA: two engine loops in turn, so CPU work overlaps GPU work
-    # Hydragen prefix groups. None (auto): on with the torch backend; off on CUDA with graphs, where
-    # grouped steps still run eagerly (measured on the H200, TB-quick: 23.6k tok/s grouped and eager
-    # against 40.8k ungrouped in graphs). True / False force it.
+    # Hydragen prefix groups. None (auto): on with the torch backend; off on CUDA with graphs (measured
+    # on the H200, TB-quick: 23.6k tok/s with grouped steps run eagerly against 40.8k ungrouped in
+    # graphs). True / False force it; True on CUDA with graphs also captures grouped decode graphs
+    # (hydragen_graphs.py, not yet run on a GPU: tests/engine/runtime/test_hydragen_graphs.py).
     enable_hydragen: bool | None = None
     hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
     hydragen_min_group: int = 16            # ... among at least this many decoding sequences

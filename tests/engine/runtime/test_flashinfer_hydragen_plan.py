@@ -15,7 +15,7 @@ import torch
 from tokabatch.engine.core.hydragen import GroupingParams, find_prefix_groups
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse, merge_attention
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, HydragenPlan, plan_hydragen
+from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, HydragenPlan, pad_hydragen_plan, plan_hydragen
 
 TOL = 1e-5
 
@@ -231,3 +231,79 @@ def test_inconsistent_steps_are_rejected(bad: str) -> None:
         groups = groups[:1]                              # the nested group without its parent
     with pytest.raises(ValueError):
         plan_hydragen(rows, groups, 4)
+
+
+def emulate_padded(pp, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int,
+                   bs: int, max_queries: int) -> torch.Tensor:
+    """The CUDA-graph Hydragen step in torch: bs own requests, max_groups group requests (empty
+    padded ones skipped, as the kernel skips them), one empty state, merged by state_index."""
+    k, v = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])
+    heads, dim = q.shape[1:]
+    q = torch.cat([q, torch.zeros(bs - q.shape[0], heads, dim)])
+    part_out = torch.full((bs + max_queries + 1, heads, dim), float("nan"))   # unread rows stay NaN
+    part_lse = torch.full((bs + max_queries + 1, heads), float("nan"))
+    for r in range(bs):
+        s = request_slots(pp.own_kv_indptr, pp.own_kv_indices, pp.own_last_page_len, r, page_size)
+        part_out[r], part_lse[r] = (t[0] for t in attention_with_lse(q[r][None], k[s], v[s]))
+    qg = q[pp.group_rows]
+    for g in range(pp.group_qo_indptr.numel() - 1):
+        a, b = int(pp.group_qo_indptr[g]), int(pp.group_qo_indptr[g + 1])
+        if a == b:
+            continue
+        s = request_slots(pp.group_kv_indptr, pp.group_kv_indices, pp.group_last_page_len, g, page_size)
+        part_out[bs + a:bs + b], part_lse[bs + a:bs + b] = attention_with_lse(qg[a:b], k[s], v[s])
+    part_out[-1], part_lse[-1] = 0.0, EMPTY_LSE
+    idx = pp.state_index
+    out, lse = part_out[idx[:, 0]], part_lse[idx[:, 0]]
+    for j in range(1, idx.shape[1]):
+        out, lse = merge_attention(out, lse, part_out[idx[:, j]], part_lse[idx[:, j]])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_padded_plan_in_graph_shapes_equals_full_attention(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    page_size = rng.choice([2, 4, 16])
+    tables, lens = random_batch(rng, page_size, num_seqs=rng.randint(5, 20))
+    shareable = {i: t[:(c - 1) // page_size] for i, (t, c) in enumerate(zip(tables, lens))}
+    groups = find_prefix_groups(shareable, page_size, GroupingParams(
+        min_prefix_tokens=page_size, min_group=2, call_cost_tokens=0, merge_cost_tokens=0))
+    rows = decode_rows(tables, lens)
+    hp = plan_hydragen(rows, groups, page_size)
+    bs = len(rows) + rng.randint(0, 6)
+    max_groups, max_states = hp.num_groups + rng.randint(0, 3), hp.num_states + rng.randint(0, 2)
+    max_queries = hp.num_group_queries + rng.randint(0, 9)
+    scratch = max(max(t) for t in tables) + 1
+    pp = pad_hydragen_plan(hp, rows, bs, max_groups, max_queries, max_states, scratch)
+    assert pp is not None
+    assert pp.own_kv_indptr.numel() == bs + 1 and pp.group_qo_indptr.numel() == max_groups + 1
+    assert pp.group_rows.numel() == max_queries and tuple(pp.state_index.shape) == (bs, max_states)
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(scratch + 1, page_size, 2, 8, generator=gen)
+    v_cache = torch.randn(scratch + 1, page_size, 2, 8, generator=gen)
+    q = torch.randn(len(rows), 6, 8, generator=gen)
+    got = emulate_padded(pp, q, k_cache, v_cache, page_size, bs, max_queries)
+    assert not torch.isnan(got[:len(rows)]).any(), "a real row merged a part nobody computed"
+    assert (got[:len(rows)] - full_attention(q, k_cache, v_cache, rows, page_size)).abs().max().item() < TOL
+    # Each row writes its new K/V at its current position; padded rows write only the scratch page.
+    for r, s in enumerate(rows):
+        assert int(pp.positions[r]) == s.kv_len - 1
+        assert int(pp.slots[r]) == s.page_ids[(s.kv_len - 1) // page_size] * page_size + (s.kv_len - 1) % page_size
+    assert all(int(x) // page_size == scratch for x in pp.slots[len(rows):])
+
+
+def test_padded_plan_refuses_what_the_shapes_cannot_hold() -> None:
+    tables, lens, groups = two_level_batch(4)
+    rows = decode_rows(tables, lens, [100 + i for i in range(len(tables))])
+    hp = plan_hydragen(rows, groups, 4)
+    assert pad_hydragen_plan(hp, rows, 16, 4, 32, 4, scratch_page=99) is None      # row 2 has no own part
+    keep = [0, 1, 3, 4, 5, 6]
+    rows2 = [rows[i] for i in keep]
+    trimmed = tuple(PrefixGroup(tuple(s for s in g.seq_ids if s != 102), g.page_ids, g.num_tokens, g.start_page)
+                    for g in groups)
+    hp2 = plan_hydragen(rows2, trimmed, 4)
+    assert pad_hydragen_plan(hp2, rows2, 8, 2, 16, 3, scratch_page=99) is not None
+    assert pad_hydragen_plan(hp2, rows2, 5, 2, 16, 3, scratch_page=99) is None      # more rows than bs
+    assert pad_hydragen_plan(hp2, rows2, 8, 1, 16, 3, scratch_page=99) is None      # more groups
+    assert pad_hydragen_plan(hp2, rows2, 8, 2, 5, 3, scratch_page=99) is None       # more group queries
+    assert pad_hydragen_plan(hp2, rows2, 8, 2, 16, 2, scratch_page=99) is None      # more states per row

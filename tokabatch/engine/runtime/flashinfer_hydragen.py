@@ -2,7 +2,8 @@
 torch reference of the same math).
 
 Owns `plan_hydragen` (one decode step's parts as flashinfer page tables: pure, CPU torch tensors,
-no flashinfer needed) and `FlashInferHydragenAttention` (plans the two wrappers once per step and
+no flashinfer needed), `pad_hydragen_plan` (the same in the fixed shapes of a CUDA-graph batch
+size, used by cuda_graphs.py) and `FlashInferHydragenAttention` (plans the two wrappers once per step and
 attends per layer). Imports flashinfer only inside the class, so the planning half is importable
 and tested on CPU. Must not import the service or engine/core scheduling code (plan.PrefixGroup is
 plain data).
@@ -190,6 +191,66 @@ def _indptr(lengths: Sequence[int]) -> Tensor:
     if lengths:
         torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class PaddedHydragenPlan:
+    """A HydragenPlan laid out in the fixed shapes of one CUDA-graph batch size (cuda_graphs.py).
+
+    Own parts: one decode request per row 0..bs-1 (padded rows read the scratch page). Group parts:
+    exactly `max_groups` prefill requests (padded ones have no queries and read the scratch page),
+    their queries gathered by `group_rows` [max_queries] (padding gathers row 0; no request owns it).
+    Merge: part outputs are rows [own 0..bs-1; group queries bs..bs+max_queries-1; empty state];
+    `state_index` [bs, max_states] (padded rows and columns -> the empty state)."""
+
+    positions: Tensor                    # [bs] int64: each row's position (kv_len - 1; 0 for padding)
+    slots: Tensor                        # [bs] int64: where each row's new K/V goes (scratch for padding)
+    own_kv_indptr: Tensor                # [bs+1] int32
+    own_kv_indices: Tensor               # [own pages] int32
+    own_last_page_len: Tensor            # [bs] int32
+    group_qo_indptr: Tensor              # [max_groups+1] int32
+    group_kv_indptr: Tensor              # [max_groups+1] int32
+    group_kv_indices: Tensor             # [group pages] int32
+    group_last_page_len: Tensor          # [max_groups] int32
+    group_rows: Tensor                   # [max_queries] int64
+    state_index: Tensor                  # [bs, max_states] int64
+
+
+def pad_hydragen_plan(hp: HydragenPlan, rows: Sequence[SeqAttn], bs: int, max_groups: int, max_queries: int,
+                      max_states: int, scratch_page: int) -> PaddedHydragenPlan | None:
+    """`hp` (for `rows`) in the fixed shapes of batch size `bs`; None when it does not fit: more rows,
+    groups, group queries or states per row than the shapes hold, or a row whose whole context is
+    in its groups (its new K/V would go into a shared page: never planned for a real decode)."""
+    b, ps = hp.num_rows, hp.page_size
+    if (b > bs or hp.num_groups > max_groups or hp.num_group_queries > max_queries
+            or hp.num_states > max_states or hp.num_own != b):
+        return None
+    kv_lens = [s.kv_len for s in rows]
+    positions = [n - 1 for n in kv_lens] + [0] * (bs - b)
+    slots = [s.page_ids[(n - 1) // ps] * ps + (n - 1) % ps for s, n in zip(rows, kv_lens)]
+    slots += [scratch_page * ps] * (bs - b)
+    pad = bs - b
+    own_pages = torch.diff(hp.own_kv_indptr).tolist() + [1] * pad
+    own_indices = torch.cat([hp.own_kv_indices, torch.full((pad,), scratch_page, dtype=torch.int32)])
+    own_last = torch.cat([hp.own_last_page_len, torch.ones(pad, dtype=torch.int32)])
+    g, m = hp.num_groups, hp.num_group_queries
+    gpad = max_groups - g
+    group_qo = torch.cat([hp.group_qo_indptr, torch.full((gpad,), m, dtype=torch.int32)])
+    group_kv = torch.cat([hp.group_kv_indptr, hp.group_kv_indptr[-1] + torch.arange(1, gpad + 1, dtype=torch.int32)])
+    group_indices = torch.cat([hp.group_kv_indices, torch.full((gpad,), scratch_page, dtype=torch.int32)])
+    group_last = torch.cat([hp.group_last_page_len, torch.ones(gpad, dtype=torch.int32)])
+    group_rows = torch.cat([hp.group_rows, torch.zeros(max_queries - m, dtype=torch.long)])
+    # Re-address the merge: own i -> row own_rows[i] (every row has one), group query j -> bs + j.
+    empty = bs + max_queries
+    remap = torch.cat([hp.own_rows, bs + torch.arange(m, dtype=torch.long), torch.tensor([empty])])
+    states = torch.full((bs, max_states), empty, dtype=torch.long)
+    if b:
+        states[:b, :hp.num_states] = remap[hp.state_index]
+    return PaddedHydragenPlan(
+        positions=torch.tensor(positions, dtype=torch.long), slots=torch.tensor(slots, dtype=torch.long),
+        own_kv_indptr=_indptr(own_pages), own_kv_indices=own_indices, own_last_page_len=own_last,
+        group_qo_indptr=group_qo, group_kv_indptr=group_kv, group_kv_indices=group_indices,
+        group_last_page_len=group_last, group_rows=group_rows, state_index=states)
 
 
 class _DeviceBuffer:

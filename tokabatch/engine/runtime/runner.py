@@ -8,8 +8,9 @@ Stateless between steps: each SeqWork carries its own page table. Sampler regist
 (`register` on admission, `release` on finish) is the engine loop's job, not ours.
 
 With `graphs` (cuda_graphs.DecodeGraphs, CUDA only) a pure decode step replays a captured graph
-instead of running the model eagerly; mixed and prefill steps, prefix-grouped steps when the
-backend attends groups, and steps larger than the largest graph run eagerly. `num_graph_steps` /
+instead of running the model eagerly, and with `grouped_graphs` a prefix-grouped one its Hydragen
+twin; mixed and prefill steps, grouped steps without grouped graphs, and steps larger than the
+largest graph run eagerly. `num_graph_steps` /
 `num_eager_steps` count which way each step went.
 Must not import the scheduler or the service.
 """
@@ -44,6 +45,7 @@ class ModelRunner:
         self.model, self.spec, self.kv_cache = model, spec, kv_cache
         self.backend, self.sampler = backend, sampler
         self.graphs = graphs
+        self.grouped_graphs: Any | None = None     # hydragen_graphs.GroupedDecodeGraphs
         self.device = spec.device
         self.num_graph_steps = 0
         self.num_eager_steps = 0
@@ -59,10 +61,16 @@ class ModelRunner:
         works = plan.works
         if not works:
             return PendingStep(StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0))
-        if self.graphs is not None and self._graphable(plan):
+        graph_kind = self._graph_kind(plan)
+        if graph_kind is not None:
             decodes = plan.decodes
-            logits = self.graphs.run([w.token_ids[0] for w in decodes], [w.start_pos + 1 for w in decodes],
-                                     [w.page_ids for w in decodes])
+            if graph_kind == "grouped":
+                logits = self.grouped_graphs.run([w.token_ids[0] for w in decodes], [w.start_pos for w in decodes],
+                                                 [w.page_ids for w in decodes], [w.seq_id for w in decodes],
+                                                 plan.prefix_groups)
+            else:
+                logits = self.graphs.run([w.token_ids[0] for w in decodes], [w.start_pos + 1 for w in decodes],
+                                         [w.page_ids for w in decodes])
             if logits is not None:
                 self.num_graph_steps += 1
                 finish = self.sampler.sample_async([w.seq_id for w in decodes], logits)
@@ -74,11 +82,16 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(works, seqs, hidden)
         return PendingStep(None, plan, self._sample(works, seqs, hidden), prompt_logprobs)
 
-    def _graphable(self, plan: StepPlan) -> bool:
-        """A pure decode step whose every row samples; prefix groups only where the backend ignores them."""
-        if plan.prefills or (plan.prefix_groups and getattr(self.backend, "use_hydragen", False)):
-            return False
-        return all(w.sample and w.prompt_logprobs is None for w in plan.decodes)
+    def _graph_kind(self, plan: StepPlan) -> str | None:
+        """"plain" or "grouped" for a pure decode step whose every row samples (grouped: it has prefix
+        groups and the backend attends them); None when the step must run eagerly."""
+        if self.graphs is None or plan.prefills:
+            return None
+        if not all(w.sample and w.prompt_logprobs is None for w in plan.decodes):
+            return None
+        if plan.prefix_groups and getattr(self.backend, "use_hydragen", False):
+            return "grouped" if self.grouped_graphs is not None else None
+        return "plain"
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -171,13 +184,14 @@ def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
 def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                   kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
                   seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256,
-                  parts: int = 1) -> list[ModelRunner]:
+                  parts: int = 1, grouped_graphs: bool = False) -> list[ModelRunner]:
     """Model folder -> `parts` ready ModelRunners over one copy of the weights, each with its own
     slice of the KV cache (its `kv_cache.num_pages` is what its scheduler's pool must be sized to),
     sampler, `select_backend`'s backend and CUDA graphs. GPU sizing uses free memory after loading.
 
     On CUDA with flashinfer: a warm-up step compiles the attention kernels, then (with `cuda_graphs`)
-    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs, per runner."""
+    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs, per runner, and with
+    `grouped_graphs` their Hydragen twins (hydragen_graphs.py)."""
     model, spec = load_model(path, dtype=dtype, device=device)
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
     if parts == 1:
@@ -195,6 +209,11 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
                 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs   # CUDA + flashinfer only
                 runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch)
                 runner.graphs.capture()
+                if grouped_graphs:
+                    from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
+
+                    runner.grouped_graphs = GroupedDecodeGraphs(runner.graphs)
+                    runner.grouped_graphs.capture()
         runners.append(runner)
     return runners
 

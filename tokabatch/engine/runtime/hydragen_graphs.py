@@ -1,0 +1,167 @@
+"""CUDA graphs of decode steps with Hydragen prefix groups: the grouped twin of cuda_graphs.py.
+
+Owns `GroupedDecodeGraphs`: for every ladder size of a DecodeGraphs, one more captured decode step
+whose attention is by parts (flashinfer_hydragen.py's math) in fixed shapes: the own part is one
+decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers), the
+group parts are `max_groups` requests of one cuda-graph prefill wrapper (non-causal) over at most
+`(max_states - 1) * bs` gathered queries, and `merge_states` folds `max_states` parts per row.
+A step's HydragenPlan is laid into those shapes by `pad_hydragen_plan` (tested on the CPU against
+full attention); a step that does not fit (too many groups, levels or queries) runs eagerly.
+
+Unlike the plain graphs, positions and KV slots come from host-filled buffers: a row's own part
+starts after its groups, so its page count no longer gives its position.
+
+Status: built after the session's GPU time was spent, so not yet run on a GPU; it is used only
+when Hydragen is asked for explicitly (EngineConfig.enable_hydragen=True) together with CUDA graphs.
+tests/engine/runtime/test_hydragen_graphs.py is the GPU check to run first. flashinfer is
+imported only when this is built. Must not import the service or engine/core scheduling code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from tokabatch.engine.core.plan import PrefixGroup
+from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, pad_hydragen_plan, plan_hydragen
+
+
+class _GroupedAttention:
+    """Per-layer attention of a grouped graph step (everything in fixed shapes of one size)."""
+
+    def __init__(self, owner: "GroupedDecodeGraphs", bs: int) -> None:
+        self.o, self.bs = owner, bs
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        o, bs = self.o, self.bs
+        cache = o.cache
+        k_flat, v_flat = cache.flat(layer_idx)
+        slots = o.slots[:bs]
+        k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
+        v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
+        kv = (cache.k[layer_idx], cache.v[layer_idx])
+        q = q.contiguous()
+        own_out, own_lse = o.graphs._wrappers[bs].run(q, kv, return_lse=True)
+        m = o.max_queries(bs)
+        group_q = q.index_select(0, o.group_rows[:m])
+        group_out, group_lse = o.group_wrappers[bs].run(group_q, kv, return_lse=True)
+        part_out = torch.cat([own_out, group_out.to(own_out.dtype), o.empty_out])
+        part_lse = torch.cat([own_lse, group_lse, o.empty_lse])
+        index = o.state_index[:bs * o.max_states]
+        states_out = part_out.index_select(0, index).view(bs, o.max_states, *q.shape[1:])
+        states_lse = part_lse.index_select(0, index).view(bs, o.max_states, q.shape[1])
+        out, _ = o.flashinfer.merge_states(states_out, states_lse)
+        return out.to(q.dtype)
+
+
+class GroupedDecodeGraphs:
+    """Grouped decode steps captured for every size of `graphs` (a captured DecodeGraphs)."""
+
+    def __init__(self, graphs: Any, max_groups: int = 128, max_states: int = 3) -> None:
+        import flashinfer
+
+        self.flashinfer = flashinfer
+        self.graphs = graphs
+        self.cache = graphs.cache
+        self.max_groups, self.max_states = max_groups, max_states
+        dev, heads, dim = self.cache.device, graphs.num_heads, graphs.head_dim
+        max_bs = graphs.max_batch
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_bs,), self.cache.scratch_page * self.cache.page_size, dtype=torch.long,
+                                device=dev)
+        self.group_qo_indptr = torch.zeros(max_groups + 1, dtype=torch.int32, device=dev)
+        self.group_kv_indptr = torch.arange(max_groups + 1, dtype=torch.int32, device=dev)
+        self.group_last_page_len = torch.ones(max_groups, dtype=torch.int32, device=dev)
+        self.group_kv_indices = torch.full((graphs.max_indices,), self.cache.scratch_page, dtype=torch.int32,
+                                           device=dev)
+        self.group_rows = torch.zeros(self.max_queries(max_bs), dtype=torch.long, device=dev)
+        self.state_index = torch.zeros(max_bs * max_states, dtype=torch.long, device=dev)
+        self.empty_out = torch.zeros(1, heads, dim, dtype=self.cache.dtype, device=dev)
+        self.empty_lse = torch.full((1, heads), EMPTY_LSE, dtype=torch.float32, device=dev)
+        self.group_wrappers: dict[int, Any] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, Tensor] = {}
+        self.num_replays = 0
+
+    def max_queries(self, bs: int) -> int:
+        """Group-part query rows a step of `bs` rows may have: each row in up to max_states - 1 groups."""
+        return (self.max_states - 1) * bs
+
+    # ---- start-up ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture a grouped step for every size (largest first, one shared memory pool)."""
+        pool = torch.cuda.graph_pool_handle()
+        scratch = self.cache.scratch_page
+        g = self.max_groups
+        for bs in reversed(self.graphs.sizes):
+            self.group_wrappers[bs] = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self.graphs.workspace, kv_layout="NHD", use_cuda_graph=True,
+                qo_indptr_buf=self.group_qo_indptr, paged_kv_indptr_buf=self.group_kv_indptr,
+                paged_kv_indices_buf=self.group_kv_indices, paged_kv_last_page_len_buf=self.group_last_page_len)
+            # The first plan fixes the largest query count: all of it in group 0, the rest empty.
+            m = self.max_queries(bs)
+            qo = torch.full((g + 1,), m, dtype=torch.int32)
+            qo[0] = 0
+            self._plan(bs, torch.arange(bs + 1, dtype=torch.int32), torch.full((bs,), scratch, dtype=torch.int32),
+                       torch.ones(bs, dtype=torch.int32), qo, torch.arange(g + 1, dtype=torch.int32),
+                       torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._forward(bs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[bs] = self._forward(bs)
+            self._graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def _forward(self, bs: int) -> Tensor:
+        model = self.graphs.model
+        hidden = model(self.graphs.input_ids[:bs], self.positions[:bs], _GroupedAttention(self, bs))
+        return model.compute_logits(hidden)
+
+    # ---- per step ------------------------------------------------------------------------------
+
+    def run(self, token_ids: Sequence[int], start_positions: Sequence[int], page_tables: Sequence[Sequence[int]],
+            seq_ids: Sequence[int], groups: Sequence[PrefixGroup]) -> Tensor | None:
+        """One grouped decode step (row i: token_ids[i] at position start_positions[i]); logits
+        [rows, vocab] valid until the next replay, or None when it does not fit (run it eagerly)."""
+        rows = len(token_ids)
+        bs = self.graphs.bucket(rows)
+        if bs is None or rows == 0:
+            return None
+        seqs = [SeqAttn(q_start=i, q_len=1, start_pos=p, page_ids=tuple(t), seq_id=s)
+                for i, (p, t, s) in enumerate(zip(start_positions, page_tables, seq_ids))]
+        padded = pad_hydragen_plan(plan_hydragen(seqs, groups, self.cache.page_size), seqs, bs,
+                                   self.max_groups, self.max_queries(bs), self.max_states, self.cache.scratch_page)
+        if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices \
+                or len(padded.group_kv_indices) > self.graphs.max_indices:
+            return None
+        dev = self.cache.device
+        ids = torch.zeros(bs, dtype=torch.long)
+        ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
+        for buffer, host in ((self.graphs.input_ids, ids), (self.positions, padded.positions),
+                             (self.slots, padded.slots), (self.group_rows, padded.group_rows),
+                             (self.state_index, padded.state_index.reshape(-1))):
+            buffer[:host.numel()].copy_(host.pin_memory(), non_blocking=True)
+        self._plan(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),
+                   padded.own_last_page_len, padded.group_qo_indptr, padded.group_kv_indptr,
+                   padded.group_kv_indices.pin_memory().to(dev, non_blocking=True), padded.group_last_page_len)
+        self._graphs[bs].replay()
+        self.num_replays += 1
+        return self._logits[bs][:rows]
+
+    def _plan(self, bs: int, own_indptr: Tensor, own_indices: Tensor, own_last: Tensor, group_qo: Tensor,
+              group_indptr: Tensor, group_indices: Tensor, group_last: Tensor) -> None:
+        dtype, g = self.cache.dtype, self.graphs
+        heads = (g.num_heads, g.num_kv_heads, g.head_dim, self.cache.page_size)
+        g._wrappers[bs].plan(own_indptr, own_indices, own_last, *heads, pos_encoding_mode="NONE",
+                             q_data_type=dtype, kv_data_type=dtype)
+        self.group_wrappers[bs].plan(group_qo, group_indptr, group_indices, group_last, *heads, causal=False,
+                                     q_data_type=dtype, kv_data_type=dtype)

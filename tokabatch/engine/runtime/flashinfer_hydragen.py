@@ -41,20 +41,10 @@ heads: run() 151..212 us per layer (two runs) against 188 us ungrouped; alone, t
 took 113 us and the group-part prefill 50 us, so gathers, merge and launches are the rest. GQA-7
 (14/2): 267 us against 429 us (ungrouped, every row goes through the prefill kernel).
 
-CUDA graphs (not done here; eager correctness first). What is graph-friendly already: `plan()` is
-once per step and `run()` launches only kernels and index_selects, with the page indices and gather
-indices in device buffers reused across steps (re-allocated only when a step needs more). What a
-captured `run()` would still need, per captured batch size B:
-  - wrappers built with use_cuda_graph=True and fixed buffers: the decode wrapper's
-    paged_kv_indptr/indices/last_page_len buffers ([B+1], [max pages], [B]) and the prefill
-    wrapper's qo_indptr/paged_kv_indptr/indices/last_page_len buffers, whose batch size (the
-    number of groups G) is then fixed: pad each step's groups to a G_max with empty requests
-    (qo_len 0), and plan() the first time with the largest M (its total rows are fixed then);
-  - fixed shapes for everything indexed per step: group_rows padded to M_max (padding gathers row
-    0, its outputs land in unused state rows), state_index at [B, S_max] (padding -> the empty
-    state), own parts over all B rows (decode rows always have a non-empty own part: the current
-    token), and the empty state's row at a fixed index (the last row of a max-size buffer);
-  - the part-output buffers allocated once at max size (they are already reused across layers).
+CUDA graphs: `FlashInferHydragenAttention` is the eager path (its shapes change every step).
+`pad_hydragen_plan` lays the same parts into the fixed shapes of one CUDA-graph batch size (own
+part = one decode request per row, max_groups prefill requests with empty padding, max_queries
+gathered rows, max_states states per row), which hydragen_graphs.py captures.
 """
 
 from __future__ import annotations

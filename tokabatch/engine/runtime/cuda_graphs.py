@@ -23,7 +23,7 @@ imported when DecodeGraphs is built, so `batch_ladder` can be used and tested an
 from __future__ import annotations
 
 from array import array
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,20 @@ def batch_ladder(max_batch: int) -> list[int]:
     sizes += list(range(160, 513, 32)) + list(range(576, 1025, 64)) + list(range(1152, max_batch + 1, 128))
     out = sorted({s for s in sizes if s < max_batch} | {max_batch})
     return out
+
+
+def capture_graph(forward: Callable[[], Tensor], pool: Any) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Run `forward` once eagerly on a side stream (compiles kernels, allocates workspaces), then
+    capture it into a graph in `pool`; returns the graph and its output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 class DecodeGraphs:
@@ -83,15 +97,7 @@ class DecodeGraphs:
                                      paged_kv_last_page_len_buffer=self.last_page_len[:bs])
             self._wrappers[bs] = wrapper
             self._plan_padding_only(bs)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward(bs)                      # warm-up: compiles, allocates workspaces
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[bs] = self._forward(bs)
-            self._graphs[bs] = graph
+            self._graphs[bs], self._logits[bs] = capture_graph(lambda: self._forward(bs), pool)
         torch.cuda.synchronize()
 
     def _plan_padding_only(self, bs: int) -> None:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.cuda_graphs import capture_graph
 from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, pad_hydragen_plan, plan_hydragen
 
 
@@ -110,15 +111,7 @@ class GroupedDecodeGraphs:
             self._plan(bs, torch.arange(bs + 1, dtype=torch.int32), torch.full((bs,), scratch, dtype=torch.int32),
                        torch.ones(bs, dtype=torch.int32), qo, torch.arange(g + 1, dtype=torch.int32),
                        torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward(bs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[bs] = self._forward(bs)
-            self._graphs[bs] = graph
+            self._graphs[bs], self._logits[bs] = capture_graph(lambda: self._forward(bs), pool)
         torch.cuda.synchronize()
 
     def _forward(self, bs: int) -> Tensor:

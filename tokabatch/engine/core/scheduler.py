@@ -2,7 +2,8 @@
 
 Owns the running set, admission (by page-use forecast, admission.py, from the candidates of the
 waiting queue, waiting.py: prefix-cache hits, deferral behind pages in flight), preemption and
-the prefix cache bookkeeping of every sequence. Pure stdlib: must not import torch.
+the pages every sequence holds; a step's result is applied to its sequences (tokens appended, full
+pages published) by progress.py. Pure stdlib: must not import torch.
 
 Contract with the engine loop, one step at a time:
     plan = scheduler.schedule()                   # every decode + FIFO prefill chunks
@@ -28,9 +29,10 @@ from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.invariants import check_scheduler
-from tokabatch.engine.core.pages import ROOT, PagePool
+from tokabatch.engine.core.pages import PagePool
 from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult, decode_seq_work
 from tokabatch.engine.core.predictor import LengthPredictor
+from tokabatch.engine.core.progress import apply_step_result, publish_full_pages
 from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, pages_for, prefill_work
 from tokabatch.engine.core.waiting import WaitingQueue
 
@@ -192,62 +194,12 @@ class Scheduler:
         return plan
 
     def on_step_done(self, plan: StepPlan, result: StepResult) -> None:
-        """Advance every sequence of `plan` past the tokens it ran and append its sampled token.
-
-        The result has one token per sampled work, in plan order (StepResult's contract), so
-        tokens are matched by position, with a lookup by seq_id should the order ever differ. The
-        decodes of the plan schedule() just made (one token each, sampled, decodes first) take a
-        short path: their sequences are known by position too, and most of them only count one
-        more position and one more token."""
-        sampled = result.sampled
-        ps = self.page_size
-        running = SeqStatus.RUNNING
-        num_done = 0                          # works (and tokens: all decodes sample) handled so far
+        """Advance every sequence of `plan` past the tokens it ran, append its sampled token and
+        publish its full pages (progress.py; the decodes of the plan schedule() just made take a
+        short path, their sequences known by position)."""
         planned, planned_seqs = self._planned
-        if plan is planned:
-            for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
-                if token.seq_id != work.seq_id:
-                    break                     # out of order: the general path below sorts it out
-                num_done += 1
-                if seq.status is not running:
-                    continue                  # aborted or finished while the step ran
-                start = work.start_pos
-                if start != seq.num_computed:
-                    raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
-                                         f"but {seq.num_computed} positions were computed")
-                seq.num_computed = start + 1
-                seq.output_ids.append(token.token_id)
-                if (start + 1) // ps > seq.num_published_pages:
-                    self._publish(seq)        # (nothing to publish otherwise: most decode steps)
-        works = plan.decodes[num_done:] + plan.prefills if num_done else plan.works
-        by_seq: dict[int, int] | None = None
-        num_sampled = num_done
-        for work in works:
-            token_id = None
-            if work.sample:
-                if num_sampled < len(sampled) and sampled[num_sampled].seq_id == work.seq_id:
-                    token_id = sampled[num_sampled].token_id
-                else:
-                    if by_seq is None:
-                        by_seq = {t.seq_id: t.token_id for t in sampled}
-                    token_id = by_seq.get(work.seq_id)
-                num_sampled += 1
-            seq = self._seqs.get(work.seq_id)
-            if seq is None or seq.status is not running:
-                continue                          # aborted or finished while the step ran
-            if work.start_pos != seq.num_computed:
-                raise AssertionError(f"sequence {seq.seq_id}: step ran position {work.start_pos}, "
-                                     f"but {seq.num_computed} positions were computed")
-            seq.num_computed = work.start_pos + work.num_tokens
-            if work.prompt_logprobs is not None:
-                seq.num_prompt_logprobs_done = max(seq.num_prompt_logprobs_done,
-                                                   min(seq.num_computed, seq.num_prompt_tokens - 1))
-            if work.sample:
-                if token_id is None:
-                    raise AssertionError(f"step {plan.step_idx} result lacks the token of sequence {seq.seq_id}")
-                seq.output_ids.append(token_id)
-            if seq.num_computed // ps > seq.num_published_pages:
-                self._publish(seq)
+        apply_step_result(plan, result.sampled, planned_seqs if plan is planned else None, self._seqs,
+                          self.page_size, self._publish)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -366,22 +318,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _publish(self, seq: Sequence) -> None:
-        """Put every full page whose KV is computed into the prefix tree (in order, parents first)."""
-        if not self.config.enable_prefix_cache:
-            return
-        ps = self.page_size
-        pages = seq.page_ids
-        for i in range(seq.num_published_pages, seq.num_computed // ps):
-            parent = pages[i - 1] if i else ROOT
-            own = pages[i]
-            canonical = self.pool.publish(parent, seq.token_slice(i * ps, (i + 1) * ps), own)
-            if canonical != own:              # computed twice (two sequences prefilled it together)
-                self.pool.incref(canonical)
-                self.pool.decref(own)
-                pages = pages[:i] + (canonical,) + pages[i + 1:]
-                seq.page_ids = pages
-        seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
-        self._inflight.published(seq.seq_id, seq.num_published_pages)
+        if self.config.enable_prefix_cache:
+            publish_full_pages(seq, self.pool, self._inflight, self.page_size)
 
     def _retire_if_done(self, request_id: str) -> None:
         if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests[request_id]):

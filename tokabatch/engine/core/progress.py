@@ -1,0 +1,97 @@
+"""A step's progress applied to its sequences: positions computed, sampled tokens appended, full
+pages published into the prefix tree.
+
+Owns the bookkeeping after a forward pass (the scheduler's on_step_done, and the publishing that
+preemption and finishing also do); it decides nothing about who runs. Pure stdlib: must not
+import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from tokabatch.engine.core.inflight import InflightPages
+from tokabatch.engine.core.pages import ROOT, PagePool
+from tokabatch.engine.core.plan import SampledToken, StepPlan
+from tokabatch.engine.core.request import SeqStatus, Sequence
+
+
+def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned_seqs: list[Sequence] | None,
+                      seqs: Mapping[int, Sequence], page_size: int,
+                      publish: Callable[[Sequence], None]) -> None:
+    """Advance every sequence of `plan` past the tokens it ran and append its sampled token.
+
+    `sampled` has one token per sampled work, in plan order (StepResult's contract), so tokens
+    are matched by position, with a lookup by seq_id should the order ever differ. `planned_seqs`
+    is given when `plan` is the one schedule() just made: the sequences of its decodes (one token
+    each, sampled, decodes first), known by position too, so they take a short path where most of
+    them only count one more position and one more token. `publish(seq)` is called for a sequence
+    whose computed positions reach past its published pages."""
+    ps = page_size
+    running = SeqStatus.RUNNING
+    num_done = 0                          # works (and tokens: all decodes sample) handled so far
+    if planned_seqs is not None:
+        for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
+            if token.seq_id != work.seq_id:
+                break                     # out of order: the general path below sorts it out
+            num_done += 1
+            if seq.status is not running:
+                continue                  # aborted or finished while the step ran
+            start = work.start_pos
+            if start != seq.num_computed:
+                raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
+                                     f"but {seq.num_computed} positions were computed")
+            seq.num_computed = start + 1
+            seq.output_ids.append(token.token_id)
+            if (start + 1) // ps > seq.num_published_pages:
+                publish(seq)              # (nothing to publish otherwise: most decode steps)
+    works = plan.decodes[num_done:] + plan.prefills if num_done else plan.works
+    by_seq: dict[int, int] | None = None
+    num_sampled = num_done
+    for work in works:
+        token_id = None
+        if work.sample:
+            if num_sampled < len(sampled) and sampled[num_sampled].seq_id == work.seq_id:
+                token_id = sampled[num_sampled].token_id
+            else:
+                if by_seq is None:
+                    by_seq = {t.seq_id: t.token_id for t in sampled}
+                token_id = by_seq.get(work.seq_id)
+            num_sampled += 1
+        seq = seqs.get(work.seq_id)
+        if seq is None or seq.status is not running:
+            continue                          # aborted or finished while the step ran
+        if work.start_pos != seq.num_computed:
+            raise AssertionError(f"sequence {seq.seq_id}: step ran position {work.start_pos}, "
+                                 f"but {seq.num_computed} positions were computed")
+        seq.num_computed = work.start_pos + work.num_tokens
+        if work.prompt_logprobs is not None:
+            seq.num_prompt_logprobs_done = max(seq.num_prompt_logprobs_done,
+                                               min(seq.num_computed, seq.num_prompt_tokens - 1))
+        if work.sample:
+            if token_id is None:
+                raise AssertionError(f"step {plan.step_idx} result lacks the token of sequence {seq.seq_id}")
+            seq.output_ids.append(token_id)
+        if seq.num_computed // ps > seq.num_published_pages:
+            publish(seq)
+
+
+def publish_full_pages(seq: Sequence, pool: PagePool, inflight: InflightPages, page_size: int) -> None:
+    """Put every full page whose KV is computed into the prefix tree (in order, parents first).
+    A page computed twice (two sequences prefilled it together) is swapped for the tree's copy."""
+    ps = page_size
+    pages = seq.page_ids
+    for i in range(seq.num_published_pages, seq.num_computed // ps):
+        parent = pages[i - 1] if i else ROOT
+        own = pages[i]
+        canonical = pool.publish(parent, seq.token_slice(i * ps, (i + 1) * ps), own)
+        if canonical != own:              # computed twice (two sequences prefilled it together)
+            pool.incref(canonical)
+            pool.decref(own)
+            pages = pages[:i] + (canonical,) + pages[i + 1:]
+            seq.page_ids = pages
+    seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
+    inflight.published(seq.seq_id, seq.num_published_pages)
+
+
+__all__ = ["apply_step_result", "publish_full_pages"]

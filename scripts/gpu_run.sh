@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the GPU machine (../shared/gpu/README.md): one call that installs the sent wheels, restores the
+# compiled flashinfer kernels, runs the GPU tests and then each benchmark given, and packs the
+# kernels back into $OUT. Each part has its own time limit so a slow one cannot eat the rest.
+#
+#   scripts/gpu_run.sh                                  # GPU tests only
+#   scripts/gpu_run.sh "TA --vs-hf" "TB-quick --hydragen on" "TB-quick --hydragen off"
+#
+# Environment: GPU_TEST_TIMEOUT (s, default 240; 0 skips the tests), BENCH_TIMEOUT (s per
+# benchmark, default 120). Logs go to $OUT (default ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_run: installing .whl/*.whl failed (send .whl along: ../shared/gpu/README.md)"; exit 1; }
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+for archive in .fi-cache/*.tar.xz; do
+  [ -f "$archive" ] && python3 .fi-cache/fi-cache.py restore "$archive" > /dev/null
+done
+if [ "${GPU_TEST_TIMEOUT:-240}" != 0 ]; then
+  timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu tests/engine/runtime -p no:cacheprovider \
+    > "$OUT/pytest.txt" 2>&1
+  grep -iE "relative error|agree|replays|saved|passed|failed|^E " "$OUT/pytest.txt" | head -40
+fi
+for spec in "$@"; do
+  name=$(echo "$spec" | tr ' ' '_' | tr -d '-')
+  # shellcheck disable=SC2086  # the spec is a workload plus flags
+  timeout "${BENCH_TIMEOUT:-120}" python3 scripts/bench.py --workload $spec > "$OUT/bench-$name.txt" 2>&1
+  echo "== $spec (rc $?)"
+  grep -vE "^\|---|^\| workload|^built" "$OUT/bench-$name.txt" | tail -6
+done
+[ -f .fi-cache/fi-cache.py ] && timeout 60 python3 .fi-cache/fi-cache.py pack "$OUT/fi-cache.tar.xz"
+exit 0

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from tests.engine.runtime.test_hydragen_attention import random_batch
 from tokabatch.engine.core.hydragen import GroupingParams, find_prefix_groups
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse, merge_attention
@@ -99,24 +100,6 @@ def assert_exact_cover(hp: HydragenPlan, rows: list[SeqAttn]) -> None:
         index = hp.state_index[r].tolist()
         assert index[:len(states)] == states and set(index[len(states):]) <= {hp.empty_state}
         assert hp.own_starts[r] == s.kv_len - (len(own) if r in own_index else 0)
-
-
-def random_batch(rng: random.Random, page_size: int, num_seqs: int) -> tuple[list[tuple[int, ...]], list[int]]:
-    """Page tables from a random tree of shared prefixes (nested on purpose), shuffled page ids,
-    contexts ending anywhere in each row's private pages; some rows share nothing."""
-    ids = list(range(1, 600))
-    rng.shuffle(ids)
-    fresh = iter(ids)
-    prefixes: list[tuple[int, ...]] = [()]
-    for _ in range(rng.randint(1, 6)):
-        prefixes.append(rng.choice(prefixes) + tuple(next(fresh) for _ in range(rng.randint(1, 3))))
-    tables, lens = [], []
-    for _ in range(num_seqs):
-        shared = rng.choice(prefixes)
-        own = tuple(next(fresh) for _ in range(rng.randint(1, 3)))
-        tables.append(shared + own)
-        lens.append(rng.randint(len(shared) * page_size + 1, len(tables[-1]) * page_size))
-    return tables, lens
 
 
 def check(tables: list[tuple[int, ...]], lens: list[int], groups: tuple[PrefixGroup, ...], page_size: int,

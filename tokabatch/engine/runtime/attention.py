@@ -75,6 +75,15 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     return out.to(out_a.dtype), lse
 
 
+def csr_indptr(lengths: Sequence[int] | Tensor) -> Tensor:
+    """CSR offsets [len+1] int32 (host) of a lengths vector (the indptr arrays flashinfer plans from)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int32)
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    if lengths.numel():
+        torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class SeqAttn:
     """One sequence's part of a step: rows q_start..q_start+q_len-1 of the step's tokens, at

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.kv_cache import KVCache
 
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
@@ -66,20 +66,13 @@ def paged_layout(seqs: Sequence[SeqAttn], page_size: int) -> PagedLayout:
         tables.append(s.page_ids if len(s.page_ids) == num_pages else s.page_ids[:num_pages])
     q_lens_t = _int32(q_lens)
     pages_t = _int32(pages_per_seq)
-    return PagedLayout(q_lens=q_lens_t, kv_lens=_int32(kv_lens), qo_indptr=indptr_of(q_lens_t),
-                       kv_indptr=indptr_of(pages_t), kv_indices=_int32(array("i", chain.from_iterable(tables))),
+    return PagedLayout(q_lens=q_lens_t, kv_lens=_int32(kv_lens), qo_indptr=csr_indptr(q_lens_t),
+                       kv_indptr=csr_indptr(pages_t), kv_indices=_int32(array("i", chain.from_iterable(tables))),
                        last_page_len=_int32(last))
 
 
 def _int32(values: array) -> Tensor:
     return torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
-
-
-def indptr_of(lengths: Tensor) -> Tensor:
-    """CSR offsets [len+1] int32 (host) of a lengths vector."""
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
 
 
 def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, **graph_buffers: Any) -> Any:

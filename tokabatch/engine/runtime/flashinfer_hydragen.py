@@ -57,17 +57,14 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "plan_hydragen"]
+__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedHydragenPlan", "pad_hydragen_plan",
+           "plan_hydragen"]
 
 EMPTY_LSE = -1e30                        # lse of the padding state: weight exactly 0 next to any real part
-# GQA group sizes the CUDA-core decode kernel is compiled for ("Unsupported group_size: 7" otherwise,
-# seen on the H200); own parts of other sizes go through the prefill kernel. Kept in step with
-# flashinfer_backend.py by hand: this module does not import it (it imports flashinfer at load).
-CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,25 +159,17 @@ def plan_hydragen(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_s
     return HydragenPlan(
         num_rows=len(rows), page_size=page_size,
         group_rows=torch.tensor(group_rows, dtype=torch.long),
-        group_qo_indptr=_indptr(group_sizes),
-        group_kv_indptr=_indptr(group_pages),
+        group_qo_indptr=csr_indptr(group_sizes),
+        group_kv_indptr=csr_indptr(group_pages),
         group_kv_indices=torch.tensor(list(chain.from_iterable(g.page_ids for g in ordered)), dtype=torch.int32),
         group_last_page_len=torch.full((len(ordered),), page_size, dtype=torch.int32),
         own_rows=torch.tensor(own_rows, dtype=torch.long),
-        own_kv_indptr=_indptr([len(t) for t in own_tables]),
+        own_kv_indptr=csr_indptr([len(t) for t in own_tables]),
         own_kv_indices=torch.tensor(list(chain.from_iterable(own_tables)), dtype=torch.int32),
         own_last_page_len=torch.tensor(own_last, dtype=torch.int32),
         own_starts=tuple(starts),
         state_index=torch.tensor(state_index, dtype=torch.long).view(len(rows), width),
     )
-
-
-def _indptr(lengths: Sequence[int]) -> Tensor:
-    """CSR offsets [len+1] int32 of a list of lengths."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    if lengths:
-        torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0, out=out[1:])
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +227,7 @@ def pad_hydragen_plan(hp: HydragenPlan, rows: Sequence[SeqAttn], bs: int, max_gr
         states[:b, :hp.num_states] = remap[hp.state_index]
     return PaddedHydragenPlan(
         positions=torch.tensor(positions, dtype=torch.long), slots=torch.tensor(slots, dtype=torch.long),
-        own_kv_indptr=_indptr(own_pages), own_kv_indices=own_indices, own_last_page_len=own_last,
+        own_kv_indptr=csr_indptr(own_pages), own_kv_indices=own_indices, own_last_page_len=own_last,
         group_qo_indptr=group_qo, group_kv_indptr=group_kv, group_kv_indices=group_indices,
         group_last_page_len=group_last, group_rows=group_rows, state_index=states)
 
@@ -284,10 +273,9 @@ class FlashInferHydragenAttention:
         self.num_kv_heads, self.head_dim = cache.k[0].shape[2], cache.k[0].shape[3]
         dev = cache.device
         self.group_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
-        self.decode_ok = num_heads // self.num_kv_heads in CUDA_CORE_DECODE_GROUP_SIZES
-        # Other GQA group sizes: the decode wrapper's tensor-core variant (any group size).
-        self.own_wrapper: Any = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, kv_layout="NHD", use_tensor_cores=not self.decode_ok)
+        from tokabatch.engine.runtime.flashinfer_backend import decode_wrapper   # CUDA only
+
+        self.own_wrapper: Any = decode_wrapper(workspace, num_heads, self.num_kv_heads)
         pages_guess = max_rows * 64
         self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
         self._own_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)

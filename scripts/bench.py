@@ -139,7 +139,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
                graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners))
     if args.profile:
         from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
-        profile_decode_steps(loop, prompts[:args.profile_batch], w, args.profile, args.out_dir)
+        profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir)
     return row
 
 
@@ -218,7 +218,7 @@ def main() -> None:
                     help="prefix groups (auto: off when CUDA graphs are on, see EngineConfig)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
-    ap.add_argument("--profile-batch", type=int, default=256)
+    ap.add_argument("--profile-batch", type=int, default=256, help="sequences (n samples each count)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child

@@ -3,14 +3,14 @@
 Used by scripts/bench.py --profile N: admits a batch, steps until every sequence is decoding,
 times N plain steps, then profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per
 kernel class (matmul, attention, index/KV append, elementwise, reductions/sampling, copies) per
-step. GPU busy time well under the wall time means the step is bound by CPU work (Python,
+step, and a cProfile of N more steps' Python. GPU busy time well under the wall time means the step is bound by CPU work (Python,
 scheduling, launches), not by the GPU. The full key_averages table goes to OUT/profile-<wl>.txt.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,29 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def python_profile(loop: Any, num_steps: int, path: Path) -> None:
+    """cProfile of `num_steps` steps: the Python functions the CPU side spends its time in (the
+    top of the cumulative list printed, both lists written to `path`)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(num_steps):
+        loop.step()
+    prof.disable()
+    text = {}
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(40)
+        text[key] = buf.getvalue()
+    path.write_text(text["cumulative"] + "\n\n" + text["tottime"])
+    print(f"cProfile of {num_steps} steps (by own time; full lists in {path.name}):")
+    lines = [ln for ln in text["tottime"].splitlines() if ln.strip()[:1].isdigit()]
+    print("\n".join(lines[1:16]))
+
+
 def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps: int, out_dir: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -40,13 +63,19 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
 
     params = SamplingParams(max_tokens=64 + 3 * num_steps, temperature=w.temperature, ignore_eos=True)
     for i, ids in enumerate(prompts):
-        loop.add(GenerationRequest(request_id=f"prof{i}", prompt_token_ids=tuple(ids), sampling=params))
-    for _ in range(10_000):          # until a step is all decodes (one token per running sequence)
+        loop.add(GenerationRequest(request_id=f"prof{i}", prompt_token_ids=tuple(ids), sampling=params, n=w.n))
+    # Until a round of steps (one per pipelined half) is all decodes: one token per running sequence.
+    per_round = len(getattr(loop, "halves", [loop]))
+    deltas: deque[int] = deque(maxlen=per_round)
+    for _ in range(10_000):
         before = loop.stats().num_forward_tokens
         loop.step()
         s = loop.stats()
-        if s.num_waiting == 0 and s.num_forward_tokens - before == s.num_running:
+        deltas.append(s.num_forward_tokens - before)
+        if s.num_waiting == 0 and len(deltas) == per_round and sum(deltas) == s.num_running > 0:
             break
+    else:
+        raise RuntimeError("profile: the batch never reached a pure decode round")
     batch = loop.stats().num_running
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -54,6 +83,7 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
         loop.step()
     torch.cuda.synchronize()
     plain_ms = (time.perf_counter() - t) / num_steps * 1e3
+    python_profile(loop, num_steps, Path(out_dir, f"cprofile-{w.model}-{w.prompt_len}.txt"))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
             loop.step()
@@ -63,6 +93,8 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
         gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
         if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
             per_class[kernel_class(evt.key)] += gpu_us
+    if loop.stats().num_running < batch:
+        raise RuntimeError("profile: sequences finished during the profiled steps; raise max_tokens")
     gpu_ms = sum(per_class.values()) / num_steps / 1e3
     print(f"profile: {num_steps} decode steps at batch {batch} (context ~{w.prompt_len}+): wall "
           f"{plain_ms:.2f} ms/step unprofiled; GPU busy {gpu_ms:.2f} ms/step ({gpu_ms / plain_ms:.0%})")

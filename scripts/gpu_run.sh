@@ -6,8 +6,8 @@
 #   scripts/gpu_run.sh                                  # GPU tests only
 #   scripts/gpu_run.sh "TA --vs-hf" "TB-quick --hydragen on" "TB-quick --hydragen off"
 #
-# Environment: GPU_TEST_TIMEOUT (s, default 240; 0 skips the tests), BENCH_TIMEOUT (s per
-# benchmark, default 120). Logs go to $OUT (default ./gpu-out).
+# Environment: GPU_TESTS (pytest paths, default tests/engine/runtime), GPU_TEST_TIMEOUT (s, default
+# 240; 0 skips the tests), BENCH_TIMEOUT (s per benchmark, default 120). Logs go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -19,7 +19,7 @@ for archive in .fi-cache/*.tar.xz; do
   [ -f "$archive" ] && python3 .fi-cache/fi-cache.py restore "$archive" > /dev/null
 done
 if [ "${GPU_TEST_TIMEOUT:-240}" != 0 ]; then
-  timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu tests/engine/runtime -p no:cacheprovider \
+  timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/engine/runtime} -p no:cacheprovider \
     > "$OUT/pytest.txt" 2>&1
   grep -iE "relative error|agree|replays|saved|passed|failed|^E " "$OUT/pytest.txt" | head -40
 fi

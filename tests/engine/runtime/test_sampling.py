@@ -80,6 +80,18 @@ def test_distribution_matches_the_filtered_reference(params, device):
             assert observed[token] == 0.0, f"filtered token {token} was sampled"
 
 
+def test_draw_from_logits_is_draw_from_noise_on_the_softmax():
+    # The same exponential noise picks the same token through the log-space Gumbel-max form (float64:
+    # a disagreement would need two scores within rounding of each other).
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(256, 50, generator=gen, dtype=torch.float64) * 3
+    inv_t = torch.rand(256, generator=gen, dtype=torch.float64) * 2 + 0.2
+    noise = torch.empty(256, 50, dtype=torch.float64).exponential_(generator=gen)
+    expected = ops.draw_from_noise(torch.softmax(logits * inv_t.unsqueeze(1), dim=-1), noise.clone())
+    assert torch.equal(ops.draw_from_logits(logits, inv_t, noise.clone()), expected)
+    assert (expected != logits.argmax(dim=-1)).sum() > 50     # the noise matters: many rows are not the argmax
+
+
 def test_reference_filters_actually_filter():
     # Guards the statistical test: each filter removes something on LOGITS8.
     assert sum(q == 0.0 for q in reference_distribution(LOGITS8, SamplingParams(top_k=3))) == 5

@@ -297,10 +297,19 @@ class Sampler:
         if all(s.params.greedy for s in states):
             return torch.argmax(logits, dim=-1)       # bf16 -> float32 is exact: same argmax, same ties
         if all(not s.params.greedy and s.generator is None for s in states):
-            probs = self._filtered_probs(logits.float(), [s.params for s in states])
+            params = [s.params for s in states]
+            if not any(self._filtered(p) for p in params):
+                noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+                return ops.draw_from_logits(logits, self._float([1.0 / p.temperature for p in params]),
+                                            noise.exponential_(generator=self._shared))
+            probs = self._filtered_probs(logits.float(), params)
             noise = torch.empty_like(probs).exponential_(generator=self._shared)
             return ops.draw_from_noise(probs, noise)
         return self._choose(logits.float(), states)
+
+    def _filtered(self, p: SamplingParams) -> bool:
+        """Whether top_k, top_p or min_p removes anything (temperature alone does not)."""
+        return 0 < p.top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0.0
 
     def _filtered_probs(self, x: Tensor, params: list[SamplingParams]) -> Tensor:
         """Temperature, top_k, top_p, min_p on [rows, vocab]; returns the probabilities to draw from."""

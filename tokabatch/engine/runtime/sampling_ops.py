@@ -86,6 +86,21 @@ def draw_from_noise(probs: Tensor, noise: Tensor) -> Tensor:
     return torch.argmax(probs / noise, dim=-1)
 
 
+def draw_from_logits(logits: Tensor, inv_temperature: Tensor, noise: Tensor) -> Tensor:
+    """One token per row from softmax(logits * inv_temperature), without computing the softmax.
+
+    logits [rows, vocab] (any float dtype), inv_temperature [rows] float32, noise [rows, vocab]
+    float32 ~ Exp(1), overwritten. Returns [rows] long. The Gumbel-max trick in log space: -log E is
+    a standard Gumbel draw, and log(p_i / E_i) = x_i / T - log Z - log E_i, so
+    argmin(log E_i - x_i / T) is draw_from_noise's argmax(p_i / E_i) for the same noise. Three
+    passes over [rows, vocab] (log, fused multiply-add, argmin) where temperature, softmax, clamp,
+    divide and argmax take six; for unfiltered rows only (a filtered token needs p = 0).
+    """
+    score = noise.log_()
+    score.addcmul_(logits, inv_temperature.unsqueeze(1), value=-1.0)
+    return torch.argmin(score, dim=-1)
+
+
 def logprobs_with_top(logprobs: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The logprob of each row's target and its top k alternatives, most likely first.
 

@@ -139,7 +139,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
                graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners))
     if args.profile:
         from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
-        profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir)
+        profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,
+                             tag=f"{args.workload}-hydragen-{args.hydragen}")
     return row
 
 

@@ -55,7 +55,9 @@ def python_profile(loop: Any, num_steps: int, path: Path) -> None:
     print("\n".join(lines[1:16]))
 
 
-def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps: int, out_dir: str) -> None:
+def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps: int, out_dir: str,
+                         tag: str = "decode") -> None:
+    """`tag` names the files written to `out_dir` (profile-TAG.txt, cprofile-TAG.txt)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -83,7 +85,7 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
         loop.step()
     torch.cuda.synchronize()
     plain_ms = (time.perf_counter() - t) / num_steps * 1e3
-    python_profile(loop, num_steps, Path(out_dir, f"cprofile-{w.model}-{w.prompt_len}.txt"))
+    python_profile(loop, num_steps, Path(out_dir, f"cprofile-{tag}.txt"))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
             loop.step()
@@ -102,4 +104,4 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
         print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    Path(out_dir, f"profile-{w.model}-{w.prompt_len}.txt").write_text(table + "\n\n" + cpu_table)
+    Path(out_dir, f"profile-{tag}.txt").write_text(table + "\n\n" + cpu_table)

@@ -16,7 +16,7 @@ from tests.engine.runtime.test_hydragen_attention import random_batch
 from tokabatch.engine.core.hydragen import GroupingParams, find_prefix_groups
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse, merge_attention
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, HydragenPlan, pad_hydragen_plan, plan_hydragen
+from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, HydragenPlan, plan_hydragen, plan_hydragen_padded
 
 TOL = 1e-5
 
@@ -214,6 +214,8 @@ def test_inconsistent_steps_are_rejected(bad: str) -> None:
         groups = groups[:1]                              # the nested group without its parent
     with pytest.raises(ValueError):
         plan_hydragen(rows, groups, 4)
+    with pytest.raises(ValueError):
+        plan_hydragen_padded(rows, groups, 4, 16, 4, 32, 4, scratch_page=99)
 
 
 def emulate_padded(pp, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int,
@@ -257,7 +259,7 @@ def test_padded_plan_in_graph_shapes_equals_full_attention(seed: int) -> None:
     max_groups, max_states = hp.num_groups + rng.randint(0, 3), hp.num_states + rng.randint(0, 2)
     max_queries = hp.num_group_queries + rng.randint(0, 9)
     scratch = max(max(t) for t in tables) + 1
-    pp = pad_hydragen_plan(hp, rows, bs, max_groups, max_queries, max_states, scratch)
+    pp = plan_hydragen_padded(rows, groups, page_size, bs, max_groups, max_queries, max_states, scratch)
     assert pp is not None
     assert pp.own_kv_indptr.numel() == bs + 1 and pp.group_qo_indptr.numel() == max_groups + 1
     assert pp.group_rows.numel() == max_queries and tuple(pp.state_index.shape) == (bs, max_states)
@@ -278,15 +280,13 @@ def test_padded_plan_in_graph_shapes_equals_full_attention(seed: int) -> None:
 def test_padded_plan_refuses_what_the_shapes_cannot_hold() -> None:
     tables, lens, groups = two_level_batch(4)
     rows = decode_rows(tables, lens, [100 + i for i in range(len(tables))])
-    hp = plan_hydragen(rows, groups, 4)
-    assert pad_hydragen_plan(hp, rows, 16, 4, 32, 4, scratch_page=99) is None      # row 2 has no own part
+    assert plan_hydragen_padded(rows, groups, 4, 16, 4, 32, 4, scratch_page=99) is None      # row 2 has no own part
     keep = [0, 1, 3, 4, 5, 6]
     rows2 = [rows[i] for i in keep]
     trimmed = tuple(PrefixGroup(tuple(s for s in g.seq_ids if s != 102), g.page_ids, g.num_tokens, g.start_page)
                     for g in groups)
-    hp2 = plan_hydragen(rows2, trimmed, 4)
-    assert pad_hydragen_plan(hp2, rows2, 8, 2, 16, 3, scratch_page=99) is not None
-    assert pad_hydragen_plan(hp2, rows2, 5, 2, 16, 3, scratch_page=99) is None      # more rows than bs
-    assert pad_hydragen_plan(hp2, rows2, 8, 1, 16, 3, scratch_page=99) is None      # more groups
-    assert pad_hydragen_plan(hp2, rows2, 8, 2, 5, 3, scratch_page=99) is None       # more group queries
-    assert pad_hydragen_plan(hp2, rows2, 8, 2, 16, 2, scratch_page=99) is None      # more states per row
+    assert plan_hydragen_padded(rows2, trimmed, 4, 8, 2, 16, 3, scratch_page=99) is not None
+    assert plan_hydragen_padded(rows2, trimmed, 4, 5, 2, 16, 3, scratch_page=99) is None      # more rows than bs
+    assert plan_hydragen_padded(rows2, trimmed, 4, 8, 1, 16, 3, scratch_page=99) is None      # more groups
+    assert plan_hydragen_padded(rows2, trimmed, 4, 8, 2, 5, 3, scratch_page=99) is None       # more group queries
+    assert plan_hydragen_padded(rows2, trimmed, 4, 8, 2, 16, 2, scratch_page=99) is None      # more states per row

@@ -2,7 +2,7 @@
 torch reference of the same math).
 
 Owns `plan_hydragen` (one decode step's parts as flashinfer page tables: pure, CPU torch tensors,
-no flashinfer needed), `pad_hydragen_plan` (the same in the fixed shapes of a CUDA-graph batch
+no flashinfer needed), `plan_hydragen_padded` (the same in the fixed shapes of a CUDA-graph batch
 size, used by cuda_graphs.py) and `FlashInferHydragenAttention` (plans the two wrappers once per step and
 attends per layer). Imports flashinfer only inside the class, so the planning half is importable
 and tested on CPU. Must not import the service or engine/core scheduling code (plan.PrefixGroup is
@@ -42,13 +42,14 @@ took 113 us and the group-part prefill 50 us, so gathers, merge and launches are
 (14/2): 267 us against 429 us (ungrouped, every row goes through the prefill kernel).
 
 CUDA graphs: `FlashInferHydragenAttention` is the eager path (its shapes change every step).
-`pad_hydragen_plan` lays the same parts into the fixed shapes of one CUDA-graph batch size (own
+`plan_hydragen_padded` lays the same parts into the fixed shapes of one CUDA-graph batch size (own
 part = one decode request per row, max_groups prefill requests with empty padding, max_queries
 gathered rows, max_states states per row), which hydragen_graphs.py captures.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Sequence
@@ -61,8 +62,8 @@ from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedHydragenPlan", "pad_hydragen_plan",
-           "plan_hydragen"]
+__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedHydragenPlan", "plan_hydragen",
+           "plan_hydragen_padded"]
 
 EMPTY_LSE = -1e30                        # lse of the padding state: weight exactly 0 next to any real part
 
@@ -195,41 +196,99 @@ class PaddedHydragenPlan:
     state_index: Tensor                  # [bs, max_states] int64
 
 
-def pad_hydragen_plan(hp: HydragenPlan, rows: Sequence[SeqAttn], bs: int, max_groups: int, max_queries: int,
-                      max_states: int, scratch_page: int) -> PaddedHydragenPlan | None:
-    """`hp` (for `rows`) in the fixed shapes of batch size `bs`; None when it does not fit: more rows,
-    groups, group queries or states per row than the shapes hold, or a row whose whole context is
-    in its groups (its new K/V would go into a shared page: never planned for a real decode)."""
-    b, ps = hp.num_rows, hp.page_size
-    if (b > bs or hp.num_groups > max_groups or hp.num_group_queries > max_queries
-            or hp.num_states > max_states or hp.num_own != b):
+def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_size: int, bs: int,
+                         max_groups: int, max_queries: int, max_states: int,
+                         scratch_page: int) -> PaddedHydragenPlan | None:
+    """plan_hydragen's parts for `rows`, laid straight into the fixed shapes of batch size `bs` (one
+    pass over plain ints: this runs on the CPU once per grouped graph step, ~1k rows).
+
+    None when it does not fit: more rows, groups, group queries or states per row than the shapes
+    hold, or a row whose whole context is in its groups (its new K/V would go into a shared page:
+    never planned for a real decode). Raises ValueError for what plan_hydragen rejects (a group's
+    pages are checked against each member's table at their first and last page only)."""
+    n, ps = len(rows), page_size
+    for s in rows:
+        if s.q_len != 1:
+            raise ValueError(f"sequence {s.seq_id} runs {s.q_len} tokens; Hydragen parts are for decodes")
+    groups = sorted((g for g in groups if g.page_ids and g.seq_ids), key=lambda g: g.start_page)
+    if n > bs or len(groups) > max_groups:
         return None
-    kv_lens = [s.kv_len for s in rows]
-    positions = [n - 1 for n in kv_lens] + [0] * (bs - b)
-    slots = [s.page_ids[(n - 1) // ps] * ps + (n - 1) % ps for s, n in zip(rows, kv_lens)]
-    slots += [scratch_page * ps] * (bs - b)
-    pad = bs - b
-    own_pages = torch.diff(hp.own_kv_indptr).tolist() + [1] * pad
-    own_indices = torch.cat([hp.own_kv_indices, torch.full((pad,), scratch_page, dtype=torch.int32)])
-    own_last = torch.cat([hp.own_last_page_len, torch.ones(pad, dtype=torch.int32)])
-    g, m = hp.num_groups, hp.num_group_queries
-    gpad = max_groups - g
-    group_qo = torch.cat([hp.group_qo_indptr, torch.full((gpad,), m, dtype=torch.int32)])
-    group_kv = torch.cat([hp.group_kv_indptr, hp.group_kv_indptr[-1] + torch.arange(1, gpad + 1, dtype=torch.int32)])
-    group_indices = torch.cat([hp.group_kv_indices, torch.full((gpad,), scratch_page, dtype=torch.int32)])
-    group_last = torch.cat([hp.group_last_page_len, torch.ones(gpad, dtype=torch.int32)])
-    group_rows = torch.cat([hp.group_rows, torch.zeros(max_queries - m, dtype=torch.long)])
-    # Re-address the merge: own i -> row own_rows[i] (every row has one), group query j -> bs + j.
+    row_of = {s.seq_id: r for r, s in enumerate(rows)}
+    if len(row_of) != n:
+        raise ValueError("decode rows need distinct seq_ids to be matched to prefix groups")
     empty = bs + max_queries
-    remap = torch.cat([hp.own_rows, bs + torch.arange(m, dtype=torch.long), torch.tensor([empty])])
-    states = torch.full((bs, max_states), empty, dtype=torch.long)
-    if b:
-        states[:b, :hp.num_states] = remap[hp.state_index]
+    states = array("q", [empty]) * (bs * max_states)
+    num_states = [1] * n                  # state 0 of row r is its own part, part r
+    states[0:n * max_states:max_states] = array("q", range(n))
+    own_start = [0] * n                   # page where each row's own part starts
+    group_rows = array("q")
+    qo, kv_indptr, kv_indices = array("i", [0]), array("i", [0]), array("i")
+    for g in groups:
+        pages = g.page_ids
+        start, stop, first, last = g.start_page, g.start_page + len(pages), pages[0], pages[-1]
+        for seq_id in g.seq_ids:
+            r = row_of.get(seq_id)
+            if r is None:
+                raise ValueError(f"prefix group member {seq_id} is not a decoding sequence of this step")
+            s = rows[r]
+            if own_start[r] != start:     # groups in start_page order: each must begin where the last ended
+                raise ValueError(f"sequence {seq_id}'s prefix groups do not tile its pages from 0")
+            table = s.page_ids           # the first and last shared page checked (per member, per step)
+            if len(table) < stop or table[start] != first or table[stop - 1] != last:
+                raise ValueError(f"prefix group pages {pages} at page {start} are not sequence {seq_id}'s")
+            if stop * ps > s.kv_len:
+                raise ValueError(f"prefix group reaches past sequence {seq_id}'s context")
+            own_start[r] = stop
+            k = num_states[r]
+            if k == max_states:
+                return None
+            states[r * max_states + k] = bs + len(group_rows)
+            num_states[r] = k + 1
+            group_rows.append(r)
+        qo.append(len(group_rows))
+        kv_indices.extend(pages)
+        kv_indptr.append(len(kv_indices))
+    m = len(group_rows)
+    if m > max_queries:
+        return None
+    for _ in range(max_groups - len(groups)):          # padding requests: no queries, the scratch page
+        qo.append(m)
+        kv_indices.append(scratch_page)
+        kv_indptr.append(len(kv_indices))
+    group_rows.extend([0] * (max_queries - m))
+    group_last = array("i", [ps]) * len(groups) + array("i", [1]) * (max_groups - len(groups))
+
+    positions, slots = array("q"), array("q")
+    own_indptr, own_indices, own_last = array("i", [0]), array("i"), array("i")
+    for r, s in enumerate(rows):
+        kv, table = s.kv_len, s.page_ids
+        num_pages = -(-kv // ps)
+        if len(table) < num_pages:
+            raise ValueError(f"page table of sequence {s.seq_id} cannot hold {kv} positions")
+        if own_start[r] >= num_pages:
+            return None
+        own_indices.extend(table[own_start[r]:num_pages])
+        own_indptr.append(len(own_indices))
+        own_last.append(kv - (num_pages - 1) * ps)
+        positions.append(kv - 1)
+        slots.append(table[num_pages - 1] * ps + (kv - 1) % ps)
+    pad = bs - n
+    positions.extend([0] * pad)
+    slots.extend([scratch_page * ps] * pad)
+    own_indices.extend([scratch_page] * pad)
+    own_indptr.extend(range(own_indptr[-1] + 1, own_indptr[-1] + pad + 1))
+    own_last.extend([1] * pad)
+
+    def tensor(values: array) -> Tensor:
+        return torch.frombuffer(values, dtype=torch.int32 if values.typecode == "i" else torch.long) \
+            if len(values) else torch.empty(0, dtype=torch.int32 if values.typecode == "i" else torch.long)
+
     return PaddedHydragenPlan(
-        positions=torch.tensor(positions, dtype=torch.long), slots=torch.tensor(slots, dtype=torch.long),
-        own_kv_indptr=csr_indptr(own_pages), own_kv_indices=own_indices, own_last_page_len=own_last,
-        group_qo_indptr=group_qo, group_kv_indptr=group_kv, group_kv_indices=group_indices,
-        group_last_page_len=group_last, group_rows=group_rows, state_index=states)
+        positions=tensor(positions), slots=tensor(slots),
+        own_kv_indptr=tensor(own_indptr), own_kv_indices=tensor(own_indices), own_last_page_len=tensor(own_last),
+        group_qo_indptr=tensor(qo), group_kv_indptr=tensor(kv_indptr), group_kv_indices=tensor(kv_indices),
+        group_last_page_len=tensor(group_last), group_rows=tensor(group_rows),
+        state_index=tensor(states).view(bs, max_states))
 
 
 class _DeviceBuffer:

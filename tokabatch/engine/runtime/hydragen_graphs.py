@@ -5,7 +5,7 @@ whose attention is by parts (flashinfer_hydragen.py's math) in fixed shapes: the
 decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers), the
 group parts are `max_groups` requests of one cuda-graph prefill wrapper (non-causal) over at most
 `(max_states - 1) * bs` gathered queries, and `merge_states` folds `max_states` parts per row.
-A step's HydragenPlan is laid into those shapes by `pad_hydragen_plan` (tested on the CPU against
+A step's parts are laid into those shapes by `plan_hydragen_padded` (tested on the CPU against
 full attention); a step that does not fit (too many groups, levels or queries) runs eagerly.
 
 Unlike the plain graphs, positions and KV slots come from host-filled buffers: a row's own part
@@ -27,7 +27,7 @@ from torch import Tensor
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.cuda_graphs import capture_graph
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, pad_hydragen_plan, plan_hydragen
+from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, plan_hydragen_padded
 
 
 class _GroupedAttention:
@@ -131,8 +131,8 @@ class GroupedDecodeGraphs:
             return None
         seqs = [SeqAttn(q_start=i, q_len=1, start_pos=p, page_ids=tuple(t), seq_id=s)
                 for i, (p, t, s) in enumerate(zip(start_positions, page_tables, seq_ids))]
-        padded = pad_hydragen_plan(plan_hydragen(seqs, groups, self.cache.page_size), seqs, bs,
-                                   self.max_groups, self.max_queries(bs), self.max_states, self.cache.scratch_page)
+        padded = plan_hydragen_padded(seqs, groups, self.cache.page_size, bs, self.max_groups, self.max_queries(bs),
+                                      self.max_states, self.cache.scratch_page)
         if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices \
                 or len(padded.group_kv_indices) > self.graphs.max_indices:
             return None

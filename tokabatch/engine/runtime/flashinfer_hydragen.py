@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any, Sequence
 
 import torch
@@ -62,8 +62,8 @@ from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedHydragenPlan", "plan_hydragen",
-           "plan_hydragen_padded"]
+__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedGroups", "PaddedHydragenPlan", "pad_groups",
+           "pad_own", "plan_hydragen", "plan_hydragen_padded"]
 
 EMPTY_LSE = -1e30                        # lse of the padding state: weight exactly 0 next to any real part
 
@@ -196,20 +196,31 @@ class PaddedHydragenPlan:
     state_index: Tensor                  # [bs, max_states] int64
 
 
-def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_size: int, bs: int,
-                         max_groups: int, max_queries: int, max_states: int,
-                         scratch_page: int) -> PaddedHydragenPlan | None:
-    """plan_hydragen's parts for `rows`, laid straight into the fixed shapes of batch size `bs` (one
-    pass over plain ints: this runs on the CPU once per grouped graph step, ~1k rows).
+@dataclass(frozen=True, slots=True)
+class PaddedGroups:
+    """The group half of a PaddedHydragenPlan: it depends only on the rows' seq_ids in order, the
+    groups and the shapes, so a caller may reuse it from step to step while those stay the same."""
 
-    None when it does not fit: more rows, groups, group queries or states per row than the shapes
-    hold, or a row whose whole context is in its groups (its new K/V would go into a shared page:
-    never planned for a real decode). Raises ValueError for what plan_hydragen rejects (a group's
-    pages are checked against each member's table at their first and last page only)."""
+    own_start: tuple[int, ...]           # [rows] page where each row's own part starts
+    group_qo_indptr: Tensor              # [max_groups+1] int32
+    group_kv_indptr: Tensor              # [max_groups+1] int32
+    group_kv_indices: Tensor             # [group pages] int32
+    group_last_page_len: Tensor          # [max_groups] int32
+    group_rows: Tensor                   # [max_queries] int64
+    state_index: Tensor                  # [bs, max_states] int64
+
+
+def _ints(values: array) -> Tensor:
+    dtype = torch.int32 if values.typecode == "i" else torch.long
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.empty(0, dtype=dtype)
+
+
+def pad_groups(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_size: int, bs: int, max_groups: int,
+               max_queries: int, max_states: int, scratch_page: int) -> PaddedGroups | None:
+    """The group parts and merge states of plan_hydragen_padded (None: they do not fit the shapes).
+    Raises ValueError for groups inconsistent with the rows (a group's pages are checked against
+    each member's table at their first and last page)."""
     n, ps = len(rows), page_size
-    for s in rows:
-        if s.q_len != 1:
-            raise ValueError(f"sequence {s.seq_id} runs {s.q_len} tokens; Hydragen parts are for decodes")
     groups = sorted((g for g in groups if g.page_ids and g.seq_ids), key=lambda g: g.start_page)
     if n > bs or len(groups) > max_groups:
         return None
@@ -233,7 +244,7 @@ def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup],
             s = rows[r]
             if own_start[r] != start:     # groups in start_page order: each must begin where the last ended
                 raise ValueError(f"sequence {seq_id}'s prefix groups do not tile its pages from 0")
-            table = s.page_ids           # the first and last shared page checked (per member, per step)
+            table = s.page_ids
             if len(table) < stop or table[start] != first or table[stop - 1] != last:
                 raise ValueError(f"prefix group pages {pages} at page {start} are not sequence {seq_id}'s")
             if stop * ps > s.kv_len:
@@ -257,38 +268,61 @@ def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup],
         kv_indptr.append(len(kv_indices))
     group_rows.extend([0] * (max_queries - m))
     group_last = array("i", [ps]) * len(groups) + array("i", [1]) * (max_groups - len(groups))
+    return PaddedGroups(own_start=tuple(own_start), group_qo_indptr=_ints(qo), group_kv_indptr=_ints(kv_indptr),
+                        group_kv_indices=_ints(kv_indices), group_last_page_len=_ints(group_last),
+                        group_rows=_ints(group_rows), state_index=_ints(states).view(bs, max_states))
 
-    positions, slots = array("q"), array("q")
-    own_indptr, own_indices, own_last = array("i", [0]), array("i"), array("i")
-    for r, s in enumerate(rows):
-        kv, table = s.kv_len, s.page_ids
-        num_pages = -(-kv // ps)
-        if len(table) < num_pages:
-            raise ValueError(f"page table of sequence {s.seq_id} cannot hold {kv} positions")
-        if own_start[r] >= num_pages:
-            return None
-        own_indices.extend(table[own_start[r]:num_pages])
-        own_indptr.append(len(own_indices))
-        own_last.append(kv - (num_pages - 1) * ps)
-        positions.append(kv - 1)
-        slots.append(table[num_pages - 1] * ps + (kv - 1) % ps)
+
+def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_size: int, bs: int,
+                         max_groups: int, max_queries: int, max_states: int, scratch_page: int,
+                         padded_groups: PaddedGroups | None = None) -> PaddedHydragenPlan | None:
+    """plan_hydragen's parts for `rows`, laid straight into the fixed shapes of batch size `bs` (plain
+    ints: this runs on the CPU once per grouped graph step, ~1k rows). `padded_groups`: this step's
+    pad_groups result, reused from an earlier step with the same seq_ids, groups and shapes.
+
+    None when it does not fit: more rows, groups, group queries or states per row than the shapes
+    hold, or a row whose whole context is in its groups (its new K/V would go into a shared page:
+    never planned for a real decode). Raises ValueError for what plan_hydragen rejects (a group's
+    pages are checked against each member's table at their first and last page only)."""
+    ps = page_size
+    if any(s.q_len != 1 for s in rows):
+        bad = next(s for s in rows if s.q_len != 1)
+        raise ValueError(f"sequence {bad.seq_id} runs {bad.q_len} tokens; Hydragen parts are for decodes")
+    pg = padded_groups or pad_groups(rows, groups, ps, bs, max_groups, max_queries, max_states, scratch_page)
+    if pg is None:
+        return None
+    return pad_own([s.kv_len for s in rows], [s.page_ids for s in rows], pg, ps, bs, scratch_page)
+
+
+def pad_own(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], pg: PaddedGroups, page_size: int, bs: int,
+            scratch_page: int) -> PaddedHydragenPlan | None:
+    """plan_hydragen_padded's per-step half: row r (context kv_lens[r] with its current token, pages
+    tables[r]) attends its own part from page pg.own_start[r] on. None when a row has no own part."""
+    ps, n = page_size, len(kv_lens)
+    num_pages = [-(-kv // ps) for kv in kv_lens]
+    if any(len(t) < p for t, p in zip(tables, num_pages)):
+        r = next(r for r, (t, p) in enumerate(zip(tables, num_pages)) if len(t) < p)
+        raise ValueError(f"page table of decode row {r} cannot hold {kv_lens[r]} positions")
+    if any(o >= p for o, p in zip(pg.own_start, num_pages)):
+        return None
     pad = bs - n
-    positions.extend([0] * pad)
-    slots.extend([scratch_page * ps] * pad)
+    own_indices = array("i", chain.from_iterable(t[o:p] for t, o, p in zip(tables, pg.own_start, num_pages)))
     own_indices.extend([scratch_page] * pad)
+    own_indptr = array("i", [0])
+    own_indptr.extend(accumulate(p - o for o, p in zip(pg.own_start, num_pages)))
     own_indptr.extend(range(own_indptr[-1] + 1, own_indptr[-1] + pad + 1))
+    own_last = array("i", [kv - (p - 1) * ps for kv, p in zip(kv_lens, num_pages)])
     own_last.extend([1] * pad)
-
-    def tensor(values: array) -> Tensor:
-        return torch.frombuffer(values, dtype=torch.int32 if values.typecode == "i" else torch.long) \
-            if len(values) else torch.empty(0, dtype=torch.int32 if values.typecode == "i" else torch.long)
-
+    positions = array("q", [kv - 1 for kv in kv_lens])
+    positions.extend([0] * pad)
+    slots = array("q", [t[p - 1] * ps + (kv - 1) % ps for t, p, kv in zip(tables, num_pages, kv_lens)])
+    slots.extend([scratch_page * ps] * pad)
     return PaddedHydragenPlan(
-        positions=tensor(positions), slots=tensor(slots),
-        own_kv_indptr=tensor(own_indptr), own_kv_indices=tensor(own_indices), own_last_page_len=tensor(own_last),
-        group_qo_indptr=tensor(qo), group_kv_indptr=tensor(kv_indptr), group_kv_indices=tensor(kv_indices),
-        group_last_page_len=tensor(group_last), group_rows=tensor(group_rows),
-        state_index=tensor(states).view(bs, max_states))
+        positions=_ints(positions), slots=_ints(slots),
+        own_kv_indptr=_ints(own_indptr), own_kv_indices=_ints(own_indices), own_last_page_len=_ints(own_last),
+        group_qo_indptr=pg.group_qo_indptr, group_kv_indptr=pg.group_kv_indptr,
+        group_kv_indices=pg.group_kv_indices, group_last_page_len=pg.group_last_page_len,
+        group_rows=pg.group_rows, state_index=pg.state_index)
 
 
 class _DeviceBuffer:

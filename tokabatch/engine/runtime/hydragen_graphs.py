@@ -27,7 +27,7 @@ from torch import Tensor
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.cuda_graphs import capture_graph
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, plan_hydragen_padded
+from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
 
 
 class _GroupedAttention:
@@ -86,6 +86,11 @@ class GroupedDecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, Tensor] = {}
         self.num_replays = 0
+        # The group half of the last planned step and its key (bs, seq_ids, groups): while a step has
+        # the same key, its group buffers and the group wrapper's plan are still in place (they are
+        # shared by all sizes, so only the last step's can be reused).
+        self._groups_key: tuple | None = None
+        self._padded_groups: PaddedGroups | None = None
 
     def max_queries(self, bs: int) -> int:
         """Group-part query rows a step of `bs` rows may have: each row in up to max_states - 1 groups."""
@@ -108,10 +113,12 @@ class GroupedDecodeGraphs:
             m = self.max_queries(bs)
             qo = torch.full((g + 1,), m, dtype=torch.int32)
             qo[0] = 0
-            self._plan(bs, torch.arange(bs + 1, dtype=torch.int32), torch.full((bs,), scratch, dtype=torch.int32),
-                       torch.ones(bs, dtype=torch.int32), qo, torch.arange(g + 1, dtype=torch.int32),
-                       torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
+            self._plan_own(bs, torch.arange(bs + 1, dtype=torch.int32), torch.full((bs,), scratch, dtype=torch.int32),
+                           torch.ones(bs, dtype=torch.int32))
+            self._plan_groups(bs, qo, torch.arange(g + 1, dtype=torch.int32),
+                              torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
             self._graphs[bs], self._logits[bs] = capture_graph(lambda: self._forward(bs), pool)
+        self._groups_key = None
         torch.cuda.synchronize()
 
     def _forward(self, bs: int) -> Tensor:
@@ -129,32 +136,48 @@ class GroupedDecodeGraphs:
         bs = self.graphs.bucket(rows)
         if bs is None or rows == 0:
             return None
-        seqs = [SeqAttn(q_start=i, q_len=1, start_pos=p, page_ids=tuple(t), seq_id=s)
-                for i, (p, t, s) in enumerate(zip(start_positions, page_tables, seq_ids))]
-        padded = plan_hydragen_padded(seqs, groups, self.cache.page_size, bs, self.max_groups, self.max_queries(bs),
-                                      self.max_states, self.cache.scratch_page)
-        if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices \
-                or len(padded.group_kv_indices) > self.graphs.max_indices:
+        ps = self.cache.page_size
+        key = (bs, tuple(seq_ids), tuple(groups))
+        reuse = key == self._groups_key
+        if not reuse:
+            seqs = [SeqAttn(q_start=i, q_len=1, start_pos=p, page_ids=t, seq_id=s)
+                    for i, (p, t, s) in enumerate(zip(start_positions, page_tables, seq_ids))]
+            self._groups_key = None           # the shared group buffers are about to change
+            self._padded_groups = pad_groups(seqs, groups, ps, bs, self.max_groups, self.max_queries(bs),
+                                             self.max_states, self.cache.scratch_page)
+            if self._padded_groups is None or len(self._padded_groups.group_kv_indices) > self.graphs.max_indices:
+                return None
+        padded = pad_own([p + 1 for p in start_positions], page_tables, self._padded_groups, ps, bs,
+                         self.cache.scratch_page)
+        if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices:
             return None
         dev = self.cache.device
         ids = torch.zeros(bs, dtype=torch.long)
         ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
-        for buffer, host in ((self.graphs.input_ids, ids), (self.positions, padded.positions),
-                             (self.slots, padded.slots), (self.group_rows, padded.group_rows),
-                             (self.state_index, padded.state_index.reshape(-1))):
+        copies = [(self.graphs.input_ids, ids), (self.positions, padded.positions), (self.slots, padded.slots)]
+        if not reuse:
+            copies += [(self.group_rows, padded.group_rows), (self.state_index, padded.state_index.reshape(-1))]
+        for buffer, host in copies:
             buffer[:host.numel()].copy_(host.pin_memory(), non_blocking=True)
-        self._plan(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),
-                   padded.own_last_page_len, padded.group_qo_indptr, padded.group_kv_indptr,
-                   padded.group_kv_indices.pin_memory().to(dev, non_blocking=True), padded.group_last_page_len)
+        self._plan_own(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),
+                       padded.own_last_page_len)
+        if not reuse:
+            self._plan_groups(bs, padded.group_qo_indptr, padded.group_kv_indptr,
+                              padded.group_kv_indices.pin_memory().to(dev, non_blocking=True),
+                              padded.group_last_page_len)
+            self._groups_key = key
         self._graphs[bs].replay()
         self.num_replays += 1
         return self._logits[bs][:rows]
 
-    def _plan(self, bs: int, own_indptr: Tensor, own_indices: Tensor, own_last: Tensor, group_qo: Tensor,
-              group_indptr: Tensor, group_indices: Tensor, group_last: Tensor) -> None:
-        dtype, g = self.cache.dtype, self.graphs
-        heads = (g.num_heads, g.num_kv_heads, g.head_dim, self.cache.page_size)
-        g._wrappers[bs].plan(own_indptr, own_indices, own_last, *heads, pos_encoding_mode="NONE",
-                             q_data_type=dtype, kv_data_type=dtype)
-        self.group_wrappers[bs].plan(group_qo, group_indptr, group_indices, group_last, *heads, causal=False,
-                                     q_data_type=dtype, kv_data_type=dtype)
+    def _plan_own(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
+        g = self.graphs
+        g._wrappers[bs].plan(indptr, indices, last_page_len, g.num_heads, g.num_kv_heads, g.head_dim,
+                             self.cache.page_size, pos_encoding_mode="NONE", q_data_type=self.cache.dtype,
+                             kv_data_type=self.cache.dtype)
+
+    def _plan_groups(self, bs: int, qo_indptr: Tensor, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
+        g = self.graphs
+        self.group_wrappers[bs].plan(qo_indptr, indptr, indices, last_page_len, g.num_heads, g.num_kv_heads,
+                                     g.head_dim, self.cache.page_size, causal=False, q_data_type=self.cache.dtype,
+                                     kv_data_type=self.cache.dtype)

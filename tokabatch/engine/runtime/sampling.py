@@ -65,6 +65,9 @@ class _SeqState:
     bias_values: Tensor | None           # [m] float32 on the device
     blocked_ids: tuple[int, ...]         # masked while fewer than min_tokens outputs exist
     output_ids: list[int] = field(default_factory=list)
+    # "greedy" / "draw" (shared generator, no top_k/top_p/min_p) when the raw logits are always what
+    # is sampled and no logprobs are asked for; "" otherwise. Set at registration (never changes).
+    fast_kind: str = ""
 
     @property
     def penalized(self) -> bool:
@@ -131,8 +134,14 @@ class Sampler:
             bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long).to(self.device)
             bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32).to(self.device)
         blocked = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        self._states[seq_id] = _SeqState(params, generator, prompt, bias_ids, bias_values,
-                                         tuple(sorted(set(blocked))) if params.min_tokens > 0 else ())
+        state = _SeqState(params, generator, prompt, bias_ids, bias_values,
+                          tuple(sorted(set(blocked))) if params.min_tokens > 0 else ())
+        if bias_ids is None and not state.penalized and not state.blocked_ids and params.logprobs is None:
+            if params.greedy:
+                state.fast_kind = "greedy"
+            elif generator is None and not self._filtered(params):
+                state.fast_kind = "draw"
+        self._states[seq_id] = state
 
     def release(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence (a no-op for an unknown id)."""
@@ -185,8 +194,10 @@ class Sampler:
         if not seq_ids:
             return list
         states = [self._state(s) for s in seq_ids]
-        if all(s.unadjusted for s in states) and all(s.params.logprobs is None for s in states):
-            tokens = self._choose_unadjusted(logits, states)
+        kinds = {s.fast_kind for s in states}
+        fast = kinds.pop() if len(kinds) == 1 else ""
+        if fast or (all(s.unadjusted for s in states) and all(s.params.logprobs is None for s in states)):
+            tokens = self._choose_unadjusted(logits, states, fast)
             if tokens.device.type == "cuda":
                 host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
                 host.copy_(tokens, non_blocking=True)
@@ -291,14 +302,15 @@ class Sampler:
             tokens[drawn] = ops.draw_from_noise(probs, self._noise(drawn_states))
         return tokens
 
-    def _choose_unadjusted(self, logits: Tensor, states: list[_SeqState]) -> Tensor:
+    def _choose_unadjusted(self, logits: Tensor, states: list[_SeqState], fast_kind: str = "") -> Tensor:
         """`_choose` without the copies and row gathers when every row is greedy, or every row draws
-        from the shared generator (the common batch cases; same tokens as `_choose`)."""
-        if all(s.params.greedy for s in states):
+        from the shared generator (the common batch cases; same tokens as `_choose`). `fast_kind`:
+        every row's _SeqState.fast_kind, when they agree (skips the per-row checks)."""
+        if fast_kind == "greedy" or (not fast_kind and all(s.params.greedy for s in states)):
             return torch.argmax(logits, dim=-1)       # bf16 -> float32 is exact: same argmax, same ties
-        if all(not s.params.greedy and s.generator is None for s in states):
+        if fast_kind == "draw" or all(not s.params.greedy and s.generator is None for s in states):
             params = [s.params for s in states]
-            if not any(self._filtered(p) for p in params):
+            if fast_kind == "draw" or not any(self._filtered(p) for p in params):
                 noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
                 return ops.draw_from_logits(logits, self._float([1.0 / p.temperature for p in params]),
                                             noise.exponential_(generator=self._shared))

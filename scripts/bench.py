@@ -11,6 +11,8 @@ build and warm-up (kernel compilation) are start-up, reported apart.
 `--vs-hf` first runs HF transformers in its own process (static `generate`, bf16, sdpa, batch 256,
 min_new_tokens = max_new_tokens, the first 256 prompts) and prints its row and the ratio.
 `--profile N` afterwards profiles N pure-decode steps (GPU time per kernel class against wall time).
+`--lines shuffled|ordered` (TB, W4) submits each sample as its own line, shuffled, in file order or
+through the batch runner's batch-aware ordering (service/jobs/ordering.py): ordering on and off.
 
 On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
     python3 scripts/bench.py --workload TA-quick --vs-hf --profile 5
@@ -101,10 +103,9 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
           f"built in {time.perf_counter() - t0:.1f} s", flush=True)
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
 
-    def drain(batch: list[list[int]], tag: str, params: SamplingParams = params) -> tuple[int, int]:
+    def drain(batch: list[list[int]], tag: str, params: SamplingParams = params, n: int = 1) -> tuple[int, int]:
         for i, ids in enumerate(batch):
-            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params,
-                                       n=w.n if tag == "r" else 1))
+            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params, n=n))
         done = out_tokens = in_tokens = 0
         while done < len(batch):
             for item in loop.step():
@@ -126,7 +127,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     torch.cuda.reset_peak_memory_stats()
     timers = _time_phases(loop)
     start = time.perf_counter()
-    in_tokens, out_tokens = drain(prompts, "r")
+    in_tokens, out_tokens = drain(prompts, "r", n=w.n) if args.lines == "n" else drain(as_lines(prompts, w, args), "r")
     wall = time.perf_counter() - start
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items())
           + f"; loop rest {wall - sum(timers.values()):.2f}", flush=True)
@@ -142,6 +143,29 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
         profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,
                              tag=f"{args.workload}-hydragen-{args.hydragen}")
     return row
+
+
+def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) -> list[list[int]]:
+    """The workload as a batch file would hold it: each of the n samples its own line (n=1), the
+    lines shuffled (a file written without regard to sharing), fed in that order ("shuffled") or
+    through the batch runner's batch-aware ordering ("ordered": service/jobs/ordering.py with the
+    default RunnerConfig.order_window)."""
+    import asyncio
+
+    from tokabatch.config import RunnerConfig
+    from tokabatch.service.jobs.ordering import prompt_ordered
+
+    lines = [p for p in prompts for _ in range(w.n)]
+    random.Random(7).shuffle(lines)
+    if args.lines == "shuffled":
+        return lines
+
+    async def ordered() -> list[list[int]]:
+        async def feed():
+            for line in lines:
+                yield line
+        return [line async for line in prompt_ordered(feed(), RunnerConfig().order_window, lambda p: p)]
+    return asyncio.run(ordered())
 
 
 def _time_phases(loop) -> dict[str, float]:
@@ -218,6 +242,9 @@ def main() -> None:
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="prefix groups (auto: off when CUDA graphs are on, see EngineConfig)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
+    ap.add_argument("--lines", choices=("n", "shuffled", "ordered"), default="n",
+                    help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
+                         "fed in file order; ordered: the same lines through the batch runner's ordering")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--profile-batch", type=int, default=256, help="sequences (n samples each count)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))

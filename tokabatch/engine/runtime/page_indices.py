@@ -1,0 +1,72 @@
+"""Page tables flattened into flashinfer's CSR layout on the host, fast enough for every decode step.
+
+Owns `PageIndexCache` and `decode_layout`. A decode step at ~1k sequences of ~1k tokens names ~70k
+page ids; joining the scheduler's page-table tuples into one int array cost ~3 ms of Python per
+step on the dev VM. The scheduler keeps a sequence's tuple object until the sequence gains a page
+(once every page_size steps), so PageIndexCache converts each tuple to a numpy array once and a
+step joins arrays (np.concatenate): ~0.65 ms for the same step. Host-only (numpy + torch CPU
+tensors); must not import flashinfer, the service or engine/core scheduling code.
+"""
+
+from __future__ import annotations
+
+from array import array
+from itertools import accumulate
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class PageIndexCache:
+    """numpy int32 copies of page-table tuples, made once per tuple object and kept while a step
+    still names that tuple (entries of tables no step names any more are dropped at the next join)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Sequence[int], np.ndarray]] = {}
+        self.num_converted = 0
+
+    def join(self, tables: Sequence[Sequence[int]], num_pages: Sequence[int]) -> np.ndarray:
+        """tables[i][:num_pages[i]] for every i, concatenated: int32 [sum(num_pages)]."""
+        old: dict[int, tuple[Sequence[int], np.ndarray]] = self._by_id
+        new: dict[int, tuple[Sequence[int], np.ndarray]] = {}
+        parts = []
+        for table, n in zip(tables, num_pages):
+            key = id(table)                   # safe: the entry holds the table, so its id is not reused
+            entry = old.get(key)
+            if entry is None or entry[0] is not table:
+                entry = (table, np.array(table, dtype=np.int32))
+                self.num_converted += 1
+            new[key] = entry
+            parts.append(entry[1][:n])
+        self._by_id = new
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
+
+def decode_layout(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_size: int, bs: int,
+                  scratch_page: int, cache: PageIndexCache) -> tuple[Tensor, Tensor, Tensor]:
+    """One decode step's CSR page layout padded to `bs` rows: (kv_indptr [bs+1], kv_indices, and
+    last_page_len [bs]), int32 CPU tensors. Row i reads pages tables[i][:ceil(kv_lens[i] / page_size)];
+    padding rows read one scratch page with one position. Raises ValueError for a table too short."""
+    ps = page_size
+    num_pages = [-(-kv // ps) for kv in kv_lens]
+    if any(len(t) < n for t, n in zip(tables, num_pages)):
+        i = next(i for i, (t, n) in enumerate(zip(tables, num_pages)) if len(t) < n)
+        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {kv_lens[i]} positions")
+    pad = bs - len(kv_lens)
+    if pad < 0:
+        raise ValueError(f"{len(kv_lens)} rows do not fit a batch of {bs}")
+    indices = cache.join(tables, num_pages)
+    if pad:
+        indices = np.concatenate([indices, np.full(pad, scratch_page, dtype=np.int32)])
+    indptr = array("i", [0])
+    indptr.extend(accumulate(num_pages))
+    indptr.extend(range(indptr[-1] + 1, indptr[-1] + pad + 1))
+    last = array("i", [kv - (n - 1) * ps for kv, n in zip(kv_lens, num_pages)])
+    last.extend([1] * pad)
+    return (torch.frombuffer(indptr, dtype=torch.int32), torch.from_numpy(indices),
+            torch.frombuffer(last, dtype=torch.int32) if len(last) else torch.empty(0, dtype=torch.int32))
+
+
+__all__ = ["PageIndexCache", "decode_layout"]

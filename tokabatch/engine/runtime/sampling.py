@@ -312,8 +312,10 @@ class Sampler:
             params = [s.params for s in states]
             if fast_kind == "draw" or not any(self._filtered(p) for p in params):
                 noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-                return ops.draw_from_logits(logits, self._float([1.0 / p.temperature for p in params]),
-                                            noise.exponential_(generator=self._shared))
+                temperatures = {p.temperature for p in params}
+                inv_t = 1.0 / temperatures.pop() if len(temperatures) == 1 else \
+                    self._float([1.0 / p.temperature for p in params])
+                return ops.draw_from_logits(logits, inv_t, noise.exponential_(generator=self._shared))
             probs = self._filtered_probs(logits.float(), params)
             noise = torch.empty_like(probs).exponential_(generator=self._shared)
             return ops.draw_from_noise(probs, noise)

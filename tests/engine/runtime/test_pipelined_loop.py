@@ -82,3 +82,55 @@ async def test_engine_client_drives_a_pipelined_loop(tiny) -> None:  # noqa: F81
         {rid: [c.token_ids for c in o.choices] for rid, o in expected.items()}
     assert isinstance(streamed[-1], GenerationOutput) and len(streamed[-1].choices[0].token_ids) == 6
     assert any(isinstance(item, GenerationUpdate) for item in streamed)
+
+
+class _RecordingHalf:
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add(self, request) -> None:
+        self.added.append(request.request_id)
+
+
+def _routed(requests, affinity_tokens: int = 4) -> tuple[PipelinedLoop, list[int]]:
+    halves = [_RecordingHalf(), _RecordingHalf()]
+    loop = PipelinedLoop(halves, None, affinity_tokens=affinity_tokens)
+    for r in requests:
+        loop.add(r)
+    return loop, [0 if r.request_id in halves[0].added else 1 for r in requests]
+
+
+def test_requests_with_the_same_prompt_start_go_to_one_half() -> None:
+    # Lines of 8 problems, each problem's lines side by side (as batch-aware ordering feeds them):
+    # without affinity they alternate between the halves; with it each problem stays in one half.
+    lines = [greedy(f"p{p}-{j}", (100 + p,) * 4 + (j,), 10) for p in range(8) for j in range(20)]
+    _, alternating = _routed(lines, affinity_tokens=0)
+    assert alternating[:4] == [0, 1, 0, 1]
+    loop, halves = _routed(lines)
+    for p in range(8):
+        assert len(set(halves[20 * p:20 * p + 20])) == 1, p
+    assert sorted(halves).count(0) == 80                     # and the problems are spread evenly
+    # Lines of one problem spread through the file still meet in one half.
+    shuffled = [greedy(f"q{i}", (7 + i % 3,) * 4 + (i,), 10) for i in range(30)]
+    _, halves = _routed(shuffled)
+    for p in range(3):
+        assert len({h for i, h in enumerate(halves) if i % 3 == p}) == 1
+
+
+def test_a_start_shared_by_everything_moves_between_halves_in_runs() -> None:
+    # W5's shape: every prompt starts with the same system prompt. The halves take turns in runs of
+    # AFFINITY_RUN requests, so neither gets ahead by more than that.
+    lines = [greedy(f"r{i}", (5,) * 4 + (i,), 10) for i in range(1000)]
+    loop, halves = _routed(lines)
+    switches = sum(a != b for a, b in zip(halves, halves[1:]))
+    assert 5 <= switches <= 1000 // PipelinedLoop.AFFINITY_RUN + 1
+    assert abs(loop._load[0] - loop._load[1]) <= (PipelinedLoop.AFFINITY_RUN + 1) * (5 + 10)
+
+
+def test_the_affinity_table_is_bounded() -> None:
+    halves = [_RecordingHalf(), _RecordingHalf()]
+    loop = PipelinedLoop(halves, None, affinity_tokens=4)
+    loop.AFFINITY_KEYS = 10
+    for i in range(50):
+        loop.add(greedy(f"k{i}", (i,) * 4, 10))
+    assert len(loop._affinity) == 10 and (49,) * 4 in loop._affinity and (0,) * 4 not in loop._affinity

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Batch-aware ordering and request routing: what they do to the engine's plan (CPU, fake runner).
+
+A batch file whose lines share prompts (W4: 128 problems x 100 samples, each sample its own line,
+1024-token prompt, 512 out) runs through the real schedulers and engine loops, with the runner of
+scripts/bench_step_overhead.py (tokens returned instantly, no model), so everything measured is
+a scheduling outcome that does not depend on the GPU:
+  - prefill tokens computed (the shared prompts' pages computed once per half, or again and again),
+  - the Hydragen sharing fraction (decode KV reads the prefix groups save, as /metrics reports it),
+  - steps, and the mean decode batch.
+Lines are fed the way the engine process takes them from the service (`num_wanted()` before every
+step), in one of three orders: `shuffled` (file order of a file written without regard to
+sharing), `ordered` (the batch runner's prompt_ordered, RunnerConfig's default window) and `n`
+(one request with n samples per problem: shares by construction). The engine is the CUDA default:
+two pipelined halves (PipelinedLoop, with its prompt-start affinity; --no-affinity: without),
+each with half the H200's KV pages and max_seqs. W5-quick: 4096 prompts, one shared 2048-token
+prefix each, then 128 tokens of their own.
+
+    .venv/bin/python scripts/bench_ordering.py                      # W4-quick, all three orders
+    .venv/bin/python scripts/bench_ordering.py --workload W4 --order ordered
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_step_overhead import CONTEXT, EOS, VOCAB, FakeRunner, FakeSampler, write_tokenizer  # noqa: E402
+
+from tokabatch.config import EngineConfig, RunnerConfig, SchedulerConfig  # noqa: E402
+from tokabatch.engine.api import GenerationOutput, GenerationRequest, ModelInfo, SamplingParams  # noqa: E402
+from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
+from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
+from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
+from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop  # noqa: E402
+from tokabatch.service.jobs.ordering import prompt_ordered  # noqa: E402
+from tokabatch.text import Tokenizer  # noqa: E402
+
+H200_PAGES = 237_434          # KV pages of 16 tokens for Llama-3.2-1B on the H200 (scripts/bench.py's log)
+
+
+@dataclass(frozen=True)
+class Workload:
+    problems: int                    # distinct prompts
+    n: int                           # samples (lines) per prompt
+    prompt_len: int
+    output_len: int
+    shared_prefix: int = 0           # W5: the first tokens of every prompt are the same
+
+
+WORKLOADS = {"W4": Workload(128, 100, 1024, 512), "W4-quick": Workload(32, 100, 1024, 512),
+             "TB": Workload(64, 64, 1024, 256), "W5-quick": Workload(4096, 1, 2048 + 128, 256, shared_prefix=2048)}
+
+
+def requests(w: Workload, order: str) -> list[GenerationRequest]:
+    rng = random.Random(0)
+    prefix = tuple(rng.choices(range(VOCAB), k=w.shared_prefix))
+    prompts = [prefix + tuple(rng.choices(range(VOCAB), k=w.prompt_len - w.shared_prefix)) for _ in range(w.problems)]
+    params = SamplingParams(max_tokens=w.output_len, temperature=1.0, ignore_eos=True)
+    if order == "n":
+        return [GenerationRequest(request_id=f"p{i}", prompt_token_ids=p, sampling=params, n=w.n)
+                for i, p in enumerate(prompts)]
+    lines = [GenerationRequest(request_id=f"p{i}-{j}", prompt_token_ids=p, sampling=params)
+             for i, p in enumerate(prompts) for j in range(w.n)]
+    random.Random(7).shuffle(lines)
+    if order == "shuffled":
+        return lines
+
+    async def ordered() -> list[GenerationRequest]:
+        async def feed():
+            for line in lines:
+                yield line
+        window = RunnerConfig().order_window
+        return [r async for r in prompt_ordered(feed(), window, lambda r: r.prompt_token_ids)]
+    return asyncio.run(ordered())
+
+
+def build(tokenizer: Tokenizer, num_pages: int, max_seqs: int, halves: int,
+          affinity: bool) -> PipelinedLoop | EngineLoop:
+    engine = EngineConfig()
+    grouping = GroupingParams(min_prefix_tokens=engine.hydragen_min_prefix_tokens,
+                              min_group=engine.hydragen_min_group)
+    loops = []
+    for _ in range(halves):
+        config = SchedulerConfig(page_size=16, max_seqs=max_seqs // halves, max_tokens_per_step=16384 // halves)
+        scheduler = Scheduler(config, num_pages // halves, max_model_len=CONTEXT, hydragen=grouping)
+        info = ModelInfo(model_id="fake", context_length=CONTEXT, vocab_size=VOCAB, eos_token_ids=(EOS,),
+                         page_size=16, num_pages=num_pages // halves, max_seqs=scheduler.max_running)
+        loops.append(EngineLoop(scheduler=scheduler, runner=FakeRunner(), sampler=FakeSampler(),
+                                tokenizer=tokenizer, info=info))
+    if halves == 1:
+        return loops[0]
+    return PipelinedLoop(loops, loops[0].info, affinity_tokens=engine.hydragen_min_prefix_tokens if affinity else 0)
+
+
+def run(w: Workload, order: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
+    todo = requests(w, order)
+    loop = build(tokenizer, args.num_pages, args.max_seqs, args.halves, not args.no_affinity)
+    t0 = time.process_time()
+    fed = done = decodes = steps_with_decodes = 0
+    while fed < len(todo) or loop.has_work():
+        for _ in range(min(loop.num_wanted(), len(todo) - fed) if fed < len(todo) else 0):
+            loop.add(todo[fed])
+            fed += 1
+        before = loop.stats()
+        done += sum(isinstance(item, GenerationOutput) for item in loop.step())
+        after = loop.stats()
+        if after.num_decode_kv_reads > before.num_decode_kv_reads:
+            steps_with_decodes += 1
+            decodes += after.num_generated_tokens - before.num_generated_tokens
+    s = loop.stats()
+    if done != len(todo) or s.num_generated_tokens != w.problems * w.n * w.output_len:
+        raise SystemExit(f"{order}: {done} of {len(todo)} requests, {s.num_generated_tokens} tokens: incomplete")
+    prefill = s.num_forward_tokens - s.num_generated_tokens
+    return {"steps": s.num_steps, "prefill tokens": prefill, "cached": s.prefix_cache_hit_rate,
+            "sharing": s.num_hydragen_saved_kv_reads / max(1, s.num_decode_kv_reads),
+            "batch": decodes / max(1, steps_with_decodes), "cpu s": time.process_time() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="W4-quick")
+    ap.add_argument("--order", choices=("shuffled", "ordered", "n", "all"), default="all")
+    ap.add_argument("--num-pages", type=int, default=H200_PAGES)
+    ap.add_argument("--max-seqs", type=int, default=2048)
+    ap.add_argument("--halves", type=int, choices=(1, 2), default=2, help="2: PipelinedLoop (the CUDA default)")
+    ap.add_argument("--no-affinity", action="store_true",
+                    help="route each request to the half with less work (no prompt-start affinity)")
+    args = ap.parse_args()
+    w = WORKLOADS[args.workload]
+    with tempfile.TemporaryDirectory(prefix="tokabatch-orderbench-") as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = Tokenizer.from_folder(tmp)
+    print(f"{args.workload}: {w.problems} prompts x {w.n} samples, {w.prompt_len} -> {w.output_len}; "
+          f"{args.halves} half(s){'' if args.halves == 1 or not args.no_affinity else ' without affinity'}, "
+          f"{args.num_pages} pages, max_seqs {args.max_seqs}")
+    print("| order | steps | prefill tokens computed | prefix-cache hit rate | Hydragen sharing "
+          "| mean decode batch per step | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    orders = ("shuffled", "ordered", "n") if w.n > 1 else ("shuffled", "ordered")
+    for order in (orders if args.order == "all" else (args.order,)):
+        r = run(w, order, tokenizer, args)
+        print(f"| {order} | {r['steps']} | {r['prefill tokens']:,} | {r['cached']:.1%} | {r['sharing']:.1%} "
+              f"| {r['batch']:.0f} | {r['cpu s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -148,17 +148,18 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
 def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) -> list[list[int]]:
     """The workload as a batch file would hold it: each of the n samples its own line (n=1), the
     lines shuffled (a file written without regard to sharing), fed in that order ("shuffled") or
-    through the batch runner's batch-aware ordering ("ordered": service/jobs/ordering.py with the
-    default RunnerConfig.order_window)."""
+    through the batch runner's batch-aware ordering ("ordered": service/jobs/ordering.py, the whole
+    file clustered by prompt start, then windows of the default RunnerConfig.order_window)."""
     import asyncio
 
     from tokabatch.config import RunnerConfig
-    from tokabatch.service.jobs.ordering import prompt_ordered
+    from tokabatch.service.jobs.ordering import prompt_key, prompt_ordered
 
     lines = [p for p in prompts for _ in range(w.n)]
     random.Random(7).shuffle(lines)
     if args.lines == "shuffled":
         return lines
+    lines.sort(key=lambda p: prompt_key({"prompt": p}))     # the runner's file-level pass, then its windows
 
     async def ordered() -> list[list[int]]:
         async def feed():

@@ -9,9 +9,10 @@ a scheduling outcome that does not depend on the GPU:
   - the Hydragen sharing fraction (decode KV reads the prefix groups save, as /metrics reports it),
   - steps, and the mean decode batch.
 Lines are fed the way the engine process takes them from the service (`num_wanted()` before every
-step), in one of three orders: `shuffled` (file order of a file written without regard to
-sharing), `ordered` (the batch runner's prompt_ordered, RunnerConfig's default window) and `n`
-(one request with n samples per problem: shares by construction). The engine is the CUDA default:
+step), in one of four orders: `shuffled` (file order of a file written without regard to
+sharing), `windowed` (prompt_ordered's windows of RunnerConfig's default size alone), `ordered`
+(what the batch runner does: the whole file clustered by ordering.prompt_key, then the windows)
+and `n` (one request with n samples per problem: shares by construction). The engine is the CUDA default:
 two pipelined halves (PipelinedLoop, with its prompt-start affinity; --no-affinity: without),
 each with half the H200's KV pages and max_seqs. W5-quick: 4096 prompts, one shared 2048-token
 prefix each, then 128 tokens of their own.
@@ -42,7 +43,7 @@ from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
 from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
 from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop  # noqa: E402
-from tokabatch.service.jobs.ordering import prompt_ordered  # noqa: E402
+from tokabatch.service.jobs.ordering import prompt_key, prompt_ordered  # noqa: E402
 from tokabatch.text import Tokenizer  # noqa: E402
 
 H200_PAGES = 237_434          # KV pages of 16 tokens for Llama-3.2-1B on the H200 (scripts/bench.py's log)
@@ -61,7 +62,7 @@ WORKLOADS = {"W4": Workload(128, 100, 1024, 512), "W4-quick": Workload(32, 100, 
              "TB": Workload(64, 64, 1024, 256), "W5-quick": Workload(4096, 1, 2048 + 128, 256, shared_prefix=2048)}
 
 
-def requests(w: Workload, order: str) -> list[GenerationRequest]:
+def requests(w: Workload, order: str, window: int = 0) -> list[GenerationRequest]:
     rng = random.Random(0)
     prefix = tuple(rng.choices(range(VOCAB), k=w.shared_prefix))
     prompts = [prefix + tuple(rng.choices(range(VOCAB), k=w.prompt_len - w.shared_prefix)) for _ in range(w.problems)]
@@ -74,13 +75,16 @@ def requests(w: Workload, order: str) -> list[GenerationRequest]:
     random.Random(7).shuffle(lines)
     if order == "shuffled":
         return lines
+    if order == "ordered":            # the runner's file-level pass: keys of the bodies it would read
+        keys = {id(r): prompt_key({"prompt": list(r.prompt_token_ids)}) for r in lines}
+        lines.sort(key=lambda r: keys[id(r)])
 
     async def ordered() -> list[GenerationRequest]:
         async def feed():
             for line in lines:
                 yield line
-        window = RunnerConfig().order_window
-        return [r async for r in prompt_ordered(feed(), window, lambda r: r.prompt_token_ids)]
+        size = window or RunnerConfig().order_window
+        return [r async for r in prompt_ordered(feed(), size, lambda r: r.prompt_token_ids)]
     return asyncio.run(ordered())
 
 
@@ -103,7 +107,7 @@ def build(tokenizer: Tokenizer, num_pages: int, max_seqs: int, halves: int,
 
 
 def run(w: Workload, order: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
-    todo = requests(w, order)
+    todo = requests(w, order, args.window)
     loop = build(tokenizer, args.num_pages, args.max_seqs, args.halves, not args.no_affinity)
     t0 = time.process_time()
     fed = done = decodes = steps_with_decodes = 0
@@ -129,10 +133,11 @@ def run(w: Workload, order: str, tokenizer: Tokenizer, args: argparse.Namespace)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=list(WORKLOADS), default="W4-quick")
-    ap.add_argument("--order", choices=("shuffled", "ordered", "n", "all"), default="all")
+    ap.add_argument("--order", choices=("shuffled", "windowed", "ordered", "n", "all"), default="all")
     ap.add_argument("--num-pages", type=int, default=H200_PAGES)
     ap.add_argument("--max-seqs", type=int, default=2048)
     ap.add_argument("--halves", type=int, choices=(1, 2), default=2, help="2: PipelinedLoop (the CUDA default)")
+    ap.add_argument("--window", type=int, default=0, help="ordering window in lines (0: RunnerConfig's default)")
     ap.add_argument("--no-affinity", action="store_true",
                     help="route each request to the half with less work (no prompt-start affinity)")
     args = ap.parse_args()
@@ -146,7 +151,7 @@ def main() -> None:
     print("| order | steps | prefill tokens computed | prefix-cache hit rate | Hydragen sharing "
           "| mean decode batch per step | CPU s |")
     print("|---|---|---|---|---|---|---|")
-    orders = ("shuffled", "ordered", "n") if w.n > 1 else ("shuffled", "ordered")
+    orders = ("shuffled", "windowed", "ordered", "n") if w.n > 1 else ("shuffled", "windowed", "ordered")
     for order in (orders if args.order == "all" else (args.order,)):
         r = run(w, order, tokenizer, args)
         print(f"| {order} | {r['steps']} | {r['prefill tokens']:,} | {r['cached']:.1%} | {r['sharing']:.1%} "

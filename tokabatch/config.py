@@ -88,7 +88,8 @@ class RunnerConfig:
     heartbeat_s: float = 5.0
     progress_interval_s: float = 2.0     # request_counts and usage are written at least this often
     poll_interval_s: float = 0.5         # how often an idle runner looks for work
-    order_window: int = 2048             # lines read ahead and fed sorted by prompt (1: file order)
+    order_window: int = 2048             # lines read ahead and fed sorted by prompt, after the whole file is
+                                         # clustered by prompt start (ordering.py); 1: file order, no clustering
 
 
 @dataclass(frozen=True, slots=True)

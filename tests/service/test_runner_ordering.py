@@ -1,10 +1,12 @@
 """Batch-aware ordering: lines that share a prompt prefix reach the engine together (observed as the
-order the FakeEngine receives them), within a bounded read-ahead window; file order with window 1;
-each custom_id still exactly once."""
+order the FakeEngine receives them), clustered across the whole file by prompt start and sorted by
+token ids within a bounded read-ahead window; file order with window 1; each custom_id still
+exactly once. The file-level keys and the read-back by byte offset are checked directly too."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -13,8 +15,9 @@ from tests.service.jobsutil import tiny_tokenizer
 from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
 )
-from tokabatch.service.jobs.ordering import prompt_ordered
+from tokabatch.service.jobs.ordering import KEY_CHARS, clustered_spans, prompt_key, prompt_ordered
 from tokabatch.service.jobs.outputs import ResultWriter
+from tokabatch.service.jobs.parse import iter_requests, read_request
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +46,7 @@ def runs(labels: list[str]) -> int:
     return sum(1 for i, x in enumerate(labels) if i == 0 or labels[i - 1] != x)
 
 
-@pytest.mark.parametrize("window, expected_runs", [(2048, 2), (6, 4), (1, 12)])
+@pytest.mark.parametrize("window, expected_runs", [(2048, 2), (6, 2), (1, 12)])
 async def test_lines_sharing_a_prefix_are_fed_together(db, blobs, clock, tok, tmp_path, window, expected_runs):
     lines = interleaved_lines(12)
     batch_id = await new_batch(db, blobs, lines, clock)
@@ -58,8 +61,8 @@ async def test_lines_sharing_a_prefix_are_fed_together(db, blobs, clock, tok, tm
     assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
     assert sorted(fed) == list(range(1, 13))
     labels = [prefix_of(n) for n in fed]
-    # Whole file in one window: all A lines, then all B lines (or the reverse); windows of 6 lines
-    # group within each window (3 A + 3 B per window); window 1 is file order, alternating.
+    # All A lines, then all B lines (or the reverse): the whole file is clustered by prompt start
+    # before the windows (of 2048 or of 6 lines) sort by token ids; window 1 is file order, alternating.
     assert runs(labels) == expected_runs, labels
     if window == 1:
         assert fed == list(range(1, 13))
@@ -102,3 +105,36 @@ async def test_prompt_ordered_sorts_each_window_stably() -> None:
             chunk = items[start:start + window]
             expected = chunk if window <= 1 else sorted(chunk, key=lambda item: item[1])   # stable
             assert out[start:start + len(chunk)] == expected
+
+
+def test_clustered_spans_put_equal_prompt_starts_together_and_read_back(tmp_path) -> None:
+    # A BOM, CRLF endings and blank lines: the offsets still read back the very lines iter_requests sees.
+    rng = random.Random(3)
+    starts = ["x" * (KEY_CHARS + 50) + "one", "x" * (KEY_CHARS + 50) + "two", "short a", "short b"]
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": rng.choice(starts)}]} for _ in range(40)]
+    bodies.append({"model": "m", "prompt": [5, 6, 7]})
+    raw = b"\xef\xbb\xbf"
+    for i, body in enumerate(bodies):
+        raw += json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                           "body": body}).encode() + (b"\r\n" if i % 3 else b"\n")
+        if i % 7 == 0:
+            raw += b"\n"
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(raw)
+    spans = clustered_spans(path)
+    in_file = {line_no: (cid, body) for line_no, cid, body in iter_requests(path)}
+    assert sorted(n for n, _, _ in spans) == sorted(in_file)
+    with path.open("rb") as f:
+        read = [(n, read_request(f, offset, length)) for n, offset, length in spans]
+    assert all(in_file[n] == got for n, got in read)
+    keys = [prompt_key(body) for _, (_, body) in read]
+    assert keys == sorted(keys)
+    # Each distinct prompt is one contiguous run, and within a run the file order is kept.
+    prompts = [json.dumps(body.get("messages", body.get("prompt"))) for _, (_, body) in read]
+    assert runs(prompts) == len(set(prompts))
+    for p in set(prompts):
+        line_nos = [n for (n, _), q in zip(read, prompts) if q == p]
+        assert line_nos == sorted(line_nos)
+    # Prompts that differ only after KEY_CHARS characters still get different keys (the digest).
+    long_one, long_two = ({"messages": [{"role": "user", "content": s}]} for s in starts[:2])
+    assert prompt_key(long_one)[0] == prompt_key(long_two)[0] and prompt_key(long_one) != prompt_key(long_two)

@@ -16,10 +16,12 @@ caching and Hydragen groups are per half, so requests whose prompts start alike 
 such request went to, unless that half is ahead by more than 64 such requests' worth of
 outstanding work (prompt plus max output tokens); otherwise, and for a new prompt start, to the
 half with less outstanding work. Without the affinity, lines that batch-aware ordering put side
-by side alternate between the halves, halving their groups. scripts/bench_ordering.py, W4 as
-12,800 lines (Hydragen sharing fraction, without -> with affinity): shuffled 12% -> 28%, ordered
-25% -> 55%; as 128 requests with n=100, 78% either way. A prompt start shared by everything (W5's
-system prompt) moves between the halves in runs of 64 requests (W5-quick: 89% either way). The StepLoop protocol is unchanged, so the engine client and service do not know.
+by side alternate between the halves: each half computes every prompt, and groups are half as
+large. scripts/bench_ordering.py, W4 as 12,800 lines, without -> with affinity: the runner's
+ordering, prefill tokens 445k -> 353k (Hydragen sharing 76% -> 78%); windows alone, sharing
+25% -> 55%; shuffled file order, 12% -> 28%; as 128 requests with n=100, 78% either way. A prompt
+start shared by everything (W5's system prompt) moves between the halves in runs of 64 requests
+(W5-quick: the same plan either way). The StepLoop protocol is unchanged, so the engine client and service do not know.
 Runs inside the engine process; nothing of the service.
 """
 

@@ -61,14 +61,23 @@ class _LineRejected(Exception):
 
 def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line without its ending and without a BOM on line 1)."""
+    for line_no, _, raw in _physical_lines_at(f):
+        yield line_no, raw
+
+
+def _physical_lines_at(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """_physical_lines with the byte offset in the file where each yielded raw line starts."""
+    offset = 0
     for line_no, raw in enumerate(f, start=1):
+        start, offset = offset, offset + len(raw)
         if line_no == 1 and raw.startswith(BOM):
             raw = raw[len(BOM):]
+            start += len(BOM)
         if raw.endswith(b"\n"):
             raw = raw[:-1]
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        yield line_no, raw
+        yield line_no, start, raw
 
 
 def _parse_line(raw: bytes) -> Any:
@@ -179,4 +188,21 @@ def iter_requests(path: str | Path) -> Iterator[tuple[int, str, dict[str, Any]]]
             yield line_no, obj["custom_id"], obj["body"]
 
 
-__all__ = ["BatchError", "ValidationReport", "iter_requests", "validate_input_file"]
+def iter_request_spans(path: str | Path) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+    """Yield (line number, byte offset, byte length, parsed line) for each request of an already
+    validated file, streaming; `read_request` reads one back from its offset and length."""
+    with Path(path).open("rb") as f:
+        for line_no, offset, raw in _physical_lines_at(f):
+            if raw.strip():
+                yield line_no, offset, len(raw), json.loads(raw.decode("utf-8"))
+
+
+def read_request(f: BinaryIO, offset: int, length: int) -> tuple[str, dict[str, Any]]:
+    """(custom_id, body) of the request line at `offset` (from iter_request_spans) in the open file."""
+    f.seek(offset)
+    obj = json.loads(f.read(length).decode("utf-8"))
+    return obj["custom_id"], obj["body"]
+
+
+__all__ = ["BatchError", "ValidationReport", "iter_request_spans", "iter_requests", "read_request",
+           "validate_input_file"]

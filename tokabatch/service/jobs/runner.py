@@ -6,8 +6,9 @@ a compare-and-set through repo.transition_batch. Crash safety comes from the res
 (outputs.ResultWriter): a batch whose lease lapses is claimed again, its written custom_ids are
 skipped, and every custom_id ends up exactly once in output ∪ error. While a batch runs, one
 supervisor loop heartbeats, writes request_counts/usage every `progress_interval_s`, and polls the
-row for cancel, the clock for expiry and the runner for stop. Lines are fed in prompt order within
-a read-ahead window (ordering.py) so that lines sharing a prompt prefix are resident together.
+row for cancel, the clock for expiry and the runner for stop. Lines are fed in prompt order (the
+whole file clustered by prompt start, then sorted by token ids within a read-ahead window:
+ordering.py) so that lines sharing a prompt prefix are resident together.
 
 Talks to the engine only through engine/api (`Engine.generate` with back-pressure); must not
 import torch or aiohttp.
@@ -24,14 +25,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest, Priority
 from tokabatch.errors import TokabatchError
-from tokabatch.service.jobs.ordering import prompt_ordered
+from tokabatch.service.jobs.ordering import clustered_spans, prompt_ordered
 from tokabatch.service.jobs.outputs import ResultWriter
-from tokabatch.service.jobs.parse import iter_requests, validate_input_file
+from tokabatch.service.jobs.parse import iter_requests, read_request, validate_input_file
 from tokabatch.service.jobs.render import PreparedRequest, error_body, first_failure, prepare_request, render_response
 from tokabatch.service.jobs.seal import seal_results
 from tokabatch.service.jobs.states import BatchStatus
@@ -225,7 +226,10 @@ class BatchRunner:
         """The engine's request stream: unwritten lines, in windows of `order_window` lines sorted by
         prompt (ordering.py: lines sharing a prefix run together). A line enters `in_flight` only
         when its requests are fed, so a line read ahead but not fed is simply not written."""
-        prepared = self._prepared_lines(job)
+        spans = None
+        if self.config.order_window > 1:     # the file-level order first (ordering.py), off the event loop
+            spans = await asyncio.to_thread(clustered_spans, job.input_path)
+        prepared = self._prepared_lines(job, spans)
         ordered = prompt_ordered(prepared, self.config.order_window,
                                  lambda line: line.prepared.requests[0].prompt_token_ids)
         # Closed explicitly (the engine may stop pulling mid-batch): the input file is shut at once.
@@ -235,11 +239,12 @@ class BatchRunner:
                     job.in_flight[request.request_id] = line
                     yield request
 
-    async def _prepared_lines(self, job: _Job) -> AsyncIterator[_Line]:
-        """Unwritten lines, prepared (tokenized); a body the endpoint rejects is written at once as
-        its 4xx line and never reaches the engine."""
+    async def _prepared_lines(self, job: _Job, spans: list[tuple[int, int, int]] | None) -> AsyncIterator[_Line]:
+        """Unwritten lines, prepared (tokenized), in file order or in the order of `spans` (line
+        number, byte offset, length: ordering.clustered_spans); a body the endpoint rejects is
+        written at once as its 4xx line and never reaches the engine."""
         batch, writer = job.batch, job.writer
-        for line_no, custom_id, body in iter_requests(job.input_path):
+        for line_no, custom_id, body in self._lines(job.input_path, spans):
             if custom_id in writer.done_custom_ids:
                 continue
             if line_no % 64 == 0:
@@ -253,6 +258,15 @@ class BatchRunner:
                 writer.write_response(custom_id, status_code=err.status, request_id=request_id, body=error_body(err))
                 continue
             yield _Line(custom_id, prepared)
+
+    @staticmethod
+    def _lines(path: Path, spans: list[tuple[int, int, int]] | None) -> Iterator[tuple[int, str, dict]]:
+        if spans is None:
+            yield from iter_requests(path)
+            return
+        with path.open("rb") as f:
+            for line_no, offset, length in spans:
+                yield (line_no, *read_request(f, offset, length))
 
     def _write_line(self, job: _Job, line: _Line) -> None:
         prepared = line.prepared

@@ -13,8 +13,9 @@ How (bounded memory), in two levels:
   1. Across the whole file (`clustered_spans`, before the first line is fed): one streaming pass
      reads each line's prompt (chat messages or completion prompt, as canonical JSON: no
      tokenizer) and keeps a sort key of its first KEY_CHARS characters plus a 64-bit digest of
-     all of it, with the line's byte offset: about 0.6 KB per line whatever the prompt length
-     (~30 MB for a 50,000-line batch). Sorted by key, lines with the same prompt are adjacent and
+     all of it, with the line's byte offset: under 1 KB per line whatever the prompt length
+     (measured on the dev VM: 50,000 lines of 5 KB prompts, 3.5 s, 45 MB at the peak of the
+     sort, 8 MB kept). Sorted by key, lines with the same prompt are adjacent and
      lines whose prompts share their first KEY_CHARS characters form one contiguous run; the
      runner then reads the lines back by offset in that order.
   2. Within a window of W prepared lines (`prompt_ordered`): sorted by prompt token ids, which

@@ -1,10 +1,11 @@
 """Where a decode step's time goes: GPU time per kernel class against the step's wall time.
 
 Used by scripts/bench.py --profile N: admits a batch, steps until every sequence is decoding,
-times N plain steps, then profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per
-kernel class (matmul, attention, index/KV append, elementwise, reductions/sampling, copies) per
-step, and a cProfile of N more steps' Python. GPU busy time well under the wall time means the step is bound by CPU work (Python,
-scheduling, launches), not by the GPU. The full key_averages table goes to OUT/profile-<wl>.txt.
+times N plain steps, runs a cProfile of N more (the Python the CPU side spends its time in), then
+profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per kernel class (matmul,
+attention, index/KV append, elementwise, reductions/sampling, copies) per step. GPU busy time well
+under the wall time means the step is bound by CPU work (Python, scheduling, launches), not by the
+GPU. The full tables go to OUT/profile-<tag>.txt and OUT/cprofile-<tag>.txt.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def test_draw_from_logits_is_draw_from_noise_on_the_softmax():
     assert torch.equal(ops.draw_from_logits(logits, inv_t, noise.clone()), expected)
     # One temperature for every row: the scalar form picks the same tokens as the per-row one.
     same = torch.full((256,), 0.7, dtype=torch.float64)
-    assert torch.equal(ops.draw_from_logits(logits, 0.7, noise.clone()), ops.draw_from_logits(logits, same, noise.clone()))
+    scalar = ops.draw_from_logits(logits, 0.7, noise.clone())
+    assert torch.equal(scalar, ops.draw_from_logits(logits, same, noise.clone()))
     assert (expected != logits.argmax(dim=-1)).sum() > 50     # the noise matters: many rows are not the argmax
 
 

@@ -79,7 +79,9 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
                         info=replace(info, num_pages=runner.kv_cache.num_pages, max_seqs=sched.max_running),
                         check_invariants=check_invariants)
              for sched, runner in zip(schedulers, runners)]
-    return loops[0] if parts == 1 else PipelinedLoop(loops, info, affinity_tokens=engine_config.hydragen_min_prefix_tokens)
+    if parts == 1:
+        return loops[0]
+    return PipelinedLoop(loops, info, affinity_tokens=engine_config.hydragen_min_prefix_tokens)
 
 
 __all__ = ["build_loop"]

@@ -62,8 +62,8 @@ from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedGroups", "PaddedHydragenPlan", "pad_groups",
-           "pad_own", "plan_hydragen", "plan_hydragen_padded"]
+__all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedGroups", "PaddedHydragenPlan",
+           "pad_groups", "pad_own", "plan_hydragen", "plan_hydragen_padded"]
 
 EMPTY_LSE = -1e30                        # lse of the padding state: weight exactly 0 next to any real part
 

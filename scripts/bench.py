@@ -150,23 +150,9 @@ def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) ->
     lines shuffled (a file written without regard to sharing), fed in that order ("shuffled") or
     through the batch runner's batch-aware ordering ("ordered": service/jobs/ordering.py, the whole
     file clustered by prompt start, then windows of the default RunnerConfig.order_window)."""
-    import asyncio
+    from bench_ordering import feed_order  # noqa: PLC0415 (scripts/ sibling)
 
-    from tokabatch.config import RunnerConfig
-    from tokabatch.service.jobs.ordering import prompt_key, prompt_ordered
-
-    lines = [p for p in prompts for _ in range(w.n)]
-    random.Random(7).shuffle(lines)
-    if args.lines == "shuffled":
-        return lines
-    lines.sort(key=lambda p: prompt_key({"prompt": p}))     # the runner's file-level pass, then its windows
-
-    async def ordered() -> list[list[int]]:
-        async def feed():
-            for line in lines:
-                yield line
-        return [line async for line in prompt_ordered(feed(), RunnerConfig().order_window, lambda p: p)]
-    return asyncio.run(ordered())
+    return feed_order([p for p in prompts for _ in range(w.n)], args.lines, lambda p: p)
 
 
 def _time_phases(loop) -> dict[str, float]:

@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,6 +47,7 @@ from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop  # noqa: E402
 from tokabatch.service.jobs.ordering import prompt_key, prompt_ordered  # noqa: E402
 from tokabatch.text import Tokenizer  # noqa: E402
 
+T = TypeVar("T")
 H200_PAGES = 237_434          # KV pages of 16 tokens for Llama-3.2-1B on the H200 (scripts/bench.py's log)
 
 
@@ -72,19 +74,26 @@ def requests(w: Workload, order: str, window: int = 0) -> list[GenerationRequest
                 for i, p in enumerate(prompts)]
     lines = [GenerationRequest(request_id=f"p{i}-{j}", prompt_token_ids=p, sampling=params)
              for i, p in enumerate(prompts) for j in range(w.n)]
+    return feed_order(lines, order, lambda r: r.prompt_token_ids, window)
+
+
+def feed_order(lines: list[T], order: str, prompt_of: Callable[[T], Sequence[int]], window: int = 0) -> list[T]:
+    """A batch file's lines as the engine receives them. The file is `lines` after a seeded shuffle
+    (written without regard to sharing); "shuffled" feeds it in that order, "windowed" through
+    prompt_ordered's windows alone, "ordered" as the batch runner does: the whole file sorted by
+    ordering.prompt_key (of the body it would read), then the windows. `window`: 0 is RunnerConfig's."""
+    lines = list(lines)
     random.Random(7).shuffle(lines)
     if order == "shuffled":
         return lines
-    if order == "ordered":            # the runner's file-level pass: keys of the bodies it would read
-        keys = {id(r): prompt_key({"prompt": list(r.prompt_token_ids)}) for r in lines}
-        lines.sort(key=lambda r: keys[id(r)])
+    if order == "ordered":
+        lines.sort(key=lambda line: prompt_key({"prompt": list(prompt_of(line))}))
 
-    async def ordered() -> list[GenerationRequest]:
+    async def ordered() -> list[T]:
         async def feed():
             for line in lines:
                 yield line
-        size = window or RunnerConfig().order_window
-        return [r async for r in prompt_ordered(feed(), size, lambda r: r.prompt_token_ids)]
+        return [line async for line in prompt_ordered(feed(), window or RunnerConfig().order_window, prompt_of)]
     return asyncio.run(ordered())
 
 

@@ -133,6 +133,23 @@ def walk_model(folder: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def shared_prefix_on_off(tmp_path: Path, num_requests: int, seed: int) -> tuple:
+    """`num_requests` prompts (one 512-token prefix + 16 own tokens) through the whole engine with CUDA
+    graphs, 32 greedy tokens each, with Hydragen on and then off: (on outputs, off outputs, off
+    logprobs, on stats, off stats, grouped graph replays of the on run)."""
+    folder = tmp_path / "walk"
+    walk_model(folder)
+    rng = random.Random(seed)
+    prefix = [rng.randrange(128256) for _ in range(512)]
+    prompts = [prefix + [rng.randrange(128256) for _ in range(16)] for _ in range(num_requests)]
+    on, _, runners, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
+    grouped_replays = sum(r.grouped_graphs.num_replays for r in runners if r.grouped_graphs is not None)
+    del runners
+    torch.cuda.empty_cache()
+    off, off_logprobs, _, off_stats = run_loop(folder, prompts, graphs=True, hydragen=False, max_tokens=32)
+    return on, off, off_logprobs, on_stats, off_stats, grouped_replays
+
+
 def test_greedy_outputs_agree_with_graphs_on_and_off(tmp_path: Path) -> None:
     folder = tmp_path / "llama"
     walk_model(folder)

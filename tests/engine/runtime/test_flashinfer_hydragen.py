@@ -177,17 +177,9 @@ def test_rows_without_own_part_and_padded_states() -> None:
 def test_shared_prefix_batch_agrees_with_grouping_on_and_off(tmp_path) -> None:
     """500 requests = one 512-token prefix + 16 own tokens, 32 greedy tokens each, through the
     whole engine (flashinfer backend, CUDA graphs on): prefix groups formed and attended by parts."""
-    from tests.engine.runtime.test_cuda_graphs import assert_agree, run_loop, walk_model
+    from tests.engine.runtime.test_cuda_graphs import assert_agree, shared_prefix_on_off
 
-    folder = tmp_path / "walk"
-    walk_model(folder)
-    rng = random.Random(5)
-    prefix = [rng.randrange(128256) for _ in range(512)]
-    prompts = [prefix + [rng.randrange(128256) for _ in range(16)] for _ in range(500)]
-    on, _, on_runners, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
-    del on_runners
-    torch.cuda.empty_cache()
-    off, off_logprobs, _, off_stats = run_loop(folder, prompts, graphs=True, hydragen=False, max_tokens=32)
+    on, off, off_logprobs, on_stats, off_stats, _ = shared_prefix_on_off(tmp_path, 500, seed=5)
     saved = on_stats.num_hydragen_saved_kv_reads / max(1, on_stats.num_decode_kv_reads)
     print(f"hydragen: {saved:.0%} of decode KV reads saved")
     assert saved > 0.5 and off_stats.num_hydragen_saved_kv_reads == 0

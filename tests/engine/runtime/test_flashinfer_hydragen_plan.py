@@ -230,15 +230,15 @@ def emulate_padded(pp, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     for r in range(bs):
         s = request_slots(pp.own_kv_indptr, pp.own_kv_indices, pp.own_last_page_len, r, page_size)
         part_out[r], part_lse[r] = (t[0] for t in attention_with_lse(q[r][None], k[s], v[s]))
-    qg = q[pp.group_rows]
-    for g in range(pp.group_qo_indptr.numel() - 1):
-        a, b = int(pp.group_qo_indptr[g]), int(pp.group_qo_indptr[g + 1])
+    qg = q[pp.groups.group_rows]
+    for g in range(pp.groups.group_qo_indptr.numel() - 1):
+        a, b = int(pp.groups.group_qo_indptr[g]), int(pp.groups.group_qo_indptr[g + 1])
         if a == b:
             continue
-        s = request_slots(pp.group_kv_indptr, pp.group_kv_indices, pp.group_last_page_len, g, page_size)
+        s = request_slots(pp.groups.group_kv_indptr, pp.groups.group_kv_indices, pp.groups.group_last_page_len, g, page_size)
         part_out[bs + a:bs + b], part_lse[bs + a:bs + b] = attention_with_lse(qg[a:b], k[s], v[s])
     part_out[-1], part_lse[-1] = 0.0, EMPTY_LSE
-    idx = pp.state_index
+    idx = pp.groups.state_index
     out, lse = part_out[idx[:, 0]], part_lse[idx[:, 0]]
     for j in range(1, idx.shape[1]):
         out, lse = merge_attention(out, lse, part_out[idx[:, j]], part_lse[idx[:, j]])
@@ -261,8 +261,8 @@ def test_padded_plan_in_graph_shapes_equals_full_attention(seed: int) -> None:
     scratch = max(max(t) for t in tables) + 1
     pp = plan_hydragen_padded(rows, groups, page_size, bs, max_groups, max_queries, max_states, scratch)
     assert pp is not None
-    assert pp.own_kv_indptr.numel() == bs + 1 and pp.group_qo_indptr.numel() == max_groups + 1
-    assert pp.group_rows.numel() == max_queries and tuple(pp.state_index.shape) == (bs, max_states)
+    assert pp.own_kv_indptr.numel() == bs + 1 and pp.groups.group_qo_indptr.numel() == max_groups + 1
+    assert pp.groups.group_rows.numel() == max_queries and tuple(pp.groups.state_index.shape) == (bs, max_states)
     gen = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(scratch + 1, page_size, 2, 8, generator=gen)
     v_cache = torch.randn(scratch + 1, page_size, 2, 8, generator=gen)

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("flashinfer")
 
-from tests.engine.runtime.test_cuda_graphs import QWEN_05B, TOL, assert_agree, run_loop, walk_model  # noqa: E402
+from tests.engine.runtime.test_cuda_graphs import QWEN_05B, TOL, assert_agree, shared_prefix_on_off  # noqa: E402
 from tests.engine.runtime.test_flashinfer import LLAMA_1B, PAGE, random_model  # noqa: E402
 from tokabatch.engine.core.plan import PrefixGroup  # noqa: E402
 from tokabatch.engine.runtime.attention import SeqAttn  # noqa: E402
@@ -79,16 +79,7 @@ def test_grouped_graph_step_matches_eager_steps(config: dict) -> None:
 
 
 def test_shared_prefix_batch_replays_grouped_graphs(tmp_path: Path) -> None:
-    folder = tmp_path / "walk"
-    walk_model(folder)
-    rng = random.Random(7)
-    prefix = [rng.randrange(128256) for _ in range(512)]
-    prompts = [prefix + [rng.randrange(128256) for _ in range(16)] for _ in range(300)]
-    on, _, runners, on_stats = run_loop(folder, prompts, graphs=True, hydragen=True, max_tokens=32)
-    grouped_replays = sum(r.grouped_graphs.num_replays for r in runners if r.grouped_graphs is not None)
-    del runners
-    torch.cuda.empty_cache()
-    off, off_logprobs, _, _ = run_loop(folder, prompts, graphs=True, hydragen=False, max_tokens=32)
+    on, off, off_logprobs, on_stats, _, grouped_replays = shared_prefix_on_off(tmp_path, 300, seed=7)
     print(f"grouped graph replays: {grouped_replays}; saved KV reads "
           f"{on_stats.num_hydragen_saved_kv_reads / max(1, on_stats.num_decode_kv_reads):.0%}")
     assert grouped_replays >= 20

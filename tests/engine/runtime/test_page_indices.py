@@ -63,3 +63,13 @@ def test_bad_steps_are_rejected() -> None:
         decode_layout([33], [(1, 2)], 16, 4, 99, PageIndexCache())
     with pytest.raises(ValueError, match="do not fit"):
         decode_layout([1, 1], [(1,), (2,)], 16, 1, 99, PageIndexCache())
+
+
+def test_rows_may_start_after_their_first_pages() -> None:
+    # Hydragen's own parts: row i reads its pages from starts[i] on; a start at its last page or
+    # past it means the row has nothing of its own (None).
+    tables, kv_lens, starts = [(1, 2, 3, 4), (5, 6, 7)], [15, 9], [2, 0]
+    indptr, indices, last = decode_layout(kv_lens, tables, 4, 3, 99, PageIndexCache(), starts)
+    assert indptr.tolist() == [0, 2, 5, 6] and indices.tolist() == [3, 4, 5, 6, 7, 99]
+    assert last.tolist() == [3, 1, 1]
+    assert decode_layout(kv_lens, tables, 4, 3, 99, PageIndexCache(), [4, 0]) is None

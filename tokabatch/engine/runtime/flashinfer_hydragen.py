@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import chain
 from typing import Any, Sequence
 
 import torch
@@ -61,6 +61,7 @@ from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
+from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout
 
 __all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedGroups", "PaddedHydragenPlan",
            "pad_groups", "pad_own", "plan_hydragen", "plan_hydragen_padded"]
@@ -174,29 +175,6 @@ def plan_hydragen(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup], page_s
 
 
 @dataclass(frozen=True, slots=True)
-class PaddedHydragenPlan:
-    """A HydragenPlan laid out in the fixed shapes of one CUDA-graph batch size (cuda_graphs.py).
-
-    Own parts: one decode request per row 0..bs-1 (padded rows read the scratch page). Group parts:
-    exactly `max_groups` prefill requests (padded ones have no queries and read the scratch page),
-    their queries gathered by `group_rows` [max_queries] (padding gathers row 0; no request owns it).
-    Merge: part outputs are rows [own 0..bs-1; group queries bs..bs+max_queries-1; empty state];
-    `state_index` [bs, max_states] (padded rows and columns -> the empty state)."""
-
-    positions: Tensor                    # [bs] int64: each row's position (kv_len - 1; 0 for padding)
-    slots: Tensor                        # [bs] int64: where each row's new K/V goes (scratch for padding)
-    own_kv_indptr: Tensor                # [bs+1] int32
-    own_kv_indices: Tensor               # [own pages] int32
-    own_last_page_len: Tensor            # [bs] int32
-    group_qo_indptr: Tensor              # [max_groups+1] int32
-    group_kv_indptr: Tensor              # [max_groups+1] int32
-    group_kv_indices: Tensor             # [group pages] int32
-    group_last_page_len: Tensor          # [max_groups] int32
-    group_rows: Tensor                   # [max_queries] int64
-    state_index: Tensor                  # [bs, max_states] int64
-
-
-@dataclass(frozen=True, slots=True)
 class PaddedGroups:
     """The group half of a PaddedHydragenPlan: it depends only on the rows' seq_ids in order, the
     groups and the shapes, so a caller may reuse it from step to step while those stay the same."""
@@ -208,6 +186,25 @@ class PaddedGroups:
     group_last_page_len: Tensor          # [max_groups] int32
     group_rows: Tensor                   # [max_queries] int64
     state_index: Tensor                  # [bs, max_states] int64
+
+
+@dataclass(frozen=True, slots=True)
+class PaddedHydragenPlan:
+    """A HydragenPlan laid out in the fixed shapes of one CUDA-graph batch size (cuda_graphs.py).
+
+    Own parts: one decode request per row 0..bs-1 (padded rows read the scratch page). Group parts
+    (`groups`): exactly `max_groups` prefill requests (padded ones have no queries and read the
+    scratch page), their queries gathered by `group_rows` [max_queries] (padding gathers row 0; no
+    request owns it). Merge: part outputs are rows [own 0..bs-1; group queries
+    bs..bs+max_queries-1; empty state]; `groups.state_index` [bs, max_states] (padded rows and
+    columns -> the empty state)."""
+
+    positions: Tensor                    # [bs] int64: each row's position (kv_len - 1; 0 for padding)
+    slots: Tensor                        # [bs] int64: where each row's new K/V goes (scratch for padding)
+    own_kv_indptr: Tensor                # [bs+1] int32
+    own_kv_indices: Tensor               # [own pages] int32
+    own_last_page_len: Tensor            # [bs] int32
+    groups: PaddedGroups
 
 
 def _ints(values: array) -> Tensor:
@@ -291,38 +288,26 @@ def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup],
     pg = padded_groups or pad_groups(rows, groups, ps, bs, max_groups, max_queries, max_states, scratch_page)
     if pg is None:
         return None
-    return pad_own([s.kv_len for s in rows], [s.page_ids for s in rows], pg, ps, bs, scratch_page)
+    return pad_own([s.kv_len for s in rows], [s.page_ids for s in rows], pg, ps, bs, scratch_page, PageIndexCache())
 
 
 def pad_own(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], pg: PaddedGroups, page_size: int, bs: int,
-            scratch_page: int) -> PaddedHydragenPlan | None:
+            scratch_page: int, page_index: PageIndexCache) -> PaddedHydragenPlan | None:
     """plan_hydragen_padded's per-step half: row r (context kv_lens[r] with its current token, pages
-    tables[r]) attends its own part from page pg.own_start[r] on. None when a row has no own part."""
-    ps, n = page_size, len(kv_lens)
-    num_pages = [-(-kv // ps) for kv in kv_lens]
-    if any(len(t) < p for t, p in zip(tables, num_pages)):
-        r = next(r for r, (t, p) in enumerate(zip(tables, num_pages)) if len(t) < p)
-        raise ValueError(f"page table of decode row {r} cannot hold {kv_lens[r]} positions")
-    if any(o >= p for o, p in zip(pg.own_start, num_pages)):
+    tables[r]) attends its own part from page pg.own_start[r] on (page_indices.decode_layout).
+    None when a row has no own part."""
+    ps = page_size
+    layout = decode_layout(kv_lens, tables, ps, bs, scratch_page, page_index, pg.own_start)
+    if layout is None:
         return None
-    pad = bs - n
-    own_indices = array("i", chain.from_iterable(t[o:p] for t, o, p in zip(tables, pg.own_start, num_pages)))
-    own_indices.extend([scratch_page] * pad)
-    own_indptr = array("i", [0])
-    own_indptr.extend(accumulate(p - o for o, p in zip(pg.own_start, num_pages)))
-    own_indptr.extend(range(own_indptr[-1] + 1, own_indptr[-1] + pad + 1))
-    own_last = array("i", [kv - (p - 1) * ps for kv, p in zip(kv_lens, num_pages)])
-    own_last.extend([1] * pad)
+    indptr, indices, last = layout
+    pad = bs - len(kv_lens)
     positions = array("q", [kv - 1 for kv in kv_lens])
     positions.extend([0] * pad)
-    slots = array("q", [t[p - 1] * ps + (kv - 1) % ps for t, p, kv in zip(tables, num_pages, kv_lens)])
+    slots = array("q", [t[(kv - 1) // ps] * ps + (kv - 1) % ps for t, kv in zip(tables, kv_lens)])
     slots.extend([scratch_page * ps] * pad)
-    return PaddedHydragenPlan(
-        positions=_ints(positions), slots=_ints(slots),
-        own_kv_indptr=_ints(own_indptr), own_kv_indices=_ints(own_indices), own_last_page_len=_ints(own_last),
-        group_qo_indptr=pg.group_qo_indptr, group_kv_indptr=pg.group_kv_indptr,
-        group_kv_indices=pg.group_kv_indices, group_last_page_len=pg.group_last_page_len,
-        group_rows=pg.group_rows, state_index=pg.state_index)
+    return PaddedHydragenPlan(positions=_ints(positions), slots=_ints(slots), own_kv_indptr=indptr,
+                              own_kv_indices=indices, own_last_page_len=last, groups=pg)
 
 
 class _DeviceBuffer:

@@ -151,7 +151,7 @@ class GroupedDecodeGraphs:
             if self._padded_groups is None or len(self._padded_groups.group_kv_indices) > self.graphs.max_indices:
                 return None
         padded = pad_own([p + 1 for p in start_positions], page_tables, self._padded_groups, ps, bs,
-                         self.cache.scratch_page)
+                         self.cache.scratch_page, self.graphs._page_index)
         if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices:
             return None
         dev = self.cache.device
@@ -159,15 +159,15 @@ class GroupedDecodeGraphs:
         ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
         copies = [(self.graphs.input_ids, ids), (self.positions, padded.positions), (self.slots, padded.slots)]
         if not reuse:
-            copies += [(self.group_rows, padded.group_rows), (self.state_index, padded.state_index.reshape(-1))]
+            copies += [(self.group_rows, padded.groups.group_rows), (self.state_index, padded.groups.state_index.reshape(-1))]
         for buffer, host in copies:
             buffer[:host.numel()].copy_(host.pin_memory(), non_blocking=True)
         self._plan_own(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),
                        padded.own_last_page_len)
         if not reuse:
-            self._plan_groups(bs, padded.group_qo_indptr, padded.group_kv_indptr,
-                              padded.group_kv_indices.pin_memory().to(dev, non_blocking=True),
-                              padded.group_last_page_len)
+            self._plan_groups(bs, padded.groups.group_qo_indptr, padded.groups.group_kv_indptr,
+                              padded.groups.group_kv_indices.pin_memory().to(dev, non_blocking=True),
+                              padded.groups.group_last_page_len)
             self._groups_key = key
         self._graphs[bs].replay()
         self.num_replays += 1

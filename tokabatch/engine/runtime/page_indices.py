@@ -27,28 +27,32 @@ class PageIndexCache:
         self._by_id: dict[int, tuple[Sequence[int], np.ndarray]] = {}
         self.num_converted = 0
 
-    def join(self, tables: Sequence[Sequence[int]], num_pages: Sequence[int]) -> np.ndarray:
-        """tables[i][:num_pages[i]] for every i, concatenated: int32 [sum(num_pages)]."""
+    def join(self, tables: Sequence[Sequence[int]], num_pages: Sequence[int],
+             starts: Sequence[int] | None = None) -> np.ndarray:
+        """tables[i][starts[i]:num_pages[i]] (starts: 0 by default) for every i, concatenated, int32."""
         old: dict[int, tuple[Sequence[int], np.ndarray]] = self._by_id
         new: dict[int, tuple[Sequence[int], np.ndarray]] = {}
         parts = []
-        for table, n in zip(tables, num_pages):
+        for i, (table, n) in enumerate(zip(tables, num_pages)):
             key = id(table)                   # safe: the entry holds the table, so its id is not reused
             entry = old.get(key)
             if entry is None or entry[0] is not table:
                 entry = (table, np.array(table, dtype=np.int32))
                 self.num_converted += 1
             new[key] = entry
-            parts.append(entry[1][:n])
+            parts.append(entry[1][starts[i] if starts is not None else 0:n])
         self._by_id = new
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
 def decode_layout(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_size: int, bs: int,
-                  scratch_page: int, cache: PageIndexCache) -> tuple[Tensor, Tensor, Tensor]:
+                  scratch_page: int, cache: PageIndexCache,
+                  starts: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """One decode step's CSR page layout padded to `bs` rows: (kv_indptr [bs+1], kv_indices, and
-    last_page_len [bs]), int32 CPU tensors. Row i reads pages tables[i][:ceil(kv_lens[i] / page_size)];
-    padding rows read one scratch page with one position. Raises ValueError for a table too short."""
+    last_page_len [bs]), int32 CPU tensors. Row i reads pages tables[i][:ceil(kv_lens[i] / page_size)]
+    (from page starts[i] on, when given: Hydragen's own parts); padding rows read one scratch page
+    with one position. Raises ValueError for a table too short; None when a row's start is at or
+    past its last page (it would read nothing)."""
     ps = page_size
     num_pages = [-(-kv // ps) for kv in kv_lens]
     if any(len(t) < n for t, n in zip(tables, num_pages)):
@@ -57,11 +61,14 @@ def decode_layout(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_
     pad = bs - len(kv_lens)
     if pad < 0:
         raise ValueError(f"{len(kv_lens)} rows do not fit a batch of {bs}")
-    indices = cache.join(tables, num_pages)
+    counts = num_pages if starts is None else [n - s for n, s in zip(num_pages, starts)]
+    if starts is not None and any(c <= 0 for c in counts):
+        return None
+    indices = cache.join(tables, num_pages, starts)
     if pad:
         indices = np.concatenate([indices, np.full(pad, scratch_page, dtype=np.int32)])
     indptr = array("i", [0])
-    indptr.extend(accumulate(num_pages))
+    indptr.extend(accumulate(counts))
     indptr.extend(range(indptr[-1] + 1, indptr[-1] + pad + 1))
     last = array("i", [kv - (n - 1) * ps for kv, n in zip(kv_lens, num_pages)])
     last.extend([1] * pad)

@@ -137,7 +137,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
                total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, steps=stats.num_steps,
                forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens,
-               graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners))
+               graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners),
+               hydragen_sharing=round(stats.num_hydragen_saved_kv_reads / max(1, stats.num_decode_kv_reads), 3))
     if args.profile:
         from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
         profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,

@@ -6,6 +6,9 @@
 #   scripts/gpu_run.sh                                  # GPU tests only
 #   scripts/gpu_run.sh "TA --vs-hf" "TB-quick --hydragen on" "TB-quick --hydragen off"
 #
+# The packed archive holds only the kernels this call compiled (restored ones are not packed
+# again): keep each call's archive in .fi-cache/ under its own name; every *.tar.xz there is restored.
+#
 # Environment: GPU_TESTS (pytest paths, default tests/engine/runtime), GPU_TEST_TIMEOUT (s, default
 # 240; 0 skips the tests), BENCH_TIMEOUT (s per benchmark, default 120). Logs go to $OUT (default ./gpu-out).
 set -uo pipefail

@@ -85,8 +85,10 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
 
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
     from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
+    from tokabatch.engine.runtime import flashinfer_backend
     from tokabatch.engine.runtime.factory import build_loop
 
+    flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
     t0 = time.perf_counter()
     config = EngineConfig(
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
@@ -230,6 +232,9 @@ def main() -> None:
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
+    ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
+                    help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "
+                         "CUDA-core kernel where it exists for the GQA group)")
     ap.add_argument("--lines", choices=("n", "shuffled", "ordered"), default="n",
                     help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
                          "fed in file order; ordered: the same lines through the batch runner's ordering")

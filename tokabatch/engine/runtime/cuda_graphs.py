@@ -54,12 +54,30 @@ def capture_graph(forward: Callable[[], Tensor], pool: Any) -> tuple[torch.cuda.
     return graph, out
 
 
+MIN_WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def graph_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_rows: int) -> int:
+    """flashinfer's float scratch for CUDA-graph decode wrappers of up to `max_rows` rows. Planned for
+    CUDA graphs, the tensor-core decode reserves its split-KV partial outputs for the worst case
+    (flashinfer 0.6, scheduler.cuh): per query head, ceil(rows * group / tile) + rows - 1 tiles of
+    `tile` (16) rows x (head_dim + 1) floats. Llama-3.1-8B at 1024 rows: 335 MB, above the
+    256 MiB the eager backend's scratch has (flashinfer_backend.WORKSPACE_BYTES). At least that,
+    plus 64 MiB of margin."""
+    group = max(1, num_heads // num_kv_heads)
+    tile = 16 if group <= 16 else 128
+    tiles = -(-max_rows * group // tile) + max_rows - 1
+    return max(MIN_WORKSPACE_BYTES, num_heads * tiles * tile * (head_dim + 1) * 4 + (64 << 20))
+
+
 class DecodeGraphs:
     """Captured decode steps for every ladder size up to `max_batch` rows."""
 
     def __init__(self, model: nn.Module, cache: KVCache, num_heads: int, max_batch: int,
-                 sizes: Sequence[int] | None = None, workspace_bytes: int = 256 * 1024 * 1024,
+                 sizes: Sequence[int] | None = None, workspace_bytes: int | None = None,
                  max_indices: int | None = None) -> None:
+        """`workspace_bytes`: flashinfer's float scratch, shared by every size's wrappers (they run one
+        at a time); None: graph_workspace_bytes for the largest size."""
         from tokabatch.engine.runtime import flashinfer_backend   # CUDA + flashinfer only
 
         self._fi = flashinfer_backend
@@ -79,6 +97,8 @@ class DecodeGraphs:
         self.kv_indices = torch.full((self.max_indices,), cache.scratch_page, dtype=torch.int32, device=dev)
         self._ids_host = torch.zeros(self.max_batch, dtype=torch.long).pin_memory()
         self._page_index = PageIndexCache()
+        if workspace_bytes is None:
+            workspace_bytes = graph_workspace_bytes(num_heads, self.num_kv_heads, self.head_dim, self.max_batch)
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=dev)
         self._wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}

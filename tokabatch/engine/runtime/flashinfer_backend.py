@@ -10,8 +10,8 @@ go through `BatchDecodeWithPagedKVCacheWrapper`, the rest (prefill chunks, chunk
 cached positions) through one causal `BatchPrefillWithPagedKVCacheWrapper`. Measured on the H200:
 the prefill kernel reads the KV cache of a 256-sequence decode batch at only ~0.55 TB/s, the decode
 kernel at ~2.9 TB/s, so mixed steps must not send their decodes through the prefill kernel. The
-CUDA-core decode kernel exists for GQA group sizes 1,2,3,4,6,8 only; other group sizes (Qwen2.5-0.5B
-and -7B: 7) use the decode wrapper's tensor-core variant, which takes any group size.
+decode wrapper runs its tensor-core variant (any GQA group size; 3.4-4.0 TB/s where the CUDA-core
+kernel reads 3.0: decode_wrapper); the CUDA-core kernel (groups 1,2,3,4,6,8 only) stays selectable.
 
 KV append: each step token's flat slot (page * page_size + offset, as kv_cache.py lays it out) is
 computed on the GPU from the step's page indices, then `index_copy_` into the flat view.
@@ -75,9 +75,18 @@ def _int32(values: array) -> Tensor:
     return torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
 
 
+# None: the tensor-core decode kernel for every GQA group (faster on the H200: below); False: the
+# CUDA-core kernel where it exists for the group; True: tensor cores always. Read when a wrapper is
+# made (scripts/bench.py --decode-tensor-cores sets it for a run).
+DECODE_TENSOR_CORES: bool | None = None
+
+
 def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, **graph_buffers: Any) -> Any:
-    """A decode wrapper with the CUDA-core kernel where it exists for this GQA group, tensor cores otherwise."""
-    tensor_cores = num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
+    """A decode wrapper on the tensor-core kernel (the CUDA-core one when DECODE_TENSOR_CORES is
+    False and it exists for this GQA group). The H200 (scripts/bench_decode_kernel.py, 1100-token
+    contexts, bf16): KV read at 3.36 TB/s against 2.97 (32/8 heads, head_dim 64, 512 rows) and
+    4.02 against 2.97 (head_dim 128, 256 rows); TA 26.3k against 24.1k output tok/s."""
+    tensor_cores = DECODE_TENSOR_CORES is not False or num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores,
                                                          **graph_buffers)
 

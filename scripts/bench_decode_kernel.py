@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""flashinfer's two decode kernels on one paged KV cache: the CUDA-core kernel and the tensor-core
+variant (`use_tensor_cores=True`, a prefill-style kernel that serves a whole GQA group per tile).
+
+On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
+
+    python3 scripts/bench_decode_kernel.py                   # Llama-3.2-1B and -3.1-8B shapes
+    python3 scripts/bench_decode_kernel.py --shapes 32/8/128 --batch 256 --context 1100
+
+For each shape (query heads / KV heads / head dim) it plans one decode over `batch` sequences of
+`context` tokens in 16-token pages (pages shuffled, as a running engine's are), times `iters` runs
+of one layer with CUDA events, and prints ms per layer and the KV read rate (K and V of every
+context token, bf16). The first use of a kernel compiles it (minutes, once per machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, iters: int) -> None:
+    import flashinfer
+    import torch
+
+    ps = 16
+    dev = torch.device("cuda")
+    pages_per_seq = -(-context // ps)
+    num_pages = batch * pages_per_seq
+    k = torch.randn(num_pages, ps, kv_heads, dim, dtype=torch.bfloat16, device=dev)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num_pages, device="cpu").to(torch.int32)
+    indptr = torch.arange(0, num_pages + 1, pages_per_seq, dtype=torch.int32)
+    last = torch.full((batch,), context - (pages_per_seq - 1) * ps, dtype=torch.int32)
+    q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=dev)
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    kv_bytes = 2 * batch * context * kv_heads * dim * 2
+    outs = {}
+    for tensor_cores in (False, True):
+        if not tensor_cores and heads // kv_heads not in (1, 2, 3, 4, 6, 8):
+            continue
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
+        w.plan(indptr, perm.to(dev), last, heads, kv_heads, dim, ps, pos_encoding_mode="NONE",
+               q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        for _ in range(3):
+            outs[tensor_cores] = w.run(q, (k, v))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            w.run(q, (k, v))
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / iters
+        name = "tensor cores" if tensor_cores else "CUDA cores"
+        print(f"| {heads}/{kv_heads}/{dim} | {batch} x {context} | {name} | {ms:.3f} | {kv_bytes / ms / 1e9:.2f} |",
+              flush=True)
+    if len(outs) == 2:
+        diff = (outs[True].float() - outs[False].float()).norm() / outs[False].float().norm()
+        print(f"  relative difference between the two outputs: {diff.item():.1e}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["32/8/64", "32/8/128"],
+                    help="query heads/KV heads/head dim (Llama-3.2-1B: 32/8/64, Llama-3.1-8B: 32/8/128)")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--context", type=int, default=1100)
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    print("| shape (heads/kv/dim) | batch x context | kernel | ms per layer | KV read TB/s |")
+    print("|---|---|---|---|---|")
+    for shape in args.shapes:
+        heads, kv_heads, dim = (int(x) for x in shape.split("/"))
+        bench_shape(heads, kv_heads, dim, args.batch, args.context, args.iters)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,17 +10,20 @@ carries its sequence's whole page table, so the runner needs no state of its own
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tokabatch.engine.api import TokenLogprob
 
 
-@dataclass(frozen=True, slots=True)
-class SeqWork:
+class SeqWork(NamedTuple):
     """The tokens one sequence runs in this step.
 
     The KV of `token_ids` is written at positions start_pos .. start_pos+len-1, and those tokens
     attend to every position before them through `page_ids` (position p lives in page
     page_ids[p // page_size] at slot p % page_size).
+
+    A NamedTuple, not a dataclass: the scheduler makes one per running sequence per step, and a
+    tuple is built in about a third of the time of a frozen dataclass (decode_seq_work).
     """
 
     seq_id: int
@@ -38,28 +41,14 @@ class SeqWork:
         return len(self.token_ids)
 
 
-_new_object = object.__new__
-_SEQ_WORK_SLOTS = ("seq_id", "token_ids", "start_pos", "page_ids", "sample", "prompt_logprobs",
-                   "prompt_logprob_targets")
-if set(SeqWork.__slots__) != set(_SEQ_WORK_SLOTS):   # a new field must be set by decode_seq_work too
-    raise AssertionError(f"decode_seq_work is out of date with SeqWork's fields {SeqWork.__slots__}")
-(_set_seq_id, _set_token_ids, _set_start_pos, _set_page_ids, _set_sample, _set_prompt_logprobs,
- _set_prompt_logprob_targets) = (SeqWork.__dict__[name].__set__ for name in _SEQ_WORK_SLOTS)
+_new_tuple = tuple.__new__
 
 
 def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[int, ...]) -> SeqWork:
-    """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), equal in every way, built in
-    about half the time: a frozen dataclass's __init__ goes through object.__setattr__ once per
-    field, this sets the slots directly. The scheduler builds one per running sequence per step."""
-    work = _new_object(SeqWork)
-    _set_seq_id(work, seq_id)
-    _set_token_ids(work, (token_id,))
-    _set_start_pos(work, start_pos)
-    _set_page_ids(work, page_ids)
-    _set_sample(work, True)
-    _set_prompt_logprobs(work, None)
-    _set_prompt_logprob_targets(work, ())
-    return work
+    """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), built without the keyword
+    handling of the generated __new__ (0.3 us against 0.8 us for the frozen dataclass it was, on
+    the dev VM). The scheduler builds one per running sequence per step."""
+    return _new_tuple(SeqWork, (seq_id, (token_id,), start_pos, page_ids, True, None, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +86,9 @@ class StepPlan:
         return not self.decodes and not self.prefills
 
 
-@dataclass(frozen=True, slots=True)
-class SampledToken:
+class SampledToken(NamedTuple):
+    """One sampled token (a NamedTuple for the same reason as SeqWork: one per row per step)."""
+
     seq_id: int
     token_id: int
     logprob: TokenLogprob | None = None  # filled when the sequence asked for logprobs

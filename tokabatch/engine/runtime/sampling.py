@@ -40,6 +40,7 @@ from tokabatch.engine.runtime import sampling_ops as ops
 from tokabatch.errors import InvalidRequest
 
 _MASK64 = (1 << 64) - 1
+new_tuple = tuple.__new__       # SampledToken rows without the NamedTuple's keyword handling
 
 
 def choice_seed(seed: int, choice_index: int) -> int:
@@ -212,7 +213,7 @@ class Sampler:
                 token_list = host.tolist()
                 for state, token in zip(states, token_list):
                     state.output_ids.append(token)
-                return [SampledToken(seq_id=s, token_id=t) for s, t in zip(seq_ids, token_list)]
+                return [new_tuple(SampledToken, (s, t, None)) for s, t in zip(seq_ids, token_list)]
 
             return finish
         result = self._sample_now(seq_ids, logits, states)

@@ -16,11 +16,17 @@ context token, bf16). The first use of a kernel compiles it (minutes, once per m
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, iters: int) -> None:
     import flashinfer
     import torch
+
+    from tokabatch.engine.runtime.flashinfer_backend import CUDA_CORE_DECODE_GROUP_SIZES, WORKSPACE_BYTES
 
     ps = 16
     dev = torch.device("cuda")
@@ -32,11 +38,11 @@ def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, i
     indptr = torch.arange(0, num_pages + 1, pages_per_seq, dtype=torch.int32)
     last = torch.full((batch,), context - (pages_per_seq - 1) * ps, dtype=torch.int32)
     q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=dev)
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
     outs = {}
     for tensor_cores in (False, True):
-        if not tensor_cores and heads // kv_heads not in (1, 2, 3, 4, 6, 8):
+        if not tensor_cores and heads // kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES:
             continue
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
         w.plan(indptr, perm.to(dev), last, heads, kv_heads, dim, ps, pos_encoding_mode="NONE",

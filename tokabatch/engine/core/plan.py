@@ -10,7 +10,7 @@ carries its sequence's whole page table, so the runner needs no state of its own
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from tokabatch.engine.api import TokenLogprob
 
@@ -92,6 +92,12 @@ class SampledToken(NamedTuple):
     seq_id: int
     token_id: int
     logprob: TokenLogprob | None = None  # filled when the sequence asked for logprobs
+
+
+def sampled_tokens(seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[SampledToken]:
+    """[SampledToken(s, t) for each pair], without logprobs, built as decode_seq_work builds its
+    tuples (the sampler makes one per row per step)."""
+    return [_new_tuple(SampledToken, (s, t, None)) for s, t in zip(seq_ids, token_ids)]
 
 
 @dataclass(frozen=True, slots=True)

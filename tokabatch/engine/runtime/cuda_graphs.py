@@ -54,7 +54,7 @@ def capture_graph(forward: Callable[[], Tensor], pool: Any) -> tuple[torch.cuda.
     return graph, out
 
 
-MIN_WORKSPACE_BYTES = 256 * 1024 * 1024
+MIN_WORKSPACE_BYTES = 256 * 1024 * 1024   # flashinfer's split-k scratch (128 MiB is its usual minimum)
 
 
 def graph_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_rows: int) -> int:
@@ -62,8 +62,7 @@ def graph_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_
     CUDA graphs, the tensor-core decode reserves its split-KV partial outputs for the worst case
     (flashinfer 0.6, scheduler.cuh): per query head, ceil(rows * group / tile) + rows - 1 tiles of
     `tile` (16) rows x (head_dim + 1) floats. Llama-3.1-8B at 1024 rows: 335 MB, above the
-    256 MiB the eager backend's scratch has (flashinfer_backend.WORKSPACE_BYTES). At least that,
-    plus 64 MiB of margin."""
+    MIN_WORKSPACE_BYTES the eager backend's scratch has. At least that, plus 64 MiB of margin."""
     group = max(1, num_heads // num_kv_heads)
     tile = 16 if group <= 16 else 128
     tiles = -(-max_rows * group // tile) + max_rows - 1

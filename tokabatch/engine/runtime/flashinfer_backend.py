@@ -32,10 +32,10 @@ from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
+from tokabatch.engine.runtime.cuda_graphs import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES   # eager scratch
 from tokabatch.engine.runtime.kv_cache import KVCache
 
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
-WORKSPACE_BYTES = 256 * 1024 * 1024     # flashinfer's split-k scratch; 128 MiB is its usual minimum
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,12 +35,11 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.api import SamplingParams, TokenLogprob
-from tokabatch.engine.core.plan import SampledToken
+from tokabatch.engine.core.plan import SampledToken, sampled_tokens
 from tokabatch.engine.runtime import sampling_ops as ops
 from tokabatch.errors import InvalidRequest
 
 _MASK64 = (1 << 64) - 1
-new_tuple = tuple.__new__       # SampledToken rows without the NamedTuple's keyword handling
 
 
 def choice_seed(seed: int, choice_index: int) -> int:
@@ -213,7 +212,7 @@ class Sampler:
                 token_list = host.tolist()
                 for state, token in zip(states, token_list):
                     state.output_ids.append(token)
-                return [new_tuple(SampledToken, (s, t, None)) for s, t in zip(seq_ids, token_list)]
+                return sampled_tokens(seq_ids, token_list)
 
             return finish
         result = self._sample_now(seq_ids, logits, states)

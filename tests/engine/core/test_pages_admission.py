@@ -123,3 +123,48 @@ def test_window_forgets_old_lengths() -> None:
     for n in (100, 100, 100, 100, 2, 2, 2, 2):
         p.observe(n)
     assert p.num_samples == 4 and p.predict_output_len(0, 1000) == 2
+
+
+def test_capped_lengths_count_as_the_predicted_sequences_max_tokens() -> None:
+    """A sample cut by its own max_tokens says "at least that long": it stands for the max_tokens of
+    the sequence being predicted, so short jobs do not make a long job's answers look short."""
+    p = LengthPredictor(0.0, min_samples=4)
+    for _ in range(4):
+        p.observe(2, capped=True)
+    assert p.num_samples == 4
+    assert p.predict_output_len(0, 500) == 500
+    assert p.predict_output_len(0, 2) == 2
+    p.observe(10)
+    p.observe(30)
+    assert p.predict_output_len(0, 100) == (4 * 100 + 10 + 30 + 5) // 6      # mean 73.3 -> 74
+    assert p.predict_output_len(20, 100) == (4 * 100 + 30 + 4) // 5          # 10 did not survive 20 tokens
+    small = LengthPredictor(0.0, window=2, min_samples=1)
+    for n, capped in ((5, True), (5, True), (7, False), (9, False)):     # the capped ones leave the window
+        small.observe(n, capped=capped)
+    assert small.num_samples == 2 and small.predict_output_len(0, 100) == 8
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+def test_short_jobs_before_a_long_one_cause_no_preemption(ignore_eos: bool) -> None:
+    """A warm-up of 2-token requests, then 40 requests that run to 48 tokens on a pool that holds ~12
+    of them. The warm-up's lengths were fixed (ignore_eos) or cut by their max_tokens: neither may
+    teach admission that the long ones end after 3 tokens (it admitted all 40 and preempted)."""
+    from tokabatch.engine.api import GenerationRequest, SamplingParams
+
+    from tests.engine.core.driver import Driver, make_scheduler
+
+    driver = Driver(make_scheduler(200, page_size=4, max_seqs=64, max_tokens_per_step=256))
+
+    def add(rid: str, max_tokens: int) -> None:
+        prompt = tuple(random.Random(rid).randrange(3) for _ in range(16))
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        driver.add(GenerationRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling), max_tokens)
+
+    for i in range(8):
+        add(f"warm{i}", 2)
+    driver.run()
+    for i in range(40):
+        add(f"long{i}", 48)
+    driver.run()
+    assert len(driver.finished) == 48
+    assert driver.scheduler.num_preemptions == 0

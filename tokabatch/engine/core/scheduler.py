@@ -117,7 +117,7 @@ class Scheduler:
         seq = self._seqs[seq_id]
         if seq.status is SeqStatus.FINISHED:
             return
-        self.predictor.observe(len(seq.output_ids))
+        self.predictor.observe_finished(seq)
         self._end(seq)
         self._retire_if_done(seq.request_id)
 

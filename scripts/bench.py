@@ -89,6 +89,10 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     from tokabatch.engine.runtime.factory import build_loop
 
     flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
+    if args.flashinfer_builtin_max:           # undo flashinfer_plan_speedup (for a before/after in one call)
+        import builtins
+
+        flashinfer_backend.flashinfer.decode.max = flashinfer_backend.flashinfer.prefill.max = builtins.max
     t0 = time.perf_counter()
     config = EngineConfig(
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
@@ -235,6 +239,9 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
                     help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "
                          "CUDA-core kernel where it exists for the GQA group)")
+    ap.add_argument("--flashinfer-builtin-max", action="store_true",
+                    help="flashinfer's plan() with Python's max over host tensors, as shipped (the engine "
+                         "installs a one-reduction max: flashinfer_plan_speedup.py)")
     ap.add_argument("--lines", choices=("n", "shuffled", "ordered"), default="n",
                     help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
                          "fed in file order; ordered: the same lines through the batch runner's ordering")

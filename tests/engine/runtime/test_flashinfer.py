@@ -142,3 +142,29 @@ def test_select_backend_picks_flashinfer_on_cuda_bf16() -> None:
     assert select_backend(KVCache(spec, num_pages=4, page_size=PAGE), spec.num_heads).name == "flashinfer"
     cpu_cache = KVCache(spec, num_pages=4, page_size=PAGE, device="cpu")
     assert select_backend(cpu_cache, spec.num_heads).name == "torch"
+
+
+def test_flashinfer_plans_take_the_one_reduction_max() -> None:
+    """Importing the backend installs flashinfer_plan_speedup.tensor_max where flashinfer's plan()
+    looks `max` up; a 1,024-row tensor-core decode plan still finds the longest KV (and prints its time)."""
+    import time
+
+    import flashinfer.decode
+    import flashinfer.prefill
+
+    from tokabatch.engine.runtime.flashinfer_backend import WORKSPACE_BYTES, decode_wrapper
+    from tokabatch.engine.runtime.flashinfer_plan_speedup import tensor_max
+
+    assert flashinfer.decode.max is tensor_max and flashinfer.prefill.max is tensor_max
+    rows = 1024
+    wrapper = decode_wrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEV), 32, 8)
+    indptr = torch.arange(0, rows * 64 + 1, 64, dtype=torch.int32)
+    indices = torch.arange(rows * 64, dtype=torch.int32)
+    last = torch.full((rows,), 5, dtype=torch.int32)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        wrapper.plan(indptr, indices, last, 32, 8, 64, PAGE, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        times.append(time.perf_counter() - start)
+    assert wrapper._max_kv_len == 63 * PAGE + 5
+    print(f"1,024-row decode plan: {min(times) * 1e3:.3f} ms")

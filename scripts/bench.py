@@ -89,6 +89,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     from tokabatch.engine.runtime.factory import build_loop
 
     flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
+    flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES = {"auto": None, "on": True, "off": False}[
+        args.hydragen_own_tensor_cores]
     if args.flashinfer_builtin_max:           # undo flashinfer_plan_speedup (for a before/after in one call)
         import builtins
 
@@ -239,6 +241,8 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
                     help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "
                          "CUDA-core kernel where it exists for the GQA group)")
+    ap.add_argument("--hydragen-own-tensor-cores", choices=("auto", "on", "off"), default="auto",
+                    help="the same choice for the own parts of Hydragen steps (auto: as --decode-tensor-cores)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's plan() with Python's max over host tensors, as shipped (the engine "
                          "installs a one-reduction max: flashinfer_plan_speedup.py)")

@@ -31,9 +31,16 @@ from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs  # noqa
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 
 
+@pytest.mark.parametrize("own_tensor_cores", [None, False], ids=["own-default", "own-cuda-cores"])
 @pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 @torch.inference_mode()
-def test_grouped_graph_step_matches_eager_steps(config: dict) -> None:
+def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: bool | None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """(own-cuda-cores: the own parts on the CUDA-core decode kernel, the plain decode on the
+    tensor-core one, so the grouped graphs get decode wrappers of their own over the same buffers.)"""
+    from tokabatch.engine.runtime import flashinfer_backend
+
+    monkeypatch.setattr(flashinfer_backend, "HYDRAGEN_OWN_TENSOR_CORES", own_tensor_cores)
     model, spec = random_model(config)
     rng = random.Random(2)
     system = list(range(0, 6))                  # 6 pages shared by rows 0..15
@@ -73,7 +80,8 @@ def test_grouped_graph_step_matches_eager_steps(config: dict) -> None:
         rel = (replayed.float() - ref).norm() / ref.norm()
         print(f"grouped graph vs {name}: relative error {rel:.2e}")
         assert rel < TOL, f"grouped graph vs {name}: relative error {rel:.4f}"
-    # A plain graph replay after the grouped one still matches (they share the decode wrapper).
+    # A plain graph replay after the grouped one still matches (they share the decode buffers, and
+    # the decode wrapper unless the own parts take another kernel).
     again = graphs.run(tokens, lens, tables)
     assert (again.float() - plain).norm() / plain.norm() < TOL
 

@@ -86,16 +86,30 @@ def _int32(values: array) -> Tensor:
 # CUDA-core kernel where it exists for the group; True: tensor cores always. Read when a wrapper is
 # made (scripts/bench.py --decode-tensor-cores sets it for a run).
 DECODE_TENSOR_CORES: bool | None = None
+# The same choice for the own parts of Hydragen steps (eager and graphs): a sample's own tokens, so
+# short contexts (TB: 0-256 tokens) over many rows. None: as DECODE_TENSOR_CORES. Not yet measured
+# apart: TB's grouped step spent 1.7 ms per step in attention with the CUDA-core kernel for every
+# decode (f1c55f5) and 5.1 ms with the tensor-core one (ed40659), same profile command
+# (docs/benchmarks.md); scripts/bench.py --hydragen-own-tensor-cores off runs it.
+HYDRAGEN_OWN_TENSOR_CORES: bool | None = None
 
 
-def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, **graph_buffers: Any) -> Any:
-    """A decode wrapper on the tensor-core kernel (the CUDA-core one when DECODE_TENSOR_CORES is
-    False and it exists for this GQA group). The H200 (scripts/bench_decode_kernel.py, 1100-token
-    contexts, bf16): KV read at 3.36 TB/s against 2.97 (32/8 heads, head_dim 64, 512 rows) and
-    4.02 against 2.97 (head_dim 128, 256 rows); TA 26.3k against 24.1k output tok/s."""
-    tensor_cores = DECODE_TENSOR_CORES is not False or num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
-    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores,
-                                                         **graph_buffers)
+def decode_tensor_cores(num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
+    """Whether decode_wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core kernel."""
+    setting = DECODE_TENSOR_CORES
+    if own_parts and HYDRAGEN_OWN_TENSOR_CORES is not None:
+        setting = HYDRAGEN_OWN_TENSOR_CORES
+    return setting is not False or num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
+
+
+def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, own_parts: bool = False,
+                   **graph_buffers: Any) -> Any:
+    """A decode wrapper on the tensor-core kernel (the CUDA-core one when decode_tensor_cores says
+    so). The H200 (scripts/bench_decode_kernel.py, 1100-token contexts, bf16): KV read at 3.36 TB/s
+    against 2.97 (32/8 heads, head_dim 64, 512 rows) and 4.02 against 2.97 (head_dim 128, 256
+    rows); TA 26.3k against 24.1k output tok/s."""
+    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_tensor_cores=decode_tensor_cores(num_heads, num_kv_heads, own_parts), **graph_buffers)
 
 
 class FlashInferAttentionContext:

@@ -353,7 +353,7 @@ class FlashInferHydragenAttention:
         self.group_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
         from tokabatch.engine.runtime.flashinfer_backend import decode_wrapper   # CUDA only
 
-        self.own_wrapper: Any = decode_wrapper(workspace, num_heads, self.num_kv_heads)
+        self.own_wrapper: Any = decode_wrapper(workspace, num_heads, self.num_kv_heads, own_parts=True)
         pages_guess = max_rows * 64
         self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
         self._own_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)

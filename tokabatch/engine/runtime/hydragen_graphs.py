@@ -2,7 +2,8 @@
 
 Owns `GroupedDecodeGraphs`: for every ladder size of a DecodeGraphs, one more captured decode step
 whose attention is by parts (flashinfer_hydragen.py's math) in fixed shapes: the own part is one
-decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers), the
+decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers, or
+one more over the same buffers when flashinfer_backend picks another kernel for own parts), the
 group parts are `max_groups` requests of one cuda-graph prefill wrapper (non-causal) over at most
 `(max_states - 1) * bs` gathered queries, and `merge_states` folds `max_states` parts per row.
 A step's parts are laid into those shapes by `plan_hydragen_padded` (tested on the CPU against
@@ -48,7 +49,7 @@ class _GroupedAttention:
         v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
         kv = (cache.k[layer_idx], cache.v[layer_idx])
         q = q.contiguous()
-        own_out, own_lse = o.graphs._wrappers[bs].run(q, kv, return_lse=True)
+        own_out, own_lse = o.own_wrappers[bs].run(q, kv, return_lse=True)
         m = o.max_queries(bs)
         group_q = q.index_select(0, o.group_rows[:m])
         group_out, group_lse = o.group_wrappers[bs].run(group_q, kv, return_lse=True)
@@ -86,6 +87,9 @@ class GroupedDecodeGraphs:
         self.empty_out = torch.zeros(1, heads, dim, dtype=self.cache.dtype, device=dev)
         self.empty_lse = torch.full((1, heads), EMPTY_LSE, dtype=torch.float32, device=dev)
         self.group_wrappers: dict[int, Any] = {}
+        # The own parts' decode wrapper per size: the plain graphs' own (same buffers), unless
+        # flashinfer_backend picks another kernel for Hydragen own parts; then one more over them.
+        self.own_wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, Tensor] = {}
         self.num_replays = 0
@@ -104,10 +108,19 @@ class GroupedDecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture a grouped step for every size (largest first, one shared memory pool)."""
+        from tokabatch.engine.runtime import flashinfer_backend as fb
+
         pool = torch.cuda.graph_pool_handle()
         scratch = self.cache.scratch_page
         g = self.max_groups
+        gr = self.graphs
+        own_kernel_differs = fb.decode_tensor_cores(gr.num_heads, gr.num_kv_heads, own_parts=True) != \
+            fb.decode_tensor_cores(gr.num_heads, gr.num_kv_heads)
         for bs in reversed(self.graphs.sizes):
+            self.own_wrappers[bs] = gr._wrappers[bs] if not own_kernel_differs else fb.decode_wrapper(
+                gr.workspace, gr.num_heads, gr.num_kv_heads, own_parts=True, use_cuda_graph=True,
+                paged_kv_indptr_buffer=gr.kv_indptr[:bs + 1], paged_kv_indices_buffer=gr.kv_indices,
+                paged_kv_last_page_len_buffer=gr.last_page_len[:bs])
             self.group_wrappers[bs] = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 self.graphs.workspace, kv_layout="NHD", use_cuda_graph=True,
                 qo_indptr_buf=self.group_qo_indptr, paged_kv_indptr_buf=self.group_kv_indptr,
@@ -175,9 +188,9 @@ class GroupedDecodeGraphs:
 
     def _plan_own(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
         g = self.graphs
-        g._wrappers[bs].plan(indptr, indices, last_page_len, g.num_heads, g.num_kv_heads, g.head_dim,
-                             self.cache.page_size, pos_encoding_mode="NONE", q_data_type=self.cache.dtype,
-                             kv_data_type=self.cache.dtype)
+        self.own_wrappers[bs].plan(indptr, indices, last_page_len, g.num_heads, g.num_kv_heads, g.head_dim,
+                                   self.cache.page_size, pos_encoding_mode="NONE", q_data_type=self.cache.dtype,
+                                   kv_data_type=self.cache.dtype)
 
     def _plan_groups(self, bs: int, qo_indptr: Tensor, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
         g = self.graphs

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +62,7 @@ from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.hydragen_attention import own_part_starts
 from tokabatch.engine.runtime.kv_cache import KVCache
-from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout
+from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_arrays
 
 __all__ = ["EMPTY_LSE", "FlashInferHydragenAttention", "HydragenPlan", "PaddedGroups", "PaddedHydragenPlan",
            "pad_groups", "pad_own", "plan_hydragen", "plan_hydragen_padded"]
@@ -294,20 +295,22 @@ def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup],
 def pad_own(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], pg: PaddedGroups, page_size: int, bs: int,
             scratch_page: int, page_index: PageIndexCache) -> PaddedHydragenPlan | None:
     """plan_hydragen_padded's per-step half: row r (context kv_lens[r] with its current token, pages
-    tables[r]) attends its own part from page pg.own_start[r] on (page_indices.decode_layout).
+    tables[r]) attends its own part from page pg.own_start[r] on (page_indices.decode_arrays).
     None when a row has no own part."""
     ps = page_size
-    layout = decode_layout(kv_lens, tables, ps, bs, scratch_page, page_index, pg.own_start)
-    if layout is None:
+    arrays = decode_arrays(kv_lens, tables, ps, bs, scratch_page, page_index, pg.own_start)
+    if arrays is None:
         return None
-    indptr, indices, last = layout
-    pad = bs - len(kv_lens)
-    positions = array("q", [kv - 1 for kv in kv_lens])
-    positions.extend([0] * pad)
-    slots = array("q", [t[(kv - 1) // ps] * ps + (kv - 1) % ps for t, kv in zip(tables, kv_lens)])
-    slots.extend([scratch_page * ps] * pad)
-    return PaddedHydragenPlan(positions=_ints(positions), slots=_ints(slots), own_kv_indptr=indptr,
-                              own_kv_indices=indices, own_last_page_len=last, groups=pg)
+    indptr, indices, last, kv = arrays
+    n = len(kv)
+    positions = np.zeros(bs, dtype=np.int64)
+    positions[:n] = kv - 1
+    # Each row's own part ends with its last page (it is never empty), where its new K/V goes.
+    slots = np.full(bs, scratch_page * ps, dtype=np.int64)
+    slots[:n] = indices[indptr[1:n + 1] - 1].astype(np.int64) * ps + (kv - 1) % ps
+    return PaddedHydragenPlan(positions=torch.from_numpy(positions), slots=torch.from_numpy(slots),
+                              own_kv_indptr=torch.from_numpy(indptr), own_kv_indices=torch.from_numpy(indices),
+                              own_last_page_len=torch.from_numpy(last), groups=pg)
 
 
 class _DeviceBuffer:

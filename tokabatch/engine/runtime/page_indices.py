@@ -10,8 +10,6 @@ tensors); must not import flashinfer, the service or engine/core scheduling code
 
 from __future__ import annotations
 
-from array import array
-from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +43,38 @@ class PageIndexCache:
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
+def decode_arrays(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_size: int, bs: int,
+                  scratch_page: int, cache: PageIndexCache,
+                  starts: Sequence[int] | None = None) -> tuple[np.ndarray, ...] | None:
+    """decode_layout as numpy arrays, plus the rows' context lengths: (kv_indptr [bs+1], kv_indices,
+    last_page_len [bs], all int32, and kv_lens [rows] int64). Whole-array arithmetic: the only
+    per-row Python is the table join and the length check's map(len)."""
+    ps = page_size
+    n = len(kv_lens)
+    pad = bs - n
+    if pad < 0:
+        raise ValueError(f"{n} rows do not fit a batch of {bs}")
+    kv = np.fromiter(kv_lens, dtype=np.int64, count=n)
+    num_pages = (kv + (ps - 1)) // ps
+    short = np.flatnonzero(np.fromiter(map(len, tables), dtype=np.int64, count=n) < num_pages)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {kv_lens[i]} positions")
+    counts = num_pages if starts is None else num_pages - np.fromiter(starts, dtype=np.int64, count=n)
+    if starts is not None and (counts <= 0).any():
+        return None
+    indices = cache.join(tables, num_pages.tolist(), starts)
+    if pad:
+        indices = np.concatenate([indices, np.full(pad, scratch_page, dtype=np.int32)])
+    indptr = np.empty(bs + 1, dtype=np.int32)
+    indptr[0] = 0
+    np.cumsum(counts, out=indptr[1:n + 1])
+    indptr[n + 1:] = np.arange(indptr[n] + 1, indptr[n] + pad + 1, dtype=np.int32)
+    last = np.ones(bs, dtype=np.int32)
+    last[:n] = kv - (num_pages - 1) * ps
+    return indptr, indices, last, kv
+
+
 def decode_layout(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_size: int, bs: int,
                   scratch_page: int, cache: PageIndexCache,
                   starts: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -53,27 +83,11 @@ def decode_layout(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_
     (from page starts[i] on, when given: Hydragen's own parts); padding rows read one scratch page
     with one position. Raises ValueError for a table too short; None when a row's start is at or
     past its last page (it would read nothing)."""
-    ps = page_size
-    num_pages = [-(-kv // ps) for kv in kv_lens]
-    if any(len(t) < n for t, n in zip(tables, num_pages)):
-        i = next(i for i, (t, n) in enumerate(zip(tables, num_pages)) if len(t) < n)
-        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {kv_lens[i]} positions")
-    pad = bs - len(kv_lens)
-    if pad < 0:
-        raise ValueError(f"{len(kv_lens)} rows do not fit a batch of {bs}")
-    counts = num_pages if starts is None else [n - s for n, s in zip(num_pages, starts)]
-    if starts is not None and any(c <= 0 for c in counts):
+    arrays = decode_arrays(kv_lens, tables, page_size, bs, scratch_page, cache, starts)
+    if arrays is None:
         return None
-    indices = cache.join(tables, num_pages, starts)
-    if pad:
-        indices = np.concatenate([indices, np.full(pad, scratch_page, dtype=np.int32)])
-    indptr = array("i", [0])
-    indptr.extend(accumulate(counts))
-    indptr.extend(range(indptr[-1] + 1, indptr[-1] + pad + 1))
-    last = array("i", [kv - (n - 1) * ps for kv, n in zip(kv_lens, num_pages)])
-    last.extend([1] * pad)
-    return (torch.frombuffer(indptr, dtype=torch.int32), torch.from_numpy(indices),
-            torch.frombuffer(last, dtype=torch.int32) if len(last) else torch.empty(0, dtype=torch.int32))
+    indptr, indices, last, _ = arrays
+    return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
 
 
-__all__ = ["PageIndexCache", "decode_layout"]
+__all__ = ["PageIndexCache", "decode_arrays", "decode_layout"]

@@ -168,3 +168,24 @@ def test_short_jobs_before_a_long_one_cause_no_preemption(ignore_eos: bool) -> N
     driver.run()
     assert len(driver.finished) == 48
     assert driver.scheduler.num_preemptions == 0
+
+
+def test_only_lengths_text_ended_at_or_was_cut_at_are_learned() -> None:
+    """observe_finished: a fixed-length sequence (ignore_eos, no stops) or a prompt-scoring one
+    (max_tokens 0) teaches nothing; one cut by its max_tokens is a capped sample."""
+    from types import SimpleNamespace
+
+    from tokabatch.engine.api import SamplingParams
+
+    def seq(outputs: int, **sampling) -> SimpleNamespace:
+        return SimpleNamespace(output_ids=[7] * outputs, sampling=SamplingParams(**sampling),
+                               num_tokens=10 + outputs, max_len=10_000)
+
+    p = LengthPredictor(0.0, min_samples=1)
+    p.observe_finished(seq(4, max_tokens=4, ignore_eos=True))
+    p.observe_finished(seq(0, max_tokens=0))
+    assert p.num_samples == 0
+    p.observe_finished(seq(4, max_tokens=4, ignore_eos=True, stop=("x",)))    # a stop could have ended it
+    p.observe_finished(seq(3, max_tokens=8))
+    assert p.num_samples == 2
+    assert p.predict_output_len(0, 100) == (100 + 3 + 1) // 2                 # one capped, one of 3

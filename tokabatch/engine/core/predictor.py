@@ -46,8 +46,9 @@ class LengthPredictor:
         return len(self._recent)
 
     def observe_finished(self, seq: Sequence) -> None:
-        """Learn from a sequence the loop finished, unless its length was fixed in advance."""
-        if runs_to_max_tokens(seq):
+        """Learn from a sequence the loop finished, unless its length was fixed in advance (or it
+        only scored its prompt: max_tokens 0)."""
+        if runs_to_max_tokens(seq) or seq.sampling.max_tokens <= 0:
             return
         num_output = len(seq.output_ids)
         self.observe(num_output, capped=num_output >= seq.sampling.max_tokens or seq.num_tokens >= seq.max_len)

@@ -1,11 +1,13 @@
 """Page tables flattened into flashinfer's CSR layout on the host, fast enough for every decode step.
 
-Owns `PageIndexCache` and `decode_layout`. A decode step at ~1k sequences of ~1k tokens names ~70k
+Owns `PageIndexCache`, `decode_arrays` and `decode_layout`. A decode step at ~1k sequences of ~1k tokens names ~70k
 page ids; joining the scheduler's page-table tuples into one int array cost ~3 ms of Python per
 step on the dev VM. The scheduler keeps a sequence's tuple object until the sequence gains a page
 (once every page_size steps), so PageIndexCache converts each tuple to a numpy array once and a
-step joins arrays (np.concatenate): ~0.65 ms for the same step. Host-only (numpy + torch CPU
-tensors); must not import flashinfer, the service or engine/core scheduling code.
+step joins arrays (np.concatenate): ~0.65 ms for the same step. `decode_arrays` computes the rest
+of the layout (indptr, last-page lengths) by whole-array arithmetic (`decode_layout` is it as torch
+tensors): 0.44 -> 0.35 ms for 1,024 rows of 70 pages. Host-only (numpy + torch CPU tensors); must
+not import flashinfer, the service or engine/core scheduling code.
 """
 
 from __future__ import annotations

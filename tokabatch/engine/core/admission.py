@@ -168,6 +168,8 @@ def build_forecast(running: Iterable[Sequence], pool: PagePool, predicted_len: C
         # Refcounts never rise along a page table and shared pages are in the tree (published),
         # so the shared pages are a prefix of the published ones: binary search its end.
         lo, hi = 0, seq.num_published_pages
+        if hi and pool.refcount(seq.page_ids[0]) == 1:
+            hi = 0                            # its first page is its own: so is every later one
         while lo < hi:
             mid = (lo + hi) // 2
             if pool.refcount(seq.page_ids[mid]) > 1:

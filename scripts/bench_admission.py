@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Admission when KV memory is the limit: the plan a workload gets on the fake runner (CPU, no model).
+
+Runs a workload through the real schedulers and engine loops of the CUDA default (two pipelined
+halves, each with half the pages and half of max_seqs) with the runner of
+scripts/bench_step_overhead.py (tokens returned at once), fed the way scripts/bench.py feeds it: an
+optional warm-up first (`--warm-up N`: N random prompts of the workload's length with 4 output
+tokens each, as bench.py does before it starts the clock), then every request at once. Prints the
+plan's steps, forward tokens (the workload's own and the total), preemptions, the most sequences
+running at once, and the CPU seconds of the whole run (the schedulers' forecasts included).
+
+W6 on the H200 has 51,502 KV pages of 16 tokens for Llama-3.1-8B (scripts/bench.py's log): 2048
+prompts of 1024 tokens with 512 out fit ~700 at a time, so admission decides every step.
+
+    .venv/bin/python scripts/bench_admission.py --workload W6 --warm-up 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_ordering import build  # noqa: E402
+from bench_step_overhead import VOCAB, write_tokenizer  # noqa: E402
+
+from tokabatch.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from tokabatch.text import Tokenizer  # noqa: E402
+
+# name: (prompts, prompt tokens, output tokens, KV pages on the H200)
+WORKLOADS = {"W6": (2048, 1024, 512, 51_502), "W6-quick": (512, 1024, 512, 51_502),
+             "TA": (1024, 1024, 256, 237_434)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="W6")
+    ap.add_argument("--num-pages", type=int, default=0, help="0: the workload's H200 pool")
+    ap.add_argument("--max-seqs", type=int, default=2048)
+    ap.add_argument("--warm-up", type=int, default=32, help="warm-up requests of 4 output tokens first (0: none)")
+    args = ap.parse_args()
+    num_prompts, prompt_len, output_len, pages = WORKLOADS[args.workload]
+    pages = args.num_pages or pages
+    with tempfile.TemporaryDirectory(prefix="tokabatch-admissionbench-") as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = Tokenizer.from_folder(tmp)
+    loop = build(tokenizer, pages, args.max_seqs, halves=2, affinity=True)
+    rng = random.Random(0)
+
+    def drain(count: int, max_tokens: int, tag: str) -> int:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        for i in range(count):
+            prompt = tuple(rng.randrange(VOCAB) for _ in range(prompt_len))
+            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=prompt, sampling=params))
+        most = 0
+        while loop.has_work():
+            loop.step()
+            most = max(most, loop.stats().num_running)
+        return most
+
+    drain(args.warm_up, 4, "warm")
+    before = loop.stats()
+    start = time.process_time()
+    most = drain(num_prompts, output_len, "r")
+    cpu = time.process_time() - start
+    s = loop.stats()
+    work = num_prompts * (prompt_len + output_len - 1)
+    print(f"{args.workload}: {num_prompts} x {prompt_len} -> {output_len}, {pages:,} pages in two halves, "
+          f"max_seqs {args.max_seqs}, warm-up {args.warm_up}")
+    print(f"steps {s.num_steps - before.num_steps:,}; forward tokens {s.num_forward_tokens - before.num_forward_tokens:,} "
+          f"for {work:,} of work ({s.num_forward_tokens:,} with the warm-up); preemptions {s.num_preemptions}; "
+          f"at most {most} running; CPU {cpu:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,9 +59,10 @@ def main() -> None:
             prompt = tuple(rng.randrange(VOCAB) for _ in range(prompt_len))
             loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=prompt, sampling=params))
         most = 0
+        schedulers = [half.scheduler for half in loop.halves]
         while loop.has_work():
             loop.step()
-            most = max(most, loop.stats().num_running)
+            most = max(most, sum(s.num_running for s in schedulers))
         return most
 
     drain(args.warm_up, 4, "warm")

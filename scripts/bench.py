@@ -94,7 +94,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     if args.flashinfer_builtin_max:           # undo flashinfer_plan_speedup (for a before/after in one call)
         import builtins
 
-        flashinfer_backend.flashinfer.decode.max = flashinfer_backend.flashinfer.prefill.max = builtins.max
+        for module in flashinfer_backend.PLAN_MODULES:
+            module.max = builtins.max
     t0 = time.perf_counter()
     config = EngineConfig(
         model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),

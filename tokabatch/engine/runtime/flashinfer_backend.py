@@ -40,7 +40,8 @@ from tokabatch.engine.runtime.cuda_graphs import MIN_WORKSPACE_BYTES as WORKSPAC
 from tokabatch.engine.runtime.flashinfer_plan_speedup import install as install_fast_max
 from tokabatch.engine.runtime.kv_cache import KVCache
 
-install_fast_max([flashinfer.decode, flashinfer.prefill])   # their plan() takes max() of host tensors
+PLAN_MODULES = (flashinfer.decode, flashinfer.prefill)       # their plan() takes max() of host tensors
+install_fast_max(PLAN_MODULES)
 
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)
 

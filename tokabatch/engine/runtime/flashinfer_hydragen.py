@@ -283,8 +283,8 @@ def plan_hydragen_padded(rows: Sequence[SeqAttn], groups: Sequence[PrefixGroup],
     never planned for a real decode). Raises ValueError for what plan_hydragen rejects (a group's
     pages are checked against each member's table at their first and last page only)."""
     ps = page_size
-    if any(s.q_len != 1 for s in rows):
-        bad = next(s for s in rows if s.q_len != 1)
+    bad = next((s for s in rows if s.q_len != 1), None)
+    if bad is not None:
         raise ValueError(f"sequence {bad.seq_id} runs {bad.q_len} tokens; Hydragen parts are for decodes")
     pg = padded_groups or pad_groups(rows, groups, ps, bs, max_groups, max_queries, max_states, scratch_page)
     if pg is None:

@@ -22,8 +22,11 @@ Quick variants ("W1-quick") keep prompt and output lengths and take a quarter of
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import random
 import subprocess
 import sys
@@ -89,7 +92,8 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     from tokabatch.engine.runtime.factory import build_loop
 
     flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
-    flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES = {"auto": None, "on": True, "off": False}[
+    flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES = {"auto": flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES,
+                                                    "on": True, "off": False, "as-decode": None}[
         args.hydragen_own_tensor_cores]
     if args.flashinfer_builtin_max:           # undo flashinfer_plan_speedup (for a before/after in one call)
         import builtins
@@ -135,9 +139,21 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     startup = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     timers = _time_phases(loop)
+    profiler = cProfile.Profile() if args.cpu_profile else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     in_tokens, out_tokens = drain(prompts, "r", n=w.n) if args.lines == "n" else drain(as_lines(prompts, w, args), "r")
     wall = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+        report = io.StringIO()
+        by = pstats.Stats(profiler, stream=report)
+        by.sort_stats("tottime").print_stats(args.cpu_profile)
+        by.sort_stats("cumulative").print_stats(args.cpu_profile)
+        path = Path(args.out_dir) / f"cpu-profile-{args.workload}-hydragen-{args.hydragen}.txt"
+        path.write_text(report.getvalue())
+        print(f"cpu profile (the timed run, under cProfile: slower than without): {path}", flush=True)
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items())
           + f"; loop rest {wall - sum(timers.values()):.2f}", flush=True)
     stats = loop.stats()
@@ -242,8 +258,9 @@ def main() -> None:
     ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
                     help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "
                          "CUDA-core kernel where it exists for the GQA group)")
-    ap.add_argument("--hydragen-own-tensor-cores", choices=("auto", "on", "off"), default="auto",
-                    help="the same choice for the own parts of Hydragen steps (auto: as --decode-tensor-cores)")
+    ap.add_argument("--hydragen-own-tensor-cores", choices=("auto", "on", "off", "as-decode"),
+                    default="auto", help="the same choice for the own parts of Hydragen steps (auto: the "
+                                         "engine's default, off; as-decode: as --decode-tensor-cores)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's plan() with Python's max over host tensors, as shipped (the engine "
                          "installs a one-reduction max: flashinfer_plan_speedup.py)")
@@ -251,6 +268,9 @@ def main() -> None:
                     help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
                          "fed in file order; ordered: the same lines through the batch runner's ordering")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
+    ap.add_argument("--cpu-profile", type=int, default=0, metavar="N",
+                    help="run the timed part under cProfile and write its top N functions (by own and by "
+                         "cumulative time) to --out-dir (the throughput then reads low)")
     ap.add_argument("--profile-batch", type=int, default=256, help="sequences (n samples each count)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")

@@ -31,13 +31,14 @@ from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs  # noqa
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 
 
-@pytest.mark.parametrize("own_tensor_cores", [None, False], ids=["own-default", "own-cuda-cores"])
+@pytest.mark.parametrize("own_tensor_cores", [False, None], ids=["own-cuda-cores", "own-as-decode"])
 @pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 @torch.inference_mode()
 def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: bool | None,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """(own-cuda-cores: the own parts on the CUDA-core decode kernel, the plain decode on the
-    tensor-core one, so the grouped graphs get decode wrappers of their own over the same buffers.)"""
+    """(own-cuda-cores, the default: the own parts on the CUDA-core decode kernel, the plain decode
+    on the tensor-core one, so the grouped graphs get decode wrappers of their own over the same
+    buffers; own-as-decode: both on tensor cores, the grouped graphs reuse the plain ones' wrappers.)"""
     from tokabatch.engine.runtime import flashinfer_backend
 
     monkeypatch.setattr(flashinfer_backend, "HYDRAGEN_OWN_TENSOR_CORES", own_tensor_cores)

@@ -88,11 +88,12 @@ def _int32(values: array) -> Tensor:
 # made (scripts/bench.py --decode-tensor-cores sets it for a run).
 DECODE_TENSOR_CORES: bool | None = None
 # The same choice for the own parts of Hydragen steps (eager and graphs): a sample's own tokens, so
-# short contexts (TB: 0-256 tokens) over many rows. None: as DECODE_TENSOR_CORES. Not yet measured
-# apart: TB's grouped step spent 1.7 ms per step in attention with the CUDA-core kernel for every
-# decode (f1c55f5) and 5.1 ms with the tensor-core one (ed40659), same profile command
-# (docs/benchmarks.md); scripts/bench.py --hydragen-own-tensor-cores off runs it.
-HYDRAGEN_OWN_TENSOR_CORES: bool | None = None
+# short contexts (TB: 0-256 tokens) over many rows, where the CUDA-core kernel is faster. False (the
+# default): the CUDA-core kernel where it exists for the group; True: tensor cores; None: as
+# DECODE_TENSOR_CORES. The H200, one call (docs/benchmarks.md): TB 70.5k output tok/s with the own
+# parts on CUDA cores against 63.7k on tensor cores (plain decode on tensor cores in both); the
+# grouped step's attention 1.7 ms (CUDA cores) against 5.1 ms (tensor cores) in the step profile.
+HYDRAGEN_OWN_TENSOR_CORES: bool | None = False
 
 
 def decode_tensor_cores(num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:

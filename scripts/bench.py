@@ -138,7 +138,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
     startup = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    timers = _time_phases(loop)
+    timers = _time_phases(loop, detail=args.phase_detail)
     profiler = cProfile.Profile() if args.cpu_profile else None
     start = time.perf_counter()
     if profiler is not None:
@@ -154,8 +154,11 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
         path = Path(args.out_dir) / f"cpu-profile-{args.workload}-hydragen-{args.hydragen}.txt"
         path.write_text(report.getvalue())
         print(f"cpu profile (the timed run, under cProfile: slower than without): {path}", flush=True)
-    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items())
-          + f"; loop rest {wall - sum(timers.values()):.2f}", flush=True)
+    phases = {k: v for k, v in timers.items() if "(in " not in k}
+    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+          + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
+    if args.phase_detail:
+        print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
     stats = loop.stats()
     runners = getattr(loop, "runners", [loop.runner])
     row = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall,
@@ -181,20 +184,30 @@ def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) ->
     return feed_order([p for p in prompts for _ in range(w.n)], args.lines, lambda p: p)
 
 
-def _time_phases(loop) -> dict[str, float]:
+def _time_phases(loop, detail: bool = False) -> dict[str, float]:
     """Wrap the schedulers and runners to add up wall seconds per phase: CPU time to schedule, to
     build and launch a step (graph replay or eager), to process its result, and the time spent
-    waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that)."""
+    waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that).
+    `detail` adds parts of those phases, marked "(in ...)": the grouped graph step's own-part
+    layout, its flashinfer plans and the replay call, the sampler's launch, and the loop's
+    handling of the sampled tokens (texts of finished sequences included)."""
     totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
     halves = getattr(loop, "halves", [loop])
+    if detail:
+        import torch
+
+        from tokabatch.engine.runtime import hydragen_graphs
+
+        parts = {"pad_own (in launch)": (hydragen_graphs, "pad_own"),
+                 "grouped plans (in launch)": (hydragen_graphs.GroupedDecodeGraphs, "_plan_own"),
+                 "graph replay call (in launch)": (torch.cuda.CUDAGraph, "replay")}
+        for key, (owner, name) in parts.items():
+            totals[key] = 0.0
+            setattr(owner, name, _timed(getattr(owner, name), totals, key))
+        totals["sample launch (in launch)"] = totals["take samples (in loop rest)"] = 0.0
 
     def timed(fn, key):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            out = fn(*a, **kw)
-            totals[key] += time.perf_counter() - t
-            return out
-        return wrapper
+        return _timed(fn, totals, key)
 
     for half in halves:
         runner, sched = half.runner, half.scheduler
@@ -210,7 +223,19 @@ def _time_phases(loop) -> dict[str, float]:
         runner.launch = launch
         sched.schedule = timed(sched.schedule, "schedule")
         sched.on_step_done = timed(sched.on_step_done, "on_step_done")
+        if detail:
+            runner.sampler.sample_async = timed(runner.sampler.sample_async, "sample launch (in launch)")
+            half._take_samples = timed(half._take_samples, "take samples (in loop rest)")
     return totals
+
+
+def _timed(fn, totals: dict[str, float], key: str):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        totals[key] += time.perf_counter() - t
+        return out
+    return wrapper
 
 
 def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int = 256) -> dict:
@@ -268,6 +293,9 @@ def main() -> None:
                     help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
                          "fed in file order; ordered: the same lines through the batch runner's ordering")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
+    ap.add_argument("--phase-detail", action="store_true",
+                    help="also time parts of the phases (the grouped step's own-part layout and plans, the "
+                         "graph replay call, the sampler's launch, the loop's handling of sampled tokens)")
     ap.add_argument("--cpu-profile", type=int, default=0, metavar="N",
                     help="run the timed part under cProfile and write its top N functions (by own and by "
                          "cumulative time) to --out-dir (the throughput then reads low)")

@@ -73,3 +73,51 @@ def test_rows_may_start_after_their_first_pages() -> None:
     assert indptr.tolist() == [0, 2, 5, 6] and indices.tolist() == [3, 4, 5, 6, 7, 99]
     assert last.tolist() == [3, 1, 1]
     assert decode_layout(kv_lens, tables, 4, 3, 99, PageIndexCache(), [4, 0]) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_steady_steps_reuse_the_last_join_and_match_the_reference(seed: int) -> None:
+    """Steps with the same rows copy the unchanged rows' ids from the last step: every step still
+    equals the reference, through rows gaining pages (new tuples), growing within a page, moving
+    their start (Hydragen own parts), and the odd step whose rows change (a full join)."""
+    rng = random.Random(seed)
+    ps = (1, 4, 16, 16)[seed % 4]
+    cache = PageIndexCache()
+    kv_lens = [rng.randint(1, 100) for _ in range(rng.randint(1, 60))]
+    tables = [tuple(rng.sample(range(10_000), -(-kv // ps) + rng.choice([0, 1]))) for kv in kv_lens]
+    starts = [0] * len(kv_lens)
+    for step in range(60):
+        if step % 10 == 5:                    # some rows' own parts start later from now on
+            starts = [rng.randrange(-(-kv // ps)) if rng.random() < 0.3 else s for kv, s in zip(kv_lens, starts)]
+        bs = len(kv_lens) + rng.randint(0, 3)
+        got = decode_layout(kv_lens, tables, ps, bs, 10_001, cache, starts if any(starts) else None)
+        want = reference(kv_lens, tables, ps, bs, 10_001)
+        # The reference without starts, then each row's first starts[i] pages cut out of it.
+        indptr, indices = want[0], want[1]
+        kept = [p for r in range(bs) for p in indices[indptr[r] + (starts[r] if r < len(starts) else 0):indptr[r + 1]]]
+        ends, total = [0], 0
+        for r in range(bs):
+            total += indptr[r + 1] - indptr[r] - (starts[r] if r < len(starts) else 0)
+            ends.append(total)
+        assert [t.tolist() for t in got] == [ends, kept, want[2]], step
+        # Next step: every row grows by a token; a row past its table's pages gains one (a new tuple).
+        kv_lens = [kv + 1 for kv in kv_lens]
+        tables = [t if len(t) * ps >= kv else t + (20_000 + step * 100 + i,)
+                  for i, (t, kv) in enumerate(zip(tables, kv_lens))]
+        if rng.random() < 0.1 and len(kv_lens) > 1:   # a row leaves: the next join is a full one
+            kv_lens, tables, starts = kv_lens[1:], tables[1:], starts[1:]
+    # (With page_size 16 a row gains a page every 16 steps: most steps are the last one's plus a few rows.)
+    assert cache.num_rows_reused > 0 or ps < 16
+
+
+def test_an_unchanged_step_converts_nothing_and_a_grown_row_alone_is_converted() -> None:
+    cache = PageIndexCache()
+    tables = [(1, 2, 3), (4, 5), (6, 7, 8, 9), (10,)]
+    assert cache.join(tables, [3, 2, 4, 1]).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    converted = cache.num_converted
+    assert cache.join(list(tables), [3, 2, 4, 1]).tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert cache.num_converted == converted and cache.num_rows_reused == 4
+    tables[1] = (4, 5, 11)                   # row 1 gained a page
+    assert cache.join(tables, [3, 3, 4, 1]).tolist() == [1, 2, 3, 4, 5, 11, 6, 7, 8, 9, 10]
+    assert cache.num_converted == converted + 1 and cache.num_rows_reused == 7
+    assert cache.join(tables, [3, 3, 4, 1], [1, 0, 0, 0]).tolist() == [2, 3, 4, 5, 11, 6, 7, 8, 9, 10]

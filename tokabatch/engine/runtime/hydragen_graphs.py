@@ -32,6 +32,7 @@ from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.cuda_graphs import capture_graph
 from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
+from tokabatch.engine.runtime.page_indices import PageIndexCache
 
 
 class _GroupedAttention:
@@ -98,6 +99,9 @@ class GroupedDecodeGraphs:
         # shared by all sizes, so only the last step's can be reused).
         self._groups_key: tuple | None = None
         self._padded_groups: PaddedGroups | None = None
+        # The own parts' page ids, made from the last grouped step's (not shared with the plain
+        # graphs: each reuses its own last step).
+        self._page_index = PageIndexCache()
 
     def max_queries(self, bs: int) -> int:
         """Group-part query rows a step of `bs` rows may have: each row in up to max_states - 1 groups."""
@@ -164,7 +168,7 @@ class GroupedDecodeGraphs:
             if self._padded_groups is None or len(self._padded_groups.group_kv_indices) > self.graphs.max_indices:
                 return None
         padded = pad_own([p + 1 for p in start_positions], page_tables, self._padded_groups, ps, bs,
-                         self.cache.scratch_page, self.graphs._page_index)
+                         self.cache.scratch_page, self._page_index)
         if padded is None or len(padded.own_kv_indices) > self.graphs.max_indices:
             return None
         dev = self.cache.device

@@ -12,6 +12,7 @@ not import flashinfer, the service or engine/core scheduling code.
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -20,27 +21,75 @@ from torch import Tensor
 
 
 class PageIndexCache:
-    """numpy int32 copies of page-table tuples, made once per tuple object and kept while a step
-    still names that tuple (entries of tables no step names any more are dropped at the next join)."""
+    """The page ids of a step's rows, joined, made from the last step's where the rows are the same.
+
+    A step whose rows are the last step's rows (the same number, in the same order) copies the
+    last step's ids for every row whose table object, page count and start are unchanged, in runs
+    between the rows that changed: in a steady decode step only the rows that gained a page since
+    (about one in page_size) are converted, and the per-row Python is two C-level map()s. Other
+    steps join per-row numpy copies of the tables, made once per tuple object and kept while a
+    step still names that tuple (entries of tables no such step names any more are dropped then)."""
 
     def __init__(self) -> None:
         self._by_id: dict[int, tuple[Sequence[int], np.ndarray]] = {}
-        self.num_converted = 0
+        self.num_converted = 0                # tables converted to numpy (whole or a row's part)
+        self.num_rows_reused = 0              # rows copied from the last step's joined ids
+        self._last: tuple[list[Sequence[int]], np.ndarray, np.ndarray, np.ndarray] | None = None
+        # (the last step's tables, num_pages, starts, joined ids)
 
-    def join(self, tables: Sequence[Sequence[int]], num_pages: Sequence[int],
-             starts: Sequence[int] | None = None) -> np.ndarray:
+    def join(self, tables: Sequence[Sequence[int]], num_pages: np.ndarray,
+             starts: np.ndarray | None = None) -> np.ndarray:
         """tables[i][starts[i]:num_pages[i]] (starts: 0 by default) for every i, concatenated, int32."""
+        n = len(tables)
+        tables = list(tables)
+        num_pages = np.asarray(num_pages, dtype=np.int64)
+        starts = np.zeros(n, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+        last = self._last
+        joined = None
+        if last is not None and n and len(last[0]) == n:
+            same = np.fromiter(map(operator.is_, tables, last[0]), dtype=bool, count=n)
+            same &= (num_pages == last[1]) & (starts == last[2])
+            changed = np.flatnonzero(~same)
+            if 4 * len(changed) <= n:
+                joined = self._update(tables, num_pages, starts, changed, last)
+        if joined is None:
+            joined = self._join_all(tables, num_pages, starts)
+        self._last = (tables, num_pages, starts, joined)
+        return joined
+
+    def _update(self, tables: list[Sequence[int]], num_pages: np.ndarray, starts: np.ndarray,
+                changed: np.ndarray, last: tuple) -> np.ndarray:
+        """The last step's ids with the `changed` rows' parts made anew (the rest copied in runs)."""
+        if not len(changed):
+            self.num_rows_reused += len(tables)
+            return last[3]
+        old_ends = np.cumsum(last[1] - last[2]).tolist()
+        old_ids = last[3]
+        parts = []
+        row = 0                               # first row not yet placed
+        for c in changed.tolist():
+            if c > row:
+                parts.append(old_ids[(old_ends[row - 1] if row else 0):old_ends[c - 1]])
+            parts.append(np.array(tables[c][int(starts[c]):int(num_pages[c])], dtype=np.int32))
+            row = c + 1
+        if row < len(tables):
+            parts.append(old_ids[(old_ends[row - 1] if row else 0):])
+        self.num_converted += len(changed)
+        self.num_rows_reused += len(tables) - len(changed)
+        return np.concatenate(parts)
+
+    def _join_all(self, tables: list[Sequence[int]], num_pages: np.ndarray, starts: np.ndarray) -> np.ndarray:
         old: dict[int, tuple[Sequence[int], np.ndarray]] = self._by_id
         new: dict[int, tuple[Sequence[int], np.ndarray]] = {}
         parts = []
-        for i, (table, n) in enumerate(zip(tables, num_pages)):
+        for table, a, b in zip(tables, starts.tolist(), num_pages.tolist()):
             key = id(table)                   # safe: the entry holds the table, so its id is not reused
             entry = old.get(key)
             if entry is None or entry[0] is not table:
                 entry = (table, np.array(table, dtype=np.int32))
                 self.num_converted += 1
             new[key] = entry
-            parts.append(entry[1][starts[i] if starts is not None else 0:n])
+            parts.append(entry[1][a:b])
         self._by_id = new
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
@@ -62,10 +111,11 @@ def decode_arrays(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_
     if short.size:
         i = int(short[0])
         raise ValueError(f"page table of {len(tables[i])} pages cannot hold {kv_lens[i]} positions")
-    counts = num_pages if starts is None else num_pages - np.fromiter(starts, dtype=np.int64, count=n)
-    if starts is not None and (counts <= 0).any():
+    start_pages = None if starts is None else np.fromiter(starts, dtype=np.int64, count=n)
+    counts = num_pages if start_pages is None else num_pages - start_pages
+    if start_pages is not None and (counts <= 0).any():
         return None
-    indices = cache.join(tables, num_pages.tolist(), starts)
+    indices = cache.join(tables, num_pages, start_pages)
     if pad:
         indices = np.concatenate([indices, np.full(pad, scratch_page, dtype=np.int32)])
     indptr = np.empty(bs + 1, dtype=np.int32)

@@ -190,7 +190,9 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
     waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that).
     `detail` adds parts of those phases, marked "(in ...)": the grouped graph step's own-part
     layout, its flashinfer plans and the replay call, the sampler's launch, and the loop's
-    handling of the sampled tokens (texts of finished sequences included)."""
+    handling of the sampled tokens (texts of finished sequences included); and the GPU time of
+    the graph and the eager steps (CUDA events before and after each launch: a step's GPU time
+    from the start of its first kernel, or of the launch when the GPU waited for it)."""
     totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
     halves = getattr(loop, "halves", [loop])
     if detail:
@@ -205,6 +207,7 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
             totals[key] = 0.0
             setattr(owner, name, _timed(getattr(owner, name), totals, key))
         totals["sample launch (in launch)"] = totals["take samples (in loop rest)"] = 0.0
+        totals["GPU of graph steps (in all)"] = totals["GPU of eager steps (in all)"] = 0.0
 
     def timed(fn, key):
         return _timed(fn, totals, key)
@@ -214,10 +217,24 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
 
         def launch(plan, _runner=runner, _launch=runner.launch):
             before = _runner.num_graph_steps
+            if detail:                        # the step's GPU time: events around its launch
+                began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                began.record()
             t = time.perf_counter()
             pending = _launch(plan)
-            totals["launch graph" if _runner.num_graph_steps > before else "launch eager"] += time.perf_counter() - t
+            kind = "graph" if _runner.num_graph_steps > before else "eager"
+            totals[f"launch {kind}"] += time.perf_counter() - t
             pending.result = timed(pending.result, "wait for GPU")
+            if detail:
+                ended.record()
+                wait = pending.result
+
+                def result():
+                    out = wait()
+                    ended.synchronize()
+                    totals[f"GPU of {kind} steps (in all)"] += began.elapsed_time(ended) / 1000
+                    return out
+                pending.result = result
             return pending
 
         runner.launch = launch

@@ -158,6 +158,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
           + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
     if args.phase_detail:
+        loop.settle_phase_timers()            # (after drain's synchronize: every event is done)
         print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
     stats = loop.stats()
     runners = getattr(loop, "runners", [loop.runner])
@@ -208,6 +209,19 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
             setattr(owner, name, _timed(getattr(owner, name), totals, key))
         totals["sample launch (in launch)"] = totals["take samples (in loop rest)"] = 0.0
         totals["GPU of graph steps (in all)"] = totals["GPU of eager steps (in all)"] = 0.0
+        # The replays' own GPU time (events around the replay call alone), added up at the end.
+        totals["GPU of graph replays (in all)"] = 0.0
+        replay, replay_events = torch.cuda.CUDAGraph.replay, []
+
+        def replay_timed(graph) -> None:
+            began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            began.record()
+            replay(graph)
+            ended.record()
+            replay_events.append((began, ended))
+        torch.cuda.CUDAGraph.replay = replay_timed
+        loop.settle_phase_timers = lambda: totals.__setitem__(
+            "GPU of graph replays (in all)", sum(b.elapsed_time(e) for b, e in replay_events) / 1000)
 
     def timed(fn, key):
         return _timed(fn, totals, key)

@@ -4,10 +4,14 @@ Owns `PageIndexCache`, `decode_arrays` and `decode_layout`. A decode step at ~1k
 page ids; joining the scheduler's page-table tuples into one int array cost ~3 ms of Python per
 step on the dev VM. The scheduler keeps a sequence's tuple object until the sequence gains a page
 (once every page_size steps), so PageIndexCache converts each tuple to a numpy array once and a
-step joins arrays (np.concatenate): ~0.65 ms for the same step. `decode_arrays` computes the rest
-of the layout (indptr, last-page lengths) by whole-array arithmetic (`decode_layout` is it as torch
-tensors): 0.44 -> 0.35 ms for 1,024 rows of 70 pages. Host-only (numpy + torch CPU tensors); must
-not import flashinfer, the service or engine/core scheduling code.
+step joins arrays (np.concatenate): ~0.65 ms for the same step. A step whose rows are the last
+step's copies the unchanged rows' ids from the last join, in runs, and converts only the rows that
+gained a page or moved their start: 1,024 Hydragen own parts (TB) 0.72 -> 0.29 ms per step.
+`decode_arrays` computes the rest of the layout (indptr, last-page lengths) by whole-array
+arithmetic (`decode_layout` is it as torch tensors): 0.44 -> 0.35 ms for 1,024 rows of 70 pages
+(all dev VM). Tables must be immutable (tuples): a table object seen again is taken as unchanged.
+Host-only (numpy + torch CPU tensors); must not import flashinfer, the service or engine/core
+scheduling code.
 """
 
 from __future__ import annotations

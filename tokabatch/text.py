@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from itertools import repeat
 from typing import Any, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -254,10 +253,10 @@ class IncrementalDetokenizer:
         ignore_eos sequence, 256 ids, in ~a tenth of the loop's time)."""
         ids, cache, space = self._ids, self._pieces, self._space
         if token_ids and self._window_simple and self._read_offset == len(ids):
-            pieces = list(map(cache.get, token_ids, repeat(_UNKNOWN, len(token_ids))))
-            if _UNKNOWN in pieces:            # not looked up yet: look up (and cache) those
+            pieces = list(map(cache.get, token_ids))      # None: not simple, or not looked up yet
+            if not all(pieces):               # look those up (cached); None then means not simple
                 piece_of = self._tokenizer.simple_piece
-                pieces = [piece_of(t) if p is _UNKNOWN else p for p, t in zip(pieces, token_ids)]
+                pieces = [piece_of(t) if p is None else p for p, t in zip(pieces, token_ids)]
             if all(pieces):                   # (None: not simple; "": held back)
                 text = space.join(pieces)
                 if _REPLACEMENT not in text:
@@ -298,8 +297,11 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end: whatever was held back (an incomplete character decodes to U+FFFD, as decode() does)."""
-        prefix_text = self._decode(0, self._read_offset)
-        new_text = self._decode(0)
+        if self._read_offset == len(self._ids):
+            new_text = prefix_text = ""       # nothing held back: both decodes would be the same text
+        else:
+            prefix_text = self._decode(0, self._read_offset)
+            new_text = self._decode(0)
         self._ids.clear()
         self._read_offset = 0
         self._window_simple = True

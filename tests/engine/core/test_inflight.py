@@ -165,3 +165,26 @@ def test_cache_off_admits_sharing_requests_together() -> None:
     assert [w.seq_id for w in plans[0].prefills] == seq_ids
     assert prefill_tokens(plans) == 3 * 103
     check_outputs(d, seq_ids)
+
+
+def test_the_choices_of_a_request_share_their_prompt_lookups() -> None:
+    """The n choices of one request hold one prompt tuple: the waiting queue hashes its pages once
+    (chain keys) and looks the prefix tree up once per admission pass, and the answers are the ones
+    each choice would get alone."""
+    sched = make_scheduler(num_pages=256, page_size=4, max_seqs=32)
+    driver = Driver(sched)
+    cached = driver.add(request("warm", PREFIX, max_tokens=1), 1)
+    run_until_done(driver)
+    assert sched.sequence(cached[0]).status is SeqStatus.FINISHED
+    seq_ids = driver.add(request("r", PREFIX + [60, 61, 62], max_tokens=4, n=8), 4)
+    calls = []
+    match = sched.pool.match
+    sched.pool.match = lambda *a: calls.append(a) or match(*a)
+    keys_of: dict[int, list[int]] = {}
+    found = list(sched._waiting.candidates(sched._seqs, 32, keys_of))
+    assert [s.seq_id for s, _ in found] == seq_ids and len(calls) == 1
+    want_hits = match(PREFIX + [60, 61], (len(PREFIX) + 2) // 4)
+    assert all(hits == want_hits for _, hits in found) and len(want_hits) == len(PREFIX) // 4
+    want_keys = chain_keys(tuple(PREFIX + [60, 61, 62]), 4)
+    assert all(keys_of[s] == want_keys for s in seq_ids)
+    assert len({id(keys_of[s]) for s in seq_ids}) == 1, "one computation shared by the choices"

@@ -67,6 +67,35 @@ def test_match_then_incref_protects_from_eviction() -> None:
     pool.check({a: 1, b: 1})
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_decref_all_equals_decref_one_by_one(seed: int) -> None:
+    """A table released at once (shared pages counted down, the last holder's page freed or cached,
+    in the same order) leaves the pool exactly as decref page by page does."""
+    def build() -> PagePool:
+        rng = random.Random(seed)
+        pool = PagePool(40, 1)
+        pages = [pool.allocate() for _ in range(30)]
+        for i, page in enumerate(pages[:12]):           # a cached chain, the rest unpublished
+            pool.publish(pages[i - 1] if i else ROOT, (i,), page)
+        for _ in range(40):
+            pool.incref(rng.choice(pages))
+        return pool
+
+    one_by_one, at_once = build(), build()
+    rng = random.Random(seed + 100)
+    while True:
+        held = [p for p in range(40) if one_by_one.refcount(p) > 0]
+        if not held:
+            break
+        table = rng.sample(held, min(len(held), rng.randint(1, 8)))
+        for p in reversed(table):
+            one_by_one.decref(p)
+        at_once.decref_all(reversed(table))
+        assert [one_by_one.refcount(p) for p in range(40)] == [at_once.refcount(p) for p in range(40)]
+        assert (one_by_one.num_free, one_by_one.num_cached) == (at_once.num_free, at_once.num_cached)
+    assert [one_by_one.allocate() for _ in range(40)] == [at_once.allocate() for _ in range(40)]
+
+
 def test_check_catches_a_wrong_refcount() -> None:
     pool = PagePool(2, 1)
     a = pool.allocate()

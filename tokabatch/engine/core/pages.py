@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
+from typing import Iterable
 
 ROOT = -1
 
@@ -102,6 +103,17 @@ class PagePool:
             self._is_free[page_id] = 1
         elif self._num_children[page_id] == 0:
             self._evictable[page_id] = None      # most recently released: evicted last
+
+    def decref_all(self, page_ids: Iterable[int]) -> None:
+        """decref of each page in turn (a sequence's table; most of its pages are shared, and those
+        only count down)."""
+        refcount = self._refcount
+        for page_id in page_ids:
+            count = refcount[page_id]
+            if count > 1:
+                refcount[page_id] = count - 1
+            else:
+                self.decref(page_id)
 
     def _evict_one(self) -> bool:
         if not self._evictable:

@@ -302,8 +302,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self._inflight.drop(seq.seq_id)
-        for page in reversed(seq.page_ids):
-            self.pool.decref(page)
+        self.pool.decref_all(reversed(seq.page_ids))
         seq.page_ids = ()
         seq.num_computed = 0
         seq.num_published_pages = 0

@@ -20,6 +20,7 @@ is never slower than computing them again next to it.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from typing import Iterator, Mapping
 
 from tokabatch.engine.core.inflight import InflightPages, chain_keys
@@ -35,6 +36,8 @@ def _entry(seq: Sequence) -> tuple[int, int, int, int]:
 class WaitingQueue:
     """Sequences waiting for admission, in admission order (see the module docstring)."""
 
+    RECENT_PROMPTS = 16                       # token tuples whose chain keys are kept (the n choices are adjacent)
+
     def __init__(self, pool: PagePool, inflight: InflightPages, *, enable_prefix_cache: bool) -> None:
         self.pool = pool
         self.page_size = pool.page_size
@@ -42,6 +45,8 @@ class WaitingQueue:
         self._prefix_cache = enable_prefix_cache
         self._entries: list[tuple[int, int, int, int]] = []   # (priority, 0=preempted/1=new, arrival, seq_id)
         self._keys: dict[int, tuple[int, list[int]]] = {}     # seq_id -> (num_tokens, chain keys)
+        # id(token tuple) -> (the tuple, its chain keys), for the last RECENT_PROMPTS tuples keyed
+        self._recent_keys: OrderedDict[int, tuple[tuple[int, ...], list[int]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,11 +70,14 @@ class WaitingQueue:
         deferred (skipped). Lazy: the caller may stop after the first."""
         num_found = 0
         planned: set[int] = set()             # pages the candidates so far will compute
+        # The n choices of one request share one prompt tuple: while the tree cannot change (until
+        # the caller starts someone), they share its lookup: (id(prompt), max tokens) -> hits.
+        hits_of_prompt: dict[tuple[int, int], list[int]] = {}
         for *_, seq_id in list(self._entries):
             if num_found >= limit:
                 break
             seq = seqs[seq_id]
-            hits = self._cache_hits(seq)
+            hits = self._cache_hits(seq, hits_of_prompt)
             if self._prefix_cache:
                 keys = self._chain_keys(seq)
                 if self._deferred(seq, keys, len(hits), planned):
@@ -80,10 +88,18 @@ class WaitingQueue:
             yield seq, hits
 
     def _chain_keys(self, seq: Sequence) -> list[int]:
-        """Its pages' chain keys, kept while it waits (recomputed only if preemption grew it)."""
+        """Its pages' chain keys, kept while it waits (recomputed only if preemption grew it); the
+        choices of one request, which share their prompt tuple, share one computation."""
         memo = self._keys.get(seq.seq_id)
         if memo is None or memo[0] != seq.num_tokens:
-            memo = (seq.num_tokens, chain_keys(seq.token_slice(0, seq.num_tokens), self.page_size))
+            tokens = seq.token_slice(0, seq.num_tokens)    # (the prompt tuple itself before any output)
+            recent = self._recent_keys.get(id(tokens))
+            if recent is None or recent[0] is not tokens:
+                recent = (tokens, chain_keys(tokens, self.page_size))
+                self._recent_keys[id(tokens)] = recent
+                if len(self._recent_keys) > self.RECENT_PROMPTS:
+                    self._recent_keys.popitem(last=False)
+            memo = (seq.num_tokens, recent[1])
             self._keys[seq.seq_id] = memo
         return memo[1]
 
@@ -93,13 +109,19 @@ class WaitingQueue:
             return False                      # takes no hits / nothing more it could take
         return keys[num_hits] in self._inflight or keys[num_hits] in planned
 
-    def _cache_hits(self, seq: Sequence) -> list[int]:
+    def _cache_hits(self, seq: Sequence, hits_of_prompt: dict[tuple[int, int], list[int]]) -> list[int]:
         if not self._prefix_cache:
             return []
         max_tokens = seq.num_tokens - 1           # the last token always runs: its logits sample
         if seq.wants_prompt_logprobs:
             max_tokens = min(max_tokens, seq.num_prompt_logprobs_done)   # every undelivered position runs
-        return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
+        if seq.output_ids:
+            return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
+        key = (id(seq.prompt_ids), max_tokens)    # (every seq holds its prompt: ids are not reused)
+        hits = hits_of_prompt.get(key)
+        if hits is None:
+            hits = hits_of_prompt[key] = self.pool.match(seq.prompt_ids[:max_tokens], max_tokens // self.page_size)
+        return hits
 
     def check(self) -> None:
         """Raise AssertionError if the queue is out of order or keeps keys of a sequence not in it."""

@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -191,11 +192,12 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
     waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that).
     `detail` adds parts of those phases, marked "(in ...)": the grouped graph step's own-part
     layout, its flashinfer plans and the replay call, the sampler's launch, and the loop's
-    handling of the sampled tokens (texts of finished sequences included); and the GPU time of
-    the graph and the eager steps (CUDA events before and after each launch: a step's GPU time
-    from the start of its first kernel, or of the launch when the GPU waited for it)."""
+    handling of the sampled tokens (texts of finished sequences included); and, from CUDA events
+    (_GpuTimeline, settled by loop.settle_phase_timers() after the run), the GPU's time per kind
+    of step and where it was idle."""
     totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
     halves = getattr(loop, "halves", [loop])
+    timeline = None
     if detail:
         import torch
 
@@ -208,20 +210,15 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
             totals[key] = 0.0
             setattr(owner, name, _timed(getattr(owner, name), totals, key))
         totals["sample launch (in launch)"] = totals["take samples (in loop rest)"] = 0.0
-        totals["GPU of graph steps (in all)"] = totals["GPU of eager steps (in all)"] = 0.0
-        # The replays' own GPU time (events around the replay call alone), added up at the end.
-        totals["GPU of graph replays (in all)"] = 0.0
-        replay, replay_events = torch.cuda.CUDAGraph.replay, []
+        timeline = _GpuTimeline(torch)
+        replay = torch.cuda.CUDAGraph.replay
 
         def replay_timed(graph) -> None:
-            began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            began.record()
+            began = timeline.event()
             replay(graph)
-            ended.record()
-            replay_events.append((began, ended))
+            timeline.replays.append((began, timeline.event()))
         torch.cuda.CUDAGraph.replay = replay_timed
-        loop.settle_phase_timers = lambda: totals.__setitem__(
-            "GPU of graph replays (in all)", sum(b.elapsed_time(e) for b, e in replay_events) / 1000)
+        loop.settle_phase_timers = lambda: timeline.settle(totals)
 
     def timed(fn, key):
         return _timed(fn, totals, key)
@@ -231,24 +228,14 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
 
         def launch(plan, _runner=runner, _launch=runner.launch):
             before = _runner.num_graph_steps
-            if detail:                        # the step's GPU time: events around its launch
-                began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                began.record()
+            began = timeline.event() if timeline else None     # (queued behind the GPU's earlier work)
             t = time.perf_counter()
             pending = _launch(plan)
             kind = "graph" if _runner.num_graph_steps > before else "eager"
             totals[f"launch {kind}"] += time.perf_counter() - t
             pending.result = timed(pending.result, "wait for GPU")
-            if detail:
-                ended.record()
-                wait = pending.result
-
-                def result():
-                    out = wait()
-                    ended.synchronize()
-                    totals[f"GPU of {kind} steps (in all)"] += began.elapsed_time(ended) / 1000
-                    return out
-                pending.result = result
+            if timeline:
+                timeline.launches.append((kind, began, timeline.event()))
             return pending
 
         runner.launch = launch
@@ -258,6 +245,43 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
             runner.sampler.sample_async = timed(runner.sampler.sample_async, "sample launch (in launch)")
             half._take_samples = timed(half._take_samples, "take samples (in loop rest)")
     return totals
+
+
+class _GpuTimeline:
+    """CUDA events around every launch (all on the one stream, in launch order) and every graph
+    replay. An event runs when the GPU reaches it, so a launch's first event marks the end of the
+    GPU's earlier work or, when the GPU had none, the launch's start: the time from the previous
+    launch's last event to it is the GPU idle between steps, and a graph launch's span less its
+    replay is the GPU idle while the CPU laid the step out."""
+
+    def __init__(self, torch) -> None:
+        self._torch = torch
+        self.launches: list[tuple[str, Any, Any]] = []     # (kind, began, ended)
+        self.replays: list[tuple[Any, Any]] = []
+
+    def event(self) -> Any:
+        e = self._torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def settle(self, totals: dict[str, float]) -> None:
+        """(After a synchronize.) The GPU seconds per kind of step and of idle, into `totals`, and
+        the idle's spread printed."""
+        spans = [(kind, b.elapsed_time(e)) for kind, b, e in self.launches]
+        replays = iter(b.elapsed_time(e) for b, e in self.replays)
+        within = [span - next(replays) for kind, span in spans if kind == "graph"]
+        between = [(prev[2].elapsed_time(cur[1]), prev[0]) for prev, cur in zip(self.launches, self.launches[1:])]
+        for kind in ("graph", "eager"):
+            totals[f"GPU of {kind} steps (in all)"] = sum(t for k, t in spans if k == kind) / 1000
+        totals["GPU of graph replays (in all)"] = sum(b.elapsed_time(e) for b, e in self.replays) / 1000
+        totals["GPU idle in graph launches (in all)"] = sum(within) / 1000
+        totals["GPU idle between steps (in all)"] = sum(t for t, _ in between) / 1000
+        big = sorted(between, reverse=True)
+        print(f"GPU idle between steps: {sum(t > 2 for t, _ in between)} gaps over 2 ms hold "
+              f"{sum(t for t, _ in between if t > 2) / 1000:.2f} s; largest (ms, after a step of kind): "
+              + ", ".join(f"{t:.0f} {k}" for t, k in big[:8])
+              + f". In graph launches: {sum(t > 2 for t in within)} over 2 ms hold "
+              f"{sum(t for t in within if t > 2) / 1000:.2f} s of {sum(within) / 1000:.2f} s", flush=True)
 
 
 def _timed(fn, totals: dict[str, float], key: str):

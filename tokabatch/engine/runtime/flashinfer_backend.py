@@ -11,7 +11,8 @@ cached positions) through one causal `BatchPrefillWithPagedKVCacheWrapper`. Meas
 the prefill kernel reads the KV cache of a 256-sequence decode batch at only ~0.55 TB/s, the decode
 kernel at ~2.9 TB/s, so mixed steps must not send their decodes through the prefill kernel. The
 decode wrapper runs its tensor-core variant (any GQA group size; 3.4-4.0 TB/s where the CUDA-core
-kernel reads 3.0: decode_wrapper); the CUDA-core kernel (groups 1,2,3,4,6,8 only) stays selectable.
+kernel reads 3.0: decode_wrapper); the CUDA-core kernel (groups 1,2,3,4,6,8 only) stays selectable,
+and takes Hydragen's own parts (short contexts over many rows) by default (HYDRAGEN_OWN_TENSOR_CORES).
 
 KV append: each step token's flat slot (page * page_size + offset, as kv_cache.py lays it out) is
 computed on the GPU from the step's page indices, then `index_copy_` into the flat view.

@@ -139,7 +139,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
     startup = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    timers = _time_phases(loop, detail=args.phase_detail)
+    timers, timeline = _time_phases(loop, detail=args.phase_detail)
     profiler = cProfile.Profile() if args.cpu_profile else None
     start = time.perf_counter()
     if profiler is not None:
@@ -159,7 +159,7 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
     print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
           + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
     if args.phase_detail:
-        loop.settle_phase_timers()            # (after drain's synchronize: every event is done)
+        timeline.settle(timers)               # (after drain's synchronize: every event is done)
         print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
     stats = loop.stats()
     runners = getattr(loop, "runners", [loop.runner])
@@ -186,14 +186,14 @@ def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) ->
     return feed_order([p for p in prompts for _ in range(w.n)], args.lines, lambda p: p)
 
 
-def _time_phases(loop, detail: bool = False) -> dict[str, float]:
+def _time_phases(loop, detail: bool = False) -> tuple[dict[str, float], "_GpuTimeline | None"]:
     """Wrap the schedulers and runners to add up wall seconds per phase: CPU time to schedule, to
     build and launch a step (graph replay or eager), to process its result, and the time spent
     waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that).
     `detail` adds parts of those phases, marked "(in ...)": the grouped graph step's own-part
     layout, its flashinfer plans and the replay call, the sampler's launch, and the loop's
     handling of the sampled tokens (texts of finished sequences included); and, from CUDA events
-    (_GpuTimeline, settled by loop.settle_phase_timers() after the run), the GPU's time per kind
+    (the returned _GpuTimeline: its settle() after the run adds them), the GPU's time per kind
     of step and where it was idle."""
     totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
     halves = getattr(loop, "halves", [loop])
@@ -218,7 +218,6 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
             replay(graph)
             timeline.replays.append((began, timeline.event()))
         torch.cuda.CUDAGraph.replay = replay_timed
-        loop.settle_phase_timers = lambda: timeline.settle(totals)
 
     def timed(fn, key):
         return _timed(fn, totals, key)
@@ -244,7 +243,7 @@ def _time_phases(loop, detail: bool = False) -> dict[str, float]:
         if detail:
             runner.sampler.sample_async = timed(runner.sampler.sample_async, "sample launch (in launch)")
             half._take_samples = timed(half._take_samples, "take samples (in loop rest)")
-    return totals
+    return totals, timeline
 
 
 class _GpuTimeline:

@@ -39,7 +39,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench_phases import time_phases, untime_phases  # noqa: E402
+
 from tokabatch.engine.random_models import ARCHS, build_folder  # noqa: E402
+
+DEMO = "demo"                    # the demo model (tokabatch models fetch), for the CPU rows
+DEMO_VOCAB = 49152
 
 @dataclass(frozen=True)
 class Workload:
@@ -48,7 +53,7 @@ class Workload:
     prompt_len: int
     output_len: int
     temperature: float
-    sequential_bound: float          # output tok/s, performance.md "Limits"
+    sequential_bound: float          # output tok/s, performance.md "Limits" (0: none)
     n: int = 1                       # samples per prompt (TB, W4: n samples of one problem)
     shared_prefix: int = 0           # W5: the first tokens of every prompt are the same
 
@@ -64,7 +69,14 @@ WORKLOADS = {
     "TB": Workload("Llama-3.2-1B", 64, 1024, 256, 1.0, 228_000, n=64),
     "W4": Workload("Llama-3.2-1B", 128, 1024, 512, 1.0, 192_000, n=100),
     "W5": Workload("Llama-3.2-1B", 16384, 2048 + 128, 256, 1.0, 154_000, shared_prefix=2048),
+    # The CPU with the demo model (SmolLM2-135M, float32): TA's and TB's shapes made small, so the
+    # service's overhead against the engine can be watched without a GPU. No bound.
+    "TA-cpu": Workload(DEMO, 32, 128, 32, 0.0, 0),
+    "TB-cpu": Workload(DEMO, 4, 320, 32, 1.0, 0, n=16),
 }
+WARM_UP_PROMPTS = 32
+SIMULATED = "tokabatch.engine.simulated:build_simulated_loop"
+VIAS = ("engine", "batch", "batch-lines", "online")
 
 
 def workload(name: str) -> Workload:
@@ -84,13 +96,115 @@ def prompts_of(w: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
             for _ in range(w.num_prompts)]
 
 
-def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argparse.Namespace) -> dict:
-    import torch
-
+def run_engine(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]], args: argparse.Namespace) -> dict:
+    """The workloads in this process, one after the other on one engine loop; {name: row}."""
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
     from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
+
+    if args.engine == "simulated":
+        from tokabatch.engine.simulated import build_simulated_loop as build_loop
+        cuda = False
+    else:
+        import torch
+
+        from tokabatch.engine.runtime.factory import build_loop
+        cuda = torch.cuda.is_available()
+    if cuda:
+        _set_kernel_choices(args)
+    t0 = time.perf_counter()
+    config = EngineConfig(
+        model=ModelConfig(path=str(folder)),
+        scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
+        enable_cuda_graphs=not args.no_cuda_graphs,
+        enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
+        **({"kv_memory_fraction": args.kv_memory_fraction} if args.kv_memory_fraction else {}))
+    loop = build_loop(config)
+    info = loop.info
+    graphs = loop.runner.graphs
+    print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
+          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
+          f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
+          f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
+          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    memory = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: 0.0)
+
+    def drain(batch: list[list[int]], tag: str, params: SamplingParams, n: int = 1) -> tuple[int, int, float]:
+        began = time.perf_counter()
+        for i, ids in enumerate(batch):
+            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params, n=n))
+        done = out_tokens = in_tokens = 0
+        first_s = 0.0
+        while done < len(batch):
+            for item in loop.step():
+                if isinstance(item, GenerationOutput):
+                    if not item.ok:
+                        raise RuntimeError(f"request {item.request_id} failed: {item.error}")
+                    if not done:
+                        first_s = time.perf_counter() - began
+                    done += 1
+                    out_tokens += item.num_completion_tokens
+                    in_tokens += item.num_prompt_tokens
+        sync()
+        return in_tokens, out_tokens, first_s
+
+    # Warm-up: compiles the attention kernels and touches a full-size step; different prompts so the
+    # prefix cache does not shorten the timed run.
+    rng = random.Random(12345)
+    w0 = runs[0][1]
+    warm = [[rng.randrange(info.vocab_size) for _ in range(w0.prompt_len)] for _ in range(WARM_UP_PROMPTS)]
+    drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w0.temperature, ignore_eos=True))
+    startup = time.perf_counter() - t0
+    rows = {}
+    for name, w, prompts in runs:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        timers, timeline = time_phases(loop, detail=args.phase_detail)
+        stats0 = loop.stats()
+        profiler = cProfile.Profile() if args.cpu_profile else None
+        cpu0, start = time.process_time(), time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
+        if args.lines == "n":
+            in_tokens, out_tokens, first_s = drain(prompts, f"{name}-", params, n=w.n)
+        else:
+            in_tokens, out_tokens, first_s = drain(as_lines(prompts, w, args), f"{name}-", params)
+        wall = time.perf_counter() - start
+        cpu_s = time.process_time() - cpu0
+        if profiler is not None:
+            profiler.disable()
+            _write_cpu_profile(profiler, args, name)
+        untime_phases(loop)
+        phases = {k: v for k, v in timers.items() if "(in " not in k}
+        print(f"{name} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+              + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
+        if args.phase_detail:
+            timeline.settle(timers)               # (after drain's synchronize: every event is done)
+            print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
+        stats = loop.stats()
+        runners = getattr(loop, "runners", [loop.runner])
+        saved = stats.num_hydragen_saved_kv_reads - stats0.num_hydragen_saved_kv_reads
+        reads = stats.num_decode_kv_reads - stats0.num_decode_kv_reads
+        rows[name] = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall, out_tokens=out_tokens,
+                          total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup, first_s=first_s,
+                          engine_cpu_s=cpu_s,
+                          peak_gib=memory(),
+                          steps=stats.num_steps - stats0.num_steps,
+                          forward_tokens=stats.num_forward_tokens - stats0.num_forward_tokens,
+                          cached_tokens=stats.num_cached_tokens - stats0.num_cached_tokens,
+                          graph_steps=sum(r.num_graph_steps for r in runners),
+                          eager_steps=sum(r.num_eager_steps for r in runners),
+                          hydragen_sharing=round(saved / max(1, reads), 3))
+        if args.profile:
+            from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
+            profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,
+                                 tag=f"{name}-hydragen-{args.hydragen}")
+    return rows
+
+
+def _set_kernel_choices(args: argparse.Namespace) -> None:
     from tokabatch.engine.runtime import flashinfer_backend
-    from tokabatch.engine.runtime.factory import build_loop
 
     flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
     flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES = {"auto": flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES,
@@ -101,79 +215,16 @@ def run_engine(folder: Path, w: Workload, prompts: list[list[int]], args: argpar
 
         for module in flashinfer_backend.PLAN_MODULES:
             module.max = builtins.max
-    t0 = time.perf_counter()
-    config = EngineConfig(
-        model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
-        scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
-        kv_memory_fraction=args.kv_memory_fraction, enable_cuda_graphs=not args.no_cuda_graphs,
-        enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline)
-    loop = build_loop(config)
-    info = loop.info
-    graphs = loop.runner.graphs
-    print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
-          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
-          f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
-          f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
-          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
-    params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
 
-    def drain(batch: list[list[int]], tag: str, params: SamplingParams = params, n: int = 1) -> tuple[int, int]:
-        for i, ids in enumerate(batch):
-            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params, n=n))
-        done = out_tokens = in_tokens = 0
-        while done < len(batch):
-            for item in loop.step():
-                if isinstance(item, GenerationOutput):
-                    if not item.ok:
-                        raise RuntimeError(f"request {item.request_id} failed: {item.error}")
-                    done += 1
-                    out_tokens += item.num_completion_tokens
-                    in_tokens += item.num_prompt_tokens
-        torch.cuda.synchronize()
-        return in_tokens, out_tokens
 
-    # Warm-up: compiles the attention kernels and touches a full-size step; different prompts so the
-    # prefix cache does not shorten the timed run.
-    rng = random.Random(12345)
-    warm = [[rng.randrange(info.vocab_size) for _ in range(w.prompt_len)] for _ in range(32)]
-    drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w.temperature, ignore_eos=True))
-    startup = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    timers, timeline = _time_phases(loop, detail=args.phase_detail)
-    profiler = cProfile.Profile() if args.cpu_profile else None
-    start = time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
-    in_tokens, out_tokens = drain(prompts, "r", n=w.n) if args.lines == "n" else drain(as_lines(prompts, w, args), "r")
-    wall = time.perf_counter() - start
-    if profiler is not None:
-        profiler.disable()
-        report = io.StringIO()
-        by = pstats.Stats(profiler, stream=report)
-        by.sort_stats("tottime").print_stats(args.cpu_profile)
-        by.sort_stats("cumulative").print_stats(args.cpu_profile)
-        path = Path(args.out_dir) / f"cpu-profile-{args.workload}-hydragen-{args.hydragen}.txt"
-        path.write_text(report.getvalue())
-        print(f"cpu profile (the timed run, under cProfile: slower than without): {path}", flush=True)
-    phases = {k: v for k, v in timers.items() if "(in " not in k}
-    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-          + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
-    if args.phase_detail:
-        timeline.settle(timers)               # (after drain's synchronize: every event is done)
-        print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
-    stats = loop.stats()
-    runners = getattr(loop, "runners", [loop.runner])
-    row = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall,
-               total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30, steps=stats.num_steps,
-               forward_tokens=stats.num_forward_tokens, cached_tokens=stats.num_cached_tokens,
-               graph_steps=sum(r.num_graph_steps for r in runners), eager_steps=sum(r.num_eager_steps for r in runners),
-               hydragen_sharing=round(stats.num_hydragen_saved_kv_reads / max(1, stats.num_decode_kv_reads), 3))
-    if args.profile:
-        from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
-        profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,
-                             tag=f"{args.workload}-hydragen-{args.hydragen}")
-    return row
+def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:
+    report = io.StringIO()
+    by = pstats.Stats(profiler, stream=report)
+    by.sort_stats("tottime").print_stats(args.cpu_profile)
+    by.sort_stats("cumulative").print_stats(args.cpu_profile)
+    path = Path(args.out_dir) / f"cpu-profile-{name}-hydragen-{args.hydragen}.txt"
+    path.write_text(report.getvalue())
+    print(f"cpu profile (the timed run, under cProfile: slower than without): {path}", flush=True)
 
 
 def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) -> list[list[int]]:
@@ -184,112 +235,6 @@ def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) ->
     from bench_ordering import feed_order  # noqa: PLC0415 (scripts/ sibling)
 
     return feed_order([p for p in prompts for _ in range(w.n)], args.lines, lambda p: p)
-
-
-def _time_phases(loop, detail: bool = False) -> tuple[dict[str, float], "_GpuTimeline | None"]:
-    """Wrap the schedulers and runners to add up wall seconds per phase: CPU time to schedule, to
-    build and launch a step (graph replay or eager), to process its result, and the time spent
-    waiting for the GPU's tokens (with two pipelined halves much of the rest overlaps that).
-    `detail` adds parts of those phases, marked "(in ...)": the grouped graph step's own-part
-    layout, its flashinfer plans and the replay call, the sampler's launch, and the loop's
-    handling of the sampled tokens (texts of finished sequences included); and, from CUDA events
-    (the returned _GpuTimeline: its settle() after the run adds them), the GPU's time per kind
-    of step and where it was idle."""
-    totals = {"schedule": 0.0, "launch graph": 0.0, "launch eager": 0.0, "wait for GPU": 0.0, "on_step_done": 0.0}
-    halves = getattr(loop, "halves", [loop])
-    timeline = None
-    if detail:
-        import torch
-
-        from tokabatch.engine.runtime import hydragen_graphs
-
-        parts = {"pad_own (in launch)": (hydragen_graphs, "pad_own"),
-                 "grouped plans (in launch)": (hydragen_graphs.GroupedDecodeGraphs, "_plan_own"),
-                 "graph replay call (in launch)": (torch.cuda.CUDAGraph, "replay")}
-        for key, (owner, name) in parts.items():
-            totals[key] = 0.0
-            setattr(owner, name, _timed(getattr(owner, name), totals, key))
-        totals["sample launch (in launch)"] = totals["take samples (in loop rest)"] = 0.0
-        timeline = _GpuTimeline(torch)
-        replay = torch.cuda.CUDAGraph.replay
-
-        def replay_timed(graph) -> None:
-            began = timeline.event()
-            replay(graph)
-            timeline.replays.append((began, timeline.event()))
-        torch.cuda.CUDAGraph.replay = replay_timed
-
-    def timed(fn, key):
-        return _timed(fn, totals, key)
-
-    for half in halves:
-        runner, sched = half.runner, half.scheduler
-
-        def launch(plan, _runner=runner, _launch=runner.launch):
-            before = _runner.num_graph_steps
-            began = timeline.event() if timeline else None     # (queued behind the GPU's earlier work)
-            t = time.perf_counter()
-            pending = _launch(plan)
-            kind = "graph" if _runner.num_graph_steps > before else "eager"
-            totals[f"launch {kind}"] += time.perf_counter() - t
-            pending.result = timed(pending.result, "wait for GPU")
-            if timeline:
-                timeline.launches.append((kind, began, timeline.event()))
-            return pending
-
-        runner.launch = launch
-        sched.schedule = timed(sched.schedule, "schedule")
-        sched.on_step_done = timed(sched.on_step_done, "on_step_done")
-        if detail:
-            runner.sampler.sample_async = timed(runner.sampler.sample_async, "sample launch (in launch)")
-            half._take_samples = timed(half._take_samples, "take samples (in loop rest)")
-    return totals, timeline
-
-
-class _GpuTimeline:
-    """CUDA events around every launch (all on the one stream, in launch order) and every graph
-    replay. An event runs when the GPU reaches it, so a launch's first event marks the end of the
-    GPU's earlier work or, when the GPU had none, the launch's start: the time from the previous
-    launch's last event to it is the GPU idle between steps, and a graph launch's span less its
-    replay is the GPU idle while the CPU laid the step out."""
-
-    def __init__(self, torch) -> None:
-        self._torch = torch
-        self.launches: list[tuple[str, Any, Any]] = []     # (kind, began, ended)
-        self.replays: list[tuple[Any, Any]] = []
-
-    def event(self) -> Any:
-        e = self._torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def settle(self, totals: dict[str, float]) -> None:
-        """(After a synchronize.) The GPU seconds per kind of step and of idle, into `totals`, and
-        the idle's spread printed."""
-        spans = [(kind, b.elapsed_time(e)) for kind, b, e in self.launches]
-        replays = iter(b.elapsed_time(e) for b, e in self.replays)
-        within = [span - next(replays) for kind, span in spans if kind == "graph"]
-        between = [(prev[2].elapsed_time(cur[1]), prev[0]) for prev, cur in zip(self.launches, self.launches[1:])]
-        for kind in ("graph", "eager"):
-            totals[f"GPU of {kind} steps (in all)"] = sum(t for k, t in spans if k == kind) / 1000
-        totals["GPU of graph replays (in all)"] = sum(b.elapsed_time(e) for b, e in self.replays) / 1000
-        totals["GPU idle in graph launches (in all)"] = sum(within) / 1000
-        totals["GPU idle between steps (in all)"] = sum(t for t, _ in between) / 1000
-        big = sorted(between, reverse=True)
-        print(f"GPU idle between steps: {sum(t > 2 for t, _ in between)} gaps over 2 ms hold "
-              f"{sum(t for t, _ in between if t > 2) / 1000:.2f} s; largest (ms, after a step of kind): "
-              + ", ".join(f"{t:.0f} {k}" for t, k in big[:8])
-              + f". In graph launches: {sum(t > 2 for t in within)} over 2 ms hold "
-              f"{sum(t for t in within if t > 2) / 1000:.2f} s of {sum(within) / 1000:.2f} s", flush=True)
-
-
-def _timed(fn, totals: dict[str, float], key: str):
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        out = fn(*a, **kw)
-        totals[key] += time.perf_counter() - t
-        return out
-    return wrapper
 
 
 def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int = 256) -> dict:
@@ -317,19 +262,67 @@ def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int 
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
+def run_service(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]], vias: list[str],
+                args: argparse.Namespace, tmp: Path) -> dict:
+    """The service rows (bench_service.py): one `tokabatch serve` for every workload and way in."""
+    from bench_service import ServiceRun, service_rows  # noqa: PLC0415 (scripts/ sibling)
+
+    flags = [f for flag, value in (("--max-seqs", args.max_seqs), ("--max-tokens-per-step", args.max_tokens_per_step),
+                                   ("--kv-memory-fraction", args.kv_memory_fraction),
+                                   ("--engine-factory", SIMULATED if args.engine == "simulated" else None))
+             if value is not None for f in (flag, str(value))]
+    model = runs[0][1].model
+    vocab = DEMO_VOCAB if model == DEMO else ARCHS[model]["vocab_size"]
+    # Each way in gets prompts of its own (seed 1, 2, ...) that the prefix cache has not seen.
+    todo = [ServiceRun(name, via, w.output_len, w.temperature, w.n, lambda seed, w=w: prompts_of(w, vocab, seed))
+            for name, w, _ in runs for via in vias if via != "engine" and not (via == "batch-lines" and w.n == 1)]
+    warm_rng = random.Random(12345)
+    warm = [[warm_rng.randrange(vocab) for _ in range(runs[0][1].prompt_len)] for _ in range(WARM_UP_PROMPTS)]
+    return service_rows(folder, todo, warm, flags, Path(args.out_dir), tmp, py_spy=args.py_spy)
+
+
+def print_table(runs: list[tuple[str, Workload, list[list[int]]]], rows: dict, vias: list[str]) -> None:
+    """One row per workload and way in, the service's as a fraction of the engine's row."""
+    print("| workload | path | wall s | output tok/s | of engine | frac. of seq. bound | first done s "
+          "| engine busy | server CPU s | engine CPU s | Hydragen saved | start-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, w, _ in runs:
+        base = rows.get((name, "engine"))
+        for via in vias:
+            row = rows.get((name, via))
+            if row is None:
+                continue
+            ratio = f"{row['out_tok_s'] / base['out_tok_s']:.2f}" if base else "-"
+            frac = f"{row['out_tok_s'] / w.sequential_bound:.2f}" if w.sequential_bound else "-"
+            busy = f"{row['engine_busy']:.2f}" if "engine_busy" in row else "-"
+            first = f"{row['first_s']:.2f}" if row.get("first_s") is not None else "-"
+            print(f"| {name} | {row['engine']} | {row['wall_s']:.1f} | {row['out_tok_s']:,.0f} | {ratio} | {frac} "
+                  f"| {first} | {busy} | {row.get('server_cpu_s', 0.0):.1f} | {row['engine_cpu_s']:.1f} "
+                  f"| {row.get('hydragen_sharing', 0.0):.2f} | {row['startup_s']:.1f} |", flush=True)
+
+
 def print_row(name: str, w: Workload, row: dict) -> None:
-    frac = row["out_tok_s"] / w.sequential_bound
+    frac = f"{row['out_tok_s'] / w.sequential_bound:.2f}" if w.sequential_bound else "-"
     print(f"| {name} | {row['engine']} | {row['wall_s']:.1f} | {row['out_tok_s']:,.0f} | {row['total_tok_s']:,.0f} "
-          f"| {frac:.2f} | {row['startup_s']:.1f} | {row['peak_gib']:.1f} GiB |", flush=True)
+          f"| {frac} | {row['startup_s']:.1f} | {row['peak_gib']:.1f} GiB |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True)
+    ap.add_argument("--workload", required=True, help="a workload, or several of one model: TA,TB")
+    ap.add_argument("--via", default="engine",
+                    help=f"comma-separated ways in, of {', '.join(VIAS)}: engine (in this process), batch (the "
+                         "batch API of `tokabatch serve`, a line per prompt), batch-lines (each sample its own "
+                         "line, shuffled), online (concurrent /v1/completions); the service ones share one server")
+    ap.add_argument("--engine", choices=("real", "simulated"), default="real",
+                    help="simulated: the real schedulers and loops over a modeled H200 (engine/simulated.py), "
+                         "for the service rows on a CPU")
     ap.add_argument("--vs-hf", action="store_true")
-    ap.add_argument("--max-seqs", type=int, default=2048)
-    ap.add_argument("--max-tokens-per-step", type=int, default=16384)
-    ap.add_argument("--kv-memory-fraction", type=float, default=0.85)
+    ap.add_argument("--py-spy", metavar="PATH", help="sample the server and engine processes with this py-spy "
+                                                     "during the service rows (collapsed stacks into --out-dir)")
+    ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES)")
+    ap.add_argument("--max-tokens-per-step", type=int, help="default: the engine's for the device")
+    ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")
@@ -358,35 +351,56 @@ def main() -> None:
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
     args = ap.parse_args()
-    w = workload(args.workload)
-    vocab = ARCHS[w.model]["vocab_size"]
-    prompts = prompts_of(w, vocab)
+    names = args.workload.split(",")
+    vias = args.via.split(",")
+    if not set(vias) <= set(VIAS):
+        raise SystemExit(f"--via takes {', '.join(VIAS)}, not {args.via!r}")
+    loads = [workload(name) for name in names]
+    if len({w.model for w in loads}) != 1:
+        raise SystemExit("the workloads of one call must share a model")
+    model = loads[0].model
+    vocab = DEMO_VOCAB if model == DEMO else ARCHS[model]["vocab_size"]
+    runs = [(name, w, prompts_of(w, vocab)) for name, w in zip(names, loads)]
     if args.hf_only:
-        print("HFROW " + json.dumps(run_hf(Path(args.folder), w, prompts)), flush=True)
+        print("HFROW " + json.dumps(run_hf(Path(args.folder), loads[0], runs[0][2])), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="tokabatch-bench-") as tmp:
-        folder = Path(args.folder) if args.folder else Path(tmp) / w.model
-        if not args.folder:
+        if args.folder or model == DEMO:
+            from tokabatch.model_store import resolve_model_path
+
+            folder = Path(args.folder) if args.folder else resolve_model_path(DEMO)
+        else:
+            folder = Path(tmp) / model
             t = time.perf_counter()
-            build_folder(w.model, folder)
-            print(f"built random {w.model} in {time.perf_counter() - t:.1f} s", flush=True)
+            build_folder(model, folder, weights=args.engine == "real")
+            print(f"built random {model} in {time.perf_counter() - t:.1f} s", flush=True)
         hf_row = None
         if args.vs_hf:   # first, in its own process, so the engine later sees all the free memory
-            proc = subprocess.run([sys.executable, __file__, "--workload", args.workload, "--hf-only",
+            proc = subprocess.run([sys.executable, __file__, "--workload", names[0], "--hf-only",
                                    "--folder", str(folder)], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HFROW ")]
             if proc.returncode or not lines:
                 print(f"HF run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
             else:
                 hf_row = json.loads(lines[-1][6:])
-        row = run_engine(folder, w, prompts, args)
-    print(f"engine detail: {json.dumps(row)}")
+        rows: dict = {}
+        if set(vias) - {"engine"}:       # first: the server's engine must see all the free memory
+            rows.update(run_service(folder, runs, vias, args, Path(tmp)))
+        if "engine" in vias:
+            rows.update({(name, "engine"): row for name, row in run_engine(folder, runs, args).items()})
+    for (name, via), row in rows.items():
+        if via == "engine":
+            print(f"{name} engine detail: {json.dumps(row)}")
+    if set(vias) != {"engine"}:
+        print_table(runs, rows, ["engine", *[v for v in VIAS if v in vias and v != "engine"]])
+        return
     print("| workload | engine | wall s | output tok/s | total tok/s | frac. of seq. bound | start-up s | peak GPU mem |")
     print("|---|---|---|---|---|---|---|---|")
-    print_row(args.workload, w, row)
+    for name, w, _ in runs:
+        print_row(name, w, rows[(name, "engine")])
     if hf_row:
-        print_row(f"{args.workload} (first 256)", w, hf_row)
-        print(f"ratio tokabatch / HF (output tok/s): {row['out_tok_s'] / hf_row['out_tok_s']:.1f}x")
+        print_row(f"{names[0]} (first 256)", loads[0], hf_row)
+        print(f"ratio tokabatch / HF (output tok/s): {rows[(names[0], 'engine')]['out_tok_s'] / hf_row['out_tok_s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ a scheduling outcome that does not depend on the GPU:
   - steps, and the mean decode batch.
 Lines are fed the way the engine process takes them from the service (`num_wanted()` before every
 step), in one of four orders: `shuffled` (file order of a file written without regard to
-sharing), `windowed` (prompt_ordered's windows of RunnerConfig's default size alone), `ordered`
+sharing), `windowed` (the feed's windows, up to RunnerConfig's default size, alone), `ordered`
 (what the batch runner does: the whole file clustered by ordering.prompt_key, then the windows)
 and `n` (one request with n samples per problem: shares by construction). The engine is the CUDA default:
 two pipelined halves (PipelinedLoop, with its prompt-start affinity; --no-affinity: without),
@@ -44,7 +44,7 @@ from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
 from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
 from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop  # noqa: E402
-from tokabatch.service.jobs.ordering import prompt_key, prompt_ordered  # noqa: E402
+from tokabatch.service.jobs.ordering import prompt_key, windowed  # noqa: E402
 from tokabatch.text import Tokenizer  # noqa: E402
 
 T = TypeVar("T")
@@ -80,7 +80,7 @@ def requests(w: Workload, order: str, window: int = 0) -> list[GenerationRequest
 def feed_order(lines: list[T], order: str, prompt_of: Callable[[T], Sequence[int]], window: int = 0) -> list[T]:
     """A batch file's lines as the engine receives them. The file is `lines` after a seeded shuffle
     (written without regard to sharing); "shuffled" feeds it in that order, "windowed" through
-    prompt_ordered's windows alone, "ordered" as the batch runner does: the whole file sorted by
+    the feed's windows alone, "ordered" as the batch runner does: the whole file sorted by
     ordering.prompt_key (of the body it would read), then the windows. `window`: 0 is RunnerConfig's."""
     lines = list(lines)
     random.Random(7).shuffle(lines)
@@ -88,13 +88,7 @@ def feed_order(lines: list[T], order: str, prompt_of: Callable[[T], Sequence[int
         return lines
     if order == "ordered":
         lines.sort(key=lambda line: prompt_key({"prompt": list(prompt_of(line))}))
-
-    async def ordered() -> list[T]:
-        async def feed():
-            for line in lines:
-                yield line
-        return [line async for line in prompt_ordered(feed(), window or RunnerConfig().order_window, prompt_of)]
-    return asyncio.run(ordered())
+    return list(windowed(lines, window or RunnerConfig().order_window, prompt_of))
 
 
 def build(tokenizer: Tokenizer, num_pages: int, max_seqs: int, halves: int,

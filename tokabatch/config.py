@@ -38,13 +38,26 @@ class ModelConfig:
     served_model_name: str | None = None  # default: the folder's name, "demo" for the demo model
 
 
+# The scheduler's sizes when none is given, by the engine's device type: on a GPU the throughput
+# configuration that scripts/bench.py measures the engine with (docs/benchmarks.md), on the CPU
+# small steps, so an online request or a cancel never waits behind a long forward pass.
+DEVICE_STEP_SIZES = {"cuda": (2048, 16384), "cpu": (256, 2048)}   # (max_seqs, max_tokens_per_step)
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     page_size: int = 16
-    max_seqs: int = 256                  # an upper bound; KV memory decides the real batch
-    max_tokens_per_step: int = 2048      # prefill + decode tokens in one forward pass
+    max_seqs: int | None = None          # an upper bound; KV memory decides the real batch. None: by device
+    max_tokens_per_step: int | None = None   # prefill + decode tokens in one forward pass. None: by device
     enable_prefix_cache: bool = True
     admission_margin: float = 0.1        # predicted lengths are inflated by this fraction
+
+    def for_device(self, device_type: str) -> SchedulerConfig:
+        """This config with the unset sizes filled in for `device_type` ("cuda", "cpu", ...)."""
+        max_seqs, max_tokens = DEVICE_STEP_SIZES.get(device_type, DEVICE_STEP_SIZES["cpu"])
+        return dataclasses.replace(
+            self, max_seqs=self.max_seqs if self.max_seqs is not None else max_seqs,
+            max_tokens_per_step=self.max_tokens_per_step if self.max_tokens_per_step is not None else max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +65,7 @@ class EngineConfig:
     model: ModelConfig = ModelConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     kv_cache_tokens: int | None = None   # None: sized from free memory (GPU) or 65,536 tokens (CPU)
-    kv_memory_fraction: float = 0.90     # of the free GPU memory after loading and warm-up
+    kv_memory_fraction: float = 0.85     # of the free GPU memory after loading (the rest: CUDA graphs, activations)
     enable_cuda_graphs: bool = True
     pipelined: bool = True               # CUDA: two engine loops in turn, so CPU work overlaps GPU work
     # Hydragen prefix groups: on by default (None is the same as True). On CUDA with graphs the grouped
@@ -64,6 +77,9 @@ class EngineConfig:
     hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
     hydragen_min_group: int = 16            # ... among at least this many decoding sequences
     seed: int = 0
+    # "package.module:function" building the engine's StepLoop from `engine_config=`: None is the real
+    # engine (engine/runtime/factory.py); tests and benchmarks name doubles (engine/simulated.py).
+    loop_factory: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +154,12 @@ def load_config(
     if model_cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {model_cfg.dtype!r}", param="dtype")
     scheduler_cfg = _replace(SchedulerConfig(), **given(scheduler))
-    if scheduler_cfg.page_size < 1 or scheduler_cfg.max_seqs < 1 or scheduler_cfg.max_tokens_per_step < 1:
+    sizes = (scheduler_cfg.page_size, scheduler_cfg.max_seqs, scheduler_cfg.max_tokens_per_step)
+    if any(size is not None and size < 1 for size in sizes):
         raise ConfigError("page_size, max_seqs and max_tokens_per_step must be positive")
     engine_cfg = _replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine))
+    if not 0.0 < engine_cfg.kv_memory_fraction <= 1.0:
+        raise ConfigError("--kv-memory-fraction must be above 0 and at most 1", param="kv_memory_fraction")
     if engine_cfg.hydragen_min_prefix_tokens < 1 or engine_cfg.hydragen_min_group < 1:
         raise ConfigError("hydragen_min_prefix_tokens and hydragen_min_group must be positive")
     server_cfg = _replace(ServerConfig(), **server_values)
@@ -159,5 +178,5 @@ def load_config(
 
 __all__ = [
     "Config", "EngineConfig", "ModelConfig", "RunnerConfig", "SchedulerConfig", "ServerConfig",
-    "StorageConfig", "DEMO_MODEL_NAME", "cache_dir", "default_data_dir", "load_config",
+    "StorageConfig", "DEMO_MODEL_NAME", "DEVICE_STEP_SIZES", "cache_dir", "default_data_dir", "load_config",
 ]

@@ -7,6 +7,7 @@ stay torch-free: this module must not import torch or transformers, not even ind
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,6 +73,9 @@ class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict, generation_config: dict,
                  chat_template: str | None) -> None:
         self._tok = tokenizer
+        # A batch of n-sample lines renders one prompt many times (its Parquet "prompt" column):
+        # the last few prompts given as token ids are decoded once.
+        self.decode_prompt = functools.lru_cache(maxsize=64)(self._decode_prompt)
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_tokens: dict[str, str] = {}
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -130,6 +134,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self._cleanup else text
+
+    def _decode_prompt(self, ids: tuple[int, ...]) -> str:
+        """A prompt's text with its special tokens (as echo and the Parquet file show it); cached."""
+        return self.decode(ids, skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
         """The token's own text, as in the logprobs "token" field (U+FFFD for a partial character)."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from tokabatch.engine.testing import FakeLoop
 
 
-def healthy() -> FakeLoop:
+def healthy(engine_config: object = None) -> FakeLoop:
     return FakeLoop(max_running=2, max_waiting=2)
 
 
-def dies_at_step_6() -> FakeLoop:
+def dies_at_step_6(engine_config: object = None) -> FakeLoop:
     """Two requests run at a time, each needs a few steps: some lines finish before the crash."""
     return FakeLoop(max_running=2, max_waiting=2, fail_on_step=6)

@@ -33,6 +33,9 @@ class StubRunner:
     async def start(self) -> None:
         self.events.append("runner.start")
 
+    def wake(self) -> None:
+        self.events.append("runner.wake")
+
     async def stop(self) -> None:
         self.events.append("runner.stop")
 
@@ -63,7 +66,8 @@ async def test_serve_lifecycle_and_sigterm(tmp_path):
     assert status == 200 and json.loads(body)["model"] == "stub-model"
     os.kill(os.getpid(), signal.SIGTERM)          # handled by serve's loop signal handler
     await asyncio.wait_for(task, 30)
-    assert events == ["engine.start", "runner.start", "runner.stop", "engine.close"]
+    # The created batch woke the runner (it claims at once instead of at its next poll).
+    assert events == ["engine.start", "runner.start", "runner.wake", "runner.stop", "engine.close"]
     database = await dbmod.Database.open(dbmod.database_url(config.storage))
     try:                                          # migrated at start; the batch is durable
         assert len((await repo.list_batches(database, owner="")).items) == 1

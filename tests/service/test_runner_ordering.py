@@ -15,9 +15,11 @@ from tests.service.jobsutil import tiny_tokenizer
 from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
 )
-from tokabatch.service.jobs.ordering import KEY_CHARS, clustered_spans, prompt_key, prompt_ordered
+from tokabatch.service.jobs.ordering import (
+    FIRST_WINDOW, KEY_CHARS, SpanCollector, clustered_spans, prompt_key, window_sizes, windowed,
+)
 from tokabatch.service.jobs.outputs import ResultWriter
-from tokabatch.service.jobs.parse import iter_requests, read_request
+from tokabatch.service.jobs.parse import iter_requests, read_request, validate_input_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,21 +92,37 @@ async def test_resume_with_ordering_runs_only_unwritten_lines(db, blobs, clock, 
     assert sorted(fed) == [n + 1 for n in range(10) if n not in (0, 3, 4)]
 
 
-async def test_prompt_ordered_sorts_each_window_stably() -> None:
+def test_windows_grow_from_the_first_and_sort_each_window_stably() -> None:
+    assert [size for size, _ in zip(window_sizes(2048), range(8))] == [64, 128, 256, 512, 1024, 2048, 2048, 2048]
+    assert [size for size, _ in zip(window_sizes(100), range(3))] == [64, 100, 100]
+    assert [size for size, _ in zip(window_sizes(6), range(3))] == [6, 6, 6]
     rng = random.Random(0)
-    items = [(i, tuple(rng.choice([(5, 5, 5), (5, 5, 9), (7,)]) + (rng.randrange(3),))) for i in range(40)]
-
-    async def source():
-        for item in items:
-            yield item
-
-    for window in (1, 7, 40, 1000):
-        out = [x async for x in prompt_ordered(source(), window, lambda item: item[1])]
+    items = [(i, tuple(rng.choice([(5, 5, 5), (5, 5, 9), (7,)]) + (rng.randrange(3),))) for i in range(300)]
+    for window in (1, 7, 100, 1000):
+        out = list(windowed(items, window, lambda item: item[1]))
         assert sorted(out) == sorted(items)                     # nothing lost or repeated
-        for start in range(0, len(items), max(window, 1)):
-            chunk = items[start:start + window]
+        start, sizes = 0, window_sizes(window) if window > 1 else iter(lambda: len(items), None)
+        while start < len(items):
+            chunk = items[start:start + next(sizes)]
             expected = chunk if window <= 1 else sorted(chunk, key=lambda item: item[1])   # stable
             assert out[start:start + len(chunk)] == expected
+            start += len(chunk)
+    assert FIRST_WINDOW == 64
+
+
+def test_validation_builds_the_same_order_in_its_own_pass(tmp_path) -> None:
+    rng = random.Random(5)
+    path = tmp_path / "in.jsonl"
+    with path.open("w") as f:
+        for i in range(50):
+            body = {"model": "m", "messages": [{"role": "user", "content": rng.choice(["b", "a", "c"] * 3)}]}
+            f.write(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": body}) + ("\n\n" if i % 9 == 0 else "\n"))
+    collector = SpanCollector()
+    report = validate_input_file(path, endpoint="/v1/chat/completions", served_model_names={"m"}, max_lines=100,
+                                 on_request=collector.add)
+    assert report.ok and report.num_requests == 50
+    assert collector.spans() == clustered_spans(path)
 
 
 def test_clustered_spans_put_equal_prompt_starts_together_and_read_back(tmp_path) -> None:

@@ -53,6 +53,15 @@ def serve(
                                                         help="Accept completion windows like 30m or 2d (default: only 24h)."),
     log_format: str = typer.Option("json", "--log-format", help="Logs on stderr: json (one object a line) or text."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    max_seqs: Optional[int] = typer.Option(None, "--max-seqs", help="Most sequences running at once "
+                                           "(default: 2048 on a GPU, 256 on the CPU; KV memory may allow fewer)."),
+    max_tokens_per_step: Optional[int] = typer.Option(None, "--max-tokens-per-step", help="Most tokens in one "
+                                                      "forward pass (default: 16384 on a GPU, 2048 on the CPU)."),
+    kv_memory_fraction: Optional[float] = typer.Option(None, "--kv-memory-fraction",
+                                                       help="Share of the free GPU memory for the KV cache (0.85)."),
+    engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
+                                                 help="module:function building the StepLoop from engine_config= "
+                                                      "(tests, benchmarks: tokabatch.engine.simulated:build_simulated_loop)."),
 ) -> None:
     """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
     from tokabatch import model_store
@@ -62,6 +71,8 @@ def serve(
 
     config = load_config(
         model={"path": model, "dtype": dtype, "served_model_name": served_model_name},
+        scheduler={"max_seqs": max_seqs, "max_tokens_per_step": max_tokens_per_step},
+        engine={"kv_memory_fraction": kv_memory_fraction, "loop_factory": engine_factory},
         storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db},
         server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,

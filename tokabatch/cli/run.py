@@ -40,7 +40,7 @@ def run(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Default: the lines' url."),
     max_batch_lines: int = typer.Option(50_000, "--max-batch-lines"),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
-                                                 help="module:function building a StepLoop (tests)."),
+                                                 help="module:function building the StepLoop from engine_config= (tests, benchmarks)."),
 ) -> None:
     """Run every line of FILE on the model in this process (no server) and write OpenAI result lines."""
     if not file.is_file():
@@ -53,7 +53,8 @@ def run(
 
     endpoint = endpoint or infer_endpoint(file)
     served = model_store.served_model_name(model, served_model_name)
-    report = run_job.validate(file, endpoint=endpoint, served_model_names={served}, max_lines=max_batch_lines)
+    report, spans = run_job.validate(file, endpoint=endpoint, served_model_names={served},
+                                     max_lines=max_batch_lines)
     if not report.ok:
         batch = {"errors": {"data": [e.to_dict() for e in report.errors]}}
         raise CliError(f"{file} failed validation: {format_batch_errors(batch)}", EXIT_BATCH_FAILED)
@@ -64,7 +65,7 @@ def run(
     try:
         progress = asyncio.run(_run_async(file, output, config=config, model_path=model_path, endpoint=endpoint,
                                           served=served, total=report.num_requests, engine_factory=engine_factory,
-                                          console=err))
+                                          console=err, spans=spans))
     except KeyboardInterrupt:
         raise CliError("interrupted; the lines written so far are kept: re-run the same command to resume",
                        130) from None
@@ -80,22 +81,17 @@ def run(
 
 
 async def _run_async(file: Path, output: Path, *, config, model_path: Path, endpoint: str, served: str,
-                     total: int, engine_factory: Optional[str], console: Console):
+                     total: int, engine_factory: Optional[str], console: Console, spans: list):
     from tokabatch.cli import run_job
     from tokabatch.engine.client import EngineClient
-    from tokabatch.engine.loop_protocol import LoopSpec
     from tokabatch.text import Tokenizer
 
     tokenizer = Tokenizer.from_folder(model_path)
-    engine_config = config.engine
-    if engine_factory:
-        engine = await EngineClient.start(LoopSpec(engine_factory, {}), in_process=True)
-    else:
-        import dataclasses
+    import dataclasses
 
-        engine_config = dataclasses.replace(engine_config, model=dataclasses.replace(engine_config.model,
-                                                                                      path=str(model_path)))
-        engine = await EngineClient.from_config(engine_config, in_process=True)
+    engine_config = dataclasses.replace(config.engine, loop_factory=engine_factory,
+                                        model=dataclasses.replace(config.engine.model, path=str(model_path)))
+    engine = await EngineClient.from_config(engine_config, in_process=True)
     bar = Progress(TextColumn("run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
     started = time.monotonic()
@@ -110,7 +106,7 @@ async def _run_async(file: Path, output: Path, *, config, model_path: Path, endp
         with bar:
             task = bar.add_task("run", total=total, detail="")
             return await run_job.execute(file, output, engine=engine, tokenizer=tokenizer, endpoint=endpoint,
-                                         served_model_names={served}, progress=progress)
+                                         served_model_names={served}, progress=progress, spans=spans)
     except run_job.EngineFailed as e:
         raise CliError(f"{e}; {progress.completed + progress.failed} lines were written to {output.name} "
                        "and its error file: re-run the same command to resume", EXIT_ERROR) from None

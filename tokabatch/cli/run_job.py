@@ -1,7 +1,8 @@
 """`tokabatch run` without a server: validate, execute every line on an engine, write OpenAI lines.
 
-Owns the one-process job: the same validation as a batch (jobs/parse.validate_input_file), the same
-request preparation and response bodies (jobs/render), and the same writer as the batch runner
+Owns the one-process job around the batch runner's own feeding core (jobs/feed.py: prepare, order,
+generate, gather, write): the same validation and prompt order (jobs/parse, jobs/ordering), the
+same request preparation and response bodies (jobs/render), and the same writer
 (jobs/outputs.ResultWriter), so the output lines, the error lines and the Parquet rows are exactly a
 batch's. The writer's work folder `.<out name>.tokabatch/` beside the output is the checkpoint: a
 re-run with the same output path skips every custom_id already written (each appears exactly once),
@@ -19,22 +20,17 @@ import hashlib
 import json
 import os
 import shutil
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
-from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest
+from tokabatch.config import RunnerConfig
+from tokabatch.engine.api import Engine
 from tokabatch.errors import TokabatchError
-from tokabatch.service.jobs import outputs, parse, render
+from tokabatch.service.jobs import ordering, outputs, parse
+from tokabatch.service.jobs.feed import EngineFailed, Feed, OnEngineFailure, Span
 
-ENGINE_FAILURE_CODES = {"engine_error", "engine_unavailable", "request_timeout"}
 INPUT_MARKER = "input.json"
-
-
-class EngineFailed(Exception):
-    """The engine could not finish the job; what was written stays, the rest runs on the next try."""
 
 
 class InputChanged(TokabatchError):
@@ -86,78 +82,37 @@ class JobProgress:
     on_change: Callable[["JobProgress"], None] = field(default=lambda p: None, repr=False)
 
 
-@dataclass
-class _Line:
-    custom_id: str
-    request_id: str
-    prepared: render.PreparedRequest
-    outputs: list[GenerationOutput] = field(default_factory=list)
-
-
-def validate(input_path: Path, *, endpoint: str, served_model_names: set[str], max_lines: int) -> parse.ValidationReport:
-    return parse.validate_input_file(input_path, endpoint=endpoint, served_model_names=served_model_names,
-                                     max_lines=max_lines)
+def validate(input_path: Path, *, endpoint: str, served_model_names: set[str],
+             max_lines: int) -> tuple[parse.ValidationReport, list[Span]]:
+    """The batch's validation, and the file-level prompt order built in the same pass (ordering.py)."""
+    collector = ordering.SpanCollector()
+    report = parse.validate_input_file(input_path, endpoint=endpoint, served_model_names=served_model_names,
+                                       max_lines=max_lines, on_request=collector.add)
+    return report, (collector.spans() if report.ok else [])
 
 
 async def execute(input_path: Path, out: Path, *, engine: Engine, tokenizer: Any, endpoint: str,
-                  served_model_names: set[str], progress: JobProgress) -> JobProgress:
-    """Run every not-yet-written line of an already validated file; append results as they finish."""
+                  served_model_names: set[str], progress: JobProgress, spans: list[Span] | None = None,
+                  order_window: int = RunnerConfig().order_window) -> JobProgress:
+    """Run every not-yet-written line of an already validated file (in `spans` order, as the batch
+    runner feeds it); append results as they finish. Raises EngineFailed when the engine fails a line."""
     writer, resumed = open_writer(input_path, out)
-    lines: dict[str, _Line] = {}            # engine request_id -> its line, while in flight
     try:
         progress.skipped = len(resumed.done_custom_ids)
         progress.on_change(progress)
 
-        def count(ok: bool, tokens: int = 0) -> None:
+        def count(ok: bool, tokens: int) -> None:
             progress.completed += ok
             progress.failed += not ok
             progress.output_tokens += tokens
             progress.on_change(progress)
 
-        async def requests() -> AsyncIterator[GenerationRequest]:
-            for _line_no, custom_id, body in parse.iter_requests(input_path):
-                if custom_id in resumed.done_custom_ids:
-                    continue
-                request_id = f"req_{uuid.uuid4().hex}"
-                try:
-                    prepared = render.prepare_request(endpoint, body, tokenizer=tokenizer, model_info=engine.info,
-                                                      served_model_names=served_model_names, request_id=request_id)
-                except TokabatchError as e:     # the endpoint would reject it: a 4xx result line
-                    writer.write_response(custom_id, status_code=e.status, request_id=request_id,
-                                          body=render.error_body(e))
-                    count(False)
-                    continue
-                line = _Line(custom_id, request_id, prepared)
-                for request in prepared.requests:
-                    lines[request.request_id] = line
-                    yield request
-
-        async for output in engine.generate(requests()):
-            line = lines.pop(output.request_id)
-            _check_engine_alive(output)
-            line.outputs.append(output)
-            if len(line.outputs) == len(line.prepared.requests):
-                status_code, body = _finish(line)
-                writer.write_response(line.custom_id, status_code=status_code, request_id=line.request_id,
-                                      body=body, prompt_text="\n".join(line.prepared.prompt_texts))
-                count(status_code == 200, sum(o.num_completion_tokens for o in line.outputs))
+        feed = Feed(engine, tokenizer, endpoint=endpoint, served_model_names=served_model_names, writer=writer,
+                    order_window=order_window, on_engine_failure=OnEngineFailure.STOP, on_written=count)
+        await feed.run(input_path, spans)
         return progress
     finally:
         writer.close()
-
-
-def _check_engine_alive(output: GenerationOutput) -> None:
-    err = output.error
-    if output.aborted or (err is not None and err.status >= 500 and (err.code in ENGINE_FAILURE_CODES)):
-        reason = err.message if err is not None else "the request was aborted"
-        raise EngineFailed(f"the engine stopped: {reason}")
-
-
-def _finish(line: _Line) -> tuple[int, dict]:
-    failure = render.first_failure(line.outputs)
-    if failure is not None and failure.error is not None:
-        return failure.error.status, render.error_body(failure.error)
-    return 200, render.render_response(line.prepared, line.outputs, created=int(time.time()))
 
 
 def finalize(out: Path) -> Path | None:

@@ -197,6 +197,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_hydragen_saved_kv_reads: int = 0  # decode KV-token reads avoided by shared-prefix groups
     num_decode_kv_reads: int = 0          # decode KV-token reads without grouping (the denominator)
+    busy_seconds: float = 0.0            # engine process: wall seconds with work (stepping, or messages to handle)
+    idle_seconds: float = 0.0            # engine process: wall seconds waiting for work on an empty pipe
     extra: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -5,6 +5,7 @@ picklable `LoopSpec`), or, in-process mode, a thread running the same `serve()` 
 of Pipe (fast tests, `tokabatch run`). A reader thread receives the engine's reports and hands them
 to the asyncio loop; a writer thread sends, so the event loop never blocks on a busy engine.
 
+Messages queued while the writer thread was sending go together as one ("many", [...]) message.
 Back-pressure: the engine reports `num_wanted` (requests it could admit soon) together with how many
 add messages it has seen; the client's credits are num_wanted minus adds still in the pipe, and
 generate() pulls its next request only while it holds a credit. submit() (online) needs no credit.
@@ -45,6 +46,7 @@ from tokabatch.engine.loop_protocol import LoopSpec, Report, StartFailure, error
 log = logging.getLogger(__name__)
 
 DEFAULT_FACTORY = "tokabatch.engine.runtime.factory:build_loop"
+MAX_MESSAGES_PER_SEND = 4096
 Item = GenerationUpdate | GenerationOutput
 
 
@@ -117,8 +119,10 @@ class EngineClient:
 
     @classmethod
     async def from_config(cls, engine_config: EngineConfig, *, in_process: bool = False) -> EngineClient:
-        """Start the real engine (engine/runtime/factory.py) for this config."""
-        return await cls.start(LoopSpec(DEFAULT_FACTORY, {"engine_config": engine_config}), in_process=in_process)
+        """Start the engine for this config: the real one (engine/runtime/factory.py) unless the config
+        names another `loop_factory`."""
+        factory = engine_config.loop_factory or DEFAULT_FACTORY
+        return await cls.start(LoopSpec(factory, {"engine_config": engine_config}), in_process=in_process)
 
     # ---- the Engine protocol --------------------------------------------------------------
 
@@ -267,9 +271,25 @@ class EngineClient:
                 return
 
     def _write_forever(self) -> None:
-        while (message := self._outbox.get()) is not None:
+        """Send what the event loop queued; what piled up while a send ran goes as one "many"
+        message (a window of adds is one pickle and one write, not thousands)."""
+        stopping = False
+        while not stopping:
+            message = self._outbox.get()
+            if message is None:
+                return
+            messages = [message]
+            while len(messages) < MAX_MESSAGES_PER_SEND:
+                try:
+                    more = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                messages.append(more)
             try:
-                self._conn.send(message)
+                self._conn.send(messages[0] if len(messages) == 1 else ("many", messages))
             except (OSError, ValueError):
                 return   # the engine is gone; the reader reports it
 

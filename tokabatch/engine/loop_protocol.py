@@ -12,6 +12,7 @@ load torch. The loop's own module (engine/runtime/loop.py) is imported by name i
 from __future__ import annotations
 
 import importlib
+import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -28,6 +29,7 @@ from tokabatch.engine.api import (
 from tokabatch.errors import TokabatchError
 
 # Messages, parent -> engine: ("add", add_no, GenerationRequest) | ("abort", request_id) | ("close",)
+#                   | ("many", [message, ...]) (those, in order: what the client queued during a send)
 # Engine -> parent: ("ready", ModelInfo, Report) | ("failed", StartFailure) | ("report", Report)
 #                   | ("fatal", message) | ("closed",)
 
@@ -144,7 +146,9 @@ def serve(conn: Connection, spec: LoopSpec) -> None:
 
     Blocks on the pipe while idle; while there is work, drains messages without waiting between
     steps. A step that raises is fatal (the loop's state is unknown): the client is told and every
-    in-flight request fails with 503. Request-level errors never leave `add`.
+    in-flight request fails with 503. Request-level errors never leave `add`. Each report's stats
+    carry the wall seconds spent blocked on an empty pipe (idle) and the rest since ready (busy):
+    an engine the service starves shows it there.
     """
     try:
         loop = spec.build()
@@ -154,29 +158,33 @@ def serve(conn: Connection, spec: LoopSpec) -> None:
         return
     num_adds_seen = 0
     pending: list[GenerationUpdate | GenerationOutput] = []
+    clock = _BusyClock()
     try:
-        conn.send(("ready", loop.info, Report((), loop.num_wanted(), 0, loop.stats())))
+        conn.send(("ready", loop.info, Report((), loop.num_wanted(), 0, clock.stamp(loop.stats()))))
         while True:
             timeout = 0.0 if (loop.has_work() or pending) else None
+            if timeout is None:
+                clock.wait(conn)
             while conn.poll(timeout):
                 message = conn.recv()
-                kind = message[0]
-                if kind == "close":
-                    conn.send(("closed",))
-                    return
-                if kind == "add":
-                    num_adds_seen = message[1]
-                    request: GenerationRequest = message[2]
-                    try:
-                        loop.add(request)
-                    except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
-                        pending.append(error_output(request, rejection_error(exc)))
-                elif kind == "abort":
-                    loop.abort(message[1])
+                for one in (message[1] if message[0] == "many" else (message,)):
+                    kind = one[0]
+                    if kind == "close":
+                        conn.send(("closed",))
+                        return
+                    if kind == "add":
+                        num_adds_seen = one[1]
+                        request: GenerationRequest = one[2]
+                        try:
+                            loop.add(request)
+                        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+                            pending.append(error_output(request, rejection_error(exc)))
+                    elif kind == "abort":
+                        loop.abort(one[1])
                 timeout = 0.0
             if loop.has_work():
                 pending.extend(loop.step())
-            conn.send(("report", Report(tuple(pending), loop.num_wanted(), num_adds_seen, loop.stats())))
+            conn.send(("report", Report(tuple(pending), loop.num_wanted(), num_adds_seen, clock.stamp(loop.stats()))))
             pending = []
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the client is gone: nothing to report to
@@ -184,6 +192,25 @@ def serve(conn: Connection, spec: LoopSpec) -> None:
         _send_quietly(conn, ("fatal", traceback.format_exc(limit=20)))
     finally:
         conn.close()
+
+
+class _BusyClock:
+    """Wall seconds of the engine process since ready: blocked on an empty pipe (idle), and the rest."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.idle_s = 0.0
+
+    def wait(self, conn: Connection) -> None:
+        """Block until a message arrives, counting the time as idle."""
+        began = time.monotonic()
+        conn.poll(None)
+        self.idle_s += time.monotonic() - began
+
+    def stamp(self, stats: EngineStats) -> EngineStats:
+        stats.idle_seconds = self.idle_s
+        stats.busy_seconds = time.monotonic() - self.started - self.idle_s
+        return stats
 
 
 def _send_quietly(conn: Connection, message: tuple) -> None:

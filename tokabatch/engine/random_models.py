@@ -39,12 +39,12 @@ ARCHS: dict[str, dict] = {
 
 
 
-def build_folder(arch: str, folder: Path, num_layers: int | None = None, final_norm_scale: float = 1.0) -> None:
+def build_folder(arch: str, folder: Path, num_layers: int | None = None, final_norm_scale: float = 1.0,
+                 *, weights: bool = True) -> None:
     """config.json + random bf16 safetensors (made on the GPU when there is one, std 0.02, norms near 1)
     + a WordLevel tokenizer "t0".."tN" covering the vocabulary. `num_layers` overrides the depth; `final_norm_scale` multiplies
-    the final norm's weight (peakier logits, so fewer near-ties in greedy agreement tests)."""
-    import torch
-    from safetensors.torch import save_file
+    the final norm's weight (peakier logits, so fewer near-ties in greedy agreement tests). Without
+    `weights` only the config and the tokenizer (enough for engine/simulated.py; torch is not imported)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -60,6 +60,11 @@ def build_folder(arch: str, folder: Path, num_layers: int | None = None, final_n
     tok.pre_tokenizer = WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"t{cfg['eos_token_id']}"}))
+    if not weights:
+        return
+    import torch
+    from safetensors.torch import save_file
+
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim", h // cfg["num_attention_heads"])
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
@@ -86,3 +91,6 @@ def build_folder(arch: str, folder: Path, num_layers: int | None = None, final_n
             t = t * final_norm_scale
         tensors[name] = t.to(torch.bfloat16).cpu()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    del t, gen
+    if dev == "cuda":
+        torch.cuda.empty_cache()     # an engine started next (another process) sizes its KV cache from free memory

@@ -19,7 +19,7 @@ from tokabatch.config import Config
 from tokabatch.engine.api import ModelInfo
 from tokabatch.service.http import batches, files, models
 from tokabatch.service.http.context import (
-    BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, ServedModels,
+    BATCH_CREATED, BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, ServedModels,
 )
 from tokabatch.service.http.middleware import auth, hash_key, request_id_and_errors
 from tokabatch.service.storage import db as dbmod
@@ -84,6 +84,7 @@ def make_app(
     app[CONFIG] = config
     app[CLOCK] = clock
     app[KEY_HASHES] = frozenset(hash_key(k) for k in config.server.api_keys)
+    app[BATCH_CREATED] = _nothing
     names = tuple(dict.fromkeys(served_model_names or ((engine_info.model_id,) if engine_info else ())))
     app[MODELS] = ServedModels(names=names, info=engine_info, created_at=int(clock()))
     if db is not None:
@@ -97,6 +98,10 @@ def make_app(
     app.add_routes(batches.routes)
     app.add_routes(models.routes)
     return app
+
+
+def _nothing() -> None:
+    """BATCH_CREATED without a runner in this process."""
 
 
 __all__ = ["make_app", "blobs_dir"]

@@ -20,6 +20,7 @@ from tokabatch.config import DEMO_MODEL_NAME, Config
 from tokabatch.engine.api import Engine
 from tokabatch.text import Tokenizer
 from tokabatch.service.app import blobs_dir, make_app
+from tokabatch.service.http.context import BATCH_CREATED
 from tokabatch.service.http import metrics, online
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
@@ -28,9 +29,13 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    """What serve() needs from the batch runner: start claiming work, and stop cleanly."""
+    """What serve() needs from the batch runner: start claiming work, look now, and stop cleanly."""
 
     async def start(self) -> None: ...
+
+    def wake(self) -> None:
+        """A batch was created: look for work now."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -56,6 +61,9 @@ class _RunnerTask:
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self.runner.run_forever(), name="batch-runner")
+
+    def wake(self) -> None:
+        self.runner.wake()
 
     async def stop(self) -> None:
         if self.task is None:
@@ -129,6 +137,7 @@ async def serve_async(
         stack.push_async_callback(runner.stop)
         app = make_app(config, db=db, blobs=blobs, engine_info=engine.info,
                        served_model_names=served_model_names(config, engine))
+        app[BATCH_CREATED] = runner.wake
         # Online completions share the engine with batch work (at ONLINE priority); /metrics reads both.
         app[online.ENGINE] = engine
         app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)

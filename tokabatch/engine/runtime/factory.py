@@ -29,13 +29,16 @@ log = logging.getLogger(__name__)
 def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
                parts: int | None = None) -> EngineLoop | PipelinedLoop:
     """A ready StepLoop: one EngineLoop, or on CUDA with `pipelined` a PipelinedLoop of two over one
-    model (each half gets half of max_seqs, max_tokens_per_step and the KV cache); `parts` (tests:
+    model (each half gets half of max_seqs, max_tokens_per_step and the KV cache; unset sizes are
+    the device's, config.DEVICE_STEP_SIZES); `parts` (tests:
     1 or 2) overrides that choice. Raises ModelLoadError / ModelFetchError / ConfigError for a bad setup."""
-    model_cfg, sched_cfg = engine_config.model, engine_config.scheduler
+    model_cfg = engine_config.model
     folder = resolve_model_path(model_cfg.path)
     tokenizer = Tokenizer.from_folder(folder)
+    device_type = resolve_device(model_cfg.device).type
+    sched_cfg = engine_config.scheduler.for_device(device_type)
     if parts is None:
-        parts = 2 if engine_config.pipelined and resolve_device(model_cfg.device).type == "cuda" else 1
+        parts = 2 if engine_config.pipelined and device_type == "cuda" else 1
     if parts > 1:
         sched_cfg = replace(sched_cfg, max_seqs=-(-sched_cfg.max_seqs // parts),
                             max_tokens_per_step=max(1, sched_cfg.max_tokens_per_step // parts))

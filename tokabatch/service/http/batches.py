@@ -16,7 +16,7 @@ from aiohttp import web
 
 from tokabatch.errors import InvalidRequest, NotFound
 from tokabatch.service.http import idempotency
-from tokabatch.service.http.context import CONFIG, DB, MODELS, now_s, owner_of
+from tokabatch.service.http.context import BATCH_CREATED, CONFIG, DB, MODELS, now_s, owner_of
 from tokabatch.service.http.schemas import batch_object, list_object, parse_batch_create, parse_limit
 from tokabatch.service.storage import repo
 
@@ -59,6 +59,7 @@ async def create_batch(request: web.Request) -> web.Response:
     except repo.IdempotencyKeyTaken:
         assert claim is not None
         return await idempotency.replay_after_race(request, claim, _batch_loader(request), batch_object)
+    request.app[BATCH_CREATED]()
     return web.json_response(batch_object(row))
 
 

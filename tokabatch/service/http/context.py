@@ -37,6 +37,9 @@ CLOCK = web.AppKey("clock", Callable[[], float])
 MODELS = web.AppKey("models", ServedModels)
 # sha256 hex of each configured API key; empty means any bearer is accepted.
 KEY_HASHES = web.AppKey("key_hashes", frozenset)
+# Called after a batch is created: server.py wakes the batch runner with it, so an idle runner
+# claims the batch at once instead of at its next poll.
+BATCH_CREATED = web.AppKey("batch_created", Callable[[], None])
 
 # Per-request values (set by middleware.py).
 REQUEST_ID = web.RequestKey("request_id", str)

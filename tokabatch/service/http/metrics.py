@@ -119,6 +119,18 @@ def engine_lines(stats: EngineStats, rate: float) -> list[str]:
     lines += _metric("tokabatch_hydragen_kv_read_saved_ratio", "gauge",
                      "Decode KV-token reads saved by Hydragen prefix groups / decode KV-token reads since start.",
                      hydragen_saved_ratio(stats))
+    lines += _metric("tokabatch_hydragen_saved_kv_reads_total", "counter",
+                     "Decode KV-token reads saved by Hydragen prefix groups.", stats.num_hydragen_saved_kv_reads)
+    lines += _metric("tokabatch_decode_kv_reads_total", "counter",
+                     "Decode KV-token reads a step would make without prefix groups.", stats.num_decode_kv_reads)
+    lines += _metric("tokabatch_engine_steps_total", "counter", "Forward passes (steps) the engine ran.",
+                     stats.num_steps)
+    lines += _metric("tokabatch_forward_tokens_total", "counter", "Tokens that went through the model's forward.",
+                     stats.num_forward_tokens)
+    lines += _metric("tokabatch_engine_busy_seconds_total", "counter",
+                     "Wall seconds the engine process had work (stepping or handling messages).", stats.busy_seconds)
+    lines += _metric("tokabatch_engine_idle_seconds_total", "counter",
+                     "Wall seconds the engine process waited for work.", stats.idle_seconds)
     lines += _metric("tokabatch_requests_finished_total", "counter", "Engine requests finished.",
                      stats.num_requests_finished)
     lines += _metric("tokabatch_preemptions_total", "counter", "Sequences preempted.", stats.num_preemptions)

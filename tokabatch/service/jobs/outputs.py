@@ -26,6 +26,7 @@ OUTPUT_NAME = "output.jsonl"
 ERROR_NAME = "error.jsonl"
 ROWS_NAME = "rows.jsonl"
 PARQUET_ROW_GROUP = 4096
+JSON_BLOCK_BYTES = 16 << 20              # pyarrow's JSON reader parses the sidecar in blocks this large
 
 
 @dataclass(slots=True)
@@ -214,14 +215,38 @@ def parquet_schema() -> Any:
     ])
 
 
+def preload() -> None:
+    """Import pyarrow's Parquet and JSON modules now (about a second, once), not when the first
+    batch is sealed. Blocking: run it in a thread."""
+    import pyarrow.json  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+
 def write_parquet(rows_path: Path | str, parquet_path: Path | str, *, row_group_size: int = PARQUET_ROW_GROUP) -> int:
-    """Stream the sidecar into a Parquet file, one row group per `row_group_size` rows; returns rows."""
+    """Stream the sidecar into a Parquet file, one row group per `row_group_size` rows; returns rows.
+
+    The sidecar (complete lines only: the writer is closed) is parsed by pyarrow's own JSON reader,
+    in blocks and on its threads; a row larger than a block falls back to Python's json."""
     import pyarrow as pa
+    import pyarrow.json as pj
     import pyarrow.parquet as pq
 
     schema = parquet_schema()
-    num_rows = 0
     rows_path = Path(rows_path)
+    if rows_path.exists() and rows_path.stat().st_size > 0:
+        try:
+            reader = pj.open_json(str(rows_path), read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES),
+                                  parse_options=pj.ParseOptions(explicit_schema=schema,
+                                                                unexpected_field_behavior="ignore"))
+            num_rows = 0
+            with pq.ParquetWriter(str(parquet_path), schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch, row_group_size=row_group_size)
+                    num_rows += batch.num_rows
+            return num_rows
+        except pa.ArrowInvalid:
+            pass                              # a row over JSON_BLOCK_BYTES: the streaming Python path below
+    num_rows = 0
     with pq.ParquetWriter(str(parquet_path), schema) as writer:
         chunk: list[dict] = []
         lines = _read_complete_lines(rows_path) if rows_path.exists() else iter(())
@@ -237,4 +262,4 @@ def write_parquet(rows_path: Path | str, parquet_path: Path | str, *, row_group_
     return num_rows
 
 
-__all__ = ["ResultTotals", "ResultWriter", "ResumeState", "new_line_id", "parquet_schema", "write_parquet"]
+__all__ = ["ResultTotals", "ResultWriter", "ResumeState", "new_line_id", "parquet_schema", "preload", "write_parquet"]

@@ -18,7 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 BOM = b"\xef\xbb\xbf"
 MAX_CUSTOM_ID_CHARS = 512
@@ -134,11 +134,14 @@ def validate_input_file(
     max_lines: int,
     max_errors: int = 1000,
     max_bytes: int | None = None,
+    on_request: Callable[[int, int, int, dict[str, Any]], None] | None = None,
 ) -> ValidationReport:
     """Validate a batch input file line by line with bounded memory.
 
     Records at most one error per line and at most `max_errors` errors (then stops scanning and sets
     `truncated`). File-level errors (too_many_requests, empty_file, file_too_large) have line None.
+    `on_request(line number, byte offset, byte length, parsed line)` sees every line that passed, so
+    a caller can learn what it needs of the file in the same pass (ordering.SpanCollector).
     """
     report = ValidationReport()
     path = Path(path)
@@ -153,7 +156,7 @@ def validate_input_file(
     seen: set[bytes] = set()
     too_many_reported = False
     with path.open("rb") as f:
-        for line_no, raw in _physical_lines(f):
+        for line_no, offset, raw in _physical_lines_at(f):
             if not raw.strip():
                 continue
             report.num_requests += 1
@@ -163,12 +166,15 @@ def validate_input_file(
                     report.truncated = True
                     return report
             try:
-                custom_id = _check_line(_parse_line(raw), endpoint=endpoint, served_model_names=served_model_names)
+                obj = _parse_line(raw)
+                custom_id = _check_line(obj, endpoint=endpoint, served_model_names=served_model_names)
                 digest = hashlib.blake2b(custom_id.encode("utf-8"), digest_size=16).digest()
                 if digest in seen:
                     raise _LineRejected("duplicate_custom_id", f"The custom_id {custom_id!r} appears more than once "
                                         "in the input file.", "custom_id")
                 seen.add(digest)
+                if on_request is not None:
+                    on_request(line_no, offset, len(raw), obj)
             except _LineRejected as rejected:
                 if not add(*rejected.error, line_no):
                     report.truncated = True

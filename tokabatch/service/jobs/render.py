@@ -59,13 +59,20 @@ class PreparedRequest:
     model: str                           # the served model name, echoed in responses
     response_id: str                     # chatcmpl-… / cmpl-…
     requests: tuple[GenerationRequest, ...]
-    prompt_texts: tuple[str, ...]        # per engine request: for echo and the Parquet file
+    texts: tuple[str | None, ...]        # per engine request: the prompt text, None for a token-id prompt
     n: int
     logprobs: int | None                 # top-k alternatives per position; None: logprobs off
     echo: bool = False
     stream: bool = False
     include_usage: bool = False          # stream_options.include_usage
     tokenizer: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def prompt_texts(self) -> tuple[str, ...]:
+        """Per engine request, the prompt's text (for echo and the Parquet file); a token-id prompt
+        is decoded here, when a result is written, not while the request is prepared."""
+        return tuple(text if text is not None else self.tokenizer.decode_prompt(request.prompt_token_ids)
+                     for text, request in zip(self.texts, self.requests))
 
 
 def prepare_request(
@@ -105,7 +112,7 @@ def prepare_request(
     else:
         _reject_unsupported_completion(body)
         prompts = _completion_prompts(body, tokenizer, model_info.vocab_size)
-    prompts = [_truncate(body, ids, text, tokenizer) for ids, text in prompts]
+    prompts = [_truncate(body, ids, text) for ids, text in prompts]
     n = bf.get_int(body, "n", 1, 1, MAX_N)
     logprobs = _logprobs(body, chat)
     echo = bf.get_bool(body, "echo", False)
@@ -120,7 +127,7 @@ def prepare_request(
     suffix = request_id.split("_", 1)[-1]
     return PreparedRequest(
         endpoint=endpoint, model=model_info.model_id, response_id=("chatcmpl-" if chat else "cmpl-") + suffix,
-        requests=tuple(requests), prompt_texts=tuple(text for _, text in prompts), n=n, logprobs=logprobs,
+        requests=tuple(requests), texts=tuple(text for _, text in prompts), n=n, logprobs=logprobs,
         echo=echo, stream=stream, include_usage=include_usage, tokenizer=tokenizer,
     )
 
@@ -170,14 +177,20 @@ def _chat_prompt(body: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], st
     return tokenizer.encode(text, add_special_tokens=False), text
 
 
-def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int) -> list[tuple[list[int], str]]:
-    """`prompt`: string | string[] | int[] | int[][] -> [(ids, text)], one per engine request."""
+def _is_token_ids(value: Any) -> bool:
+    """A non-empty list of ints (not bools), checked at C speed: a prompt of token ids."""
+    return type(value) is list and bool(value) and set(map(type, value)) == {int}
+
+
+def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int) -> list[tuple[list[int], str | None]]:
+    """`prompt`: string | string[] | int[] | int[][] -> [(ids, text)], one per engine request; the
+    text of a token-id prompt is None (PreparedRequest.prompt_texts decodes it when needed)."""
     prompt = body.get("prompt")
     if prompt is None:
         raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif _is_token_ids(prompt):
         items = [prompt]
     elif isinstance(prompt, list) and prompt:
         items = prompt
@@ -189,12 +202,12 @@ def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int
         if isinstance(item, str):
             ids = tokenizer.encode(item)
             text = item
-        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            bad = [t for t in item if not 0 <= t < vocab_size]
-            if bad:
-                raise bf.invalid_value("prompt", f"Invalid 'prompt': token id {bad[0]} is outside the vocabulary "
+        elif _is_token_ids(item) or item == []:
+            if item and (min(item) < 0 or max(item) >= vocab_size):
+                bad = next(t for t in item if not 0 <= t < vocab_size)
+                raise bf.invalid_value("prompt", f"Invalid 'prompt': token id {bad} is outside the vocabulary "
                                        f"(0..{vocab_size - 1}).")
-            ids, text = list(item), tokenizer.decode(item, skip_special_tokens=False)
+            ids, text = item, None
         else:
             raise bf.invalid_type("prompt", "a string, an array of strings or token id arrays", item)
         if not ids:
@@ -203,12 +216,11 @@ def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int
     return out
 
 
-def _truncate(body: Mapping[str, Any], ids: list[int], text: str, tokenizer: Any) -> tuple[list[int], str]:
+def _truncate(body: Mapping[str, Any], ids: list[int], text: str | None) -> tuple[list[int], str | None]:
     keep = bf.get_int(body, "truncate_prompt_tokens", None, 1)
     if keep is None or len(ids) <= keep:
         return ids, text
-    ids = ids[-keep:]
-    return ids, tokenizer.decode(ids, skip_special_tokens=False)
+    return ids[-keep:], None          # the kept tokens' text is decoded when needed
 
 
 def _logprobs(body: Mapping[str, Any], chat: bool) -> int | None:

@@ -6,9 +6,10 @@ a compare-and-set through repo.transition_batch. Crash safety comes from the res
 (outputs.ResultWriter): a batch whose lease lapses is claimed again, its written custom_ids are
 skipped, and every custom_id ends up exactly once in output ∪ error. While a batch runs, one
 supervisor loop heartbeats, writes request_counts/usage every `progress_interval_s`, and polls the
-row for cancel, the clock for expiry and the runner for stop. Lines are fed in prompt order (the
-whole file clustered by prompt start, then sorted by token ids within a read-ahead window:
-ordering.py) so that lines sharing a prompt prefix are resident together.
+row for cancel, the clock for expiry and the runner for stop. The lines themselves go through
+feed.py (prepare, order, generate, gather, write), in the file-level prompt order that validation's
+pass over the file also builds (ordering.py), so that lines sharing a prompt prefix are resident
+together. `wake()` (called when a batch is created) makes an idle runner look for work at once.
 
 Talks to the engine only through engine/api (`Engine.generate` with back-pressure); must not
 import torch or aiohttp.
@@ -25,15 +26,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 from tokabatch.config import RunnerConfig
-from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest, Priority
-from tokabatch.errors import TokabatchError
-from tokabatch.service.jobs.ordering import clustered_spans, prompt_ordered
+from tokabatch.engine.api import Engine
+from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
+from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
 from tokabatch.service.jobs.outputs import ResultWriter
-from tokabatch.service.jobs.parse import iter_requests, read_request, validate_input_file
-from tokabatch.service.jobs.render import PreparedRequest, error_body, first_failure, prepare_request, render_response
+from tokabatch.service.jobs.outputs import preload as preload_outputs
+from tokabatch.service.jobs.parse import iter_requests, validate_input_file
 from tokabatch.service.jobs.seal import seal_results
 from tokabatch.service.jobs.states import BatchStatus
 from tokabatch.service.storage import repo
@@ -54,21 +55,13 @@ MAX_ATTEMPTS = 5                         # claims of one batch before engine fai
 
 
 @dataclass(slots=True)
-class _Line:
-    """A line in flight: its engine requests' outputs are gathered until all have arrived."""
-
-    custom_id: str
-    prepared: PreparedRequest
-    outputs: list[GenerationOutput] = field(default_factory=list)
-
-
-@dataclass(slots=True)
 class _Job:
     batch: Batch
     writer: ResultWriter
     input_path: Path
-    in_flight: dict[str, _Line] = field(default_factory=dict)   # engine request id -> line
+    spans: list[Span] | None = None      # the file-level feed order, when validation just built it
     num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
+    seconds: dict[str, float] = field(default_factory=dict)   # this claim's phases, logged at the end
 
 
 class BatchRunner:
@@ -89,6 +82,7 @@ class BatchRunner:
         self.worker_id = worker_id or f"{socket.gethostname()}:{secrets.token_hex(4)}"
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._woken = asyncio.Event()
         self._running = False
 
     def _now(self) -> int:
@@ -100,13 +94,27 @@ class BatchRunner:
         self._stopped.clear()
         self._running = True
         try:
+            await asyncio.to_thread(preload_outputs)
             while not self._stopping.is_set():
+                self._woken.clear()
                 if not await self.run_once():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self.config.poll_interval_s)
+                    await self._idle(self.config.poll_interval_s)
         finally:
             self._running = False
             self._stopped.set()
+
+    def wake(self) -> None:
+        """Look for work now (a batch was created), not at the next poll."""
+        self._woken.set()
+
+    async def _idle(self, seconds: float) -> None:
+        """Wait up to `seconds`, less when woken or stopped."""
+        waits = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._woken.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def stop(self) -> None:
         """Stop after releasing the current batch's claim (its written lines are kept for the next run)."""
@@ -133,15 +141,16 @@ class BatchRunner:
         return True
 
     async def _run_batch(self, batch: Batch) -> None:
+        spans = None
         if batch.status == S.VALIDATING.value:
-            batch = await self._validate(batch)
+            batch, spans = await self._validate(batch)
             if batch is None or batch.is_terminal:
                 return
         if batch.status == S.CANCELLING.value and batch.in_progress_at is None:
             # Cancelled before validation finished: no line was accepted, so nothing to write.
             await self._finish(batch, S.CANCELLED, None)
             return
-        job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
         job.writer.open()
         try:
             outcome = None
@@ -157,7 +166,9 @@ class BatchRunner:
             job.writer.close()
 
     # ---- validating -------------------------------------------------------------------------------
-    async def _validate(self, batch: Batch) -> Batch | None:
+    async def _validate(self, batch: Batch) -> tuple[Batch | None, list[Span] | None]:
+        """Validate the input file; returns the batch as it is now (None when this claim is done
+        with it) and, when lines are to be fed in prompt order, the order built in the same pass."""
         # A file already expired when the batch was created is gone, as for users; one that expires
         # later stays readable until the batch ends (the sweep spares inputs of unfinished batches).
         input_file = await repo.get_file(self.db, batch.input_file_id, owner=batch.owner, now_s=batch.created_at)
@@ -170,14 +181,17 @@ class BatchRunner:
             error = {"code": "invalid_request", "param": "file_id", "line": None,
                      "message": f"The batch input file is unusable: {problem}."}
             await self._fail(batch, [error])
-            return None
+            return None, None
         job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        collector = SpanCollector() if self.config.order_window > 1 else None
         report_box: list[Any] = []
+        began = time.monotonic()
 
         async def validate() -> None:
             report_box.append(await asyncio.to_thread(
                 validate_input_file, job.input_path, endpoint=batch.endpoint,
-                served_model_names=self.served_model_names, max_lines=self.max_batch_lines))
+                served_model_names=self.served_model_names, max_lines=self.max_batch_lines,
+                on_request=collector.add if collector is not None else None))
 
         outcome = await self._supervise(job, validate())
         if outcome is not None:
@@ -185,17 +199,19 @@ class BatchRunner:
                 await self._finish(batch, S.EXPIRED, None)
             elif outcome == STOP:
                 await repo.release_claim(self.db, batch.id, self.worker_id)
-            return await repo.get_batch(self.db, batch.id, owner=None) if outcome == CANCEL else None
+            return (await repo.get_batch(self.db, batch.id, owner=None) if outcome == CANCEL else None), None
         report = report_box[0]
         if report.errors:
             await self._fail(batch, [e.to_dict() for e in report.errors])
-            return None
+            return None, None
         if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self._now(),
                                            request_total=report.num_requests, model=self._model_id()):
-            return await repo.get_batch(self.db, batch.id, owner=None)   # cancelled meanwhile
+            return await repo.get_batch(self.db, batch.id, owner=None), None   # cancelled meanwhile
+        spans = await asyncio.to_thread(collector.spans) if collector is not None else None
         log.info("batch %s validated: %d requests", batch.id, report.num_requests,
-                 extra={"batch_id": batch.id, "status": S.IN_PROGRESS.value, "num_requests": report.num_requests})
-        return await repo.get_batch(self.db, batch.id, owner=None)
+                 extra={"batch_id": batch.id, "status": S.IN_PROGRESS.value, "num_requests": report.num_requests,
+                        "validation_s": round(time.monotonic() - began, 3)})
+        return await repo.get_batch(self.db, batch.id, owner=None), spans
 
     def _model_id(self) -> str:
         return self.engine.info.model_id
@@ -208,83 +224,21 @@ class BatchRunner:
 
     # ---- executing --------------------------------------------------------------------------------
     async def _execute(self, job: _Job) -> None:
-        outputs = self.engine.generate(self._requests(job))
-        try:
-            async for output in outputs:
-                line = job.in_flight.pop(output.request_id, None)
-                if line is None:
-                    continue
-                line.outputs.append(output)
-                if len(line.outputs) == len(line.prepared.requests):
-                    self._write_line(job, line)
-        finally:
-            aclose = getattr(outputs, "aclose", None)   # closing the stream aborts what is still running
-            if aclose is not None:
-                await aclose()
-
-    async def _requests(self, job: _Job) -> AsyncIterator[GenerationRequest]:
-        """The engine's request stream: unwritten lines, in windows of `order_window` lines sorted by
-        prompt (ordering.py: lines sharing a prefix run together). A line enters `in_flight` only
-        when its requests are fed, so a line read ahead but not fed is simply not written."""
-        spans = None
-        if self.config.order_window > 1:     # the file-level order first (ordering.py), off the event loop
+        spans = job.spans
+        if spans is None and self.config.order_window > 1:   # resumed: the order is built again
             spans = await asyncio.to_thread(clustered_spans, job.input_path)
-        prepared = self._prepared_lines(job, spans)
-        ordered = prompt_ordered(prepared, self.config.order_window,
-                                 lambda line: line.prepared.requests[0].prompt_token_ids)
-        # Closed explicitly (the engine may stop pulling mid-batch): the input file is shut at once.
-        async with contextlib.aclosing(prepared), contextlib.aclosing(ordered):
-            async for line in ordered:
-                for request in line.prepared.requests:
-                    job.in_flight[request.request_id] = line
-                    yield request
-
-    async def _prepared_lines(self, job: _Job, spans: list[tuple[int, int, int]] | None) -> AsyncIterator[_Line]:
-        """Unwritten lines, prepared (tokenized), in file order or in the order of `spans` (line
-        number, byte offset, length: ordering.clustered_spans); a body the endpoint rejects is
-        written at once as its 4xx line and never reaches the engine."""
-        batch, writer = job.batch, job.writer
-        for line_no, custom_id, body in self._lines(job.input_path, spans):
-            if custom_id in writer.done_custom_ids:
-                continue
-            if line_no % 64 == 0:
-                await asyncio.sleep(0)      # preparing a window is CPU work: let the supervisor run
-            request_id = f"req_{line_no}x{secrets.token_hex(8)}"
-            try:
-                prepared = prepare_request(batch.endpoint, body, tokenizer=self.tokenizer,
-                                           model_info=self.engine.info, served_model_names=self.served_model_names,
-                                           request_id=request_id, priority=Priority.BATCH)
-            except TokabatchError as err:
-                writer.write_response(custom_id, status_code=err.status, request_id=request_id, body=error_body(err))
-                continue
-            yield _Line(custom_id, prepared)
-
-    @staticmethod
-    def _lines(path: Path, spans: list[tuple[int, int, int]] | None) -> Iterator[tuple[int, str, dict]]:
-        if spans is None:
-            yield from iter_requests(path)
-            return
-        with path.open("rb") as f:
-            for line_no, offset, length in spans:
-                yield (line_no, *read_request(f, offset, length))
-
-    def _write_line(self, job: _Job, line: _Line) -> None:
-        prepared = line.prepared
-        prompt = "\n".join(prepared.prompt_texts)
-        request_id = prepared.requests[0].request_id.split("-")[0]
-        failed = first_failure(line.outputs)
-        if failed is None:
-            body = render_response(prepared, line.outputs, created=self._now())
-            job.writer.write_response(line.custom_id, status_code=200, request_id=request_id, body=body,
-                                      prompt_text=prompt)
-        elif failed.error is not None and failed.error.status >= 500 and job.batch.num_claims < MAX_ATTEMPTS:
-            # The engine failed (died, shut down): leave the line unwritten so the next claim, with a
-            # working engine, runs it again. After MAX_ATTEMPTS claims it is written as a 5xx line.
-            job.num_retryable += 1
-        elif failed.error is not None:
-            job.writer.write_response(line.custom_id, status_code=failed.error.status, request_id=request_id,
-                                      body=error_body(failed.error), prompt_text=prompt)
-        # An aborted line is left unwritten: cancel/expiry writes it, a restart re-runs it.
+        # The engine failed a line (it died, shut down): leave the line unwritten so the next claim,
+        # with a working engine, runs it again; after MAX_ATTEMPTS claims it is written as a 5xx line.
+        policy = OnEngineFailure.LEAVE if job.batch.num_claims < MAX_ATTEMPTS else OnEngineFailure.WRITE
+        feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
+                    served_model_names=self.served_model_names, writer=job.writer,
+                    order_window=self.config.order_window, on_engine_failure=policy, clock=self.clock)
+        began = time.monotonic()
+        try:
+            await feed.run(job.input_path, spans)
+        finally:
+            job.num_retryable = feed.result.num_left
+            job.seconds.update(first_fed_s=feed.result.first_fed_s or 0.0, feed_s=time.monotonic() - began)
 
     # ---- supervising ------------------------------------------------------------------------------
     async def _supervise(self, job: _Job, work: Awaitable[None]) -> str | None:
@@ -366,6 +320,8 @@ class BatchRunner:
 
     @staticmethod
     def _write_unwritten(job: _Job, code: str, message: str) -> None:
+        if len(job.writer.done_custom_ids) >= job.batch.request_total:
+            return                            # every line has its result: no need to read the file again
         for _line_no, custom_id, _body in iter_requests(job.input_path):
             if custom_id not in job.writer.done_custom_ids:
                 job.writer.write_error(custom_id, code=code, message=message)
@@ -373,8 +329,11 @@ class BatchRunner:
     async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None) -> None:
         """Seal the files (if any lines) and make the terminal transition with counts and usage."""
         fields: dict[str, Any] = {"worker_id": None, "lease_expires_at": None}
+        seconds: dict[str, float] = {}
         if job is not None:
+            began = time.monotonic()
             sealed = await seal_results(self.db, self.blobs, batch, job.writer, now_s=self._now())
+            seconds = {**job.seconds, "seal_s": time.monotonic() - began}
             t = job.writer.totals
             fields.update(
                 output_file_id=sealed.output_file_id, error_file_id=sealed.error_file_id,
@@ -384,7 +343,8 @@ class BatchRunner:
         if await repo.transition_batch(self.db, batch.id, to, self._now(), **fields):
             log.info("batch %s %s", batch.id, to.value, extra={
                 "batch_id": batch.id, "status": to.value, "completed": fields.get("request_completed"),
-                "failed": fields.get("request_failed"), "output_tokens": fields.get("output_tokens")})
+                "failed": fields.get("request_failed"), "output_tokens": fields.get("output_tokens"),
+                **{name: round(value, 3) for name, value in seconds.items()}})
             if job is not None:
                 shutil.rmtree(job.writer.work_dir, ignore_errors=True)
         else:

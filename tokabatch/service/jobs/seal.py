@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import string
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ async def _register(db: Database, blobs: BlobStore, batch: Batch, source: Path, 
     file_id = derived_file_id(batch.id, kind)
     if not blobs.exists(file_id):
         temp = blobs.temp_path(file_id)
-        await asyncio.to_thread(shutil.copyfile, source, temp)
+        await asyncio.to_thread(_link_or_copy, source, temp)
         await asyncio.to_thread(blobs.commit, temp, file_id)
     if await repo.get_file(db, file_id, owner=None) is None:
         expires_at = now_s + batch.output_expires_after_s if batch.output_expires_after_s else None
@@ -55,6 +56,16 @@ async def _register(db: Database, blobs: BlobStore, batch: Batch, source: Path, 
                                num_bytes=blobs.path(file_id).stat().st_size, now_s=now_s,
                                expires_at=expires_at, file_id=file_id)
     return file_id
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the work folder and the files share a filesystem (no bytes copied: the
+    sealed work file is never written again, and the folder is removed once the batch is terminal),
+    else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 async def seal_results(db: Database, blobs: BlobStore, batch: Batch, writer: ResultWriter, *,

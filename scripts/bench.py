@@ -273,7 +273,7 @@ def run_service(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]],
              if value is not None for f in (flag, str(value))]
     model = runs[0][1].model
     vocab = DEMO_VOCAB if model == DEMO else ARCHS[model]["vocab_size"]
-    # Each way in gets prompts of its own (seed 1, 2, ...) that the prefix cache has not seen.
+    # Each way in gets prompts of its own (seeds from 101) that the prefix cache has not seen.
     todo = [ServiceRun(name, via, w.output_len, w.temperature, w.n, lambda seed, w=w: prompts_of(w, vocab, seed))
             for name, w, _ in runs for via in vias if via != "engine" and not (via == "batch-lines" and w.n == 1)]
     warm_rng = random.Random(12345)
@@ -360,7 +360,9 @@ def main() -> None:
         raise SystemExit("the workloads of one call must share a model")
     model = loads[0].model
     vocab = DEMO_VOCAB if model == DEMO else ARCHS[model]["vocab_size"]
-    runs = [(name, w, prompts_of(w, vocab)) for name, w in zip(names, loads)]
+    # Each workload's prompts of its own (seed 0, 1, ...): one engine runs them all, and a later
+    # workload must not find an earlier one's prompts in the prefix cache.
+    runs = [(name, w, prompts_of(w, vocab, seed)) for seed, (name, w) in enumerate(zip(names, loads))]
     if args.hf_only:
         print("HFROW " + json.dumps(run_hf(Path(args.folder), loads[0], runs[0][2])), flush=True)
         return

@@ -311,7 +311,7 @@ def service_rows(folder: Path, todo: list[ServiceRun], warm: list[list[int]], fl
         if py_spy:
             server.profile(py_spy, out_dir / "py-spy-serve.txt")
         asyncio.run(warm_up(server, warm, todo[0].temperature if todo else 0.0))
-        for seed, run in enumerate(todo, start=1):
+        for seed, run in enumerate(todo, start=101):
             shape = Shape(run.output_len, run.temperature, run.n)
             prompts = run.prompts(seed)
             want = len(prompts) * run.n * run.output_len

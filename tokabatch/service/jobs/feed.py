@@ -44,7 +44,9 @@ from tokabatch.errors import TokabatchError
 from tokabatch.service.jobs.ordering import FIRST_WINDOW, sort_window, window_sizes
 from tokabatch.service.jobs.outputs import ResultWriter
 from tokabatch.service.jobs.parse import iter_requests, read_request
-from tokabatch.service.jobs.render import PreparedRequest, error_body, first_failure, prepare_request, render_response
+from tokabatch.service.jobs.render import (
+    PreparedRequest, error_body, first_failure, prepare_request, render_response, with_request_id,
+)
 
 Span = tuple[int, int, int]              # (line number, byte offset, byte length): ordering.SpanCollector
 MAX_MERGED_N = 128                       # choices in one merged engine request (the API's own limit on n)
@@ -100,6 +102,7 @@ class _Reader:
                  prepare: Callable[[dict, str], PreparedRequest | TokabatchError], tag: str) -> None:
         self._lines = self._read_spans(path, spans) if spans is not None else iter_requests(path)
         self._done, self._prepare, self._tag = done, prepare, tag
+        self._last: tuple[dict, PreparedRequest | TokabatchError] | None = None
         self._lock = threading.Lock()
         self._reading = self._closed = False
 
@@ -123,7 +126,7 @@ class _Reader:
                 if custom_id in self._done:
                     continue
                 request_id = f"req_{line_no}x{self._tag}"
-                prepared = self._prepare(body, request_id)
+                prepared = self._prepare_like_last(body, request_id)
                 if isinstance(prepared, TokabatchError):
                     rejected.append(_Rejected(custom_id, request_id, prepared))
                 else:
@@ -137,6 +140,16 @@ class _Reader:
                 if self._closed:
                     self._lines.close()
         return lines, rejected, exhausted
+
+    def _prepare_like_last(self, body: dict, request_id: str) -> PreparedRequest | TokabatchError:
+        """Prepare `body`; a body equal to the previous line's (the file-level order puts the lines
+        of one prompt side by side) reuses its preparation under the new id."""
+        if self._last is not None and self._last[0] == body:
+            last = self._last[1]
+            return last if isinstance(last, TokabatchError) else with_request_id(last, request_id)
+        prepared = self._prepare(body, request_id)
+        self._last = (body, prepared)
+        return prepared
 
     def close(self) -> None:
         """Close the file now, or when the read in progress ends."""

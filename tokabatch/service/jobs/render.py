@@ -12,6 +12,7 @@ completions max_tokens 16. Must not import torch, aiohttp or SQLAlchemy.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -122,14 +123,29 @@ def prepare_request(
     for i, (ids, _text) in enumerate(prompts):
         sampling = _sampling(body, chat=chat, num_prompt_tokens=len(ids), model_info=model_info,
                              logprobs=logprobs, echo=echo)
-        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-        requests.append(GenerationRequest(rid, tuple(ids), sampling, n=n, priority=priority, stream=stream))
-    suffix = request_id.split("_", 1)[-1]
+        requests.append(GenerationRequest(_engine_request_id(request_id, i, len(prompts)), tuple(ids), sampling,
+                                          n=n, priority=priority, stream=stream))
     return PreparedRequest(
-        endpoint=endpoint, model=model_info.model_id, response_id=("chatcmpl-" if chat else "cmpl-") + suffix,
+        endpoint=endpoint, model=model_info.model_id, response_id=_response_id(endpoint, request_id),
         requests=tuple(requests), texts=tuple(text for _, text in prompts), n=n, logprobs=logprobs,
         echo=echo, stream=stream, include_usage=include_usage, tokenizer=tokenizer,
     )
+
+
+def with_request_id(prepared: PreparedRequest, request_id: str) -> PreparedRequest:
+    """The same prepared call under another id (what prepare_request gives an equal body with it)."""
+    num = len(prepared.requests)
+    requests = tuple(dataclasses.replace(r, request_id=_engine_request_id(request_id, i, num))
+                     for i, r in enumerate(prepared.requests))
+    return dataclasses.replace(prepared, requests=requests, response_id=_response_id(prepared.endpoint, request_id))
+
+
+def _engine_request_id(request_id: str, index: int, num_prompts: int) -> str:
+    return request_id if num_prompts == 1 else f"{request_id}-{index}"
+
+
+def _response_id(endpoint: str, request_id: str) -> str:
+    return ("chatcmpl-" if endpoint == CHAT_ENDPOINT else "cmpl-") + request_id.split("_", 1)[-1]
 
 
 def _reject_unsupported_chat(body: Mapping[str, Any]) -> None:

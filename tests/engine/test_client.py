@@ -323,3 +323,31 @@ async def test_start_timeout_stops_the_engine_process() -> None:
     with pytest.raises(errors.EngineUnavailable, match="did not start"):
         await EngineClient.start(LoopSpec(f"{__name__}:slow_factory"), start_timeout_s=1.0)
     assert asyncio.get_running_loop().time() - started < 15
+
+
+async def test_stats_carry_the_engine_s_busy_and_idle_seconds() -> None:
+    engine = await FakeEngine.launch(FakeLoop(token_interval_s=0.05))
+    try:
+        await asyncio.sleep(0.4)                                      # nothing to do: idle
+        request = GenerationRequest("b", (1, 2), SamplingParams(max_tokens=8, ignore_eos=True))
+        items = [item async for item in engine.submit(request)]      # ~0.4 s of work
+        assert items[-1].ok
+        stats = engine.stats()
+    finally:
+        await engine.close()
+    assert stats.idle_seconds >= 0.3 and stats.busy_seconds >= 0.3
+    assert stats.busy_seconds + stats.idle_seconds < 5.0
+
+
+async def test_a_burst_of_requests_reaches_the_engine_whole() -> None:
+    # Requests queued while the writer thread sends go as one message; every one still runs once.
+    engine = await FakeEngine.launch(FakeLoop(max_running=512, max_waiting=512))
+    try:
+        async def requests():
+            for i in range(300):
+                yield GenerationRequest(f"r{i}", (i + 1,), SamplingParams(max_tokens=2))
+        outputs = [o async for o in engine.generate(requests())]
+    finally:
+        await engine.close()
+    assert sorted(o.request_id for o in outputs) == sorted(f"r{i}" for i in range(300))
+    assert all(o.ok for o in outputs) and set(engine.executions.values()) == {1}

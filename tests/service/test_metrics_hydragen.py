@@ -1,5 +1,6 @@
 """/metrics shows the Hydragen sharing fraction (decode KV reads saved) beside the prefix-cache hit
-rate: the pure line builder, and GET /metrics on an app whose engine reports known stats."""
+rate, and the counters a service benchmark reads (engine busy/idle seconds, steps): the pure line
+builder, and GET /metrics on an app whose engine reports known stats."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ def test_ratio_is_saved_over_decode_reads() -> None:
     names = [line.split()[2] for line in lines if line.startswith("# TYPE")]
     assert names.index("tokabatch_hydragen_kv_read_saved_ratio") == names.index("tokabatch_prefix_cache_hit_rate") + 1
     assert value(metrics.engine_lines(EngineStats(), 0.0), "tokabatch_hydragen_kv_read_saved_ratio") == 0.0
+
+
+def test_counters_for_service_benchmarks() -> None:
+    # What scripts/bench.py reads between two scrapes: the engine's busy and idle seconds, its steps
+    # and forward tokens, and the two counters the sharing ratio is made of (a ratio per run).
+    stats = EngineStats(num_steps=7, num_forward_tokens=900, num_hydragen_saved_kv_reads=300,
+                        num_decode_kv_reads=1200, busy_seconds=2.5, idle_seconds=0.5)
+    lines = metrics.engine_lines(stats, 0.0)
+    assert value(lines, "tokabatch_engine_steps_total") == 7
+    assert value(lines, "tokabatch_forward_tokens_total") == 900
+    assert value(lines, "tokabatch_hydragen_saved_kv_reads_total") == 300
+    assert value(lines, "tokabatch_decode_kv_reads_total") == 1200
+    assert value(lines, "tokabatch_engine_busy_seconds_total") == 2.5
+    assert value(lines, "tokabatch_engine_idle_seconds_total") == 0.5
 
 
 class _StatsEngine:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tokabatch.service.jobs import outputs
 from tokabatch.service.jobs.outputs import ResultWriter, parquet_schema, write_parquet
 
 
@@ -92,7 +93,10 @@ def test_resume_after_torn_lines(tmp_path):
     w3.close()
 
 
-def test_parquet_schema_and_rows(tmp_path):
+@pytest.mark.parametrize("json_reader", ["pyarrow", "python"])
+def test_parquet_schema_and_rows(tmp_path, monkeypatch, json_reader):
+    if json_reader == "python":      # a row larger than pyarrow's JSON block: the Python fallback
+        monkeypatch.setattr(outputs, "JSON_BLOCK_BYTES", 64)
     w = ResultWriter(tmp_path)
     w.open()
     write_some(w)

@@ -5,6 +5,7 @@ validation failures, completions with several prompts, and the Parquet file."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ from openai.types.chat import ChatCompletion
 
 from tests.service.jobsutil import tiny_tokenizer
 from tests.service.runnerutil import (
-    assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, run_to_terminal, wait_for,
+    FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, run_to_terminal, wait_for,
 )
 from tokabatch.service.storage import repo
 
@@ -149,3 +150,18 @@ async def test_stop_without_run_returns(db, blobs, clock, tok, engine, tmp_path)
     runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
     await asyncio.wait_for(runner.stop(), 5)
     assert not await runner.run_once()          # no batch: nothing claimed
+
+
+async def test_wake_claims_a_new_batch_before_the_next_poll(db, blobs, clock, tok, engine, tmp_path):
+    runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
+                         config=dataclasses.replace(FAST, poll_interval_s=60.0))
+    task = asyncio.create_task(runner.run_forever())
+    try:
+        await asyncio.sleep(0.3)                 # idle: waiting out a 60 s poll
+        batch_id = await new_batch(db, blobs, [chat_line(0)], clock)
+        runner.wake()                            # what POST /v1/batches does (app key BATCH_CREATED)
+        row = await wait_for(db, batch_id, lambda r: r.status == "completed", timeout_s=10)
+    finally:
+        await runner.stop()
+        await task
+    assert row.request_completed == 1

@@ -1,0 +1,32 @@
+"""The one Config: the scheduler's sizes by device when none is given, and the engine flags' checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokabatch.config import DEVICE_STEP_SIZES, SchedulerConfig, load_config
+from tokabatch.errors import ConfigError
+
+
+def test_unset_scheduler_sizes_are_the_devices():
+    cuda = SchedulerConfig().for_device("cuda")
+    cpu = SchedulerConfig().for_device("cpu")
+    assert (cuda.max_seqs, cuda.max_tokens_per_step) == DEVICE_STEP_SIZES["cuda"] == (2048, 16384)
+    assert (cpu.max_seqs, cpu.max_tokens_per_step) == DEVICE_STEP_SIZES["cpu"] == (256, 2048)
+    assert SchedulerConfig().for_device("mps") == cpu            # any other device: the small steps
+    given = SchedulerConfig(max_seqs=64).for_device("cuda")
+    assert (given.max_seqs, given.max_tokens_per_step) == (64, 16384)
+
+
+def test_serve_flags_reach_the_engine_config():
+    config = load_config(env={}, scheduler={"max_seqs": 512, "max_tokens_per_step": None},
+                         engine={"kv_memory_fraction": 0.5, "loop_factory": "pkg.mod:fn"})
+    assert config.engine.scheduler.max_seqs == 512 and config.engine.scheduler.max_tokens_per_step is None
+    assert config.engine.kv_memory_fraction == 0.5 and config.engine.loop_factory == "pkg.mod:fn"
+
+
+@pytest.mark.parametrize("bad", [{"scheduler": {"max_seqs": 0}}, {"scheduler": {"max_tokens_per_step": -1}},
+                                 {"engine": {"kv_memory_fraction": 0.0}}, {"engine": {"kv_memory_fraction": 1.5}}])
+def test_bad_engine_sizes_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        load_config(env={}, **bad)

@@ -29,6 +29,7 @@ died or shut down) or aborted is handled by `OnEngineFailure`. Must not import t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -181,7 +182,8 @@ class Feed:
         self._began = time.monotonic()
         reader = _Reader(Path(input_path), spans, frozenset(self.writer.done_custom_ids), self._prepare,
                          secrets.token_hex(4))
-        outputs = self.engine.generate(self._requests(reader))
+        requests = self._requests(reader)
+        outputs = self.engine.generate(requests)
         try:
             async for output in outputs:
                 unit = self._in_flight.pop(output.request_id, None)
@@ -195,6 +197,8 @@ class Feed:
             aclose = getattr(outputs, "aclose", None)   # closing the stream aborts what is still running
             if aclose is not None:
                 await aclose()
+            await requests.aclose()     # the engine may have stopped pulling mid-file: shut the input now
+            reader.close()
         return self.result
 
     # ---- prepare and order ----------------------------------------------------------------
@@ -211,14 +215,15 @@ class Feed:
     async def _requests(self, reader: _Reader) -> AsyncIterator[GenerationRequest]:
         """The engine's request stream. A line enters `_in_flight` only when its requests are fed,
         so a line read ahead but not fed is simply not written."""
-        async for window in self._windows(reader):
-            for unit in _merge_alike(window):
-                requests = _merged_request(unit) if isinstance(unit, _Merged) else unit.prepared.requests
-                for request in requests:
-                    if self.result.first_fed_s is None:
-                        self.result.first_fed_s = time.monotonic() - self._began
-                    self._in_flight[request.request_id] = unit
-                    yield request
+        async with contextlib.aclosing(self._windows(reader)) as windows:
+            async for window in windows:
+                for unit in _merge_alike(window):
+                    requests = _merged_request(unit) if isinstance(unit, _Merged) else unit.prepared.requests
+                    for request in requests:
+                        if self.result.first_fed_s is None:
+                            self.result.first_fed_s = time.monotonic() - self._began
+                        self._in_flight[request.request_id] = unit
+                        yield request
 
     async def _windows(self, reader: _Reader) -> AsyncIterator[list[Line]]:
         """Prepared lines, window by window: the next window is prepared while this one is taken."""

@@ -24,7 +24,6 @@ prefix each, then 128 tokens of their own.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import sys
 import tempfile

@@ -49,6 +49,7 @@ from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult  # noqa: E402
 from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
 from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
+from tokabatch.engine.simulated import LiveSequences as FakeSampler  # noqa: E402
 from tokabatch.text import Tokenizer  # noqa: E402
 
 VOCAB = 128256
@@ -91,19 +92,6 @@ class FakeRunner:
         step = plan.step_idx
         sampled = tuple(SampledToken(w.seq_id, (w.seq_id * 7919 + step) % VOCAB) for w in plan.works if w.sample)
         return StepResult(step_idx=step, sampled=sampled, num_forward_tokens=plan.num_tokens)
-
-
-class FakeSampler:
-    def __init__(self) -> None:
-        self.live: set[int] = set()
-
-    def register(self, seq_id: int, params: SamplingParams, prompt_ids: Any, *, choice_index: int = 0) -> None:
-        if seq_id in self.live:
-            raise ValueError(f"sequence {seq_id} is already registered")
-        self.live.add(seq_id)
-
-    def release(self, seq_id: int) -> None:
-        self.live.discard(seq_id)
 
 
 class Timed:

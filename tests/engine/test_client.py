@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +21,7 @@ from tokabatch.engine.api import (
 )
 from tokabatch.engine.client import EngineClient
 from tokabatch.engine.loop_protocol import LoopSpec
+from tests.subprocess_util import run_python
 from tokabatch.engine.testing import FAKE_FACTORY, FakeEngine, FakeLoop, fake_text, fake_token_ids
 
 pytestmark = pytest.mark.timeout(60)
@@ -290,12 +288,7 @@ def test_parent_process_never_imports_torch() -> None:
         asyncio.run(main())
         print("torch" in sys.modules)
     """)
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=repo_root)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert run_python(script).strip() == "False"
 
 
 async def test_priority_defaults_and_online_bypass_capacity() -> None:

@@ -5,14 +5,12 @@ any engine, and keeps the service's world torch-free."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.subprocess_util import run_python
 from tokabatch.config import EngineConfig, ModelConfig
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
 from tokabatch.engine.client import EngineClient
@@ -74,9 +72,4 @@ def test_the_simulated_engine_imports_no_torch():
         import tokabatch.engine.simulated
         print("torch" in sys.modules)
     """)
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=repo_root)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert run_python(script).strip() == "False"

@@ -28,18 +28,23 @@ def shared_line(i: int, **body_changes) -> dict:
     return chat_line(i, messages=SHARED, temperature=1.0, **body_changes)
 
 
+async def run_lines(db, blobs, clock, tok, tmp_path, lines: list[dict]):
+    """The batch run to its end on a FakeEngine: (its row, engine request id -> times executed)."""
+    batch_id = await new_batch(db, blobs, lines, clock)
+    engine = await fake_engine()
+    try:
+        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
+        return row, dict(engine.executions)
+    finally:
+        await engine.close()
+
+
 async def test_alike_lines_run_as_one_request_and_get_their_own_choice(db, blobs, clock, tok, tmp_path):
     # Lines 0, 2, 4, 5 ask the same of the same prompt; 1 differs in its prompt, 3 has a seed (the
     # same seed must give what it gives alone), 6 asks for 2 choices (merged: it takes two).
     lines = [shared_line(0), chat_line(1), shared_line(2), shared_line(3, seed=7), shared_line(4),
              shared_line(5), shared_line(6, n=2)]
-    batch_id = await new_batch(db, blobs, lines, clock)
-    engine = await fake_engine()
-    try:
-        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
-        executions = dict(engine.executions)
-    finally:
-        await engine.close()
+    row, executions = await run_lines(db, blobs, clock, tok, tmp_path, lines)
     assert row.status == "completed"
     out, _ = assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
     merged = [rid for rid in executions if rid.endswith("-x5")]
@@ -65,13 +70,7 @@ async def test_alike_lines_run_as_one_request_and_get_their_own_choice(db, blobs
 
 async def test_merges_stop_at_the_largest_n(db, blobs, clock, tok, tmp_path):
     lines = [shared_line(i, max_tokens=1) for i in range(MAX_MERGED_N + 3)]
-    batch_id = await new_batch(db, blobs, lines, clock)
-    engine = await fake_engine()
-    try:
-        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
-        executions = dict(engine.executions)
-    finally:
-        await engine.close()
+    row, executions = await run_lines(db, blobs, clock, tok, tmp_path, lines)
     assert row.status == "completed"
     assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
     sizes = sorted(int(rid.rsplit("-x", 1)[1]) if "-x" in rid else 1 for rid in executions)

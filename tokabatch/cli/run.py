@@ -84,6 +84,7 @@ async def _run_async(file: Path, output: Path, *, config, model_path: Path, endp
                      total: int, engine_factory: Optional[str], console: Console, spans: list):
     from tokabatch.cli import run_job
     from tokabatch.engine.client import EngineClient
+    from tokabatch.service.jobs.feed import EngineFailed
     from tokabatch.text import Tokenizer
 
     tokenizer = Tokenizer.from_folder(model_path)
@@ -107,7 +108,7 @@ async def _run_async(file: Path, output: Path, *, config, model_path: Path, endp
             task = bar.add_task("run", total=total, detail="")
             return await run_job.execute(file, output, engine=engine, tokenizer=tokenizer, endpoint=endpoint,
                                          served_model_names={served}, progress=progress, spans=spans)
-    except run_job.EngineFailed as e:
+    except EngineFailed as e:
         raise CliError(f"{e}; {progress.completed + progress.failed} lines were written to {output.name} "
                        "and its error file: re-run the same command to resume", EXIT_ERROR) from None
     finally:

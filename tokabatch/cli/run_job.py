@@ -28,7 +28,7 @@ from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine
 from tokabatch.errors import TokabatchError
 from tokabatch.service.jobs import ordering, outputs, parse
-from tokabatch.service.jobs.feed import EngineFailed, Feed, OnEngineFailure, Span
+from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
 
 INPUT_MARKER = "input.json"
 

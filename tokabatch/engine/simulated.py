@@ -79,8 +79,9 @@ class _Pending:
         return self._result
 
 
-class _Sampler:
-    """The runner's sampler as the loop sees it: which sequences are live."""
+class LiveSequences:
+    """The runner's sampler as the loop sees it when nothing samples: which sequences are live (also
+    the fake runners' of scripts/bench_step_overhead.py)."""
 
     def __init__(self) -> None:
         self.live: set[int] = set()
@@ -107,7 +108,7 @@ class SimulatedRunner:
     def __init__(self, gpu: SimulatedGpu, vocab_size: int) -> None:
         self.gpu = gpu
         self.vocab_size = vocab_size
-        self.sampler = _Sampler()
+        self.sampler = LiveSequences()
         self.num_graph_steps = 0
         self.num_eager_steps = 0
 
@@ -153,4 +154,4 @@ def build_simulated_loop(engine_config: EngineConfig, *, costs: StepCosts = H200
     return PipelinedLoop(loops, info, affinity_tokens=engine_config.hydragen_min_prefix_tokens)
 
 
-__all__ = ["H200_LLAMA_1B", "SimulatedGpu", "SimulatedRunner", "StepCosts", "build_simulated_loop"]
+__all__ = ["H200_LLAMA_1B", "LiveSequences", "SimulatedGpu", "SimulatedRunner", "StepCosts", "build_simulated_loop"]

@@ -3,12 +3,13 @@
 # `tokabatch serve` on a free port with a throw-away data dir, submit examples/chat.jsonl through
 # the CLI, wait for it, print every answer, and say where the Parquet file is. The server is
 # stopped on exit, whatever happens. Fast the second time: setup and the model are cached.
-# Usage: scripts/demo.sh [INPUT.jsonl]     (results go to $TOKABATCH_DEMO_DIR, default /tmp/tokabatch-demo)
+# Usage: scripts/demo.sh [INPUT.jsonl]     (results go to $TOKABATCH_DEMO_DIR, default the demo/ folder
+#                                           of the data dir: $TOKABATCH_DATA_DIR or ~/.local/share/tokabatch)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 input="${1:-examples/chat.jsonl}"
-out_dir="${TOKABATCH_DEMO_DIR:-${TMPDIR:-/tmp}/tokabatch-demo}"
+out_dir="${TOKABATCH_DEMO_DIR:-${TOKABATCH_DATA_DIR:-$HOME/.local/share/tokabatch}/demo}"
 
 scripts/setup.sh
 export HF_HUB_OFFLINE=1

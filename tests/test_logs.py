@@ -62,3 +62,16 @@ async def test_every_request_is_logged_with_its_request_id():
     assert by_id[ok_response.headers["x-request-id"]].status == 200
     miss = by_id[missing.headers["x-request-id"]]
     assert (miss.method, miss.path, miss.status) == ("GET", "/nope", 404) and miss.duration_ms >= 0
+
+
+def test_a_start_logs_the_migrations_not_alembic_s_plugins(tmp_path, capsys):
+    from tokabatch.logs import configure_logging
+    from tokabatch.service.storage import db as dbmod
+
+    configure_logging("info", "text")
+    try:
+        dbmod.upgrade(f"sqlite+aiosqlite:///{tmp_path / 'tokabatch.db'}")
+    finally:
+        logging.getLogger().handlers[:] = []
+    err = capsys.readouterr().err
+    assert "Running upgrade" in err and "setup plugin" not in err

@@ -125,7 +125,7 @@ def test_resolve_existing_folder_and_errors(tmp_path: Path) -> None:
         resolve_model_path(str(folder))
     (folder / "config.json").write_text("{}")
     assert resolve_model_path(str(folder)) == folder
-    with pytest.raises(ModelLoadError, match="no such folder"):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
         resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(ModelLoadError, match="is a file"):
         resolve_model_path(str(folder / "config.json"))
@@ -157,7 +157,7 @@ def test_list_models_and_cli(empty_cache: Path) -> None:
     result = runner.invoke(app, ["models", "list", "--json"])
     assert result.exit_code == 0 and json.loads(result.output) == expected
     result = runner.invoke(app, ["models", "fetch", str(empty_cache / "nope")])
-    assert result.exit_code == 1 and "no such folder" in result.output
+    assert result.exit_code == 1 and "no such model folder" in result.output
 
 
 def test_stale_temporary_folder_is_removed(empty_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic announces each of its plugins at INFO on every start; its migrations stay at INFO.
+    logging.getLogger("alembic.runtime.plugins").setLevel(max(logging.WARNING, root.level))
 
 
 __all__ = ["FORMATS", "JsonFormatter", "TextFormatter", "configure_logging", "context_fields"]

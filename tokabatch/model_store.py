@@ -146,7 +146,7 @@ def resolve_model_path(name_or_path: str, *, cache: Path | None = None) -> Path:
         return path
     if path.exists():
         raise ModelLoadError(f"model path {path} is a file; expected an HF model folder or 'demo'")
-    raise ModelLoadError(f"no model {name_or_path!r}: not 'demo' and no such folder")
+    raise ModelLoadError(f"no such model folder: {path} (give an HF model folder or 'demo')")
 
 
 def _marker(folder: Path) -> dict | None:

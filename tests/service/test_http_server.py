@@ -58,7 +58,10 @@ async def test_serve_lifecycle_and_sigterm(tmp_path):
         await asyncio.sleep(0.02)
     base = f"http://127.0.0.1:{ports[0]}"
     status, _, body = await asyncio.to_thread(raw_request, f"{base}/v1/models")
-    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["stub-model", "demo"]  # default model: demo
+    # The engine's name is the one name (here as --served-model-name would set it): no `demo` alias.
+    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == ["stub-model"]
+    status, _, _ = await asyncio.to_thread(raw_request, f"{base}/v1/models/demo")
+    assert status == 404
     status, _, body = await asyncio.to_thread(
         raw_request, f"{base}/v1/batches", method="POST", headers={"Content-Type": "application/json"},
         data=json.dumps({"input_file_id": "file-x", "endpoint": "/v1/completions",
@@ -75,13 +78,14 @@ async def test_serve_lifecycle_and_sigterm(tmp_path):
         await database.close()
 
 
-def test_demo_alias():
+def test_the_served_name_is_the_only_name():
+    # `serve --model demo --served-model-name tiny` once listed and accepted `demo` beside `tiny`.
     from tokabatch.config import Config, EngineConfig, ModelConfig
 
-    engine = StubEngine([])
-    demo = Config(engine=EngineConfig(model=ModelConfig(path="demo")))
+    engine = StubEngine([])                 # its model id stands for --served-model-name
+    demo = Config(engine=EngineConfig(model=ModelConfig(path="demo", served_model_name="stub-model")))
     other = Config(engine=EngineConfig(model=ModelConfig(path="/models/x")))
-    assert server.served_model_names(demo, engine) == ("stub-model", "demo")
+    assert server.served_model_names(demo, engine) == ("stub-model",)
     assert server.served_model_names(other, engine) == ("stub-model",)
 
 

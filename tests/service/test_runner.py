@@ -165,3 +165,24 @@ async def test_wake_claims_a_new_batch_before_the_next_poll(db, blobs, clock, to
         await runner.stop()
         await task
     assert row.request_completed == 1
+
+
+async def test_parquet_rows_answer_per_choice_questions(db, blobs, clock, tok, engine, tmp_path):
+    # Each row carries its input line, the model, and per-choice token counts (and logprobs when
+    # asked), so grouping by finish reason counts each choice once, not a row of n=2 twice.
+    lines = [chat_line(0, n=2, max_tokens=3), chat_line(1, max_tokens=4, logprobs=True),
+             chat_line(2, temperature=7)]                                    # a 400 line: no choices
+    batch_id = await new_batch(db, blobs, lines, clock)
+    row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
+    rows = {r["custom_id"]: r for r in pq.read_table(blobs.path(row.output_parquet_file_id)).to_pylist()}
+    assert {cid: r["line"] for cid, r in rows.items()} == {"line-0": 1, "line-1": 2, "line-2": 3}
+    assert rows["line-0"]["model"] == rows["line-1"]["model"] == "fake" and rows["line-2"]["model"] is None
+    assert rows["line-0"]["choice_completion_tokens"] == [3, 3] and rows["line-0"]["completion_tokens"] == 6
+    assert rows["line-1"]["choice_completion_tokens"] == [4] and rows["line-2"]["choice_completion_tokens"] is None
+    assert rows["line-0"]["choice_logprobs"] is None
+    assert [len(x) for x in rows["line-1"]["choice_logprobs"]] == [4]
+    by_reason: dict[str, int] = {}
+    for r in rows.values():
+        for reason, tokens in zip(r["finish_reasons"], r["choice_completion_tokens"] or ()):
+            by_reason[reason] = by_reason.get(reason, 0) + tokens
+    assert sum(by_reason.values()) == row.output_tokens == 10

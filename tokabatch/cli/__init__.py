@@ -21,8 +21,10 @@ from tokabatch.cli.common import EXIT_CODES_HELP, CliError, fail, one_line_error
 
 __all__ = ["app", "main", "fail", "one_line_errors", "CliError"]
 
+# Plain (click) help, not rich's panels: every option and its whole text at any width, in a pipe too.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="tokabatch: OpenAI-compatible LLM batch jobs.", epilog=EXIT_CODES_HELP)
+                  help="tokabatch: OpenAI-compatible LLM batch jobs.", epilog=EXIT_CODES_HELP,
+                  rich_markup_mode=None, context_settings={"max_content_width": 100})
 models_app = typer.Typer(no_args_is_help=True, help="Fetch and list models.")
 files_app = typer.Typer(no_args_is_help=True, help="List and delete files on the server.")
 db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
@@ -82,8 +84,28 @@ def serve(
         raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "
                        "warning, error")
     model_store.resolve_model_path(model)   # a bad --model fails here, in one line, before anything starts
+    _check_port_free(config.server.host, config.server.port)   # and a taken port before the model loads
     configure_logging(log_level, log_format)
     run_server(config)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line if `host:port` cannot be listened on (the server binds it after the model loads)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CliError(f"cannot listen on {host}:{port}: {e}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server's own listener does
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 @db_app.command("upgrade")

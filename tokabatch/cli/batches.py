@@ -19,7 +19,7 @@ from rich.table import Column, Table
 
 from tokabatch.cli.client import ApiClient, resolve_connection
 from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
-from tokabatch.cli.waiting import exit_code_for, wait_for_batch
+from tokabatch.cli.waiting import PROGRESS_EVERY_S, exit_code_for, wait_for_batch
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _INFER_SCAN_LINES = 1000
@@ -41,8 +41,13 @@ def errors_path_for(out: Path) -> Path:
 
 
 def infer_endpoint(path: Path) -> str:
-    """The `url` of the input's first parseable request line (the server checks the rest)."""
+    """The `url` of the input's first parseable request line (the server checks the rest). A file
+    with no request line at all is named as such (the server would refuse it the same way)."""
     with path.open("r", encoding="utf-8", errors="replace") as f:
+        if not any(line.strip() for line in f):
+            raise CliError(f"{path} is empty: a batch input file is JSONL, one request object per line",
+                           EXIT_USAGE)
+        f.seek(0)
         for i, raw in enumerate(f):
             if i >= _INFER_SCAN_LINES:
                 break
@@ -115,6 +120,9 @@ def submit(
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Download results here when done (.jsonl or .parquet); implies --wait."),
     poll_s: float = typer.Option(1.0, "--poll-interval", help="Seconds between status checks."),
+    progress_every_s: float = typer.Option(PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS",
+                                           help="With --wait and no terminal: a plain progress line this often "
+                                                "(0: none)."),
     base_url: Optional[str] = BaseUrlOpt,
     api_key: Optional[str] = ApiKeyOpt,
 ) -> None:
@@ -133,7 +141,7 @@ def submit(
         return
     err = Console(stderr=True, soft_wrap=True)
     try:
-        batch = wait_for_batch(client, batch["id"], poll_s=poll_s, console=err)
+        batch = wait_for_batch(client, batch["id"], poll_s=poll_s, console=err, progress_every_s=progress_every_s)
     except KeyboardInterrupt:
         raise CliError(f"stopped waiting; batch {batch['id']} keeps running (tokabatch status {batch['id']})",
                        130) from None

@@ -70,6 +70,15 @@ def open_writer(input_path: Path, out: Path) -> tuple[outputs.ResultWriter, outp
     return writer, writer.open()
 
 
+def count_done(input_path: Path, out: Path) -> int:
+    """How many lines of `input_path` the checkpoint of `out` already holds (0 without one)."""
+    if not (work_dir_for(out) / INPUT_MARKER).is_file():
+        return 0
+    writer, resumed = open_writer(input_path, out)
+    writer.close()
+    return len(resumed.done_custom_ids)
+
+
 @dataclass
 class JobProgress:
     """What the progress bar shows; `on_change` is called after every written line."""

@@ -1,8 +1,10 @@
 """`submit --wait`: poll a batch until it is terminal, with a live progress bar on stderr.
 
-Owns the progress display (completed/failed/total, tokens/s from the batch's usage, ETA) and the
-mapping from a terminal batch to the documented exit code and its one-line reason. Talks to the
-server only through `ApiClient`; must not import the service or torch.
+Owns the progress display that `submit --wait` and `run` share (completed/failed/total, tokens/s,
+an ETA from measured progress only): a live bar on a terminal, else one plain line every
+`--progress-every` seconds (cron logs); and the mapping from a terminal batch to the documented
+exit code and its one-line reason. Talks to the server only through `ApiClient`; must not import
+the service or torch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tokabatch.cli.common import (
 )
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+PROGRESS_EVERY_S = 30.0              # without a terminal: a plain progress line this often
 MAX_ERRORS_SHOWN = 3
 UNREACHABLE_GRACE_S = 60.0           # --wait keeps polling this long while the server is away
 
@@ -46,33 +49,66 @@ class Rates:
         return (k1 - k0) / (t1 - t0) if t1 > t0 else None
 
     def eta_s(self, remaining_lines: int) -> float | None:
+        """Seconds left at the line rate measured so far; None until lines have finished over a
+        measurable time (an estimate before any progress would be a guess)."""
         if len(self.samples) < 2 or remaining_lines <= 0:
             return None
         (t0, _, n0), (t1, _, n1) = self.samples[0], self.samples[-1]
-        rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        if n1 <= self.first_lines or t1 - t0 < MIN_ETA_BASIS_S:
+            return None
+        rate = (n1 - n0) / (t1 - t0)
         return remaining_lines / rate if rate > 0 else None
 
 
-class _StatsColumn(ProgressColumn):
+MIN_ETA_BASIS_S = 1.0                # seconds of measured progress an ETA needs
+
+
+def format_eta(eta_s: float) -> str:
+    eta = int(eta_s)
+    return f"{eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+
+
+def progress_text(ok: int, failed: int, total: int, tok_s: float | None, eta_s: float | None) -> str:
+    """'5 ok, 1 failed / 8  123.4 tok/s  ETA 0:01:02' (what the bar and the plain lines show)."""
+    parts = [f"{ok} ok, {failed} failed / {total}"]
+    if tok_s is not None:
+        parts.append(f"{tok_s:.1f} tok/s")
+    if eta_s is not None:
+        parts.append(f"ETA {format_eta(eta_s)}")
+    return "  ".join(parts)
+
+
+class ProgressLines:
+    """Without a terminal (cron, a pipe): one plain line on stderr every `every_s` seconds."""
+
+    def __init__(self, console: Console, label: str, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.console, self.label, self.every_s = console, label, every_s
+        self._next_s = time.monotonic() + every_s
+
+    def update(self, status: str, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.console.is_terminal or (now < self._next_s and not force) or self.every_s <= 0:
+            return
+        self._next_s = now + self.every_s
+        self.console.print(f"{self.label}: {status}: {text}", highlight=False, soft_wrap=True)
+
+
+class StatsColumn(ProgressColumn):
     """'5 ok, 1 failed / 8  123.4 tok/s  ETA 0:01:02' from fields the poller stores on the task."""
 
     def render(self, task: Task) -> Text:
         f = task.fields
-        parts = [f"{f.get('ok_lines', 0)} ok, {f.get('failed_lines', 0)} failed / {f.get('total_lines', 0)}"]
-        if f.get("tok_s") is not None:
-            parts.append(f"{f['tok_s']:.1f} tok/s")
-        if f.get("eta_s") is not None:
-            eta = int(f["eta_s"])
-            parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-        return Text("  ".join(parts))
+        return Text(progress_text(f.get("ok_lines", 0), f.get("failed_lines", 0), f.get("total_lines", 0),
+                                  f.get("tok_s"), f.get("eta_s")))
 
 
 def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
-                   console: Console | None = None) -> dict:
+                   console: Console | None = None, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
     """Poll until the batch is terminal; returns the final Batch object."""
     console = console or Console(stderr=True, soft_wrap=True)
     rates = Rates()
-    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), _StatsColumn(), TimeElapsedColumn(),
+    lines = ProgressLines(console, batch_id, progress_every_s)
+    progress = Progress(TextColumn("{task.description:<12}"), BarColumn(), StatsColumn(), TimeElapsedColumn(),
                         console=console, transient=False, disable=not console.is_terminal)
     with progress:
         task = progress.add_task("validating", total=None)
@@ -84,10 +120,11 @@ def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
             output_tokens = int((batch.get("usage") or {}).get("output_tokens") or 0)
             if batch.get("status") == "in_progress":
                 rates.update(time.monotonic(), output_tokens, completed + failed)
+            tok_s, eta_s = rates.tokens_per_s(), rates.eta_s(total - completed - failed)
             progress.update(task, description=str(batch.get("status")), total=total or None,
                             completed=completed + failed, ok_lines=completed, failed_lines=failed,
-                            total_lines=total, tok_s=rates.tokens_per_s(),
-                            eta_s=rates.eta_s(total - completed - failed))
+                            total_lines=total, tok_s=tok_s, eta_s=eta_s)
+            lines.update(str(batch.get("status")), progress_text(completed, failed, total, tok_s, eta_s))
             if batch.get("status") in TERMINAL:
                 progress.refresh()
                 return batch
@@ -118,11 +155,14 @@ def exit_code_for(batch: dict) -> tuple[int, str]:
         return EXIT_OK, f"batch {bid} completed: {completed} of {total} lines succeeded"
     if status == "failed":
         return EXIT_BATCH_FAILED, f"batch {bid} failed: {format_batch_errors(batch)}"
+    # The error file holds the lines that failed and the lines that never ran (batch_expired,
+    # batch_cancelled): `failed` counts both, so only `completed` says how far the batch got.
     if status == "expired":
-        return EXIT_EXPIRED, (f"batch {bid} expired after {completed + failed} of {total} lines "
-                              f"({batch.get('completion_window')} window); unfinished lines are in the error file")
+        return EXIT_EXPIRED, (f"batch {bid} expired ({batch.get('completion_window')} window) with {completed} of "
+                              f"{total} lines completed; the other {failed} (failed or not run) are in the error file")
     if status == "cancelled":
-        return EXIT_CANCELLED, f"batch {bid} was cancelled after {completed + failed} of {total} lines"
+        return EXIT_CANCELLED, (f"batch {bid} was cancelled with {completed} of {total} lines completed; the other "
+                                f"{failed} (failed or not run) are in the error file")
     return EXIT_ERROR, f"batch {bid} is {status}, not a terminal state"
 
 

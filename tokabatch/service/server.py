@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
-from tokabatch.config import DEMO_MODEL_NAME, Config
+from tokabatch.config import Config
 from tokabatch.engine.api import Engine
 from tokabatch.text import Tokenizer
 from tokabatch.service.app import blobs_dir, make_app
@@ -91,11 +91,9 @@ def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore,
 
 
 def served_model_names(config: Config, engine: Engine) -> tuple[str, ...]:
-    """The engine's model name, plus the alias `demo` when serving the demo model."""
-    names = [engine.info.model_id]
-    if config.engine.model.path == DEMO_MODEL_NAME:
-        names.append(DEMO_MODEL_NAME)
-    return tuple(dict.fromkeys(names))
+    """The one name clients use: the engine's (`--served-model-name`, else the folder's name, or
+    `demo` for the demo model). /v1/models lists it and request bodies must name it."""
+    return (engine.info.model_id,)
 
 
 def _install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:

@@ -13,9 +13,7 @@ expires_after) and discarded. Must not import torch.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +23,7 @@ from tokabatch.errors import InvalidRequest, NotFound, PayloadTooLarge
 from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BLOBS, CONFIG, DB, now_s, owner_of
 from tokabatch.service.http.schemas import file_object, list_object, parse_expires_after, parse_limit, parse_order
+from tokabatch.service.jobs.parse import FirstLineCheck
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobWriter
 
@@ -32,68 +31,8 @@ UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "e
 BATCH_FILE_TTL_S = 2_592_000        # purpose=batch files expire 30 days after creation
 CHUNK_BYTES = 256 * 1024
 MAX_FIELD_BYTES = 4096               # text form fields are tiny; never buffer a big one
-FIRST_LINE_CAP_BYTES = 16 << 20      # a longer first line is left to the runner's validation
 MULTIPART_SLACK_BYTES = 64 * 1024    # boundaries and part headers around the file bytes
 routes = web.RouteTableDef()
-
-
-class FirstLineCheck:
-    """Streaming check of a batch file: valid UTF-8 throughout, and a JSON object as the first
-    non-blank line. Keeps at most FIRST_LINE_CAP_BYTES of the head in memory."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._head = bytearray()
-        self._first_line: bytes | None = None
-        self.utf8_ok = True
-        self.num_bytes = 0
-
-    def feed(self, chunk: bytes) -> None:
-        self.num_bytes += len(chunk)
-        if self.utf8_ok:
-            try:
-                self._decoder.decode(chunk)
-            except UnicodeDecodeError:
-                self.utf8_ok = False
-        if self._first_line is None and len(self._head) < FIRST_LINE_CAP_BYTES:
-            self._head += chunk
-            self._find_first_line(final=False)
-
-    def _find_first_line(self, *, final: bool) -> None:
-        head = bytes(self._head).removeprefix(codecs.BOM_UTF8)
-        lines = head.split(b"\n")
-        complete = lines if final else lines[:-1]
-        for line in complete:
-            if line.strip():
-                self._first_line = line
-                self._head = bytearray()
-                return
-
-    def problem(self) -> str | None:
-        """Finish and return why the file is not a batch JSONL file, or None."""
-        if self.utf8_ok:
-            try:
-                self._decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                self.utf8_ok = False
-        if self.num_bytes == 0:
-            return "The file is empty. A batch input file must be JSONL: one JSON request object per line."
-        if not self.utf8_ok:
-            return "The file is not valid UTF-8. A batch input file must be UTF-8 encoded JSONL."
-        if self._first_line is None:
-            if len(self._head) >= FIRST_LINE_CAP_BYTES:
-                return None          # a huge first line: the runner validates it line by line
-            self._find_first_line(final=True)
-        if self._first_line is None:
-            return "The file contains only blank lines. A batch input file must be JSONL."
-        try:
-            first = json.loads(self._first_line)
-        except ValueError:
-            first = None
-        if not isinstance(first, dict):
-            return ("Invalid file format: the first line is not a JSON object. A batch input file "
-                    "must be JSONL (.jsonl): one JSON request object per line.")
-        return None
 
 
 @dataclass(slots=True)

@@ -70,9 +70,16 @@ class Line:
     """A line in flight: its engine requests' outputs are gathered until all have arrived."""
 
     custom_id: str
+    line_no: int                         # the input's physical line number (1-based)
     request_id: str                      # the line's id (its engine requests: this, or this-<i> per prompt)
     prepared: PreparedRequest
     outputs: list[GenerationOutput] = field(default_factory=list)
+
+    def choice_tokens(self) -> list[int]:
+        """Each choice's completion tokens, in the response body's order (prompt, then choice index)."""
+        by_id = {o.request_id: o for o in self.outputs}
+        return [len(c.token_ids) for r in self.prepared.requests
+                for c in sorted(by_id[r.request_id].choices, key=lambda c: c.index)]
 
 
 @dataclass(slots=True)
@@ -92,6 +99,7 @@ class FeedResult:
 @dataclass(slots=True)
 class _Rejected:
     custom_id: str
+    line_no: int
     request_id: str
     error: TokabatchError
 
@@ -129,9 +137,9 @@ class _Reader:
                 request_id = f"req_{line_no}x{self._tag}"
                 prepared = self._prepare_like_last(body, request_id)
                 if isinstance(prepared, TokabatchError):
-                    rejected.append(_Rejected(custom_id, request_id, prepared))
+                    rejected.append(_Rejected(custom_id, line_no, request_id, prepared))
                 else:
-                    lines.append(Line(custom_id, request_id, prepared))
+                    lines.append(Line(custom_id, line_no, request_id, prepared))
                 if len(lines) + len(rejected) >= count:
                     exhausted = False
                     break
@@ -235,7 +243,10 @@ class Feed:
                 lines, rejected, exhausted = await pending
                 pending = None if exhausted else asyncio.ensure_future(asyncio.to_thread(reader.read, next(sizes)))
                 for item in rejected:
-                    self._write(item.custom_id, item.request_id, None, item.error.status, error_body(item.error))
+                    self.writer.write_response(item.custom_id, status_code=item.error.status,
+                                               request_id=item.request_id, body=error_body(item.error),
+                                               line_no=item.line_no)
+                    self.on_written(False, 0)
                 if ordered:
                     lines = sort_window(lines, lambda line: line.prepared.requests[0].prompt_token_ids)
                 yield lines
@@ -264,8 +275,7 @@ class Feed:
         failed = first_failure(line.outputs)
         if failed is None:
             body = render_response(line.prepared, line.outputs, created=int(self.clock()))
-            self._write(line.custom_id, line.request_id, line.prepared, 200, body,
-                        sum(o.num_completion_tokens for o in line.outputs))
+            self._write(line, 200, body, line.choice_tokens())
             return
         error = failed.error
         engine_failed = failed.aborted or error is None or error.status >= 500
@@ -277,14 +287,13 @@ class Feed:
         if error.status >= 500 and self.on_engine_failure is OnEngineFailure.LEAVE:
             self.result.num_left += 1
             return
-        self._write(line.custom_id, line.request_id, line.prepared, error.status, error_body(error))
+        self._write(line, error.status, error_body(error))
 
-    def _write(self, custom_id: str, request_id: str, prepared: PreparedRequest | None, status_code: int,
-               body: dict, output_tokens: int = 0) -> None:
-        prompt = "\n".join(prepared.prompt_texts) if prepared is not None else None
-        self.writer.write_response(custom_id, status_code=status_code, request_id=request_id, body=body,
-                                   prompt_text=prompt)
-        self.on_written(200 <= status_code < 300, output_tokens)
+    def _write(self, line: Line, status_code: int, body: dict, choice_tokens: list[int] | None = None) -> None:
+        self.writer.write_response(line.custom_id, status_code=status_code, request_id=line.request_id, body=body,
+                                   prompt_text="\n".join(line.prepared.prompt_texts), line_no=line.line_no,
+                                   choice_tokens=choice_tokens)
+        self.on_written(200 <= status_code < 300, sum(choice_tokens or ()))
 
 
 def _merge_key(line: Line) -> tuple[tuple[int, ...], SamplingParams, Priority] | None:

@@ -82,26 +82,40 @@ def _read_complete_lines(path: Path) -> Iterator[dict]:
 
 
 def _row(custom_id: str, status_code: int | None, request_id: str | None, body: dict | None,
-         error: dict | None, prompt_text: str | None) -> dict:
-    """One Parquet row, derived from what the line says (see PARQUET_SCHEMA)."""
+         error: dict | None, prompt_text: str | None, line: int | None, choice_tokens: list[int] | None) -> dict:
+    """One Parquet row, derived from what the line says (see parquet_schema and docs/parquet.md)."""
     completions: list[str] = []
     finish_reasons: list[str] = []
+    logprobs: list[list[float | None] | None] = []
     usage: dict = {}
     if body is not None and "choices" in body:
         for choice in body["choices"]:
             message = choice.get("message")
             completions.append((message.get("content") or "") if message is not None else choice.get("text", ""))
             finish_reasons.append(choice.get("finish_reason") or "")
+            logprobs.append(_token_logprobs(choice.get("logprobs")))
         usage = body.get("usage") or {}
     if error is None and body is not None and isinstance(body.get("error"), dict):
         error = body["error"]
     return {
-        "custom_id": custom_id, "status_code": status_code, "request_id": request_id, "prompt": prompt_text,
+        "custom_id": custom_id, "line": line, "status_code": status_code, "request_id": request_id,
+        "model": body.get("model") if body is not None else None, "prompt": prompt_text,
         "completions": completions, "finish_reasons": finish_reasons,
+        "choice_completion_tokens": choice_tokens if choice_tokens is not None and completions else None,
+        "choice_logprobs": logprobs if any(x is not None for x in logprobs) else None,
         "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
         "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if usage else None,
         "error_code": error.get("code") if error else None, "error_message": error.get("message") if error else None,
     }
+
+
+def _token_logprobs(logprobs: dict | None) -> list[float | None] | None:
+    """A choice's sampled-token logprobs: chat's `content[].logprob`, completions' `token_logprobs`."""
+    if not logprobs:
+        return None
+    if "content" in logprobs:
+        return [entry.get("logprob") for entry in logprobs.get("content") or ()]
+    return list(logprobs.get("token_logprobs") or ())
 
 
 class ResultWriter:
@@ -158,20 +172,25 @@ class ResultWriter:
         os.replace(temp, self.rows_path)
 
     def write_response(self, custom_id: str, *, status_code: int, request_id: str, body: dict,
-                       prompt_text: str | None = None) -> None:
-        """An HTTP-style result: 2xx to the output file (counted completed), else to the error file."""
+                       prompt_text: str | None = None, line_no: int | None = None,
+                       choice_tokens: list[int] | None = None) -> None:
+        """An HTTP-style result: 2xx to the output file (counted completed), else to the error file.
+        `line_no` (the input's line number) and `choice_tokens` (each choice's completion tokens, in
+        the body's order) go to the Parquet row only."""
         line = {"id": new_line_id(), "custom_id": custom_id,
                 "response": {"status_code": status_code, "request_id": request_id, "body": body}, "error": None}
         ok = 200 <= status_code < 300
-        self._append(custom_id, line, _row(custom_id, status_code, request_id, body, None, prompt_text), ok)
+        row = _row(custom_id, status_code, request_id, body, None, prompt_text, line_no, choice_tokens)
+        self._append(custom_id, line, row, ok)
         if ok:
             self.totals.add_usage(body.get("usage"))
 
-    def write_error(self, custom_id: str, *, code: str, message: str, prompt_text: str | None = None) -> None:
+    def write_error(self, custom_id: str, *, code: str, message: str, prompt_text: str | None = None,
+                    line_no: int | None = None) -> None:
         """A line that produced no HTTP response (batch_cancelled, batch_expired, request_timeout)."""
         error = {"code": code, "message": message}
         line = {"id": new_line_id(), "custom_id": custom_id, "response": None, "error": error}
-        self._append(custom_id, line, _row(custom_id, None, None, None, error, prompt_text), False)
+        self._append(custom_id, line, _row(custom_id, None, None, None, error, prompt_text, line_no, None), False)
 
     def _append(self, custom_id: str, line: dict, row: dict, ok: bool) -> None:
         if custom_id in self.done_custom_ids:
@@ -208,8 +227,10 @@ def parquet_schema() -> Any:
     import pyarrow as pa
 
     return pa.schema([
-        ("custom_id", pa.string()), ("status_code", pa.int32()), ("request_id", pa.string()),
-        ("prompt", pa.string()), ("completions", pa.list_(pa.string())), ("finish_reasons", pa.list_(pa.string())),
+        ("custom_id", pa.string()), ("line", pa.int64()), ("status_code", pa.int32()), ("request_id", pa.string()),
+        ("model", pa.string()), ("prompt", pa.string()), ("completions", pa.list_(pa.string())),
+        ("finish_reasons", pa.list_(pa.string())), ("choice_completion_tokens", pa.list_(pa.int64())),
+        ("choice_logprobs", pa.list_(pa.list_(pa.float64()))),
         ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("cached_tokens", pa.int64()),
         ("error_code", pa.string()), ("error_message", pa.string()),
     ])

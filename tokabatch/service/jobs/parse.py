@@ -1,6 +1,8 @@
 """Streaming validation and reading of a batch input file (OpenAI batch JSONL).
 
-Owns the per-line rules of contract §3.7: every error code with its 1-based physical line number,
+Owns the file-level checks of an upload (contract §2.1: non-empty, UTF-8, the first non-blank
+line a JSON object: FirstLineCheck, shared by POST /v1/files and `tokabatch run`) and the per-line
+rules of contract §3.7: every error code with its 1-based physical line number,
 `\\n` and `\\r\\n` endings, a UTF-8 BOM on line 1, blank lines skipped but counted. The file is read
 one line at a time and never held whole (a 200 MB / 50,000-line file validates in a few MB);
 duplicate `custom_id`s are found through a set of 16-byte digests.
@@ -14,6 +16,7 @@ Imports only the stdlib: no torch, no aiohttp, no SQLAlchemy.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 BOM = b"\xef\xbb\xbf"
+FIRST_LINE_CAP_BYTES = 16 << 20      # a longer first line is left to the line-by-line validation
 MAX_CUSTOM_ID_CHARS = 512
 REQUIRED_FIELDS = ("custom_id", "method", "url", "body")
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -57,6 +61,75 @@ class _LineRejected(Exception):
     def __init__(self, code: str, message: str, param: str | None) -> None:
         super().__init__(message)
         self.error = (code, message, param)
+
+
+class FirstLineCheck:
+    """Streaming check of a batch file: valid UTF-8 throughout, and a JSON object as the first
+    non-blank line. Keeps at most FIRST_LINE_CAP_BYTES of the head in memory."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._head = bytearray()
+        self._first_line: bytes | None = None
+        self.utf8_ok = True
+        self.num_bytes = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.num_bytes += len(chunk)
+        if self.utf8_ok:
+            try:
+                self._decoder.decode(chunk)
+            except UnicodeDecodeError:
+                self.utf8_ok = False
+        if self._first_line is None and len(self._head) < FIRST_LINE_CAP_BYTES:
+            self._head += chunk
+            self._find_first_line(final=False)
+
+    def _find_first_line(self, *, final: bool) -> None:
+        head = bytes(self._head).removeprefix(codecs.BOM_UTF8)
+        lines = head.split(b"\n")
+        complete = lines if final else lines[:-1]
+        for line in complete:
+            if line.strip():
+                self._first_line = line
+                self._head = bytearray()
+                return
+
+    def problem(self) -> str | None:
+        """Finish and return why the file is not a batch JSONL file, or None."""
+        if self.utf8_ok:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self.utf8_ok = False
+        if self.num_bytes == 0:
+            return "The file is empty. A batch input file must be JSONL: one JSON request object per line."
+        if not self.utf8_ok:
+            return "The file is not valid UTF-8. A batch input file must be UTF-8 encoded JSONL."
+        if self._first_line is None:
+            if len(self._head) >= FIRST_LINE_CAP_BYTES:
+                return None          # a huge first line: the runner validates it line by line
+            self._find_first_line(final=True)
+        if self._first_line is None:
+            return "The file contains only blank lines. A batch input file must be JSONL."
+        try:
+            first = json.loads(self._first_line)
+        except ValueError:
+            first = None
+        if not isinstance(first, dict):
+            return ("Invalid file format: the first line is not a JSON object. A batch input file "
+                    "must be JSONL (.jsonl): one JSON request object per line.")
+        return None
+
+
+def file_problem(path: str | Path, chunk_bytes: int = 1 << 20) -> str | None:
+    """FirstLineCheck over a file on disk: why it cannot be a batch input file, or None (what an
+    upload of it would be refused for; `tokabatch run` checks its input the same way)."""
+    check = FirstLineCheck()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            check.feed(chunk)
+    return check.problem()
 
 
 def _physical_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
@@ -210,5 +283,5 @@ def read_request(f: BinaryIO, offset: int, length: int) -> tuple[str, dict[str, 
     return obj["custom_id"], obj["body"]
 
 
-__all__ = ["BatchError", "ValidationReport", "iter_request_spans", "iter_requests", "read_request",
+__all__ = ["BatchError", "FirstLineCheck", "ValidationReport", "file_problem", "iter_request_spans", "iter_requests", "read_request",
            "validate_input_file"]

@@ -322,9 +322,9 @@ class BatchRunner:
     def _write_unwritten(job: _Job, code: str, message: str) -> None:
         if len(job.writer.done_custom_ids) >= job.batch.request_total:
             return                            # every line has its result: no need to read the file again
-        for _line_no, custom_id, _body in iter_requests(job.input_path):
+        for line_no, custom_id, _body in iter_requests(job.input_path):
             if custom_id not in job.writer.done_custom_ids:
-                job.writer.write_error(custom_id, code=code, message=message)
+                job.writer.write_error(custom_id, code=code, message=message, line_no=line_no)
 
     async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None) -> None:
         """Seal the files (if any lines) and make the terminal transition with counts and usage."""

@@ -48,9 +48,16 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Servers started together on one PostgreSQL database take turns: the first migrates, the next find
+# the tables made (a SQLite file is locked the same way by tokabatch.service.storage.db.upgrade).
+PG_MIGRATION_LOCK = 7_401_042_026
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
         context.run_migrations()
 
 

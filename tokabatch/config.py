@@ -106,6 +106,9 @@ class RunnerConfig:
     poll_interval_s: float = 0.5         # how often an idle runner looks for work
     order_window: int = 2048             # lines read ahead and fed sorted by prompt, after the whole file is
                                          # clustered by prompt start (ordering.py); 1: file order, no clustering
+    retry_after_s: float = 5.0           # a batch whose claim ended badly waits this long, doubling per failure,
+    max_retry_after_s: float = 300.0     # up to this
+    max_failures: int = 3                # unexpected failures of one batch before it ends `failed` with the error
 
 
 @dataclass(frozen=True, slots=True)

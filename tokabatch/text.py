@@ -67,6 +67,9 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+LONG_TEXT_CHARS = 65_536
+
+
 class Tokenizer:
     """A model folder's tokenizer; ids and texts equal transformers' AutoTokenizer on the same folder."""
 
@@ -129,6 +132,10 @@ class Tokenizer:
 
     # ---- ids <-> text -----------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            # The same ids; tokenizers' batch call lets go of the GIL while it works, so a long prompt
+            # (megabytes: seconds of work) encoded in a worker thread does not stall the event loop.
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:

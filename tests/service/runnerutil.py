@@ -17,7 +17,8 @@ from tokabatch.service.storage.blobs import BlobStore
 
 CHAT = "/v1/chat/completions"
 OWNER = "owner-a"
-FAST = RunnerConfig(lease_s=30.0, heartbeat_s=0.05, progress_interval_s=0.05, poll_interval_s=0.02)
+FAST = RunnerConfig(lease_s=30.0, heartbeat_s=0.05, progress_interval_s=0.05, poll_interval_s=0.02,
+                    retry_after_s=0.05, max_retry_after_s=0.2)
 
 
 def chat_line(i: int, **body_changes) -> dict:

@@ -22,6 +22,9 @@ class StubEngine:
         self.events = events
         self.info = ModelInfo("stub-model", 2048, 1000, (2,))
 
+    def health(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         self.events.append("engine.close")
 
@@ -35,6 +38,9 @@ class StubRunner:
 
     def wake(self) -> None:
         self.events.append("runner.wake")
+
+    def health(self) -> str | None:
+        return None
 
     async def stop(self) -> None:
         self.events.append("runner.stop")

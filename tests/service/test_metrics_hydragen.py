@@ -7,9 +7,12 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from tokabatch.config import Config, ServerConfig, StorageConfig
 from tokabatch.engine.api import EngineStats
+from tokabatch.service.app import make_app
 from tokabatch.service.http import metrics, online
-from tokabatch.service.http.context import DB
+from tokabatch.service.http.middleware import hash_key
+from tokabatch.service.storage import repo
 
 
 def value(lines: list[str], name: str) -> float:
@@ -52,13 +55,31 @@ class _StatsEngine:
         return self._stats
 
 
-async def test_metrics_endpoint_exports_the_ratio(db) -> None:
-    app = web.Application()
-    app[DB] = db
+def _app(db, blobs, tmp_path, api_keys: tuple[str, ...] = ()) -> web.Application:
+    config = Config(storage=StorageConfig(data_dir=str(tmp_path / "data")), server=ServerConfig(api_keys=api_keys))
+    app = make_app(config, db=db, blobs=blobs, served_model_names=("m",), sweep_interval_s=None)
     app[online.ENGINE] = _StatsEngine(EngineStats(num_hydragen_saved_kv_reads=7, num_decode_kv_reads=8))
     metrics.install(app)
-    async with TestClient(TestServer(app)) as client:
+    return app
+
+
+async def test_metrics_endpoint_exports_the_ratio(db, blobs, tmp_path) -> None:
+    async with TestClient(TestServer(_app(db, blobs, tmp_path))) as client:
         resp = await client.get("/metrics")
         assert resp.status == 200
         text = await resp.text()
     assert value(text.splitlines(), "tokabatch_hydragen_kv_read_saved_ratio") == 0.875
+
+
+async def test_batch_counts_are_the_caller_s_own(db, blobs, tmp_path) -> None:
+    app = _app(db, blobs, tmp_path, api_keys=("key-a", "key-b"))
+    async with TestClient(TestServer(app)) as client:
+        owner_a = hash_key("key-a")
+        for _ in range(2):
+            await repo.create_batch(db, owner=owner_a, input_file_id="file-x", endpoint="/v1/completions",
+                                    completion_window="24h", now_s=1000, window_s=86400)
+        counts = {}
+        for key in ("key-a", "key-b"):
+            resp = await client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+            counts[key] = value((await resp.text()).splitlines(), 'tokabatch_batches{status="validating"}')
+    assert counts == {"key-a": 2, "key-b": 0}

@@ -153,3 +153,41 @@ def test_latency_histogram_is_cumulative():
     assert 'm_bucket{endpoint="/v1/completions",status="ok",le="1.0"} 3' in lines
     assert 'm_bucket{endpoint="/v1/completions",status="ok",le="+Inf"} 4' in lines
     assert 'm_count{endpoint="/v1/completions",status="ok"} 4' in lines
+
+
+@pytest.mark.slow
+def test_a_huge_prompt_does_not_stall_the_server(server):
+    # A prompt of megabytes (online bodies stop at 4 MB) takes a second or more to tokenize: in a worker
+    # thread, with the GIL let go, while /health keeps answering at once. (Too long for the context: a 400.)
+    import json
+    import time
+
+    body = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "The quick brown fox. " * 180_000}],
+                       "max_tokens": 2}).encode()
+    base = f"http://127.0.0.1:{server.port}"
+    result: dict = {}
+
+    def send() -> None:
+        req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=120)
+        except urllib.error.HTTPError as e:
+            result["status"] = e.code
+        result["done"] = time.monotonic()
+
+    sender = threading.Thread(target=send)
+    started = time.monotonic()
+    sender.start()
+    # The gaps between answers, not each call's time: this test and the server share one process,
+    # so a server thread holding the GIL would stall this thread before it could even ask.
+    slowest, last = 0.0, time.monotonic()
+    while sender.is_alive() and time.monotonic() - started < 120:
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
+            assert r.status == 200
+        now = time.monotonic()
+        slowest, last = max(slowest, now - last), now
+        time.sleep(0.05)
+    sender.join()
+    assert result.get("status") == 400 and result["done"] - started > 0.5      # the prompt took a while
+    assert slowest < 0.5, slowest

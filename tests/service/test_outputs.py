@@ -3,6 +3,9 @@ the Parquet file read back with pyarrow (typed columns, one row per line)."""
 
 from __future__ import annotations
 
+import errno
+import gc
+import io
 import json
 
 import pyarrow as pa
@@ -129,3 +132,50 @@ def test_empty_parquet_has_the_schema(tmp_path):
     assert write_parquet(tmp_path / "missing.jsonl", path) == 0
     table = pq.read_table(path)
     assert table.num_rows == 0 and table.schema == parquet_schema()
+
+
+class _FullDisk(io.RawIOBase):
+    """A file whose writes fail with ENOSPC while `full` (the write layer of a full filesystem)."""
+
+    def __init__(self, path) -> None:
+        self._f = open(path, "ab", buffering=0)
+        self.full = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def test_a_full_disk_never_leaves_a_torn_line_inside_the_output(tmp_path):
+    # A flush that fails used to leave the files open: their buffers were written when the objects
+    # were collected, behind the lines a resumed run had written since (one unparseable line).
+    w = ResultWriter(tmp_path)
+    w.open()
+    raw = _FullDisk(w.output_path)
+    w._files[outputs.OUTPUT_NAME] = io.BufferedWriter(raw, buffer_size=1 << 16)
+    w.write_response("a", status_code=200, request_id="r1", body=chat_body("first"))
+    raw.full = True
+    with pytest.raises(OSError):
+        w.write_response("b", status_code=200, request_id="r2", body=chat_body("x" * 5000))
+    with pytest.raises(OSError):
+        w.close()                                  # the sync fails: the files are closed anyway
+    raw.full = False
+    resumed = ResultWriter(tmp_path)
+    state = resumed.open()
+    resumed.write_response("c", status_code=200, request_id="r3", body=chat_body("after"))
+    resumed.close()
+    del w
+    gc.collect()                                   # nothing of the first writer is written now
+    lines = [json.loads(x) for x in (tmp_path / outputs.OUTPUT_NAME).read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["a", "c"] and state.done_custom_ids == {"a"}

@@ -138,18 +138,24 @@ async def test_stop_releases_the_claim_and_a_new_runner_finishes(db, blobs, cloc
 
 
 async def test_engine_death_leaves_lines_for_a_retry(db, blobs, clock, tok, tmp_path):
-    """Lines the engine failed with a 5xx are not written: the batch is released and a runner with a
-    working engine runs them, so no line ends as engine_error."""
+    """Lines the engine failed with a 5xx are not written: the batch is released (an engine retry,
+    not a failure of the batch), the runner whose engine is dead claims nothing more, and a runner
+    with a working engine runs them, so no line ends as engine_error."""
     lines = slow_lines()
     batch_id = await new_batch(db, blobs, lines, clock)
     engine1 = await fake_engine(token_interval_s=0.01, max_running=2, max_waiting=0, fail_on_step=25)
     runner1 = make_runner(db, blobs, engine1, tok, clock, tmp_path, worker_id="worker-1")
     task = asyncio.create_task(runner1.run_forever())
-    row = await wait_for(db, batch_id, lambda r: r.num_claims >= 2)      # died, released, claimed again
+    row = await wait_for(db, batch_id, lambda r: r.num_engine_retries >= 1 and r.worker_id is None)
+    await asyncio.sleep(0.3)                                   # past the back-off: still nobody claims it
+    row = await repo.get_batch(db, batch_id, owner=None)
+    assert row.num_claims == 1 and row.worker_id is None and row.num_failures == 0
+    assert engine1.health() is not None
     await runner1.stop()
     await task
     await engine1.close()
     assert row.status == "in_progress" and 0 < row.request_completed < NUM_LINES
+    clock.advance(10)                                          # the back-off is over
     engine2 = await slow_engine()
     try:
         row = await run_to_terminal(make_runner(db, blobs, engine2, tok, clock, tmp_path, worker_id="w2"),

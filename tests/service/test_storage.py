@@ -184,3 +184,21 @@ async def test_blob_writer_commit_and_abort(tmp_path):
     store.temp_path("file-c").write_bytes(b"half")
     assert store.remove_stale_temps() == 0               # fresh: maybe another process's
     assert store.remove_stale_temps(older_than_s=-1) == 1
+
+
+def test_temporaries_of_a_dead_process_are_swept_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from tokabatch.service.storage import blobs as blobs_module
+
+    store = BlobStore(tmp_path / "files")
+    mine = store.temp_path("file-live")                    # this process is alive: kept
+    mine.write_bytes(b"writing")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = store.root / f".file-orphan.{blobs_module._HOST}-{int(dead.stdout)}.abcd1234.tmp"
+    orphan.write_bytes(b"half")                            # its process has exited: swept now, not in an hour
+    other_host = store.root / ".file-far.elsewhere-1.abcd1234.tmp"
+    other_host.write_bytes(b"maybe being written")         # another host's: only when old
+    assert store.remove_stale_temps() == 1
+    assert mine.exists() and not orphan.exists() and other_host.exists()

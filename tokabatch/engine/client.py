@@ -80,6 +80,7 @@ class EngineClient:
         self._closed_event = asyncio.Event()
         self._closing = False
         self.failure: str | None = None   # why the engine stopped, once it has
+        self.stopped = asyncio.Event()    # set once it has (died, failed, or was closed)
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read_forever, name="engine-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_forever, name="engine-writer", daemon=True)
@@ -138,6 +139,10 @@ class EngineClient:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def health(self) -> str | None:
+        """None while the engine runs; else why it stopped."""
+        return self.failure
 
     async def generate(self, requests: AsyncIterable[GenerationRequest]) -> AsyncIterator[GenerationOutput]:
         """Run a stream of batch requests with back-pressure; yield outputs as they finish."""
@@ -342,6 +347,7 @@ class EngineClient:
             self._die("the engine process exited" + (f" with code {code}" if code is not None else ""))
 
     def _die(self, reason: str) -> None:
+        self.stopped.set()
         if self.failure is None:
             self.failure = reason
             if not self._closing:
@@ -362,6 +368,7 @@ class EngineClient:
         await asyncio.to_thread(self._join_all, terminate)
         if self.failure is None:
             self.failure = "the engine was closed"
+        self.stopped.set()
 
     def _join_all(self, terminate: bool) -> None:
         self._writer.join(timeout=10)

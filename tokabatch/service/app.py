@@ -19,7 +19,7 @@ from tokabatch.config import Config
 from tokabatch.engine.api import ModelInfo
 from tokabatch.service.http import batches, files, models
 from tokabatch.service.http.context import (
-    BATCH_CREATED, BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, ServedModels,
+    BATCH_CREATED, BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, PROBLEMS, ServedModels,
 )
 from tokabatch.service.http.middleware import auth, hash_key, request_id_and_errors
 from tokabatch.service.storage import db as dbmod
@@ -85,6 +85,7 @@ def make_app(
     app[CLOCK] = clock
     app[KEY_HASHES] = frozenset(hash_key(k) for k in config.server.api_keys)
     app[BATCH_CREATED] = _nothing
+    app[PROBLEMS] = list
     names = tuple(dict.fromkeys(served_model_names or ((engine_info.model_id,) if engine_info else ())))
     app[MODELS] = ServedModels(names=names, info=engine_info, created_at=int(clock()))
     if db is not None:

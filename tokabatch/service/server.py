@@ -20,7 +20,7 @@ from tokabatch.config import Config
 from tokabatch.engine.api import Engine
 from tokabatch.text import Tokenizer
 from tokabatch.service.app import blobs_dir, make_app
-from tokabatch.service.http.context import BATCH_CREATED
+from tokabatch.service.http.context import BATCH_CREATED, PROBLEMS
 from tokabatch.service.http import metrics, online
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
@@ -37,6 +37,10 @@ class Runner(Protocol):
         """A batch was created: look for work now."""
         ...
 
+    def health(self) -> str | None:
+        """None while it works; else why it does not."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -45,10 +49,11 @@ RunnerFactory = Callable[[Config, dbmod.Database, BlobStore, Engine], Runner]
 
 
 async def default_engine_factory(config: Config) -> Engine:
-    """The real engine in its own process."""
+    """The real engine in its own process, started again whenever it dies (engine/supervisor.py)."""
     from tokabatch.engine.client import EngineClient
+    from tokabatch.engine.supervisor import SupervisedEngine
 
-    return await EngineClient.from_config(config.engine)
+    return await SupervisedEngine.start(lambda: EngineClient.from_config(config.engine))
 
 
 class _RunnerTask:
@@ -64,6 +69,11 @@ class _RunnerTask:
 
     def wake(self) -> None:
         self.runner.wake()
+
+    def health(self) -> str | None:
+        if self.task is not None and self.task.done():
+            return "the batch runner stopped"
+        return self.runner.health()
 
     async def stop(self) -> None:
         if self.task is None:
@@ -136,6 +146,7 @@ async def serve_async(
         app = make_app(config, db=db, blobs=blobs, engine_info=engine.info,
                        served_model_names=served_model_names(config, engine))
         app[BATCH_CREATED] = runner.wake
+        app[PROBLEMS] = lambda: [p for p in (engine.health(), runner.health()) if p is not None]
         # Online completions share the engine with batch work (at ONLINE priority); /metrics reads both.
         app[online.ENGINE] = engine
         app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)

@@ -40,6 +40,9 @@ KEY_HASHES = web.AppKey("key_hashes", frozenset)
 # Called after a batch is created: server.py wakes the batch runner with it, so an idle runner
 # claims the batch at once instead of at its next poll.
 BATCH_CREATED = web.AppKey("batch_created", Callable[[], None])
+# What keeps the server from working right now (the engine or the runner down, with the reason):
+# /health and /ready answer 503 while it is not empty. server.py wires the engine's and runner's.
+PROBLEMS = web.AppKey("problems", Callable[[], list[str]])
 
 # Per-request values (set by middleware.py).
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -5,7 +5,8 @@ Engine gauges and counters come from `Engine.stats()` (a cheap read of the last 
 is measured between scrapes (over at least RATE_WINDOW_S, so frequent scrapers see a stable value);
 the Hydragen sharing fraction (decode KV reads saved by prefix groups) sits beside the prefix-cache
 hit rate, both since the engine started;
-batches by status is one GROUP BY on the batches table. Must not import torch.
+the batches by status are the caller's own (every batch when no API keys are configured: then
+there is one owner), counted by repo.py. Must not import torch.
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from sqlalchemy import func, select
-
 from tokabatch.engine.api import EngineStats
-from tokabatch.service.http.context import DB
-from tokabatch.service.jobs.states import BatchStatus
-from tokabatch.service.storage.models import Batch
+from tokabatch.service.http.context import DB, owner_of
+from tokabatch.service.storage import repo
 
 RATE_WINDOW_S = 10.0
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -85,14 +83,6 @@ def _metric(name: str, kind: str, help_text: str, value: float | int, labels: st
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value:g}"]
 
 
-async def batches_by_status(request: web.Request) -> dict[str, int]:
-    async with request.app[DB].sessions() as session:
-        rows = (await session.execute(select(Batch.status, func.count()).group_by(Batch.status))).all()
-    counts = {s.value: 0 for s in BatchStatus}
-    counts.update({status: int(n) for status, n in rows})
-    return counts
-
-
 def hydragen_saved_ratio(stats: EngineStats) -> float:
     """The Hydragen sharing fraction: decode KV reads the prefix groups saved over those without them."""
     return stats.num_hydragen_saved_kv_reads / stats.num_decode_kv_reads if stats.num_decode_kv_reads else 0.0
@@ -147,8 +137,8 @@ async def metrics(request: web.Request) -> web.Response:
         stats = engine.stats()
         rate = request.app[TOKEN_RATE].update(time.monotonic(), stats.num_generated_tokens)
         lines += engine_lines(stats, rate)
-    counts = await batches_by_status(request)
-    lines += ["# HELP tokabatch_batches Batches by status.", "# TYPE tokabatch_batches gauge"]
+    counts = await repo.count_batches_by_status(request.app[DB], owner=owner_of(request))
+    lines += ["# HELP tokabatch_batches The caller's batches by status.", "# TYPE tokabatch_batches gauge"]
     lines += [f'tokabatch_batches{{status="{status}"}} {n}' for status, n in sorted(counts.items())]
     lines += request.app[LATENCY].lines("tokabatch_online_request_duration_seconds")
     return web.Response(body=("\n".join(lines) + "\n").encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})

@@ -26,7 +26,7 @@ from tokabatch.service.http.context import KEY_HASHES, OWNER, REQUEST_ID
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tokabatch.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ready"})
 
 
 def new_request_id() -> str:

@@ -1,7 +1,8 @@
-"""GET /v1/models (the served model and its aliases, e.g. `demo`), GET /v1/models/{id}, GET /health.
+"""GET /v1/models (the served model and any aliases), GET /v1/models/{id}, GET /health and /ready.
 
-Reads only the ServedModels value the app was built with; never talks to the engine, so it answers
-while a batch runs. Must not import torch.
+Reads only the ServedModels value the app was built with and the app's PROBLEMS callable (the
+engine's and the runner's health, no I/O), so it answers at once while a batch runs. Must not
+import torch.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from tokabatch.errors import NotFound
-from tokabatch.service.http.context import MODELS, ServedModels
+from tokabatch.service.http.context import MODELS, PROBLEMS, ServedModels
 
 routes = web.RouteTableDef()
 
@@ -33,10 +34,16 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 @routes.get("/health")
+@routes.get("/ready")
 async def health(request: web.Request) -> web.Response:
+    """200 while the server works; 503 with the reasons while its engine or batch runner is down
+    (both keep trying to recover: the engine is started again, the runner retries)."""
     models = request.app[MODELS]
-    body: dict = {"status": "ok", "models": list(models.names)}
+    problems = request.app[PROBLEMS]()
+    body: dict = {"status": "unavailable" if problems else "ok", "models": list(models.names)}
+    if problems:
+        body["problems"] = problems
     if models.info is not None:
         body["context_length"] = models.info.context_length
         body["device"] = models.info.device
-    return web.json_response(body)
+    return web.json_response(body, status=503 if problems else 200)

@@ -7,7 +7,8 @@ answers with server-sent events as OpenAI sends them (`data: <chunk>\\n\\n` ...,
 chunks from jobs/render_stream. A client that disconnects aborts its engine requests.
 
 The app must hold ENGINE and TOKENIZER (set by server.py); without an engine the endpoints answer
-503. Latency goes to metrics.LATENCY. Must not import torch.
+503. A request is prepared (tokenized) in a worker thread, so a huge prompt does not stall the event
+loop. Latency goes to metrics.LATENCY. Must not import torch.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     engine = request.app.get(ENGINE)
     if engine is None:
         raise EngineUnavailable("No model is loaded on this server.")
-    prepared = render.prepare_request(
-        endpoint, body, tokenizer=request.app[TOKENIZER], model_info=engine.info,
+    # In a worker thread: a prompt of megabytes takes seconds to tokenize, and the event loop must go
+    # on answering (/health, other requests, the batch runner's heartbeats) meanwhile.
+    prepared = await asyncio.to_thread(
+        render.prepare_request, endpoint, body, tokenizer=request.app[TOKENIZER], model_info=engine.info,
         served_model_names=set(request.app[MODELS].names), request_id=request[REQUEST_ID],
         priority=Priority.ONLINE)
     created = now_s(request)

@@ -120,7 +120,38 @@ def get_logit_bias(body: Mapping[str, Any], vocab_size: int) -> tuple[tuple[int,
     return tuple(sorted(pairs))
 
 
+
+
+def unprocessable(body: Any, exc: BaseException) -> InvalidRequest:
+    """The 400 for a body that made the tokenizer or the template raise `exc`."""
+    surrogate = _lone_surrogate(body)
+    if surrogate is not None:
+        param = "messages" if isinstance(body, Mapping) and "messages" in body else "prompt"
+        return invalid_value(param, f"The request contains a lone surrogate ({surrogate!a}), which is not valid "
+                                    "Unicode: every string must be valid UTF-8 text.")
+    return InvalidRequest(f"The request could not be processed: {type(exc).__name__}: {exc}", code="invalid_value")
+
+
+def _lone_surrogate(value: Any, depth: int = 0) -> str | None:
+    """The first lone UTF-16 surrogate in the strings of `value` (JSON escapes like \\ud800 make them)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return value[err.start:err.end]
+        return None
+    if depth > 64:
+        return None
+    items = value.items() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    for item in items:
+        for part in (item if isinstance(value, Mapping) else (item,)):
+            found = _lone_surrogate(part, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 __all__ = [
     "INT64_MAX", "INT64_MIN", "get_bool", "get_int", "get_logit_bias", "get_number", "get_stop",
-    "get_token_ids", "invalid_type", "invalid_value", "unsupported",
+    "get_token_ids", "invalid_type", "invalid_value", "unprocessable", "unsupported",
 ]

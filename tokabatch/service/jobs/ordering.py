@@ -78,7 +78,11 @@ class SpanCollector:
         self._keyed: list[tuple[tuple[str, bytes], int, int, int]] = []
 
     def add(self, line_no: int, offset: int, length: int, obj: dict[str, Any]) -> None:
-        self._keyed.append((prompt_key(obj["body"]), line_no, offset, length))
+        try:
+            key = prompt_key(obj["body"])
+        except (RecursionError, ValueError, TypeError):   # a prompt JSON cannot print: last, in file order
+            key = ("\U0010ffff", b"")
+        self._keyed.append((key, line_no, offset, length))
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(line number, byte offset, byte length) of every line added, by prompt_key, ties in file order."""

@@ -13,6 +13,7 @@ row groups (bounded memory). Imports pyarrow (lazily) and the stdlib; no torch, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -216,11 +217,17 @@ class ResultWriter:
         self._last_fsync = time.monotonic()
 
     def close(self) -> None:
-        if self._files:
-            self.sync()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        """Sync and close every file. The files are closed even when the sync fails (a full disk):
+        bytes left in a buffer are dropped then, never appended later, when the objects are collected,
+        behind lines a resumed run has written since (the torn last line is cut on resume)."""
+        try:
+            if self._files:
+                self.sync()
+        finally:
+            files, self._files = self._files, {}
+            for f in files.values():
+                with contextlib.suppress(OSError):
+                    f.close()
 
 
 def parquet_schema() -> Any:

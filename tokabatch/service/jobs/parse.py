@@ -160,6 +160,8 @@ def _parse_line(raw: bytes) -> Any:
         raise _LineRejected("invalid_json_line", "This line is not valid UTF-8.", None) from None
     except json.JSONDecodeError as exc:
         raise _LineRejected("invalid_json_line", f"This line is not parseable as valid JSON: {exc.msg}.", None) from None
+    except RecursionError:
+        raise _LineRejected("invalid_json_line", "This line is nested too deeply to be parsed.", None) from None
 
 
 def _check_line(obj: Any, *, endpoint: str, served_model_names: set[str]) -> str:

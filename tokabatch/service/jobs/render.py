@@ -88,8 +88,30 @@ def prepare_request(
 ) -> PreparedRequest:
     """Validate `body` exactly as the endpoint would and build its engine requests.
 
-    Raises InvalidRequest (400, with param and code) or NotFound (404 model_not_found).
-    """
+    Raises InvalidRequest (400, with param and code) or NotFound (404 model_not_found). What a body
+    can make the tokenizer or the template raise (a lone surrogate in a string, a structure nested
+    too deeply, a value of a type nothing expected) is this request's 400 too, never a failure of
+    the batch or a 500."""
+    try:
+        return _prepare(endpoint, body, tokenizer=tokenizer, model_info=model_info,
+                        served_model_names=served_model_names, request_id=request_id, priority=priority)
+    except TokabatchError:
+        raise
+    except (TypeError, ValueError, UnicodeError, RecursionError, LookupError) as exc:
+        raise bf.unprocessable(body, exc) from exc
+
+
+def _prepare(
+    endpoint: str,
+    body: Mapping[str, Any],
+    *,
+    tokenizer: Any,
+    model_info: ModelInfo,
+    served_model_names: set[str],
+    request_id: str,
+    priority: Priority,
+) -> PreparedRequest:
+    """prepare_request's work (it maps what a body can make this raise to a 400)."""
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"Unsupported endpoint {endpoint!r}; supported: {', '.join(ENDPOINTS)}.",
                              param="endpoint", code="invalid_value")

@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine
+from tokabatch.errors import EngineUnavailable
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
 from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
 from tokabatch.service.jobs.outputs import ResultWriter
@@ -51,7 +52,8 @@ END_MESSAGES = {
     EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
 }
 ABORTED = ("engine_error", "The engine stopped this request before it finished.")
-MAX_ATTEMPTS = 5                         # claims of one batch before engine failures become error lines
+MAX_ATTEMPTS = 5                         # claims of one batch in which the engine failed lines, before those
+                                         # lines are written as error lines
 
 
 @dataclass(slots=True)
@@ -84,6 +86,7 @@ class BatchRunner:
         self._stopped = asyncio.Event()
         self._woken = asyncio.Event()
         self._running = False
+        self._problem: str | None = None     # why the last turn of the loop failed (health), None when fine
 
     def _now(self) -> int:
         return int(self.clock())
@@ -95,13 +98,30 @@ class BatchRunner:
         self._running = True
         try:
             await asyncio.to_thread(preload_outputs)
+            num_failed_turns = 0
             while not self._stopping.is_set():
                 self._woken.clear()
-                if not await self.run_once():
+                try:
+                    worked = await self.run_once()
+                except Exception as exc:    # the database failed, ...: stay alive, say why, try again later
+                    num_failed_turns += 1
+                    self._problem = f"the batch runner failed: {type(exc).__name__}: {exc}"
+                    log.exception("the batch runner failed; trying again")
+                    await self._idle(self._retry_after_s(num_failed_turns))
+                    continue
+                num_failed_turns, self._problem = 0, None
+                if not worked:
                     await self._idle(self.config.poll_interval_s)
         finally:
             self._running = False
             self._stopped.set()
+
+    def health(self) -> str | None:
+        """None while the runner works; else why it does not (its loop keeps trying)."""
+        return self._problem
+
+    def _retry_after_s(self, num_failures: int) -> float:
+        return min(self.config.max_retry_after_s, self.config.retry_after_s * 2 ** max(0, num_failures - 1))
 
     def wake(self) -> None:
         """Look for work now (a batch was created), not at the next poll."""
@@ -123,22 +143,63 @@ class BatchRunner:
             await self._stopped.wait()
 
     async def run_once(self) -> bool:
-        """Claim one batch and work on it until it is terminal or interrupted. False when there was no work."""
+        """Claim one batch and work on it until it is terminal or interrupted. False when there was
+        no work, or no engine to do it with (a batch is not claimed while the engine is down)."""
+        if self.engine.health() is not None:
+            return False
         batch = await repo.claim_batch(self.db, self.worker_id, self.config.lease_s, self.clock())
         if batch is None:
             return False
         log.info("batch %s claimed (%s)", batch.id, batch.status,
                  extra={"batch_id": batch.id, "status": batch.status, "worker_id": self.worker_id})
         try:
-            await self._run_batch(batch)
+            if batch.num_failures >= self.config.max_failures:
+                await self._give_up(batch)
+            else:
+                await self._run_batch(batch)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("batch %s: unexpected failure; releasing it for a later attempt", batch.id)
-            await repo.release_claim(self.db, batch.id, self.worker_id)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.config.poll_interval_s)
+        except EngineUnavailable as exc:      # the engine died under it: not the batch's failure
+            log.warning("batch %s: %s; releasing it until the engine runs again", batch.id, exc)
+            await repo.release_after_failure(self.db, batch.id, self.worker_id, engine=True, error=str(exc),
+                                             not_before=self.clock() + self.config.retry_after_s)
+        except Exception as exc:
+            await self._after_failure(batch, exc)
         return True
+
+    async def _after_failure(self, batch: Batch, exc: Exception) -> None:
+        """An unexpected failure: the batch waits (doubling back-off) before its next claim, and
+        after `max_failures` of them it ends failed with the error (_give_up), so it never blocks others."""
+        num = batch.num_failures + 1
+        last = num == self.config.max_failures         # ended at its next claim, which may come at once
+        log.exception("batch %s: unexpected failure %d of %d%s", batch.id, num, self.config.max_failures,
+                      "; it fails" if last else "; releasing it for a later attempt",
+                      extra={"batch_id": batch.id, "num_failures": num})
+        retry_at = self.clock() + (0.0 if last else self._retry_after_s(num))
+        await repo.release_after_failure(self.db, batch.id, self.worker_id, error=f"{type(exc).__name__}: {exc}",
+                                         not_before=retry_at)
+
+    async def _give_up(self, batch: Batch) -> None:
+        """End a batch that failed `max_failures` times: lines never written go to the error file,
+        the files are sealed (when that works), and the batch is failed with the last error."""
+        message = (f"The batch stopped after {batch.num_failures} unexpected failures; the last: "
+                   f"{batch.last_error or 'unknown'}")
+        errors = [{"code": "batch_failed", "message": message, "param": None, "line": None}]
+        job = None
+        if batch.in_progress_at is not None:
+            job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+            try:
+                job.writer.open()
+                await asyncio.to_thread(self._write_unwritten, job, "batch_failed", message)
+            except Exception:             # the input cannot be read again: keep what is written
+                log.exception("batch %s: the unwritten lines could not be written as failed", batch.id)
+                job.writer.close()
+        to = S.CANCELLED if batch.status == S.CANCELLING.value else S.FAILED
+        try:
+            await self._finish(batch, to, job, errors=errors if to is S.FAILED else None)
+        except Exception:                 # sealing failed too: end it without files (the work folder stays)
+            log.exception("batch %s: its results could not be sealed; ending it without them", batch.id)
+            await self._finish(batch, to, None, errors=errors if to is S.FAILED else None)
 
     async def _run_batch(self, batch: Batch) -> None:
         spans = None
@@ -229,7 +290,8 @@ class BatchRunner:
             spans = await asyncio.to_thread(clustered_spans, job.input_path)
         # The engine failed a line (it died, shut down): leave the line unwritten so the next claim,
         # with a working engine, runs it again; after MAX_ATTEMPTS claims it is written as a 5xx line.
-        policy = OnEngineFailure.LEAVE if job.batch.num_claims < MAX_ATTEMPTS else OnEngineFailure.WRITE
+        last_try = job.batch.num_engine_retries + 1 >= MAX_ATTEMPTS
+        policy = OnEngineFailure.WRITE if last_try else OnEngineFailure.LEAVE
         feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
                     served_model_names=self.served_model_names, writer=job.writer,
                     order_window=self.config.order_window, on_engine_failure=policy, clock=self.clock)
@@ -303,7 +365,9 @@ class BatchRunner:
                 log.warning("batch %s: the engine failed %d line(s); releasing the batch to retry them",
                             batch.id, job.num_retryable)
                 await self._write_progress(job)
-                await repo.release_claim(self.db, batch.id, self.worker_id)
+                await repo.release_after_failure(
+                    self.db, batch.id, self.worker_id, engine=True, error=f"the engine failed {job.num_retryable} "
+                    "line(s)", not_before=self.clock() + self._retry_after_s(batch.num_engine_retries + 1))
                 return
             # Every line has its result, except lines the engine aborted on its own: those end as errors.
             await asyncio.to_thread(self._write_unwritten, job, *ABORTED)
@@ -326,9 +390,11 @@ class BatchRunner:
             if custom_id not in job.writer.done_custom_ids:
                 job.writer.write_error(custom_id, code=code, message=message, line_no=line_no)
 
-    async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None) -> None:
+    async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None, *, errors: list[dict] | None = None) -> None:
         """Seal the files (if any lines) and make the terminal transition with counts and usage."""
         fields: dict[str, Any] = {"worker_id": None, "lease_expires_at": None}
+        if errors is not None:
+            fields["errors"] = errors
         seconds: dict[str, float] = {}
         if job is not None:
             began = time.monotonic()

@@ -10,13 +10,34 @@ Rows live in repo.py: write the blob first, then `repo.create_file`. Must not im
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 FLUSH_BYTES = 1 << 20   # hand the disk write to a thread once this much is buffered
+_HOST = socket.gethostname().replace(".", "_")
+_OWNER = f"{_HOST}-{os.getpid()}"
+
+
+def _owner_is_gone(name: str) -> bool:
+    """Whether a temporary's name says this host's process wrote it and that process has exited."""
+    parts = name.split(".")                      # "", file id, host-pid, token, "tmp"
+    if len(parts) != 5:
+        return False
+    host, _, pid = parts[2].rpartition("-")
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                             # alive, another user's
+    return False
 
 
 class BlobStore:
@@ -31,8 +52,9 @@ class BlobStore:
         return self.root / file_id
 
     def temp_path(self, file_id: str) -> Path:
-        """A fresh temporary name beside the final one (same filesystem, so rename is atomic)."""
-        return self.root / f".{file_id}.{secrets.token_hex(4)}.tmp"
+        """A fresh temporary name beside the final one (same filesystem, so rename is atomic), naming
+        its owner (host and process) so that a crashed owner's leftovers can be swept at once."""
+        return self.root / f".{file_id}.{_OWNER}.{secrets.token_hex(4)}.tmp"
 
     def commit(self, temp: Path, file_id: str) -> int:
         """fsync `temp` and rename it to `path(file_id)`; returns its size in bytes."""
@@ -49,10 +71,14 @@ class BlobStore:
         return self.path(file_id).is_file()
 
     def remove_stale_temps(self, older_than_s: float = 3600.0) -> int:
-        """Delete temporaries left by a crash. Only old ones: another process sharing this folder
-        (a worker) may be writing a fresh one right now."""
+        """Delete temporaries left by a crash: those of a process of this host that is gone, and any
+        older than `older_than_s` (another host's process sharing the folder may be writing a fresh one)."""
         cutoff = time.time() - older_than_s
-        stale = [p for p in self.root.glob(".*.tmp") if p.stat().st_mtime < cutoff]
+        stale = []
+        for p in self.root.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < cutoff or _owner_is_gone(p.name):
+                    stale.append(p)
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)

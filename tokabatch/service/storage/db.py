@@ -8,9 +8,10 @@ start). SQLite gets WAL, foreign keys and a busy timeout on every connection; an
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -104,10 +105,29 @@ def alembic_config(db_url: str) -> Any:
 
 def upgrade(db_url: str, revision: str = "head") -> None:
     """Apply migrations up to `revision`. Synchronous: env.py runs its own event loop, so call
-    this before starting a loop or through `asyncio.to_thread` from inside one."""
+    this before starting a loop or through `asyncio.to_thread` from inside one.
+
+    Several processes may start at once on one database: on PostgreSQL env.py holds an advisory
+    lock for the migration's transaction, and for a SQLite file this holds an exclusive lock on
+    `<file>.migrate-lock` beside it, so the second process finds the first one's tables done."""
     from alembic import command
 
-    command.upgrade(alembic_config(db_url), revision)
+    with _sqlite_file_lock(db_url):
+        command.upgrade(alembic_config(db_url), revision)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(db_url: str) -> Iterator[None]:
+    url = make_url(db_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(url.database).with_name(Path(url.database).name + ".migrate-lock")
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)     # released when the file closes
+        yield
 
 
 def downgrade(db_url: str, revision: str = "base") -> None:

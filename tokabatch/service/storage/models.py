@@ -92,6 +92,13 @@ class Batch(Base):
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Claims that ended badly: an unexpected error (capped: the batch then fails with it), or lines
+    # the engine failed (retried; the last attempt writes them as error lines). Either puts the
+    # batch out of reach of claims until `not_before` (a back-off), so it cannot stall the queue.
+    num_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    num_engine_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         Index("ix_batches_owner_seq", "owner", "seq"),

@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Generic, Mapping, Sequence, TypeVar
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokabatch.errors import Conflict, InvalidRequest
@@ -293,16 +293,29 @@ async def cancel_batch(db: Database, batch_id: str, *, owner: str, now_s: int) -
     raise Conflict(f"Batch {batch_id} changed status too often while being cancelled; try again.")
 
 
+async def count_batches_by_status(db: Database, *, owner: str) -> dict[str, int]:
+    """How many of `owner`'s batches are in each status (every status listed, 0 included)."""
+    statement = select(Batch.status, func.count()).where(Batch.owner == owner).group_by(Batch.status)
+    async with db.sessions() as session:
+        rows = (await session.execute(statement)).all()
+    counts = {s.value: 0 for s in BatchStatus}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
+
+
 async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float) -> Batch | None:
-    """Claim the oldest non-terminal batch whose lease is free or expired, for `lease_s` seconds.
-    Returns the claimed row (with the new lease) or None when there is no work."""
+    """Claim a non-terminal batch whose lease is free or expired and whose back-off (not_before)
+    has passed, for `lease_s` seconds: the one with the fewest failures, then the oldest, so a batch
+    that keeps failing never stands in front of the others. Returns the claimed row (with the new
+    lease) or None when there is no work."""
     free = or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now_s)
+    due = or_(Batch.not_before.is_(None), Batch.not_before <= now_s)
     # With row locks (PostgreSQL) lock ONE candidate: locking several would hide them all from
     # concurrent workers until we commit. Without (SQLite) try a few, as a rival may win the first.
     num_candidates = 8 if db.is_sqlite else 1
     candidates = (select(Batch.id)
-                  .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free)
-                  .order_by(Batch.seq).limit(num_candidates)
+                  .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free, due)
+                  .order_by(Batch.num_failures, Batch.seq).limit(num_candidates)
                   .with_for_update(skip_locked=True))
     async with db.sessions() as session, session.begin():
         ids = list((await session.execute(candidates)).scalars())
@@ -326,6 +339,22 @@ async def heartbeat(db: Database, batch_id: str, worker_id: str, lease_s: float,
                  .values(lease_expires_at=now_s + lease_s))
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
+
+
+async def release_after_failure(db: Database, batch_id: str, worker_id: str, *, error: str, not_before: float,
+                                engine: bool = False) -> Batch | None:
+    """Release the claim after a claim that ended badly: count it (`num_failures`, or
+    `num_engine_retries` when the engine failed lines), keep the error, and keep the batch out of
+    reach of claims until `not_before`. Returns the updated row, or None if `worker_id` had lost it."""
+    counter = Batch.num_engine_retries if engine else Batch.num_failures
+    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
+                 .values({counter: counter + 1, Batch.last_error: error[:4000], Batch.not_before: not_before,
+                          Batch.worker_id: None, Batch.lease_expires_at: None}))
+    async with db.sessions() as session, session.begin():
+        if (await session.execute(statement)).rowcount != 1:
+            return None
+        return (await session.execute(select(Batch).where(Batch.id == batch_id)
+                                      .execution_options(populate_existing=True))).scalar_one()
 
 
 async def release_claim(db: Database, batch_id: str, worker_id: str) -> bool:
@@ -386,7 +415,7 @@ __all__ = [
     "Page", "RequestCounts", "Usage", "IdempotencyClaim", "IdempotencyKeyTaken", "IDEMPOTENCY_TTL_S",
     "new_file_id", "new_batch_id", "create_file", "get_file", "list_files", "file_in_use", "delete_file",
     "sweep_expired_files", "find_idempotency_key", "forget_idempotency_key", "sweep_idempotency_keys",
-    "create_batch", "get_batch", "list_batches", "transition_batch", "cancel_batch",
-    "claim_batch", "heartbeat", "release_claim", "update_progress", "set_validation_errors",
+    "create_batch", "get_batch", "list_batches", "count_batches_by_status", "transition_batch", "cancel_batch",
+    "claim_batch", "heartbeat", "release_after_failure", "release_claim", "update_progress", "set_validation_errors",
     "set_result_files",
 ]

@@ -14,7 +14,8 @@ import pytest
 
 from tests.service.jobsutil import tiny_tokenizer
 from tests.service.runnerutil import (
-    FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, read_file_lines, wait_for,
+    FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, read_file_lines, run_to_terminal,
+    wait_for,
 )
 from tokabatch.service.jobs.states import is_terminal
 from tokabatch.service.storage import repo
@@ -69,11 +70,7 @@ async def test_what_one_line_causes_is_that_line_s_error(db, blobs, clock, tmp_p
     batch_id = await new_batch(db, blobs, lines, clock)
     engine = await fake_engine()
     try:
-        runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
-        task = asyncio.create_task(runner.run_forever())
-        row = await wait_for(db, batch_id, lambda r: is_terminal(r.status))
-        await runner.stop()
-        await task
+        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
     finally:
         await engine.close()
     assert row.status == "completed" and row.num_failures == 0
@@ -90,11 +87,7 @@ async def test_a_line_nested_too_deeply_fails_validation_with_its_number(db, blo
     batch_id = await new_batch(db, blobs, [chat_line(0), deep], clock)
     engine = await fake_engine()
     try:
-        runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
-        task = asyncio.create_task(runner.run_forever())
-        row = await wait_for(db, batch_id, lambda r: is_terminal(r.status))
-        await runner.stop()
-        await task
+        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch_id)
     finally:
         await engine.close()
     assert row.status == "failed" and row.num_failures == 0

@@ -13,8 +13,9 @@ completions max_tokens 16. Must not import torch, aiohttp or SQLAlchemy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tokabatch.engine.api import (
     MAX_TOP_LOGPROBS, GenerationOutput, GenerationRequest, ModelInfo, Priority, RequestError, SamplingParams,
@@ -76,6 +77,22 @@ class PreparedRequest:
                      for text, request in zip(self.texts, self.requests))
 
 
+def _per_request_errors(prepare: Callable[..., PreparedRequest]) -> Callable[..., PreparedRequest]:
+    """What a body can make the tokenizer or the template raise (a lone surrogate in a string, a
+    structure nested too deeply, a value of a type nothing expected) becomes that request's 400,
+    never a failure of its batch or a 500."""
+    @functools.wraps(prepare)
+    def wrapper(endpoint: str, body: Mapping[str, Any], **kwargs: Any) -> PreparedRequest:
+        try:
+            return prepare(endpoint, body, **kwargs)
+        except TokabatchError:
+            raise
+        except (TypeError, ValueError, UnicodeError, RecursionError, LookupError) as exc:
+            raise bf.unprocessable(body, exc) from exc
+    return wrapper
+
+
+@_per_request_errors
 def prepare_request(
     endpoint: str,
     body: Mapping[str, Any],
@@ -88,30 +105,8 @@ def prepare_request(
 ) -> PreparedRequest:
     """Validate `body` exactly as the endpoint would and build its engine requests.
 
-    Raises InvalidRequest (400, with param and code) or NotFound (404 model_not_found). What a body
-    can make the tokenizer or the template raise (a lone surrogate in a string, a structure nested
-    too deeply, a value of a type nothing expected) is this request's 400 too, never a failure of
-    the batch or a 500."""
-    try:
-        return _prepare(endpoint, body, tokenizer=tokenizer, model_info=model_info,
-                        served_model_names=served_model_names, request_id=request_id, priority=priority)
-    except TokabatchError:
-        raise
-    except (TypeError, ValueError, UnicodeError, RecursionError, LookupError) as exc:
-        raise bf.unprocessable(body, exc) from exc
-
-
-def _prepare(
-    endpoint: str,
-    body: Mapping[str, Any],
-    *,
-    tokenizer: Any,
-    model_info: ModelInfo,
-    served_model_names: set[str],
-    request_id: str,
-    priority: Priority,
-) -> PreparedRequest:
-    """prepare_request's work (it maps what a body can make this raise to a 400)."""
+    Raises InvalidRequest (400, with param and code) or NotFound (404 model_not_found), also for
+    what the body makes the tokenizer raise (_per_request_errors)."""
     if endpoint not in ENDPOINTS:
         raise InvalidRequest(f"Unsupported endpoint {endpoint!r}; supported: {', '.join(ENDPOINTS)}.",
                              param="endpoint", code="invalid_value")

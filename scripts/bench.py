@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,109 +98,128 @@ def prompts_of(w: Workload, vocab_size: int, seed: int = 0) -> list[list[int]]:
 
 def run_engine(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]], args: argparse.Namespace) -> dict:
     """The workloads in this process, one after the other on one engine loop; {name: row}."""
-    from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
-    from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
-
-    if args.engine == "simulated":
-        from tokabatch.engine.simulated import build_simulated_loop as build_loop
-        cuda = False
-    else:
-        import torch
-
-        from tokabatch.engine.runtime.factory import build_loop
-        cuda = torch.cuda.is_available()
-    if cuda:
-        _set_kernel_choices(args)
-    t0 = time.perf_counter()
-    config = EngineConfig(
-        model=ModelConfig(path=str(folder)),
-        scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
-        enable_cuda_graphs=not args.no_cuda_graphs,
-        enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
-        **({"kv_memory_fraction": args.kv_memory_fraction} if args.kv_memory_fraction else {}))
-    loop = build_loop(config)
-    info = loop.info
-    graphs = loop.runner.graphs
-    print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
-          f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
-          f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
-          f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
-          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    memory = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: 0.0)
-
-    def drain(batch: list[list[int]], tag: str, params: SamplingParams, n: int = 1) -> tuple[int, int, float]:
-        began = time.perf_counter()
-        for i, ids in enumerate(batch):
-            loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params, n=n))
-        done = out_tokens = in_tokens = 0
-        first_s = 0.0
-        while done < len(batch):
-            for item in loop.step():
-                if isinstance(item, GenerationOutput):
-                    if not item.ok:
-                        raise RuntimeError(f"request {item.request_id} failed: {item.error}")
-                    if not done:
-                        first_s = time.perf_counter() - began
-                    done += 1
-                    out_tokens += item.num_completion_tokens
-                    in_tokens += item.num_prompt_tokens
-        sync()
-        return in_tokens, out_tokens, first_s
-
+    bench = _EngineBench(folder, args)
     # Warm-up: compiles the attention kernels and touches a full-size step; different prompts so the
     # prefix cache does not shorten the timed run.
     rng = random.Random(12345)
     w0 = runs[0][1]
-    warm = [[rng.randrange(info.vocab_size) for _ in range(w0.prompt_len)] for _ in range(WARM_UP_PROMPTS)]
-    drain(warm, "warm", SamplingParams(max_tokens=4, temperature=w0.temperature, ignore_eos=True))
-    startup = time.perf_counter() - t0
+    warm = [[rng.randrange(bench.loop.info.vocab_size) for _ in range(w0.prompt_len)] for _ in range(WARM_UP_PROMPTS)]
+    bench.drain(warm, "warm", bench.params(4, w0.temperature))
+    startup = time.perf_counter() - bench.began
     rows = {}
     for name, w, prompts in runs:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        rows[name] = {**bench.measure(name, w, prompts), "startup_s": startup}
+        if args.profile:
+            from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
+            profile_decode_steps(bench.loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile,
+                                 args.out_dir, tag=f"{name}-hydragen-{args.hydragen}")
+    return rows
+
+
+class _EngineBench:
+    """One engine loop in this process (real or simulated), and the timed runs on it."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace) -> None:
+        from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
+
+        self.args = args
+        self.torch = None
+        if args.engine == "simulated":
+            from tokabatch.engine.simulated import build_simulated_loop as build_loop
+        else:
+            import torch
+
+            from tokabatch.engine.runtime.factory import build_loop
+            self.torch = torch if torch.cuda.is_available() else None
+        if self.torch is not None:
+            _set_kernel_choices(args)
+        self.began = time.perf_counter()
+        config = EngineConfig(
+            model=ModelConfig(path=str(folder)),
+            scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
+            enable_cuda_graphs=not args.no_cuda_graphs,
+            enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
+            **({"kv_memory_fraction": args.kv_memory_fraction} if args.kv_memory_fraction else {}))
+        self.loop = loop = build_loop(config)
+        info, graphs = loop.info, loop.runner.graphs
+        print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
+              f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
+              f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
+              f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
+              f"built in {time.perf_counter() - self.began:.1f} s", flush=True)
+
+    @staticmethod
+    def params(max_tokens: int, temperature: float) -> Any:
+        from tokabatch.engine.api import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
+
+    def drain(self, batch: list[list[int]], tag: str, params: Any, n: int = 1) -> tuple[int, int, float]:
+        """Add every prompt, step until all are done: (prompt tokens, output tokens, first done s)."""
+        from tokabatch.engine.api import GenerationOutput, GenerationRequest
+
+        began = time.perf_counter()
+        for i, ids in enumerate(batch):
+            self.loop.add(GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=tuple(ids), sampling=params, n=n))
+        done = out_tokens = in_tokens = 0
+        first_s = 0.0
+        while done < len(batch):
+            for item in self.loop.step():
+                if isinstance(item, GenerationOutput):
+                    if not item.ok:
+                        raise RuntimeError(f"request {item.request_id} failed: {item.error}")
+                    first_s = first_s or time.perf_counter() - began
+                    done += 1
+                    out_tokens += item.num_completion_tokens
+                    in_tokens += item.num_prompt_tokens
+        if self.torch is not None:
+            self.torch.cuda.synchronize()
+        return in_tokens, out_tokens, first_s
+
+    def measure(self, name: str, w: Workload, prompts: list[list[int]]) -> dict:
+        """One timed run of a workload: its row (without start-up), phases printed."""
+        args, loop = self.args, self.loop
+        if self.torch is not None:
+            self.torch.cuda.reset_peak_memory_stats()
         timers, timeline = time_phases(loop, detail=args.phase_detail)
         stats0 = loop.stats()
         profiler = cProfile.Profile() if args.cpu_profile else None
         cpu0, start = time.process_time(), time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
+        params = self.params(w.output_len, w.temperature)
         if args.lines == "n":
-            in_tokens, out_tokens, first_s = drain(prompts, f"{name}-", params, n=w.n)
+            in_tokens, out_tokens, first_s = self.drain(prompts, f"{name}-", params, n=w.n)
         else:
-            in_tokens, out_tokens, first_s = drain(as_lines(prompts, w, args), f"{name}-", params)
-        wall = time.perf_counter() - start
-        cpu_s = time.process_time() - cpu0
+            in_tokens, out_tokens, first_s = self.drain(as_lines(prompts, w, args), f"{name}-", params)
+        wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu0
         if profiler is not None:
             profiler.disable()
             _write_cpu_profile(profiler, args, name)
         untime_phases(loop)
-        phases = {k: v for k, v in timers.items() if "(in " not in k}
-        print(f"{name} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-              + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
-        if args.phase_detail:
-            timeline.settle(timers)               # (after drain's synchronize: every event is done)
-            print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
+        _print_phases(name, timers, timeline, wall)
         stats = loop.stats()
         runners = getattr(loop, "runners", [loop.runner])
         saved = stats.num_hydragen_saved_kv_reads - stats0.num_hydragen_saved_kv_reads
         reads = stats.num_decode_kv_reads - stats0.num_decode_kv_reads
-        rows[name] = dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall, out_tokens=out_tokens,
-                          total_tok_s=(in_tokens + out_tokens) / wall, startup_s=startup, first_s=first_s,
-                          engine_cpu_s=cpu_s,
-                          peak_gib=memory(),
-                          steps=stats.num_steps - stats0.num_steps,
-                          forward_tokens=stats.num_forward_tokens - stats0.num_forward_tokens,
-                          cached_tokens=stats.num_cached_tokens - stats0.num_cached_tokens,
-                          graph_steps=sum(r.num_graph_steps for r in runners),
-                          eager_steps=sum(r.num_eager_steps for r in runners),
-                          hydragen_sharing=round(saved / max(1, reads), 3))
-        if args.profile:
-            from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
-            profile_decode_steps(loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile, args.out_dir,
-                                 tag=f"{name}-hydragen-{args.hydragen}")
-    return rows
+        return dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall, out_tokens=out_tokens,
+                    total_tok_s=(in_tokens + out_tokens) / wall, first_s=first_s, engine_cpu_s=cpu_s,
+                    peak_gib=self.torch.cuda.max_memory_allocated() / 2**30 if self.torch is not None else 0.0,
+                    steps=stats.num_steps - stats0.num_steps,
+                    forward_tokens=stats.num_forward_tokens - stats0.num_forward_tokens,
+                    cached_tokens=stats.num_cached_tokens - stats0.num_cached_tokens,
+                    graph_steps=sum(r.num_graph_steps for r in runners),
+                    eager_steps=sum(r.num_eager_steps for r in runners),
+                    hydragen_sharing=round(saved / max(1, reads), 3))
+
+
+def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: float) -> None:
+    phases = {k: v for k, v in timers.items() if "(in " not in k}
+    print(f"{name} phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+          + f"; loop rest {wall - sum(phases.values()):.2f}", flush=True)
+    if timeline is not None:
+        timeline.settle(timers)               # (after drain's synchronize: every event is done)
+        print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
 
 
 def _set_kernel_choices(args: argparse.Namespace) -> None:
@@ -306,7 +326,7 @@ def print_row(name: str, w: Workload, row: dict) -> None:
           f"| {frac} | {row['startup_s']:.1f} | {row['peak_gib']:.1f} GiB |", flush=True)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, help="a workload, or several of one model: TA,TB")
     ap.add_argument("--via", default="engine",
@@ -349,7 +369,35 @@ def main() -> None:
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _model_folder(model: str, args: argparse.Namespace, tmp: Path) -> Path:
+    """--folder, the demo model's folder, or a random-weight folder built now (no weights when simulated)."""
+    if args.folder or model == DEMO:
+        from tokabatch.model_store import resolve_model_path
+
+        return Path(args.folder) if args.folder else resolve_model_path(DEMO)
+    folder = tmp / model
+    t = time.perf_counter()
+    build_folder(model, folder, weights=args.engine == "real")
+    print(f"built random {model} in {time.perf_counter() - t:.1f} s", flush=True)
+    return folder
+
+
+def _hf_row(folder: Path, name: str) -> dict | None:
+    """HF transformers' row, run in its own process so the engine later sees all the free memory."""
+    proc = subprocess.run([sys.executable, __file__, "--workload", name, "--hf-only", "--folder", str(folder)],
+                          capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HFROW ")]
+    if proc.returncode or not lines:
+        print(f"HF run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][6:])
+
+
+def main() -> None:
+    args = _arguments()
     names = args.workload.split(",")
     vias = args.via.split(",")
     if not set(vias) <= set(VIAS):
@@ -366,24 +414,8 @@ def main() -> None:
         print("HFROW " + json.dumps(run_hf(Path(args.folder), loads[0], runs[0][2])), flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="tokabatch-bench-") as tmp:
-        if args.folder or model == DEMO:
-            from tokabatch.model_store import resolve_model_path
-
-            folder = Path(args.folder) if args.folder else resolve_model_path(DEMO)
-        else:
-            folder = Path(tmp) / model
-            t = time.perf_counter()
-            build_folder(model, folder, weights=args.engine == "real")
-            print(f"built random {model} in {time.perf_counter() - t:.1f} s", flush=True)
-        hf_row = None
-        if args.vs_hf:   # first, in its own process, so the engine later sees all the free memory
-            proc = subprocess.run([sys.executable, __file__, "--workload", names[0], "--hf-only",
-                                   "--folder", str(folder)], capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("HFROW ")]
-            if proc.returncode or not lines:
-                print(f"HF run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            else:
-                hf_row = json.loads(lines[-1][6:])
+        folder = _model_folder(model, args, Path(tmp))
+        hf_row = _hf_row(folder, names[0]) if args.vs_hf else None
         rows: dict = {}
         if set(vias) - {"engine"}:       # first: the server's engine must see all the free memory
             rows.update(run_service(folder, runs, vias, args, Path(tmp)))
@@ -394,14 +426,20 @@ def main() -> None:
             print(f"{name} engine detail: {json.dumps(row)}")
     if set(vias) != {"engine"}:
         print_table(runs, rows, ["engine", *[v for v in VIAS if v in vias and v != "engine"]])
-        return
-    print("| workload | engine | wall s | output tok/s | total tok/s | frac. of seq. bound | start-up s | peak GPU mem |")
+    else:
+        _print_engine_rows(runs, rows, hf_row)
+
+
+def _print_engine_rows(runs: list[tuple[str, Workload, list[list[int]]]], rows: dict, hf_row: dict | None) -> None:
+    print("| workload | engine | wall s | output tok/s | total tok/s | frac. of seq. bound | start-up s "
+          "| peak GPU mem |")
     print("|---|---|---|---|---|---|---|---|")
     for name, w, _ in runs:
         print_row(name, w, rows[(name, "engine")])
     if hf_row:
-        print_row(f"{names[0]} (first 256)", loads[0], hf_row)
-        print(f"ratio tokabatch / HF (output tok/s): {rows[(names[0], 'engine')]['out_tok_s'] / hf_row['out_tok_s']:.1f}x")
+        name, w, _ = runs[0]
+        print_row(f"{name} (first 256)", w, hf_row)
+        print(f"ratio tokabatch / HF (output tok/s): {rows[(name, 'engine')]['out_tok_s'] / hf_row['out_tok_s']:.1f}x")
 
 
 if __name__ == "__main__":

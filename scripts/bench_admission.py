@@ -74,7 +74,8 @@ def main() -> None:
     work = num_prompts * (prompt_len + output_len - 1)
     print(f"{args.workload}: {num_prompts} x {prompt_len} -> {output_len}, {pages:,} pages in two halves, "
           f"max_seqs {args.max_seqs}, warm-up {args.warm_up}")
-    print(f"steps {s.num_steps - before.num_steps:,}; forward tokens {s.num_forward_tokens - before.num_forward_tokens:,} "
+    forward = s.num_forward_tokens - before.num_forward_tokens
+    print(f"steps {s.num_steps - before.num_steps:,}; forward tokens {forward:,} "
           f"for {work:,} of work ({s.num_forward_tokens:,} with the warm-up); preemptions {s.num_preemptions}; "
           f"at most {most} running; CPU {cpu:.2f} s")
 

@@ -5,6 +5,10 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 scripts/setup.sh
+# The house rules that run: ruff (pyproject.toml [tool.ruff]) and the import contracts
+# ([tool.importlinter]: engine/core pure, no torch in the service, storage below jobs, ...).
+.venv/bin/ruff check tokabatch scripts tests migrations
+.venv/bin/lint-imports
 # The demo model is converted once into the cache; the suite's demo-model tests need it.
 .venv/bin/tokabatch models fetch
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -177,7 +177,8 @@ def test_stop_strings_on_real_tokens(ours: Tokenizer) -> None:
 
 
 def test_import_does_not_import_torch() -> None:
-    code = "import sys, tokabatch.text, tokabatch.model_store; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = ("import sys, tokabatch.text, tokabatch.model_store; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -186,6 +186,7 @@ def list_models(cache: Path | None = None) -> list[dict]:
 
 
 __all__ = [
-    "DEMO_SHA256", "ModelFetchError", "ModelLoadError", "demo_model_folder", "fetch_demo_model", "list_models", "models_dir",
+    "DEMO_SHA256", "ModelFetchError", "ModelLoadError", "demo_model_folder", "fetch_demo_model", "list_models",
+    "models_dir",
     "resolve_model_path", "served_model_name", "sha256_file",
 ]

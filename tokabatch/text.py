@@ -213,7 +213,8 @@ class Tokenizer:
         """The prompt text the chat template makes of `messages` (raises ChatTemplateError, a 400)."""
         if self._chat is None:
             raise ChatTemplateError("this model has no chat template; use the completions endpoint")
-        return self._chat.render(normalize_messages(messages, self._chat.source), add_generation_prompt=add_generation_prompt,
+        return self._chat.render(normalize_messages(messages, self._chat.source),
+                                 add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message, **template_kwargs)
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,

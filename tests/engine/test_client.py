@@ -274,7 +274,7 @@ def torch_loop() -> FakeLoop:
 
 
 def test_parent_process_never_imports_torch() -> None:
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import asyncio, sys
         from tokabatch.engine.client import EngineClient, LoopSpec
         from tokabatch.engine.api import GenerationRequest, SamplingParams

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.testing import FakeEngine, FakeLoop
 from tokabatch.service.jobs.runner import BatchRunner
-from tokabatch.service.jobs.states import is_terminal
+from tokabatch.service.storage.states import is_terminal
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
 

@@ -16,7 +16,7 @@ from tests.service.live_server import server_config
 from tokabatch.service.app import make_app
 from tokabatch.service.jobs.outputs import ResultWriter
 from tokabatch.service.jobs.seal import seal_results
-from tokabatch.service.jobs.states import BatchStatus as S
+from tokabatch.service.storage.states import BatchStatus as S
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.sweeper import sweep_forever, sweep_once
 

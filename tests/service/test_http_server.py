@@ -97,7 +97,7 @@ def test_the_served_name_is_the_only_name():
 
 def test_service_never_imports_torch():
     code = ("import sys, tokabatch.service.app, tokabatch.service.server, tokabatch.service.storage.repo, "
-            "tokabatch.service.http.files, tokabatch.service.jobs.states; "
+            "tokabatch.service.http.files, tokabatch.service.storage.states; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"PYTHONPATH": os.getcwd()})
 

@@ -140,7 +140,7 @@ def test_metrics_in_prometheus_text(server, client):
                  "tokabatch_prefix_cache_hit_rate", 'tokabatch_batches{status="completed"} 0',
                  'tokabatch_online_request_duration_seconds_count{endpoint="/v1/chat/completions",status="ok"}'):
         assert name in text
-    generated = next(l for l in text.splitlines() if l.startswith("tokabatch_generated_tokens_total"))
+    generated = next(x for x in text.splitlines() if x.startswith("tokabatch_generated_tokens_total"))
     assert float(generated.split()[-1]) > 0
 
 

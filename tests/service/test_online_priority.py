@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import openai
-import pytest
 
 from tests.cli.conftest import fake_server_factory, needs_demo_tokenizer  # noqa: F401  (fixture)
 

@@ -23,7 +23,8 @@ def chat_body(text: str, prompt_tokens: int = 10, completion_tokens: int = 3, ca
                      "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens,
-                  "prompt_tokens_details": {"cached_tokens": cached}, "completion_tokens_details": {"reasoning_tokens": 0}},
+                  "prompt_tokens_details": {"cached_tokens": cached},
+                  "completion_tokens_details": {"reasoning_tokens": 0}},
     }
 
 

@@ -103,7 +103,8 @@ def test_chat_sampling_fields_and_extensions(tok):
 
 def test_chat_max_tokens_alias(tok):
     assert prep(tok, CHAT_ENDPOINT, chat_body(max_tokens=7)).requests[0].sampling.max_tokens == 7
-    assert prep(tok, CHAT_ENDPOINT, chat_body(max_tokens=7, max_completion_tokens=7)).requests[0].sampling.max_tokens == 7
+    same = prep(tok, CHAT_ENDPOINT, chat_body(max_tokens=7, max_completion_tokens=7))
+    assert same.requests[0].sampling.max_tokens == 7
     with pytest.raises(InvalidRequest) as e:
         prep(tok, CHAT_ENDPOINT, chat_body(max_tokens=7, max_completion_tokens=8))
     assert e.value.code == "invalid_value" and e.value.param == "max_tokens"

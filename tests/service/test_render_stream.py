@@ -59,7 +59,7 @@ def test_completion_chunks_with_echo_and_two_prompts(tok):
     p = prep(tok, COMPLETIONS_ENDPOINT, {"prompt": ["The quick", "brown fox"], "echo": True, "logprobs": 1})
     r = StreamRenderer(p, created=5)
     chunks = r.start()
-    for i, req in enumerate(p.requests):
+    for req in p.requests:
         for u in updates_for(tok, req.request_id, 1, [" jumps", " over"], logprobs=True):
             chunks += r.update(u)
     assert r.finish([]) == []

@@ -98,7 +98,8 @@ async def test_validation_errors_fail_the_batch(db, blobs, clock, tok, engine, t
 
 
 async def test_missing_input_file(db, blobs, clock, tok, engine, tmp_path):
-    batch = await repo.create_batch(db, owner="owner-a", input_file_id="file-doesnotexist", endpoint="/v1/chat/completions",
+    batch = await repo.create_batch(db, owner="owner-a", input_file_id="file-doesnotexist",
+                                    endpoint="/v1/chat/completions",
                                     completion_window="24h", now_s=int(clock()), window_s=86_400)
     row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, batch.id)
     assert row.status == "failed"
@@ -141,7 +142,8 @@ def test_runner_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import tokabatch.service.jobs.runner, tokabatch.service.jobs.render, tokabatch.service.jobs.render_stream, tokabatch.service.jobs.outputs, tokabatch.service.jobs.seal; "
+    code = ("import sys; import tokabatch.service.jobs.runner, tokabatch.service.jobs.render, "
+            "tokabatch.service.jobs.render_stream, tokabatch.service.jobs.outputs, tokabatch.service.jobs.seal; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -17,7 +17,7 @@ from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, read_file_lines, run_to_terminal,
     wait_for,
 )
-from tokabatch.service.jobs.states import is_terminal
+from tokabatch.service.storage.states import is_terminal
 from tokabatch.service.storage import repo
 
 pytestmark = pytest.mark.timeout(120)

@@ -32,7 +32,8 @@ async def test_sealed_files_hold_the_work_files_and_outlive_the_folder(db, blobs
             raise OSError(18, "Invalid cross-device link")
         monkeypatch.setattr(seal.os, "link", no_link)
     writer, sealed = await _sealed(db, blobs, tmp_path)
-    expected = {sealed.output_file_id: writer.output_path.read_bytes(), sealed.error_file_id: writer.error_path.read_bytes()}
+    expected = {sealed.output_file_id: writer.output_path.read_bytes(),
+                sealed.error_file_id: writer.error_path.read_bytes()}
     for file_id, work_path in ((sealed.output_file_id, writer.output_path), (sealed.error_file_id, writer.error_path)):
         assert os.path.samefile(blobs.path(file_id), work_path) == links
     shutil.rmtree(writer.work_dir)

@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from tokabatch.errors import Conflict, InvalidRequest
-from tokabatch.service.jobs import states
-from tokabatch.service.jobs.states import BatchStatus as S
+from tokabatch.service.storage import states
+from tokabatch.service.storage.states import BatchStatus as S
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
@@ -161,7 +161,8 @@ async def test_progress_errors_and_result_files(db):
     assert await repo.update_progress(db, b.id, repo.RequestCounts(3, 2, 1),
                                       repo.Usage(10, 4, 6, 0, 16))
     assert not await repo.update_progress(db, b.id, repo.RequestCounts(3, 3, 0), repo.Usage(), worker_id="w")
-    await repo.set_validation_errors(db, b.id, [{"code": "invalid_json_line", "message": "m", "param": None, "line": 2}])
+    errors = [{"code": "invalid_json_line", "message": "m", "param": None, "line": 2}]
+    await repo.set_validation_errors(db, b.id, errors)
     await repo.set_result_files(db, b.id, "file-o", None, "file-p")
     got = await repo.get_batch(db, b.id, owner="")
     assert (got.request_total, got.request_completed, got.request_failed) == (3, 2, 1)

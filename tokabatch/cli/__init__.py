@@ -52,7 +52,8 @@ def serve(
     max_upload_bytes: Optional[int] = typer.Option(None, "--max-upload-bytes"),
     max_batch_lines: Optional[int] = typer.Option(None, "--max-batch-lines"),
     allow_custom_windows: Optional[bool] = typer.Option(None, "--allow-custom-windows/--openai-windows-only",
-                                                        help="Accept completion windows like 30m or 2d (default: only 24h)."),
+                                                        help="Accept completion windows like 30m or 2d "
+                                                             "(default: only 24h)."),
     log_format: str = typer.Option("json", "--log-format", help="Logs on stderr: json (one object a line) or text."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     max_seqs: Optional[int] = typer.Option(None, "--max-seqs", help="Most sequences running at once "
@@ -63,7 +64,8 @@ def serve(
                                                        help="Share of the free GPU memory for the KV cache (0.85)."),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
                                                  help="module:function building the StepLoop from engine_config= "
-                                                      "(tests, benchmarks: tokabatch.engine.simulated:build_simulated_loop)."),
+                                                      "(tests, benchmarks: "
+                                                      "tokabatch.engine.simulated:build_simulated_loop)."),
 ) -> None:
     """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
     from tokabatch import model_store

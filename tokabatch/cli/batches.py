@@ -219,7 +219,8 @@ def cancel(batch_id: str = typer.Argument(...), as_json: bool = JsonOpt,
 def download(
     object_id: str = typer.Argument(..., metavar="ID", help="A batch id (its results) or a file id (its bytes)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Default: stdout. For a batch: .jsonl or .parquet; errors go beside it."),
+                                          help="Default: stdout. For a batch: .jsonl or .parquet; "
+                                               "errors go beside it."),
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
 ) -> None:
     """Download a batch's results, or one file's content."""

@@ -87,24 +87,24 @@ def one_line_errors(func: F) -> F:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except CliError as e:
-            raise fail(e.message, e.code)
+            raise fail(e.message, e.code) from None
         except TokabatchError as e:
-            raise fail(e.message, _exit_code_of(e))
+            raise fail(e.message, _exit_code_of(e)) from None
         except FileNotFoundError as e:
-            raise fail(f"no such file: {e.filename or e}", EXIT_USAGE)
+            raise fail(f"no such file: {e.filename or e}", EXIT_USAGE) from None
         except IsADirectoryError as e:
-            raise fail(f"is a directory, not a file: {e.filename or e}", EXIT_USAGE)
+            raise fail(f"is a directory, not a file: {e.filename or e}", EXIT_USAGE) from None
         except PermissionError as e:
-            raise fail(f"permission denied: {e.filename or e}", EXIT_USAGE)
+            raise fail(f"permission denied: {e.filename or e}", EXIT_USAGE) from None
         except KeyboardInterrupt:
-            raise fail("interrupted", EXIT_INTERRUPTED)
+            raise fail("interrupted", EXIT_INTERRUPTED) from None
         except Exception as e:  # the last line of defence: still one line, never a traceback
             reason = _connection_message(e)
             if reason is not None:
-                raise fail(reason, EXIT_ERROR)
+                raise fail(reason, EXIT_ERROR) from None
             if os.environ.get("TOKABATCH_DEBUG"):
                 raise
-            raise fail(f"{type(e).__name__}: {e} (set TOKABATCH_DEBUG=1 for the traceback)", EXIT_ERROR)
+            raise fail(f"{type(e).__name__}: {e} (set TOKABATCH_DEBUG=1 for the traceback)", EXIT_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -46,14 +46,16 @@ def run(
                                 "<out stem>.errors.jsonl. Re-run with the same path to resume."),
     model: str = typer.Option("demo", "--model", help="An HF model folder, or 'demo'."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
-                                                    help="The model name the lines must use (default: the folder's name)."),
+                                                    help="The model name the lines must use "
+                                                         "(default: the folder's name)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32 or bfloat16."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Default: the lines' url."),
     max_batch_lines: int = typer.Option(50_000, "--max-batch-lines"),
     progress_every_s: float = typer.Option(PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS",
                                            help="Without a terminal: a plain progress line this often (0: none)."),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
-                                                 help="module:function building the StepLoop from engine_config= (tests, benchmarks)."),
+                                                 help="module:function building the StepLoop from "
+                                                      "engine_config= (tests, benchmarks)."),
 ) -> None:
     """Run every line of FILE on the model in this process (no server) and write OpenAI result lines."""
     if not file.is_file():

@@ -71,7 +71,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
              f"must be between 0 and {MAX_TOP_LOGPROBS}"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
-            (all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias", "biases must be between -100 and 100"),
+            (all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias",
+             "biases must be between -100 and 100"),
         ]
         if vocab_size is not None:
             checks.append((all(0 <= t < vocab_size for t, _ in self.logit_bias), "logit_bias",

@@ -224,7 +224,8 @@ class EngineClient:
 
     # ---- feeding --------------------------------------------------------------------------
 
-    async def _feed(self, requests: AsyncIterable[GenerationRequest], sink: asyncio.Queue[Item], mine: set[str]) -> None:
+    async def _feed(self, requests: AsyncIterable[GenerationRequest], sink: asyncio.Queue[Item],
+                    mine: set[str]) -> None:
         iterator = aiter(requests)
         while self.failure is None:
             async with self._credit_changed:

@@ -156,42 +156,56 @@ def serve(conn: Connection, spec: LoopSpec) -> None:
         _send_quietly(conn, ("failed", _start_failure(exc)))
         conn.close()
         return
-    num_adds_seen = 0
-    pending: list[GenerationUpdate | GenerationOutput] = []
+    inbox = _Inbox(loop)
     clock = _BusyClock()
     try:
         conn.send(("ready", loop.info, Report((), loop.num_wanted(), 0, clock.stamp(loop.stats()))))
         while True:
-            timeout = 0.0 if (loop.has_work() or pending) else None
+            timeout = 0.0 if (loop.has_work() or inbox.pending) else None
             if timeout is None:
                 clock.wait(conn)
             while conn.poll(timeout):
-                message = conn.recv()
-                for one in (message[1] if message[0] == "many" else (message,)):
-                    kind = one[0]
-                    if kind == "close":
-                        conn.send(("closed",))
-                        return
-                    if kind == "add":
-                        num_adds_seen = one[1]
-                        request: GenerationRequest = one[2]
-                        try:
-                            loop.add(request)
-                        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
-                            pending.append(error_output(request, rejection_error(exc)))
-                    elif kind == "abort":
-                        loop.abort(one[1])
+                if not inbox.take(conn.recv()):
+                    conn.send(("closed",))
+                    return
                 timeout = 0.0
             if loop.has_work():
-                pending.extend(loop.step())
-            conn.send(("report", Report(tuple(pending), loop.num_wanted(), num_adds_seen, clock.stamp(loop.stats()))))
-            pending = []
+                inbox.pending.extend(loop.step())
+            report = Report(tuple(inbox.pending), loop.num_wanted(), inbox.num_adds_seen, clock.stamp(loop.stats()))
+            conn.send(("report", report))
+            inbox.pending = []
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the client is gone: nothing to report to
     except BaseException:  # noqa: BLE001 - a broken step is fatal; the client turns it into 503s
         _send_quietly(conn, ("fatal", traceback.format_exc(limit=20)))
     finally:
         conn.close()
+
+
+class _Inbox:
+    """The client's messages, applied to the loop; what they produce waits in `pending` for the report."""
+
+    def __init__(self, loop: StepLoop) -> None:
+        self.loop = loop
+        self.num_adds_seen = 0
+        self.pending: list[GenerationUpdate | GenerationOutput] = []
+
+    def take(self, message: tuple) -> bool:
+        """Apply one message (or a "many" of them); False when it says close."""
+        for one in (message[1] if message[0] == "many" else (message,)):
+            kind = one[0]
+            if kind == "close":
+                return False
+            if kind == "add":
+                self.num_adds_seen = one[1]
+                request: GenerationRequest = one[2]
+                try:
+                    self.loop.add(request)
+                except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+                    self.pending.append(error_output(request, rejection_error(exc)))
+            elif kind == "abort":
+                self.loop.abort(one[1])
+        return True
 
 
 class _BusyClock:

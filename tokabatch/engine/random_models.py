@@ -42,9 +42,10 @@ ARCHS: dict[str, dict] = {
 def build_folder(arch: str, folder: Path, num_layers: int | None = None, final_norm_scale: float = 1.0,
                  *, weights: bool = True) -> None:
     """config.json + random bf16 safetensors (made on the GPU when there is one, std 0.02, norms near 1)
-    + a WordLevel tokenizer "t0".."tN" covering the vocabulary. `num_layers` overrides the depth; `final_norm_scale` multiplies
-    the final norm's weight (peakier logits, so fewer near-ties in greedy agreement tests). Without
-    `weights` only the config and the tokenizer (enough for engine/simulated.py; torch is not imported)."""
+    + a WordLevel tokenizer "t0".."tN" covering the vocabulary. `num_layers` overrides the depth;
+    `final_norm_scale` multiplies the final norm's weight (peakier logits, so fewer near-ties in greedy
+    agreement tests). Without `weights` only the config and the tokenizer (enough for
+    engine/simulated.py; torch is not imported)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit

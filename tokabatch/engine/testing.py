@@ -4,7 +4,8 @@ FakeLoop needs no model: choice i of a request emits token (sum(prompt) + i + k)
 k-th token (`fake_token_ids` computes the same sequence for assertions), and the text of a token is
 `<id>`. It honours max_tokens, EOS (unless ignore_eos, and only after min_tokens), stop_token_ids,
 stop strings, abort, logprobs and streaming, runs at most `max_running` batch requests (online
-requests always run at once) and holds at most `max_waiting` more, and counts `add()` calls per request_id in `executions`, so a
+requests always run at once) and holds at most `max_waiting` more, and counts `add()` calls per request_id
+in `executions`, so a
 service test can prove that no line ran twice. `token_interval_s` (a number, or a function of the
 request) slows requests down in wall time, for tests of cancel, expiry and timeouts.
 

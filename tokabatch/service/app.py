@@ -1,8 +1,9 @@
 """The aiohttp application factory: routes, middlewares, and resource lifetimes (cleanup_ctx).
 
 `make_app` builds an app that needs no engine (tests build one with a fake clock and their own
-database); it also runs the expiry sweep (storage/sweeper.py) while it is up. server.py adds the engine and the runner as further cleanup contexts. Must not import
-torch (the engine lives in another process; here only its ModelInfo, a plain dataclass, is seen).
+database); it also runs the expiry sweep (storage/sweeper.py) while it is up. server.py starts the
+engine and the batch runner around it and adds the online routes. Must not import torch (the
+engine lives in another process; here only its ModelInfo, a plain dataclass, is seen).
 """
 
 from __future__ import annotations

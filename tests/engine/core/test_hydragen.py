@@ -11,7 +11,6 @@ import pytest
 from tokabatch.engine.core.hydragen import (GroupingParams, find_decode_groups, find_prefix_groups,
                                             group_score, kv_reads_saved, kv_reads_saved_fraction)
 from tokabatch.engine.core.plan import PrefixGroup, SeqWork
-from tokabatch.errors import ConfigError
 
 Tables = dict[int, tuple[int, ...]]
 
@@ -206,11 +205,11 @@ def test_decode_groups_exclude_the_page_being_written() -> None:
 
 
 def test_bad_parameters_are_config_errors() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         GroupingParams(min_group=0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         GroupingParams(call_cost_tokens=-1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         find_prefix_groups({1: (1,)}, 0)
 
 

@@ -235,7 +235,8 @@ def emulate_padded(pp, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         a, b = int(pp.groups.group_qo_indptr[g]), int(pp.groups.group_qo_indptr[g + 1])
         if a == b:
             continue
-        s = request_slots(pp.groups.group_kv_indptr, pp.groups.group_kv_indices, pp.groups.group_last_page_len, g, page_size)
+        groups = pp.groups
+        s = request_slots(groups.group_kv_indptr, groups.group_kv_indices, groups.group_last_page_len, g, page_size)
         part_out[bs + a:bs + b], part_lse[bs + a:bs + b] = attention_with_lse(qg[a:b], k[s], v[s])
     part_out[-1], part_lse[-1] = 0.0, EMPTY_LSE
     idx = pp.groups.state_index

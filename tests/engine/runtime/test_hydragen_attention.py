@@ -137,7 +137,8 @@ def test_group_part_reads_the_prefix_once_for_all_members() -> None:
 
 def test_merge_of_two_halves_equals_attention_over_both() -> None:
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(5, 4, 8, generator=gen), torch.randn(23, 2, 8, generator=gen), torch.randn(23, 2, 8, generator=gen)
+    q = torch.randn(5, 4, 8, generator=gen)
+    k, v = torch.randn(23, 2, 8, generator=gen), torch.randn(23, 2, 8, generator=gen)
     tables = [tuple(range(23))] * 5    # page_size 1: every key is its own page
     full = reference_decode(q, k[:, None], v[:, None], tables, [23] * 5)
     groups_a = (PrefixGroup(seq_ids=tuple(range(5)), page_ids=tuple(range(9)), num_tokens=9),)

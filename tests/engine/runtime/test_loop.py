@@ -24,7 +24,8 @@ EOS = 2
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what a byte-level BPE vocabulary is written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -273,4 +274,5 @@ async def test_engine_client_runs_the_real_loop(tiny) -> None:
         await engine.close()
     with pytest.raises(errors.ModelLoadError):
         await EngineClient.start(LoopSpec("tokabatch.engine.runtime.factory:build_loop",
-                                          {"engine_config": EngineConfig(model=ModelConfig(path=str(folder / "nope")))}))
+                                          {"engine_config": EngineConfig(
+                                              model=ModelConfig(path=str(folder / "nope")))}))

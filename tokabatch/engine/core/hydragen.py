@@ -52,7 +52,6 @@ from itertools import compress, repeat
 from typing import Callable, Iterable, Mapping, Sequence
 
 from tokabatch.engine.core.plan import PrefixGroup, SeqWork
-from tokabatch.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +63,10 @@ class GroupingParams:
 
     def __post_init__(self) -> None:
         if self.min_prefix_tokens < 1 or self.min_group < 1:
-            raise ConfigError(f"Hydragen needs min_prefix_tokens >= 1 and min_group >= 1 "
+            raise ValueError(f"Hydragen needs min_prefix_tokens >= 1 and min_group >= 1 "
                               f"(got {self.min_prefix_tokens}, {self.min_group})")
         if self.call_cost_tokens < 0 or self.merge_cost_tokens < 0:
-            raise ConfigError("Hydragen costs must be non-negative")
+            raise ValueError("Hydragen costs must be non-negative")
 
 
 def group_score(num_members: int, num_tokens: int, params: GroupingParams) -> int:
@@ -183,7 +182,7 @@ def find_prefix_groups(page_tables: Mapping[int, Sequence[int]], page_size: int,
     Each sequence's groups cover consecutive page ranges from page 0.
     """
     if page_size < 1:
-        raise ConfigError(f"page_size must be >= 1 (got {page_size})")
+        raise ValueError(f"page_size must be >= 1 (got {page_size})")
     if len(page_tables) < max(2, params.min_group):
         return ()
     seq_ids = list(page_tables)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.pages import ROOT, PagePool
-from tokabatch.engine.core.plan import SampledToken, StepPlan
+from tokabatch.engine.core.plan import SampledToken, SeqWork, StepPlan
 from tokabatch.engine.core.request import SeqStatus, Sequence
 
 
@@ -27,27 +27,41 @@ def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned
     each, sampled, decodes first), known by position too, so they take a short path where most of
     them only count one more position and one more token. `publish(seq)` is called for a sequence
     whose computed positions reach past its published pages."""
-    ps = page_size
-    running = SeqStatus.RUNNING
     num_done = 0                          # works (and tokens: all decodes sample) handled so far
     if planned_seqs is not None:
-        for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
-            if token.seq_id != work.seq_id:
-                break                     # out of order: the general path below sorts it out
-            num_done += 1
-            if seq.status is not running:
-                continue                  # aborted or finished while the step ran
-            start = work.start_pos
-            if start != seq.num_computed:
-                raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
-                                     f"but {seq.num_computed} positions were computed")
-            seq.num_computed = start + 1
-            seq.output_ids.append(token.token_id)
-            if (start + 1) // ps > seq.num_published_pages:
-                publish(seq)              # (nothing to publish otherwise: most decode steps)
+        num_done = _apply_planned_decodes(plan, sampled, planned_seqs, page_size, publish)
     works = plan.decodes[num_done:] + plan.prefills if num_done else plan.works
+    _apply_works(plan.step_idx, works, sampled, num_done, seqs, page_size, publish)
+
+
+def _apply_planned_decodes(plan: StepPlan, sampled: tuple[SampledToken, ...], planned_seqs: list[Sequence],
+                           page_size: int, publish: Callable[[Sequence], None]) -> int:
+    """The short path: decodes matched to their sequences by position. Returns how many it handled
+    (it stops at the first token out of order, which the general path then sorts out)."""
+    running = SeqStatus.RUNNING
+    num_done = 0
+    for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
+        if token.seq_id != work.seq_id:
+            break
+        num_done += 1
+        if seq.status is not running:
+            continue                      # aborted or finished while the step ran
+        start = work.start_pos
+        if start != seq.num_computed:
+            raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
+                                 f"but {seq.num_computed} positions were computed")
+        seq.num_computed = start + 1
+        seq.output_ids.append(token.token_id)
+        if (start + 1) // page_size > seq.num_published_pages:
+            publish(seq)                  # (nothing to publish otherwise: most decode steps)
+    return num_done
+
+
+def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: tuple[SampledToken, ...], num_sampled: int,
+                 seqs: Mapping[int, Sequence], page_size: int, publish: Callable[[Sequence], None]) -> None:
+    """The general path: any work, its token (if it samples) found by position, else by seq_id."""
+    running = SeqStatus.RUNNING
     by_seq: dict[int, int] | None = None
-    num_sampled = num_done
     for work in works:
         token_id = None
         if work.sample:
@@ -70,9 +84,9 @@ def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned
                                                min(seq.num_computed, seq.num_prompt_tokens - 1))
         if work.sample:
             if token_id is None:
-                raise AssertionError(f"step {plan.step_idx} result lacks the token of sequence {seq.seq_id}")
+                raise AssertionError(f"step {step_idx} result lacks the token of sequence {seq.seq_id}")
             seq.output_ids.append(token_id)
-        if seq.num_computed // ps > seq.num_published_pages:
+        if seq.num_computed // page_size > seq.num_published_pages:
             publish(seq)
 
 

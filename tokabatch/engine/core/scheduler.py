@@ -7,7 +7,7 @@ pages published) by progress.py. Pure stdlib: must not import torch.
 
 Contract with the engine loop, one step at a time:
     plan = scheduler.schedule()                   # every decode + FIFO prefill chunks
-    result = runner.run(plan)
+    result = runner.launch(plan).result()
     scheduler.on_step_done(plan, result)          # appends sampled tokens, publishes full pages
     scheduler.finish_sequence(seq_id)             # for each sequence the loop decides has ended;
                                                   # it MUST end one whose num_tokens reached seq.max_len
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from typing import Protocol
 
-from tokabatch.config import SchedulerConfig
 from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
@@ -37,8 +37,18 @@ from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, pages_
 from tokabatch.engine.core.waiting import WaitingQueue
 
 
+class SchedulerSizes(Protocol):
+    """What the scheduler reads of its config (config.SchedulerConfig, with the device's sizes filled in)."""
+
+    page_size: int
+    max_seqs: int
+    max_tokens_per_step: int
+    enable_prefix_cache: bool
+    admission_margin: float
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_pages: int, *, max_model_len: int,
+    def __init__(self, config: SchedulerSizes, num_pages: int, *, max_model_len: int,
                  predictor: LengthPredictor | None = None, hydragen: GroupingParams | None = None,
                  retain_finished_requests: int = 4096) -> None:
         self.config = config

@@ -17,7 +17,8 @@ its pool); each size is run once eagerly before capture, which also compiles its
 Only decode steps use graphs (prefill shapes vary too much); the runner falls back to eager for
 mixed steps, for prefix-grouped (Hydragen) steps, and when a step has more rows than the largest
 size or more page indices than the static buffer holds. flashinfer (through flashinfer_backend) is
-imported when DecodeGraphs is built, so `batch_ladder` can be used and tested anywhere. Must not import the service or engine/core scheduling code.
+imported when DecodeGraphs is built, so `batch_ladder` can be used and tested anywhere. Must not
+import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class DecodeGraphs:
                                      paged_kv_last_page_len_buffer=self.last_page_len[:bs])
             self._wrappers[bs] = wrapper
             self._plan_padding_only(bs)
-            self._graphs[bs], self._logits[bs] = capture_graph(lambda: self._forward(bs), pool)
+            self._graphs[bs], self._logits[bs] = capture_graph(lambda bs=bs: self._forward(bs), pool)
         torch.cuda.synchronize()
 
     def _plan_padding_only(self, bs: int) -> None:

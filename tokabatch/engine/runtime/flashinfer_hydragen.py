@@ -402,7 +402,8 @@ class FlashInferHydragenAttention:
         if hp.num_rows == 0 and q.shape[0] == 0:
             return q.new_empty(q.shape)
         if q.shape != (hp.num_rows, self.num_heads, self.head_dim):
-            raise ValueError(f"expected q of shape {(hp.num_rows, self.num_heads, self.head_dim)}, got {tuple(q.shape)}")
+            expected = (hp.num_rows, self.num_heads, self.head_dim)
+            raise ValueError(f"expected q of shape {expected}, got {tuple(q.shape)}")
         kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
         q = q.contiguous()
         if hp.own_only:

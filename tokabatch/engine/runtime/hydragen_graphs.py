@@ -137,7 +137,7 @@ class GroupedDecodeGraphs:
                            torch.ones(bs, dtype=torch.int32))
             self._plan_groups(bs, qo, torch.arange(g + 1, dtype=torch.int32),
                               torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
-            self._graphs[bs], self._logits[bs] = capture_graph(lambda: self._forward(bs), pool)
+            self._graphs[bs], self._logits[bs] = capture_graph(lambda bs=bs: self._forward(bs), pool)
         self._groups_key = None
         torch.cuda.synchronize()
 
@@ -176,7 +176,8 @@ class GroupedDecodeGraphs:
         ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
         copies = [(self.graphs.input_ids, ids), (self.positions, padded.positions), (self.slots, padded.slots)]
         if not reuse:
-            copies += [(self.group_rows, padded.groups.group_rows), (self.state_index, padded.groups.state_index.reshape(-1))]
+            copies += [(self.group_rows, padded.groups.group_rows),
+                       (self.state_index, padded.groups.state_index.reshape(-1))]
         for buffer, host in copies:
             buffer[:host.numel()].copy_(host.pin_memory(), non_blocking=True)
         self._plan_own(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),

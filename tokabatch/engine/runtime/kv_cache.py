@@ -5,7 +5,8 @@ paged layout, so a faster backend can use the same tensors). Token position p of
 in page page_ids[p // page_size] at offset p % page_size; its flat slot is
 page * page_size + offset. Page bookkeeping (which pages are free) is engine/core's job, not this
 module's. `reserved_pages` extra pages at the end belong to no sequence: the first is the scratch
-page where padded CUDA-graph rows write their K/V (harmless, nobody reads it as context). Must not import the service or engine/core scheduling code.
+page where padded CUDA-graph rows write their K/V (harmless, nobody reads it as context). Must not
+import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations

@@ -139,8 +139,10 @@ class EngineLoop:
                     max_output = min(max_output, max_len - num_prompt)
                 choice = _Choice(
                     seq_id, seq.choice_index,
-                    self.tokenizer.detokenizer(request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens),
-                    StopStringMatcher(params.stop, include_stop=params.include_stop_str_in_output) if params.stop else None,
+                    self.tokenizer.detokenizer(request.prompt_token_ids,
+                                               skip_special_tokens=params.skip_special_tokens),
+                    (StopStringMatcher(params.stop, include_stop=params.include_stop_str_in_output)
+                     if params.stop else None),
                     min_tokens=params.min_tokens, stop_token_ids=stop_token_ids, stop_on=stop_on, max_output=max_output,
                     text_at_end=not params.stop and not request.stream,
                     logprobs=[] if params.logprobs is not None else None)

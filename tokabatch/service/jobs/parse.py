@@ -159,13 +159,21 @@ def _parse_line(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise _LineRejected("invalid_json_line", "This line is not valid UTF-8.", None) from None
     except json.JSONDecodeError as exc:
-        raise _LineRejected("invalid_json_line", f"This line is not parseable as valid JSON: {exc.msg}.", None) from None
+        message = f"This line is not parseable as valid JSON: {exc.msg}."
+        raise _LineRejected("invalid_json_line", message, None) from None
     except RecursionError:
         raise _LineRejected("invalid_json_line", "This line is nested too deeply to be parsed.", None) from None
 
 
 def _check_line(obj: Any, *, endpoint: str, served_model_names: set[str]) -> str:
     """Apply the §3.7 per-line rules; return the custom_id or raise _LineRejected."""
+    custom_id = _check_envelope(obj, endpoint)
+    _check_body(obj["body"], endpoint, served_model_names)
+    return custom_id
+
+
+def _check_envelope(obj: Any, endpoint: str) -> str:
+    """The line's own fields (custom_id, method, url, body present); returns the custom_id."""
     if not isinstance(obj, dict):
         raise _LineRejected("invalid_request", "Each line must be a JSON object.", None)
     for name in REQUIRED_FIELDS:
@@ -182,7 +190,11 @@ def _check_line(obj: Any, *, endpoint: str, served_model_names: set[str]) -> str
     if obj["url"] != endpoint:
         raise _LineRejected("invalid_url", f"The URL provided for this request does not match the batch endpoint "
                             f"{endpoint!r}.", "url")
-    body = obj["body"]
+    return custom_id
+
+
+def _check_body(body: Any, endpoint: str, served_model_names: set[str]) -> None:
+    """What validation checks of the body (the rest is the endpoint's, at execution)."""
     if not isinstance(body, dict):
         raise _LineRejected("invalid_request", "'body' must be a JSON object.", "body")
     if body.get("stream") is True:
@@ -198,7 +210,6 @@ def _check_line(obj: Any, *, endpoint: str, served_model_names: set[str]) -> str
         raise _LineRejected("invalid_request", "Missing required parameter: 'body.messages'.", "body.messages")
     if endpoint == COMPLETIONS_ENDPOINT and body.get("prompt") is None:
         raise _LineRejected("invalid_request", "Missing required parameter: 'body.prompt'.", "body.prompt")
-    return custom_id
 
 
 def validate_input_file(
@@ -285,5 +296,6 @@ def read_request(f: BinaryIO, offset: int, length: int) -> tuple[str, dict[str, 
     return obj["custom_id"], obj["body"]
 
 
-__all__ = ["BatchError", "FirstLineCheck", "ValidationReport", "file_problem", "iter_request_spans", "iter_requests", "read_request",
+__all__ = ["BatchError", "FirstLineCheck", "ValidationReport", "file_problem", "iter_request_spans", "iter_requests",
+           "read_request",
            "validate_input_file"]

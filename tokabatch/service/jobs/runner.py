@@ -37,7 +37,7 @@ from tokabatch.service.jobs.outputs import ResultWriter
 from tokabatch.service.jobs.outputs import preload as preload_outputs
 from tokabatch.service.jobs.parse import iter_requests, validate_input_file
 from tokabatch.service.jobs.seal import seal_results
-from tokabatch.service.jobs.states import BatchStatus
+from tokabatch.service.storage.states import BatchStatus
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
 from tokabatch.service.storage.db import Database
@@ -318,7 +318,9 @@ class BatchRunner:
                 now = time.monotonic()
                 if now - last_beat >= self.config.heartbeat_s:
                     last_beat = now
-                    if not await repo.heartbeat(self.db, job.batch.id, self.worker_id, self.config.lease_s, self.clock()):
+                    alive = await repo.heartbeat(self.db, job.batch.id, self.worker_id, self.config.lease_s,
+                                                 self.clock())
+                    if not alive:
                         return LOST
                 if now - last_progress >= self.config.progress_interval_s:
                     last_progress = now
@@ -390,7 +392,8 @@ class BatchRunner:
             if custom_id not in job.writer.done_custom_ids:
                 job.writer.write_error(custom_id, code=code, message=message, line_no=line_no)
 
-    async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None, *, errors: list[dict] | None = None) -> None:
+    async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None, *,
+                      errors: list[dict] | None = None) -> None:
         """Seal the files (if any lines) and make the terminal transition with counts and usage."""
         fields: dict[str, Any] = {"worker_id": None, "lease_expires_at": None}
         if errors is not None:

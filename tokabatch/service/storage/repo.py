@@ -1,7 +1,7 @@
 """The repository: every query tokabatch runs, as plain async functions over a `Database`.
 
 Owns owner scoping (every HTTP-facing query takes `owner`; another owner's ids are simply not
-found), cursor pagination, the compare-and-set status writes (through jobs/states.py) and the
+found), cursor pagination, the compare-and-set status writes (through storage/states.py) and the
 runner's claims (lease + heartbeat). Portable SQL only: the same code runs on SQLite and on
 PostgreSQL (`FOR UPDATE SKIP LOCKED` renders on PostgreSQL and is ignored by SQLite, where the
 conditional UPDATE alone makes a claim atomic). Must not import torch or aiohttp.
@@ -29,7 +29,7 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokabatch.errors import Conflict, InvalidRequest
-from tokabatch.service.jobs.states import (
+from tokabatch.service.storage.states import (
     CANCELLABLE, NON_TERMINAL, TIMESTAMP_FIELD, BatchStatus, allowed_from,
 )
 from tokabatch.service.storage.db import Database

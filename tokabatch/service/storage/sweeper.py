@@ -30,12 +30,17 @@ class SweepResult:
     idempotency_keys: int
 
 
+def _delete_all(blobs: BlobStore, file_ids: list[str]) -> None:
+    for file_id in file_ids:
+        blobs.delete(file_id)
+
+
 async def sweep_once(db: Database, blobs: BlobStore, now_s: int) -> SweepResult:
     """Remove every file expired at `now_s` (except inputs of unfinished batches) and stale keys."""
     num_files = 0
     while True:
         ids = await repo.sweep_expired_files(db, now_s, limit=SWEEP_CHUNK)
-        await asyncio.to_thread(lambda: [blobs.delete(file_id) for file_id in ids])
+        await asyncio.to_thread(_delete_all, blobs, ids)
         num_files += len(ids)
         if len(ids) < SWEEP_CHUNK:
             break

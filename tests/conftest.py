@@ -1,4 +1,4 @@
-"""Shared fixtures for the whole suite: small and generic (owned by the lead).
+"""Shared fixtures for the whole suite: small and generic.
 
 `demo_model_path` is the demo model folder in the default cache (`tokabatch models fetch` puts it
 there); tests that need it skip, with the reason, on a machine that has not fetched it.

@@ -69,10 +69,9 @@ class EngineConfig:
     enable_cuda_graphs: bool = True
     pipelined: bool = True               # CUDA: two engine loops in turn, so CPU work overlaps GPU work
     # Hydragen prefix groups: on by default (None is the same as True). On CUDA with graphs the grouped
-    # decode steps replay their own graphs (hydragen_graphs.py). Measured on the H200, Hydragen on
-    # against off: TB 65.5k-66.8k against 46.8k output tok/s, W4-quick 69.5k against 44.0k, W5-quick
-    # 51.2k against 26.2k (docs/benchmarks.md). Off skips group detection (~0.3 ms of CPU per step at
-    # 1024 decodes when nothing is shared) and the grouped graphs' capture (~5 s at start-up).
+    # decode steps replay their own graphs (hydragen_graphs.py). Shared prompts decode much faster with
+    # it (docs/benchmarks.md, on and off); off skips group detection on every step and the grouped
+    # graphs' capture at start-up, for workloads that share nothing.
     enable_hydragen: bool | None = None
     hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
     hydragen_min_group: int = 16            # ... among at least this many decoding sequences

@@ -55,12 +55,6 @@ class PayloadTooLarge(TokabatchError):
     status = 413
 
 
-class RateLimited(TokabatchError):
-    status = 429
-    type = "requests"
-    default_code = "rate_limit_exceeded"
-
-
 class InternalError(TokabatchError):
     status = 500
     type = "server_error"

@@ -204,10 +204,6 @@ class Tokenizer:
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens=skip_special_tokens)
 
     # ---- chat -------------------------------------------------------------------------------------
-    @property
-    def has_chat_template(self) -> bool:
-        return self._chat is not None
-
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, **template_kwargs: Any) -> str:
         """The prompt text the chat template makes of `messages` (raises ChatTemplateError, a 400)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import urllib.error
 from typing import Callable, TypeVar
 
@@ -108,6 +107,3 @@ def one_line_errors(func: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
-
-def stderr_is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -1,8 +1,9 @@
 """THE SEAM between the service and the engine: requests in, outputs out.
 
 Everything here is a plain dataclass of ints, floats and strings (it crosses a process boundary
-by pickling) plus the `Engine` protocol that `EngineClient` (engine/client.py, the process
-boundary) and test doubles implement. Imports no torch, no aiohttp, no SQLAlchemy.
+by pickling), the `Engine` protocol that `EngineClient` (engine/client.py, the process boundary)
+and test doubles implement, and `RequestRejected`, the engine's one way to refuse a request with a
+typed error. Imports no torch, no aiohttp, no SQLAlchemy.
 
 Token ids are the engine's language; the service tokenizes prompts (tokabatch.text) before it
 builds a `GenerationRequest`, and renders token ids of logprobs back to strings. The engine
@@ -117,6 +118,22 @@ class RequestError:
     message: str
     code: str | None = None              # e.g. "context_length_exceeded", "engine_error"
     param: str | None = None
+
+
+class RequestRejected(Exception):
+    """Raised by the engine's admission of a request it refuses; carries the typed error to send back
+    (engine/loop_protocol turns it into that request's error output)."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def context_length_exceeded(num_prompt_tokens: int, context_length: int) -> RequestError:
+    """The engine's refusal of a prompt that leaves no room to generate within the context."""
+    return RequestError(400, f"This model's maximum context length is {context_length} tokens. However, your "
+                             f"prompt has {num_prompt_tokens} tokens, leaving no room for completion tokens.",
+                        code="context_length_exceeded", param="prompt")
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,7 @@ class EngineClient:
         self._num_adds_sent = 0
         self._num_adds_seen = 0
         self._num_reserved = 0
-        self._credit_changed = asyncio.Condition()
+        self._credit_changed = asyncio.Event()   # set whenever credits may have grown (or the engine died)
         self._started: asyncio.Future[ModelInfo] = self._loop.create_future()
         self._closed_event = asyncio.Event()
         self._closing = False
@@ -228,11 +228,12 @@ class EngineClient:
                     mine: set[str]) -> None:
         iterator = aiter(requests)
         while self.failure is None:
-            async with self._credit_changed:
-                await self._credit_changed.wait_for(lambda: self._credits() > 0 or self.failure is not None)
-                if self.failure is not None:
-                    return
-                self._num_reserved += 1   # held while we pull, so concurrent streams cannot overdraw
+            while self._credits() <= 0 and self.failure is None:
+                self._credit_changed.clear()
+                await self._credit_changed.wait()
+            if self.failure is not None:
+                return
+            self._num_reserved += 1       # held while we pull, so concurrent streams cannot overdraw
             try:
                 request = await anext(iterator)
             except StopAsyncIteration:
@@ -336,11 +337,7 @@ class EngineClient:
                 route.sink.put_nowait(item)
         self._num_wanted = report.num_wanted
         self._num_adds_seen = report.num_adds_seen
-        asyncio.ensure_future(self._notify_credit())
-
-    async def _notify_credit(self) -> None:
-        async with self._credit_changed:
-            self._credit_changed.notify_all()
+        self._credit_changed.set()
 
     def _on_eof(self) -> None:
         if self.failure is None:
@@ -362,7 +359,7 @@ class EngineClient:
         routes, self._routes = self._routes, {}
         for route in routes.values():
             route.sink.put_nowait(error_output(route.request, error))
-        asyncio.ensure_future(self._notify_credit())
+        self._credit_changed.set()
 
     async def _stop_workers(self, *, terminate: bool = False) -> None:
         self._outbox.put(None)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from tokabatch.engine.api import (
     EngineStats,
+    RequestRejected,
     GenerationOutput,
     GenerationRequest,
     GenerationUpdate,
@@ -38,8 +39,9 @@ from tokabatch.errors import TokabatchError
 class StepLoop(Protocol):
     """One engine: requests in, finished outputs (and streaming deltas) out, one step at a time.
 
-    Contract: `add` never raises for a bad request (it queues that request's error output, or
-    raises `RequestRejected`, which serve() turns into one); `abort` queues an aborted output for
+    Contract: for a bad request `add` queues that request's error output or raises
+    `RequestRejected` (or `ValueError(param, message)`), which serve() turns into one, and nothing
+    else; `abort` queues an aborted output for
     an unfinished request; `has_work()` stays True while any output is waiting to be returned, so
     `step()` also delivers outputs when no forward pass is needed.
     """
@@ -61,14 +63,6 @@ class StepLoop(Protocol):
     def stats(self) -> EngineStats: ...
 
 
-class RequestRejected(Exception):
-    """Raised by `StepLoop.add` for a request the engine refuses; carries the error to send back."""
-
-    def __init__(self, error: RequestError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 def error_output(request: GenerationRequest, error: RequestError) -> GenerationOutput:
     """The output of a request that never ran (or whose engine died)."""
     return GenerationOutput(
@@ -80,8 +74,9 @@ def error_output(request: GenerationRequest, error: RequestError) -> GenerationO
 def rejection_error(exc: BaseException) -> RequestError:
     """Map an exception raised while admitting one request to that request's error.
 
-    `ValueError(param, message)` is the engine's convention for a bad value (SamplingParams.validate,
-    Scheduler.add_request); a message about the context becomes `context_length_exceeded`.
+    `RequestRejected` carries its typed error (a prompt too long for the context or the KV cache,
+    a duplicate id); `ValueError(param, message)` is the engine's convention for a bad value
+    (SamplingParams.validate, Scheduler.add_request): `invalid_value`.
     """
     if isinstance(exc, RequestRejected):
         return exc.error
@@ -92,8 +87,7 @@ def rejection_error(exc: BaseException) -> RequestError:
             param, message = exc.args
         else:
             param, message = None, str(exc)
-        code = "context_length_exceeded" if "context" in message.lower() else "invalid_value"
-        return RequestError(400, message, code=code, param=param)
+        return RequestError(400, message, code="invalid_value", param=param)
     return RequestError(500, f"the engine failed this request: {type(exc).__name__}: {exc}", code="engine_error")
 
 
@@ -243,6 +237,6 @@ def serve_in_child(conn: Connection, spec: LoopSpec) -> None:
 
 
 __all__ = [
-    "LoopSpec", "Report", "RequestRejected", "StartFailure", "StepLoop", "error_output", "rejection_error",
+    "LoopSpec", "Report", "StartFailure", "StepLoop", "error_output", "rejection_error",
     "serve", "serve_in_child",
 ]

@@ -20,6 +20,7 @@ import logging
 from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 
 from tokabatch import errors
+from tokabatch.config import EngineConfig
 from tokabatch.engine.api import EngineStats, GenerationOutput, GenerationRequest, GenerationUpdate, ModelInfo
 from tokabatch.engine.client import EngineClient
 
@@ -123,4 +124,10 @@ class SupervisedEngine:
                 log.error("%s", self._down)
 
 
-__all__ = ["SupervisedEngine"]
+async def start_engine(engine_config: EngineConfig) -> SupervisedEngine:
+    """The engine `engine_config` describes, in a process of its own, started again whenever that
+    process dies: what `tokabatch serve` runs (the service's one way to start an engine)."""
+    return await SupervisedEngine.start(lambda: EngineClient.from_config(engine_config))
+
+
+__all__ = ["SupervisedEngine", "start_engine"]

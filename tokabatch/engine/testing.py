@@ -33,7 +33,8 @@ from tokabatch.engine.api import (
     TokenLogprob,
 )
 from tokabatch.engine.client import EngineClient
-from tokabatch.engine.loop_protocol import LoopSpec, RequestRejected
+from tokabatch.engine.api import RequestRejected
+from tokabatch.engine.loop_protocol import LoopSpec
 
 MAX_IDLE_SLEEP_S = 0.02   # a sleeping step returns this often so the engine can read aborts
 

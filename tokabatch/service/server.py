@@ -2,8 +2,8 @@
 
 Owns the process's lifetimes and their order: start database -> engine -> runner -> HTTP, stop in
 reverse on SIGINT/SIGTERM (HTTP first so no request lands on a closed store). The engine runs in
-its own process (EngineClient); this module never imports torch. `engine_factory` and
-`runner_factory` let tests and the lead swap either part.
+its own process (engine/supervisor.start_engine); this module never imports torch. `engine_factory` and
+`runner_factory` let tests swap either part.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from aiohttp import web
 
 from tokabatch.config import Config
 from tokabatch.engine.api import Engine
+from tokabatch.engine.supervisor import start_engine
 from tokabatch.text import Tokenizer
-from tokabatch.service.app import blobs_dir, make_app
-from tokabatch.service.http.context import BATCH_CREATED, PROBLEMS
+from tokabatch.service.app import make_app
+from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CLOCK, DB, MODELS, PROBLEMS, ServedModels
 from tokabatch.service.http import metrics, online
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
@@ -49,11 +50,8 @@ RunnerFactory = Callable[[Config, dbmod.Database, BlobStore, Engine], Runner]
 
 
 async def default_engine_factory(config: Config) -> Engine:
-    """The real engine in its own process, started again whenever it dies (engine/supervisor.py)."""
-    from tokabatch.engine.client import EngineClient
-    from tokabatch.engine.supervisor import SupervisedEngine
-
-    return await SupervisedEngine.start(lambda: EngineClient.from_config(config.engine))
+    """The real engine in its own process, started again whenever it dies."""
+    return await start_engine(config.engine)
 
 
 class _RunnerTask:
@@ -129,40 +127,68 @@ async def serve_async(
     stop: asyncio.Event | None = None,
     on_started: Callable[[int], Any] | None = None,
 ) -> None:
-    """Run until `stop` is set (or SIGINT/SIGTERM). `on_started(port)` is called once HTTP listens."""
+    """Run until `stop` is set (or SIGINT/SIGTERM). `on_started(port)` is called once HTTP listens.
+
+    Everything the app owns lives in its cleanup contexts, entered in order at start (the database
+    and the expiry sweep of make_app, then the engine, then the batch runner) and left in reverse
+    after the HTTP site has stopped, so no request lands on a closed store."""
     stop = stop or asyncio.Event()
-    url = dbmod.database_url(config.storage)
-    await asyncio.to_thread(dbmod.upgrade, url)
-    async with contextlib.AsyncExitStack() as stack:
-        stack.callback(_install_stop_signals(stop))
-        db = await dbmod.Database.open(url)
-        stack.push_async_callback(db.close)
-        blobs = BlobStore(blobs_dir(config))
-        engine = await (engine_factory or default_engine_factory)(config)
-        stack.push_async_callback(engine.close)
-        runner = (runner_factory or default_runner_factory)(config, db, blobs, engine)
-        await runner.start()
-        stack.push_async_callback(runner.stop)
-        app = make_app(config, db=db, blobs=blobs, engine_info=engine.info,
-                       served_model_names=served_model_names(config, engine))
-        app[BATCH_CREATED] = runner.wake
-        app[PROBLEMS] = lambda: [p for p in (engine.health(), runner.health()) if p is not None]
-        # Online completions share the engine with batch work (at ONLINE priority); /metrics reads both.
-        app[online.ENGINE] = engine
-        app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)
-        app.add_routes(online.routes)
-        metrics.install(app)
-        app_runner = web.AppRunner(app, handle_signals=False, access_log=None)  # middleware logs requests
+    remove_signals = _install_stop_signals(stop)
+    app = make_app(config)
+    app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))
+    app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory))
+    app.add_routes(online.routes)
+    metrics.install(app)
+    app_runner = web.AppRunner(app, handle_signals=False, access_log=None)  # middleware logs requests
+    try:
         await app_runner.setup()
-        stack.push_async_callback(app_runner.cleanup)
         site = web.TCPSite(app_runner, config.server.host, config.server.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1] if site._server else config.server.port  # type: ignore[union-attr]
+        port = app_runner.addresses[0][1]
         log.info("tokabatch listening on http://%s:%s/v1", config.server.host, port)
         if on_started is not None:
             on_started(port)
         await stop.wait()
         log.info("tokabatch shutting down")
+    finally:
+        await app_runner.cleanup()
+        remove_signals()
+
+
+def _engine_context(config: Config, factory: EngineFactory):
+    """The engine (a process of its own, started again when it dies), the names it serves under and
+    the tokenizer the online endpoints prepare requests with."""
+
+    async def engine_context(app: web.Application):
+        engine = await factory(config)
+        try:
+            app[MODELS] = ServedModels(names=served_model_names(config, engine), info=engine.info,
+                                       created_at=int(app[CLOCK]()))
+            # Online completions share the engine with batch work (at ONLINE priority); /metrics reads both.
+            app[online.ENGINE] = engine
+            app[online.TOKENIZER] = await asyncio.to_thread(load_tokenizer, config)
+            yield
+        finally:
+            await engine.close()
+
+    return engine_context
+
+
+def _runner_context(config: Config, factory: RunnerFactory):
+    """The batch runner over the app's database, files and engine; /health reports it and the engine."""
+
+    async def runner_context(app: web.Application):
+        engine = app[online.ENGINE]
+        runner = factory(config, app[DB], app[BLOBS], engine)
+        await runner.start()
+        try:
+            app[BATCH_CREATED] = runner.wake
+            app[PROBLEMS] = lambda: [p for p in (engine.health(), runner.health()) if p is not None]
+            yield
+        finally:
+            await runner.stop()
+
+    return runner_context
 
 
 def serve(config: Config, *, engine_factory: EngineFactory | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokabatch.engine.api import Priority
+from tokabatch.engine.api import Priority, RequestRejected
 from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.plan import SampledToken, StepResult
 from tokabatch.engine.core.request import SeqStatus
@@ -165,11 +165,15 @@ def test_chunked_prefill_respects_token_budget_and_max_seqs() -> None:
     assert max(running_counts) <= 3
 
 
-def test_prompt_too_long_is_a_value_error() -> None:
+def test_prompt_too_long_is_a_typed_rejection() -> None:
     sched = make_scheduler(num_pages=64, max_model_len=16)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(RequestRejected) as info:
         sched.add_request(request("x", list(range(3)) * 6))
-    assert info.value.args[0] == "prompt"
+    assert (info.value.error.code, info.value.error.param, info.value.error.status) == (
+        "context_length_exceeded", "prompt", 400)
+    with pytest.raises(RequestRejected) as info:                # more than the whole KV cache
+        make_scheduler(num_pages=4, max_model_len=1000).add_request(request("y", list(range(9))))
+    assert info.value.error.code == "context_length_exceeded" and "KV cache" in info.value.error.message
     assert not sched.has_work()
 
 

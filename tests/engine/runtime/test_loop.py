@@ -13,7 +13,7 @@ from tokabatch import errors
 from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
 from tokabatch.engine.api import FinishReason, GenerationOutput, GenerationRequest, GenerationUpdate, SamplingParams
 from tokabatch.engine.client import EngineClient, LoopSpec
-from tokabatch.engine.loop_protocol import RequestRejected
+from tokabatch.engine.api import RequestRejected
 from tokabatch.engine.runtime.factory import build_loop
 from tokabatch.engine.runtime.loop import EngineLoop
 

@@ -35,7 +35,7 @@ class PagePool:
         self.num_pages = num_pages
         self.page_size = page_size
         # Per-page ints live in arrays, not lists: the garbage collector does not walk them (a full
-        # collection walked every list slot; at 400k pages that was ~10 ms, every few steps).
+        # collection walks every list slot, and there are hundreds of thousands of pages).
         self._refcount = array("i", bytes(4 * num_pages))
         # Pop from the end; reversed so page 0 is handed out first (easier to read in tests).
         self._free = array("i", range(num_pages - 1, -1, -1))

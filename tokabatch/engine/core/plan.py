@@ -46,8 +46,8 @@ _new_tuple = tuple.__new__
 
 def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[int, ...]) -> SeqWork:
     """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), built without the keyword
-    handling of the generated __new__ (0.3 us against 0.8 us for the frozen dataclass it was, on
-    the dev VM). The scheduler builds one per running sequence per step."""
+    handling of the generated __new__ (a NamedTuple built this way is the cheapest record Python
+    makes). The scheduler builds one per running sequence per step."""
     return _new_tuple(SeqWork, (seq_id, (token_id,), start_pos, page_ids, True, None, ()))
 
 

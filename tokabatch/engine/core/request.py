@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from tokabatch.engine.api import Priority, SamplingParams
-from tokabatch.engine.core.plan import SeqWork, decode_seq_work
+from tokabatch.engine.core.plan import SeqWork
 
 
 class SeqStatus(enum.Enum):
@@ -57,10 +57,6 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_ids)
-
-    @property
     def params(self) -> SamplingParams:
         return self.sampling
 
@@ -84,9 +80,6 @@ class Sequence:
             return tuple(self.output_ids[start - num_prompt:stop - num_prompt])
         return self.prompt_ids[start:] + tuple(self.output_ids[:stop - num_prompt])
 
-    def all_token_ids(self) -> tuple[int, ...]:
-        return self.prompt_ids + tuple(self.output_ids)
-
 
 def pages_for(num_positions: int, page_size: int) -> int:
     """Pages needed to hold the KV of `num_positions` positions."""
@@ -106,12 +99,6 @@ def chunk_end(seq: Sequence, start: int, end: int) -> int:
     return end
 
 
-def decode_work(seq: Sequence) -> SeqWork:
-    """Its last output token at position num_tokens - 1, sampled."""
-    return decode_seq_work(seq.seq_id, seq.output_ids[-1], len(seq.prompt_ids) + len(seq.output_ids) - 1,
-                           seq.page_ids)
-
-
 def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
     """Tokens [start, end) of prompt+output; sampled when the chunk reaches the last token.
 
@@ -126,4 +113,4 @@ def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
         prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
 
 
-__all__ = ["SeqStatus", "Sequence", "chunk_end", "decode_work", "pages_for", "prefill_work"]
+__all__ = ["SeqStatus", "Sequence", "chunk_end", "pages_for", "prefill_work"]

@@ -24,7 +24,7 @@ import itertools
 from collections import OrderedDict
 from typing import Protocol
 
-from tokabatch.engine.api import GenerationRequest
+from tokabatch.engine.api import GenerationRequest, RequestError, RequestRejected, context_length_exceeded
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
 from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
 from tokabatch.engine.core.inflight import InflightPages
@@ -79,17 +79,18 @@ class Scheduler:
     # ---- requests in, sequences out ----------------------------------------------------------
 
     def add_request(self, request: GenerationRequest) -> list[int]:
-        """Queue request.n sequences; raises ValueError(param, message) for one that can never run."""
+        """Queue request.n sequences. A request that can never run raises RequestRejected (a prompt
+        the context or the whole KV cache cannot hold) or ValueError(param, message)."""
         num_prompt = len(request.prompt_token_ids)
         capacity = self.pool.num_pages * self.page_size
         if num_prompt == 0:
             raise ValueError("prompt", "the prompt must contain at least one token")
-        if num_prompt >= self.max_model_len:
-            raise ValueError("prompt", f"This model's maximum context length is {self.max_model_len} tokens, "
-                             f"but the prompt has {num_prompt} tokens (no room left to generate)")
+        if num_prompt > self.max_model_len - (request.sampling.max_tokens > 0):
+            raise RequestRejected(context_length_exceeded(num_prompt, self.max_model_len))
         if num_prompt > capacity:
-            raise ValueError("prompt", f"the prompt has {num_prompt} tokens but the KV cache holds only "
-                             f"{capacity} tokens")
+            raise RequestRejected(RequestError(400, f"The prompt has {num_prompt} tokens but this server's KV cache "
+                                                    f"holds only {capacity} tokens.",
+                                               code="context_length_exceeded", param="prompt"))
         if request.n < 1:
             raise ValueError("n", "n must be at least 1")
         if request.request_id in self._requests:
@@ -171,7 +172,7 @@ class Scheduler:
                                    "the engine loop must finish it (finish_reason length)")
             if num_tokens > len(seq.page_ids) * ps and self._grow(seq, num_tokens, shrinkable_from=None) is None:
                 continue
-            decodes.append(seq)               # its SeqWork is decode_work(seq), inlined:
+            decodes.append(seq)               # its last output token at position num_tokens - 1, sampled
             decode_works.append(decode_seq_work(seq.seq_id, output_ids[-1], num_tokens - 1, seq.page_ids))
         if self.num_preemptions == preempted_before:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
@@ -344,10 +345,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         """Waiting sequences (a request with n > 1 counts n)."""
         return len(self._waiting)
-
-    @property
-    def num_waiting_requests(self) -> int:
-        return len({self._seqs[s].request_id for s in self._waiting.seq_ids()})
 
     @property
     def num_running(self) -> int:

@@ -5,20 +5,20 @@ of static input buffers (token ids, and the page-table CSR arrays flashinfer's c
 wrappers read: kv_indptr, kv_indices, last_page_len). Positions and KV slots are computed inside
 the graph from those arrays (row i writes position (pages_i - 1) * page_size + last_page_len_i - 1
 into its last page), so a replay needs only: copy the token ids, plan the wrapper of the bucket
-(host CSR in, no kernel launch), replay, read the logits rows. Measured on the H200 without graphs:
-a 256-sequence decode step spent 15.9 ms wall for 6.3 ms of GPU work, the rest launching ~600
-small kernels one by one; a replay launches them all at once.
+(host CSR in, no kernel launch), replay, read the logits rows. Without graphs a decode step spends
+most of its wall time launching hundreds of small kernels one by one; a replay launches them all
+at once.
 
 Padding: a batch of B rows runs in the smallest ladder size >= B; the padded rows read and write
 only the KV cache's scratch page (kv_cache.py `reserved_pages`), with token id 0, and their logits
 are never read. Capture happens once at start-up (largest size first so the smaller ones reuse
 its pool); each size is run once eagerly before capture, which also compiles its kernels.
 
-Only decode steps use graphs (prefill shapes vary too much); the runner falls back to eager for
-mixed steps, for prefix-grouped (Hydragen) steps, and when a step has more rows than the largest
-size or more page indices than the static buffer holds. flashinfer (through flashinfer_backend) is
-imported when DecodeGraphs is built, so `batch_ladder` can be used and tested anywhere. Must not
-import the service or engine/core scheduling code.
+Only decode steps use graphs (prefill shapes vary too much); prefix-grouped (Hydragen) decode steps
+replay the grouped twins of these graphs (hydragen_graphs.py); the runner runs eagerly mixed steps
+and a step with more rows than the largest size or more page indices than the static buffer holds.
+flashinfer (through flashinfer_backend) is imported when DecodeGraphs is built, so `batch_ladder`
+can be used and tested anywhere. Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ and takes Hydragen's own parts (short contexts over many rows) by default (HYDRA
 KV append: each step token's flat slot (page * page_size + offset, as kv_cache.py lays it out) is
 computed on the GPU from the step's page indices, then `index_copy_` into the flat view.
 Importing this module also replaces the `max` flashinfer's plan() uses on host tensors by one
-reduction (flashinfer_plan_speedup.py: ~3 ms of CPU per 1,024-row plan).
+reduction (flashinfer_plan_speedup.py: Python's max over a tensor is slow enough to matter per step).
 flashinfer is imported only here and in cuda_graphs.py; runner.select_backend imports this module
 only on CUDA. Must not import the service or engine/core scheduling code.
 """
@@ -89,11 +89,9 @@ def _int32(values: array) -> Tensor:
 # made (scripts/bench.py --decode-tensor-cores sets it for a run).
 DECODE_TENSOR_CORES: bool | None = None
 # The same choice for the own parts of Hydragen steps (eager and graphs): a sample's own tokens, so
-# short contexts (TB: 0-256 tokens) over many rows, where the CUDA-core kernel is faster. False (the
-# default): the CUDA-core kernel where it exists for the group; True: tensor cores; None: as
-# DECODE_TENSOR_CORES. The H200, one call (docs/benchmarks.md): TB 70.5k output tok/s with the own
-# parts on CUDA cores against 63.7k on tensor cores (plain decode on tensor cores in both); the
-# grouped step's attention 1.7 ms (CUDA cores) against 5.1 ms (tensor cores) in the step profile.
+# short contexts (TB: 0-256 tokens) over many rows, where the CUDA-core kernel is faster (the step
+# profile and TB on and off: docs/benchmarks.md). False (the default): the CUDA-core kernel where it
+# exists for the group; True: tensor cores; None: as DECODE_TENSOR_CORES.
 HYDRAGEN_OWN_TENSOR_CORES: bool | None = False
 
 
@@ -108,9 +106,8 @@ def decode_tensor_cores(num_heads: int, num_kv_heads: int, own_parts: bool = Fal
 def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, own_parts: bool = False,
                    **graph_buffers: Any) -> Any:
     """A decode wrapper on the tensor-core kernel (the CUDA-core one when decode_tensor_cores says
-    so). The H200 (scripts/bench_decode_kernel.py, 1100-token contexts, bf16): KV read at 3.36 TB/s
-    against 2.97 (32/8 heads, head_dim 64, 512 rows) and 4.02 against 2.97 (head_dim 128, 256
-    rows); TA 26.3k against 24.1k output tok/s."""
+    so): on the H200 it reads the KV cache faster at the contexts the workloads decode
+    (scripts/bench_decode_kernel.py; docs/benchmarks.md, "The decode kernel")."""
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, "NHD", use_tensor_cores=decode_tensor_cores(num_heads, num_kv_heads, own_parts), **graph_buffers)
 

@@ -3,10 +3,10 @@
 flashinfer 0.6.18's wrappers compute the longest KV (and query) length while planning with
 `max(kv_lens_arr_host).item()` (decode.py, tensor-core branch; prefill.py, when max_sequence_kv /
 max_token_per_sequence are not given), where the argument is a host torch tensor. Python's max
-iterates it element by element, each element a 0-d tensor and each comparison a torch call:
-3.2 ms for 1,024 rows on the dev VM, against 0.002 ms for `tensor.max()`. The engine plans a
-decode of up to 1,024 rows per half-step (and the Hydragen own parts), so that was up to ~3 ms of
-CPU per step, and the grouped decode steps (TB) are CPU-bound.
+iterates it element by element, each element a 0-d tensor and each comparison a torch call, a
+thousand times slower than `tensor.max()`. The engine plans a decode of up to 1,024 rows per
+half-step (and the Hydragen own parts), on a CPU the grouped decode steps wait for
+(docs/benchmarks.md has the figures).
 
 `install` puts `tensor_max` into those modules' globals, where their unqualified `max` finds it before
 the builtin: the same value for a 1-D tensor (as a 0-d tensor, so `.item()` still works), and

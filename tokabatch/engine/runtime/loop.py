@@ -28,20 +28,21 @@ from tokabatch.engine.api import (
     GenerationUpdate,
     ModelInfo,
     RequestError,
+    RequestRejected,
     TokenLogprob,
 )
 from tokabatch.engine.core.hydragen import kv_reads_saved
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
-from tokabatch.engine.loop_protocol import RequestRejected
+
 from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 Item = GenerationUpdate | GenerationOutput
 
 # The cyclic garbage collector's first generation runs when tracked allocations minus deallocations
-# pass this many. At the default (700) a step at 4096 sequences, which holds ~12k tracked objects
-# (SeqWorks, tuples, sampled tokens) for a moment, ran ~15 young collections, and the survivors of
-# those pushed a full collection (~65 ms over the engine's per-sequence lists) every ~7 steps:
-# ~10 ms per step on average (scripts/bench_step_overhead.py). 50,000 leaves only the net growth.
+# pass this many. At the default (700) a step of thousands of sequences, which holds tens of
+# thousands of tracked objects (SeqWorks, tuples, sampled tokens) for a moment, runs many young
+# collections, and their survivors push a full collection over the engine's per-sequence lists
+# every few steps (scripts/bench_step_overhead.py measures it). 50,000 leaves only the net growth.
 GC_MIN_THRESHOLD0 = 50_000
 
 
@@ -237,12 +238,7 @@ class EngineLoop:
             raise ValueError("prompt", "the prompt must contain at least one token")
         if any(not 0 <= t < self.info.vocab_size for t in request.prompt_token_ids):
             raise ValueError("prompt", f"prompt token ids must be between 0 and {self.info.vocab_size - 1}")
-        limit = self.info.context_length - (1 if request.sampling.max_tokens > 0 else 0)
-        if num_prompt > limit:
-            raise RequestRejected(RequestError(
-                400, f"This model's maximum context length is {self.info.context_length} tokens. However, your "
-                     f"prompt has {num_prompt} tokens, leaving no room for completion tokens.",
-                code="context_length_exceeded", param="messages"))
+        # The context and the KV cache are checked once, where the limits live: Scheduler.add_request.
 
     def _forget(self, request_id: str, seq_ids: Any) -> None:
         self._requests.pop(request_id, None)

@@ -1,15 +1,14 @@
 """Page tables flattened into flashinfer's CSR layout on the host, fast enough for every decode step.
 
-Owns `PageIndexCache`, `decode_arrays` and `decode_layout`. A decode step at ~1k sequences of ~1k tokens names ~70k
-page ids; joining the scheduler's page-table tuples into one int array cost ~3 ms of Python per
-step on the dev VM. The scheduler keeps a sequence's tuple object until the sequence gains a page
-(once every page_size steps), so PageIndexCache converts each tuple to a numpy array once and a
-step joins arrays (np.concatenate): ~0.65 ms for the same step. A step whose rows are the last
-step's copies the unchanged rows' ids from the last join, in runs, and converts only the rows that
-gained a page or moved their start: 1,024 Hydragen own parts (TB) 0.72 -> 0.29 ms per step.
-`decode_arrays` computes the rest of the layout (indptr, last-page lengths) by whole-array
-arithmetic (`decode_layout` is it as torch tensors): 0.44 -> 0.35 ms for 1,024 rows of 70 pages
-(all dev VM). Tables must be immutable (tuples): a table object seen again is taken as unchanged.
+Owns `PageIndexCache`, `decode_arrays` and `decode_layout`. A decode step at ~1k sequences of
+~1k tokens names ~70k page ids, and joining the scheduler's page-table tuples into one int array in
+Python costs milliseconds a step. The scheduler keeps a sequence's tuple object until the sequence
+gains a page (once every page_size steps), so PageIndexCache converts each tuple to a numpy array
+once and a step joins arrays (np.concatenate); a step whose rows are the last step's copies the
+unchanged rows' ids from the last join, in runs, and converts only the rows that gained a page or
+moved their start. `decode_arrays` computes the rest of the layout (indptr, last-page lengths) by
+whole-array arithmetic (`decode_layout` is it as torch tensors). (The figures: docs/benchmarks.md.)
+Tables must be immutable (tuples): a table object seen again is taken as unchanged.
 Host-only (numpy + torch CPU tensors); must not import flashinfer, the service or engine/core
 scheduling code.
 """

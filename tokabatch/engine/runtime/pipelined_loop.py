@@ -3,8 +3,8 @@ the GPU work of the other.
 
 Owns the routing of requests to halves and the alternation. A step of one EngineLoop needs the
 previous step's sampled tokens before it can be scheduled, so a single loop leaves the GPU idle
-while it schedules, builds the step's inputs and processes the tokens (measured on the H200 at
-~1000 decoding sequences: ~10 ms of CPU per ~17 ms GPU step). Two loops, each with its own
+while it schedules, builds the step's inputs and processes the tokens (at ~1000 decoding
+sequences that CPU work is a large part of the GPU step's time). Two loops, each with its own
 scheduler, page pool (a disjoint slice of the KV cache), sampler, attention wrappers and CUDA
 graphs, but the same model weights, break that dependency: while the GPU runs half A's step N,
 the CPU finishes half B's step N-1 (tokens, text, outputs) and schedules and launches B's step N,
@@ -17,11 +17,9 @@ such request went to, unless that half is ahead by more than 64 such requests' w
 outstanding work (prompt plus max output tokens); otherwise, and for a new prompt start, to the
 half with less outstanding work. Without the affinity, lines that batch-aware ordering put side
 by side alternate between the halves: each half computes every prompt, and groups are half as
-large. scripts/bench_ordering.py, W4 as 12,800 lines, without -> with affinity: the runner's
-ordering, prefill tokens 445k -> 353k (Hydragen sharing 76% -> 78%); windows alone, sharing
-25% -> 55%; shuffled file order, 12% -> 28%; as 128 requests with n=100, 78% either way. A prompt
-start shared by everything (W5's system prompt) moves between the halves in runs of 64 requests
-(W5-quick: the same plan either way). The StepLoop protocol is unchanged, so the engine client and service do not know.
+large (scripts/bench_ordering.py measures both; docs/benchmarks.md). A prompt start shared by
+everything (W5's system prompt) moves between the halves in runs of 64 requests. The StepLoop
+protocol is unchanged, so the engine client and service do not know.
 Runs inside the engine process; nothing of the service.
 """
 

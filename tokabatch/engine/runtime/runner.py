@@ -33,7 +33,7 @@ from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
 
 class AttentionBackend(Protocol):
-    """What the runner needs of an attention backend (TorchBackend, later FlashInfer)."""
+    """What the runner needs of an attention backend (TorchBackend, FlashInferBackend)."""
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> AttentionFn: ...

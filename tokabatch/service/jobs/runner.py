@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import secrets
 import shutil
@@ -46,7 +47,16 @@ from tokabatch.service.storage.models import Batch
 log = logging.getLogger(__name__)
 S = BatchStatus
 
-CANCEL, EXPIRE, STOP, LOST = "cancel", "expire", "stop", "lost"
+class Interruption(enum.Enum):
+    """Why supervised work stopped before it finished."""
+
+    CANCEL = "cancel"                    # the batch is cancelling
+    EXPIRE = "expire"                    # its completion window ended
+    STOP = "stop"                        # this runner is stopping
+    LOST = "lost"                        # another worker holds the batch now
+
+
+CANCEL, EXPIRE, STOP, LOST = Interruption
 END_MESSAGES = {
     CANCEL: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
     EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
@@ -303,7 +313,7 @@ class BatchRunner:
             job.seconds.update(first_fed_s=feed.result.first_fed_s or 0.0, feed_s=time.monotonic() - began)
 
     # ---- supervising ------------------------------------------------------------------------------
-    async def _supervise(self, job: _Job, work: Awaitable[None]) -> str | None:
+    async def _supervise(self, job: _Job, work: Awaitable[None]) -> Interruption | None:
         """Run `work` while heartbeating, writing progress and watching for cancel/expiry/stop.
         Returns None when `work` finished, else why it was interrupted (CANCEL, EXPIRE, STOP, LOST)."""
         task = asyncio.ensure_future(work)
@@ -334,7 +344,7 @@ class BatchRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _interruption(self, job: _Job) -> str | None:
+    async def _interruption(self, job: _Job) -> Interruption | None:
         if self._stopping.is_set():
             return STOP
         row = await repo.get_batch(self.db, job.batch.id, owner=None)
@@ -355,7 +365,7 @@ class BatchRunner:
             worker_id=self.worker_id)
 
     # ---- concluding -------------------------------------------------------------------------------
-    async def _conclude(self, job: _Job, outcome: str | None) -> None:
+    async def _conclude(self, job: _Job, outcome: Interruption | None) -> None:
         batch = job.batch
         if outcome in (STOP, LOST):
             await self._write_progress(job)

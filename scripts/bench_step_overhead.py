@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tokabatch.config import EngineConfig, SchedulerConfig  # noqa: E402
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, ModelInfo, SamplingParams  # noqa: E402
 from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
-from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult  # noqa: E402
 from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
 from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
 from tokabatch.engine.simulated import LiveSequences as FakeSampler  # noqa: E402
+from tokabatch.engine.simulated import SimulatedRunner  # noqa: E402
 from tokabatch.text import Tokenizer  # noqa: E402
 
 VOCAB = 128256
@@ -85,13 +85,9 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
 
 
-class FakeRunner:
-    """One token per SeqWork with sample=True, computed from (seq_id, step): no model, no tensors."""
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        step = plan.step_idx
-        sampled = tuple(SampledToken(w.seq_id, (w.seq_id * 7919 + step) % VOCAB) for w in plan.works if w.sample)
-        return StepResult(step_idx=step, sampled=sampled, num_forward_tokens=plan.num_tokens)
+def FakeRunner() -> SimulatedRunner:  # noqa: N802 - the benchmarks' name for the runner they use
+    """One token per SeqWork with sample=True, computed from (seq_id, step), ready at once: no model."""
+    return SimulatedRunner(None, VOCAB)
 
 
 class Timed:
@@ -127,10 +123,10 @@ def run(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, 
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
     loop = build(tokenizer, args)
     sched, runner = loop.scheduler, loop.runner
-    parts = {"schedule": Timed(sched.schedule), "runner (fake)": Timed(runner.execute),
+    parts = {"schedule": Timed(sched.schedule), "runner (fake)": Timed(runner.launch),
              "on_step_done": Timed(sched.on_step_done)}
     sched.schedule, sched.on_step_done = parts["schedule"], parts["on_step_done"]
-    runner.execute = parts["runner (fake)"]
+    runner.launch = parts["runner (fake)"]
     num_seqs = w.num_requests * w.n
     steady: list[dict[str, float]] = []
     profiler = cProfile.Profile() if args.profile else None

@@ -22,13 +22,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine
 from tokabatch.errors import TokabatchError
 from tokabatch.service.jobs import ordering, outputs, parse
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
+
+if TYPE_CHECKING:
+    from tokabatch.text import Tokenizer
 
 INPUT_MARKER = "input.json"
 
@@ -100,7 +103,7 @@ def validate(input_path: Path, *, endpoint: str, served_model_names: set[str],
     return report, (collector.spans() if report.ok else [])
 
 
-async def execute(input_path: Path, out: Path, *, engine: Engine, tokenizer: Any, endpoint: str,
+async def execute(input_path: Path, out: Path, *, engine: Engine, tokenizer: Tokenizer, endpoint: str,
                   served_model_names: set[str], progress: JobProgress, spans: list[Span] | None = None,
                   order_window: int = RunnerConfig().order_window) -> JobProgress:
     """Run every not-yet-written line of an already validated file (in `spans` order, as the batch

@@ -224,6 +224,9 @@ class EngineStats:
         return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
 
+Item = GenerationUpdate | GenerationOutput    # what an engine hands back for a request: deltas, then its output
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What the service drives. EngineClient is the real one; tests may use doubles."""

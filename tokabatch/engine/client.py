@@ -36,7 +36,7 @@ from tokabatch.engine.api import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
-    GenerationUpdate,
+    Item,
     ModelInfo,
     Priority,
     RequestError,
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FACTORY = "tokabatch.engine.runtime.factory:build_loop"
 MAX_MESSAGES_PER_SEND = 4096
-Item = GenerationUpdate | GenerationOutput
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo, SamplingParams
@@ -86,7 +86,8 @@ class LiveSequences:
     def __init__(self) -> None:
         self.live: set[int] = set()
 
-    def register(self, seq_id: int, params: SamplingParams, prompt_ids: Any, *, choice_index: int = 0) -> None:
+    def register(self, seq_id: int, params: SamplingParams, prompt_ids: Sequence[int], *,
+                 choice_index: int = 0) -> None:
         if seq_id in self.live:
             raise ValueError(f"sequence {seq_id} is already registered")
         self.live.add(seq_id)
@@ -100,12 +101,14 @@ class _Backend:
 
 
 class SimulatedRunner:
-    """The runner interface EngineLoop drives (launch -> pending -> result), on a SimulatedGpu."""
+    """The runner interface EngineLoop drives (launch -> pending -> result), on a SimulatedGpu; with
+    no GPU every step's tokens are ready at once (the CPU benchmarks of the engine's bookkeeping,
+    scripts/bench_step_overhead.py and its siblings)."""
 
     graphs = None
     backend = _Backend()
 
-    def __init__(self, gpu: SimulatedGpu, vocab_size: int) -> None:
+    def __init__(self, gpu: SimulatedGpu | None, vocab_size: int) -> None:
         self.gpu = gpu
         self.vocab_size = vocab_size
         self.sampler = LiveSequences()
@@ -120,7 +123,7 @@ class SimulatedRunner:
         else:
             self.num_graph_steps += 1
         return _Pending(StepResult(step_idx=step, sampled=sampled, num_forward_tokens=plan.num_tokens),
-                        self.gpu.enqueue(plan))
+                        self.gpu.enqueue(plan) if self.gpu is not None else 0.0)
 
 
 def build_simulated_loop(engine_config: EngineConfig, *, costs: StepCosts = H200_LLAMA_1B) -> PipelinedLoop:

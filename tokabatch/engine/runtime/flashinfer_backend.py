@@ -27,7 +27,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import flashinfer
 import flashinfer.decode
@@ -40,6 +40,9 @@ from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.cuda_graphs import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES   # eager scratch
 from tokabatch.engine.runtime.flashinfer_plan_speedup import install as install_fast_max
 from tokabatch.engine.runtime.kv_cache import KVCache
+
+if TYPE_CHECKING:     # imported on first grouped step
+    from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 
 PLAN_MODULES = (flashinfer.decode, flashinfer.prefill)       # their plan() takes max() of host tensors
 install_fast_max(PLAN_MODULES)
@@ -104,7 +107,7 @@ def decode_tensor_cores(num_heads: int, num_kv_heads: int, own_parts: bool = Fal
 
 
 def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, own_parts: bool = False,
-                   **graph_buffers: Any) -> Any:
+                   **graph_buffers: Any) -> flashinfer.BatchDecodeWithPagedKVCacheWrapper:
     """A decode wrapper on the tensor-core kernel (the CUDA-core one when decode_tensor_cores says
     so): on the H200 it reads the KV cache faster at the contexts the workloads decode
     (scripts/bench_decode_kernel.py; docs/benchmarks.md, "The decode kernel")."""
@@ -115,8 +118,10 @@ def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, own_par
 class FlashInferAttentionContext:
     """A planned step: the slot of every step token, and the wrappers of its decode and prefill rows."""
 
-    def __init__(self, cache: KVCache, slot_mapping: Tensor, decode: Any | None, num_decode_rows: int,
-                 prefill: Any | None, hydragen: Any | None = None) -> None:
+    def __init__(self, cache: KVCache, slot_mapping: Tensor,
+                 decode: flashinfer.BatchDecodeWithPagedKVCacheWrapper | None, num_decode_rows: int,
+                 prefill: flashinfer.BatchPrefillWithPagedKVCacheWrapper | None,
+                 hydragen: FlashInferHydragenAttention | None = None) -> None:
         """`hydragen` (a planned FlashInferHydragenAttention) replaces `decode` for the decode rows."""
         self.cache, self.slot_mapping = cache, slot_mapping
         self.decode, self.num_decode_rows, self.prefill = decode, num_decode_rows, prefill
@@ -164,7 +169,7 @@ class FlashInferBackend:
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
         self.decode = decode_wrapper(self.workspace, num_heads, self.num_kv_heads)
         self.use_hydragen = use_hydragen
-        self._hydragen: Any | None = None     # FlashInferHydragenAttention, built on first use
+        self._hydragen: FlashInferHydragenAttention | None = None     # built on first use
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> FlashInferAttentionContext:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
-from tokabatch.engine.runtime.cuda_graphs import capture_graph
+from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs, capture_graph
 from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
 from tokabatch.engine.runtime.page_indices import PageIndexCache
 
@@ -66,7 +66,7 @@ class _GroupedAttention:
 class GroupedDecodeGraphs:
     """Grouped decode steps captured for every size of `graphs` (a captured DecodeGraphs)."""
 
-    def __init__(self, graphs: Any, max_groups: int = 128, max_states: int = 3) -> None:
+    def __init__(self, graphs: DecodeGraphs, max_groups: int = 128, max_states: int = 3) -> None:
         import flashinfer
 
         self.flashinfer = flashinfer

@@ -16,7 +16,7 @@ import gc
 from array import array
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Iterable, Protocol, Sequence
 
 from tokabatch.engine.api import (
     ChoiceDelta,
@@ -26,17 +26,19 @@ from tokabatch.engine.api import (
     GenerationOutput,
     GenerationRequest,
     GenerationUpdate,
+    Item,
     ModelInfo,
     RequestError,
     RequestRejected,
+    SamplingParams,
     TokenLogprob,
 )
 from tokabatch.engine.core.hydragen import kv_reads_saved
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
+from tokabatch.engine.core.scheduler import Scheduler
 
 from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
-Item = GenerationUpdate | GenerationOutput
 
 # The cyclic garbage collector's first generation runs when tracked allocations minus deallocations
 # pass this many. At the default (700) a step of thousands of sequences, which holds tens of
@@ -52,6 +54,30 @@ def raise_gc_threshold() -> None:
     threshold0, threshold1, threshold2 = gc.get_threshold()
     if threshold0 < GC_MIN_THRESHOLD0:
         gc.set_threshold(GC_MIN_THRESHOLD0, threshold1, threshold2)
+
+
+class PendingStep(Protocol):
+    """A launched step: `result()` waits for its sampled tokens."""
+
+    def result(self) -> StepResult: ...
+
+
+class StepRunner(Protocol):
+    """What the loop needs of a runner (runner.ModelRunner; engine/simulated.SimulatedRunner)."""
+
+    def launch(self, plan: StepPlan) -> PendingStep: ...
+
+
+class SequenceSampler(Protocol):
+    """What the loop tells the runner's sampler: which sequences exist, with which parameters."""
+
+    def register(self, seq_id: int, params: SamplingParams, prompt_ids: Sequence[int], *,
+                 choice_index: int = 0) -> None: ...
+
+    def release(self, seq_id: int) -> None: ...
+
+
+Launched = tuple[StepPlan, PendingStep | None]      # begin_step's step for end_step (no pending: nothing ran)
 
 
 @dataclass(slots=True)
@@ -102,8 +128,8 @@ class _RequestState:
 class EngineLoop:
     """The StepLoop over a real model. Not thread-safe: serve() owns it."""
 
-    def __init__(self, *, scheduler: Any, runner: Any, sampler: Any, tokenizer: Tokenizer, info: ModelInfo,
-                 check_invariants: bool = False) -> None:
+    def __init__(self, *, scheduler: Scheduler, runner: StepRunner, sampler: SequenceSampler, tokenizer: Tokenizer,
+                 info: ModelInfo, check_invariants: bool = False) -> None:
         self.info = info
         self.scheduler, self.runner, self.sampler, self.tokenizer = scheduler, runner, sampler, tokenizer
         self.check_invariants = check_invariants   # tests: the scheduler checks its books after every step
@@ -174,19 +200,16 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         s = self._stats
         sched = self.scheduler
-        s.num_waiting = _int_attr(sched, "num_waiting")
-        s.num_running = _int_attr(sched, "num_running")
-        s.num_free_pages = _int_attr(sched, "num_free_pages")
-        s.num_preemptions = _int_attr(sched, "num_preemptions", s.num_preemptions)
-        s.num_prompt_tokens = _int_attr(sched, "num_prompt_tokens", s.num_prompt_tokens)   # of admitted ones
-        s.num_cached_tokens = _int_attr(sched, "num_cached_tokens", s.num_cached_tokens)
+        s.num_waiting, s.num_running, s.num_free_pages = sched.num_waiting, sched.num_running, sched.num_free_pages
+        s.num_preemptions = sched.num_preemptions
+        s.num_prompt_tokens, s.num_cached_tokens = sched.num_prompt_tokens, sched.num_cached_tokens   # admitted
         return EngineStats(**{name: getattr(s, name) for name in EngineStats.__slots__ if name != "extra"},
                            extra=dict(s.extra))
 
     def step(self) -> list[Item]:
         return self.end_step(self.begin_step())
 
-    def begin_step(self) -> Any:
+    def begin_step(self) -> Launched | None:
         """Schedule one step and launch it on the device (on CUDA it runs while the caller goes on);
         None when there was nothing to schedule. `end_step` must get it before the next begin_step."""
         if not self.scheduler.has_work():
@@ -194,10 +217,9 @@ class EngineLoop:
         plan: StepPlan = self.scheduler.schedule()
         if plan.is_empty:
             return (plan, None)
-        launch = getattr(self.runner, "launch", None)          # test doubles may only `execute`
-        return (plan, launch(plan) if launch is not None else _Done(self.runner.execute(plan)))
+        return (plan, self.runner.launch(plan))
 
-    def end_step(self, launched: Any) -> list[Item]:
+    def end_step(self, launched: Launched | None) -> list[Item]:
         """Wait for a begin_step's tokens, then stop checks, text and outputs; returns the ready items."""
         if launched is not None:
             plan, pending = launched
@@ -240,7 +262,7 @@ class EngineLoop:
             raise ValueError("prompt", f"prompt token ids must be between 0 and {self.info.vocab_size - 1}")
         # The context and the KV cache are checked once, where the limits live: Scheduler.add_request.
 
-    def _forget(self, request_id: str, seq_ids: Any) -> None:
+    def _forget(self, request_id: str, seq_ids: Iterable[int] | None) -> None:
         self._requests.pop(request_id, None)
         for seq_id in seq_ids or ():
             self._by_seq.pop(seq_id, None)
@@ -326,7 +348,7 @@ class EngineLoop:
         if choice.finish_reason is None:
             self._by_seq[choice.seq_id][0].num_unfinished -= 1
         choice.finish_reason, choice.stop_reason = reason, stop_reason
-        choice.num_cached_tokens = _int_attr(self.scheduler.sequence(choice.seq_id), "num_cached_tokens")
+        choice.num_cached_tokens = self.scheduler.sequence(choice.seq_id).num_cached_tokens
         self.scheduler.finish_sequence(choice.seq_id)
         self.sampler.release(choice.seq_id)
 
@@ -395,21 +417,6 @@ class EngineLoop:
 
 
 _start_pos = attrgetter("start_pos")
-
-
-class _Done:
-    """A step that already ran (a runner without `launch`)."""
-
-    def __init__(self, result: StepResult) -> None:
-        self._result = result
-
-    def result(self) -> StepResult:
-        return self._result
-
-
-def _int_attr(obj: Any, name: str, default: int = 0) -> int:
-    value = getattr(obj, name, default)
-    return int(value() if callable(value) else value)
 
 
 __all__ = ["EngineLoop"]

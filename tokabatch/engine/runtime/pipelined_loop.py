@@ -26,11 +26,11 @@ Runs inside the engine process; nothing of the service.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
-from tokabatch.engine.api import EngineStats, GenerationOutput, GenerationRequest, GenerationUpdate, ModelInfo
+from tokabatch.engine.api import EngineStats, GenerationOutput, GenerationRequest, Item, ModelInfo
+from tokabatch.engine.core.scheduler import Scheduler
+from tokabatch.engine.runtime.loop import EngineLoop, Launched, StepRunner
 
-Item = GenerationUpdate | GenerationOutput
 
 
 class PipelinedLoop:
@@ -39,7 +39,7 @@ class PipelinedLoop:
     AFFINITY_RUN = 64                 # how far (in requests like this one) a half may run ahead
     AFFINITY_KEYS = 65_536            # prompt starts remembered (least recently routed dropped)
 
-    def __init__(self, halves: list[Any], info: ModelInfo, affinity_tokens: int = 256) -> None:
+    def __init__(self, halves: list[EngineLoop], info: ModelInfo, affinity_tokens: int = 256) -> None:
         """`affinity_tokens`: the prompt start that routes alike requests to one half (0: none)."""
         if len(halves) != 2:
             raise ValueError("PipelinedLoop alternates exactly two engine loops")
@@ -49,20 +49,20 @@ class PipelinedLoop:
         self._owner: dict[str, tuple[int, int]] = {}      # request_id -> (half, its load)
         self._load = [0, 0]                               # outstanding tokens per half
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()   # prompt start -> half
-        self._pending: list[Any] = [None, None]           # launched, not yet finished step per half
+        self._pending: list[Launched | None] = [None, None]   # launched, not yet finished step per half
         self._turn = 0
 
     @property
-    def runner(self) -> Any:
+    def runner(self) -> StepRunner:
         """The first half's runner (benchmarks read its counters; `runners` has both)."""
         return self.halves[0].runner
 
     @property
-    def runners(self) -> list[Any]:
+    def runners(self) -> list[StepRunner]:
         return [h.runner for h in self.halves]
 
     @property
-    def scheduler(self) -> Any:
+    def scheduler(self) -> Scheduler:
         return self.halves[0].scheduler
 
     # ---- StepLoop -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ Must not import the scheduler or the service.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,10 @@ from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
 from tokabatch.engine.runtime.sampling import Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
+if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
+    from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs
+    from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
+
 
 class AttentionBackend(Protocol):
     """What the runner needs of an attention backend (TorchBackend, FlashInferBackend)."""
@@ -41,11 +45,11 @@ class AttentionBackend(Protocol):
 
 class ModelRunner:
     def __init__(self, model: nn.Module, spec: ModelSpec, kv_cache: KVCache,
-                 backend: AttentionBackend, sampler: Sampler, graphs: Any | None = None) -> None:
+                 backend: AttentionBackend, sampler: Sampler, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.spec, self.kv_cache = model, spec, kv_cache
         self.backend, self.sampler = backend, sampler
         self.graphs = graphs
-        self.grouped_graphs: Any | None = None     # hydragen_graphs.GroupedDecodeGraphs
+        self.grouped_graphs: GroupedDecodeGraphs | None = None
         self.device = spec.device
         self.num_graph_steps = 0
         self.num_eager_steps = 0

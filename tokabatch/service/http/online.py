@@ -28,9 +28,10 @@ from tokabatch.service.http.context import MODELS, REQUEST_ID, now_s
 from tokabatch.service.http.metrics import LATENCY
 from tokabatch.service.jobs import render
 from tokabatch.service.jobs.render_stream import StreamRenderer
+from tokabatch.text import Tokenizer
 
 ENGINE = web.AppKey("engine", Engine)
-TOKENIZER = web.AppKey("tokenizer", object)
+TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 
 routes = web.RouteTableDef()
 

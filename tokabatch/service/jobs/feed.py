@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest, Priority, SamplingParams
 from tokabatch.errors import TokabatchError
@@ -48,6 +48,9 @@ from tokabatch.service.jobs.parse import iter_requests, read_request
 from tokabatch.service.jobs.render import (
     PreparedRequest, error_body, first_failure, prepare_request, render_response, with_request_id,
 )
+
+if TYPE_CHECKING:
+    from tokabatch.text import Tokenizer
 
 Span = tuple[int, int, int]              # (line number, byte offset, byte length): ordering.SpanCollector
 MAX_MERGED_N = 128                       # choices in one merged engine request (the API's own limit on n)
@@ -171,7 +174,7 @@ class _Reader:
 class Feed:
     """Runs the unwritten lines of one validated file through the engine into `writer`."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, *, endpoint: str, served_model_names: set[str],
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, endpoint: str, served_model_names: set[str],
                  writer: ResultWriter, order_window: int, on_engine_failure: OnEngineFailure,
                  on_written: Callable[[bool, int], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tokabatch.engine.api import (
     MAX_TOP_LOGPROBS, GenerationOutput, GenerationRequest, ModelInfo, Priority, RequestError, SamplingParams,
@@ -23,6 +23,9 @@ from tokabatch.engine.api import (
 from tokabatch.errors import InvalidRequest, NotFound, TokabatchError
 from tokabatch.service.jobs import body_fields as bf
 from tokabatch.service.jobs.render_body import render_chat_body, render_completion_body
+
+if TYPE_CHECKING:
+    from tokabatch.text import Tokenizer
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -67,7 +70,7 @@ class PreparedRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False          # stream_options.include_usage
-    tokenizer: Any = field(default=None, compare=False, repr=False)
+    tokenizer: Tokenizer | None = field(default=None, compare=False, repr=False)
 
     @property
     def prompt_texts(self) -> tuple[str, ...]:
@@ -97,7 +100,7 @@ def prepare_request(
     endpoint: str,
     body: Mapping[str, Any],
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     model_info: ModelInfo,
     served_model_names: set[str],
     request_id: str,
@@ -193,7 +196,7 @@ def _reject_unsupported_completion(body: Mapping[str, Any]) -> None:
         raise bf.unsupported("suffix", "(fill-in-the-middle) is not supported")
 
 
-def _chat_prompt(body: Mapping[str, Any], tokenizer: Any) -> tuple[list[int], str]:
+def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], str]:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
@@ -215,7 +218,8 @@ def _is_token_ids(value: Any) -> bool:
     return type(value) is list and bool(value) and set(map(type, value)) == {int}
 
 
-def _completion_prompts(body: Mapping[str, Any], tokenizer: Any, vocab_size: int) -> list[tuple[list[int], str | None]]:
+def _completion_prompts(body: Mapping[str, Any], tokenizer: Tokenizer,
+                        vocab_size: int) -> list[tuple[list[int], str | None]]:
     """`prompt`: string | string[] | int[] | int[][] -> [(ids, text)], one per engine request; the
     text of a token-id prompt is None (PreparedRequest.prompt_texts decodes it when needed)."""
     prompt = body.get("prompt")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokabatch import __version__
 from tokabatch.engine.api import ChoiceOutput, FinishReason, GenerationOutput, TokenLogprob
 
 if TYPE_CHECKING:
     from tokabatch.service.jobs.render import PreparedRequest
+    from tokabatch.text import Tokenizer
 
 MIN_LOGPROB = -9999.0
 
@@ -52,12 +53,12 @@ def usage(outputs: Iterable[GenerationOutput]) -> dict:
 
 
 # ---- chat -----------------------------------------------------------------------------------------
-def _chat_token(tokenizer: Any, token_id: int, logprob: float) -> dict:
+def _chat_token(tokenizer: Tokenizer, token_id: int, logprob: float) -> dict:
     return {"token": tokenizer.token_text(token_id), "logprob": clamp_logprob(logprob),
             "bytes": list(tokenizer.token_bytes(token_id))}
 
 
-def chat_logprobs(tokenizer: Any, logprobs: Sequence[TokenLogprob] | None, top_k: int) -> dict:
+def chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob] | None, top_k: int) -> dict:
     content = [
         {**_chat_token(tokenizer, t.token_id, t.logprob),
          "top_logprobs": [_chat_token(tokenizer, i, lp) for i, lp in t.top[:top_k]]}
@@ -91,7 +92,7 @@ def render_chat_body(prepared: PreparedRequest, output: GenerationOutput, *, cre
 
 
 # ---- completions ----------------------------------------------------------------------------------
-def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprob | None], token_ids: Sequence[int],
+def completion_logprobs(tokenizer: Tokenizer, entries: Sequence[TokenLogprob | None], token_ids: Sequence[int],
                         top_k: int, *, text_offset0: int = 0) -> dict:
     """OpenAI's legacy logprobs: parallel lists; `text_offset` counts characters into the returned text.
 

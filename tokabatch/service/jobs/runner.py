@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine
@@ -43,6 +43,9 @@ from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
 from tokabatch.service.storage.db import Database
 from tokabatch.service.storage.models import Batch
+
+if TYPE_CHECKING:
+    from tokabatch.text import Tokenizer
 
 log = logging.getLogger(__name__)
 S = BatchStatus
@@ -79,7 +82,7 @@ class _Job:
 class BatchRunner:
     """Runs batches until stopped. One runner per process; several may share a database."""
 
-    def __init__(self, config: RunnerConfig, db: Database, blobs: BlobStore, engine: Engine, tokenizer: Any,
+    def __init__(self, config: RunnerConfig, db: Database, blobs: BlobStore, engine: Engine, tokenizer: Tokenizer,
                  served_model_names: set[str], *, clock: Callable[[], float] = time.time,
                  work_root: Path | None = None, max_batch_lines: int = 50_000, worker_id: str | None = None) -> None:
         self.config = config

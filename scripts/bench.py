@@ -11,8 +11,10 @@ build and warm-up (kernel compilation) are start-up, reported apart.
 `--vs-hf` first runs HF transformers in its own process (static `generate`, bf16, sdpa, batch 256,
 min_new_tokens = max_new_tokens, the first 256 prompts) and prints its row and the ratio.
 `--profile N` afterwards profiles N pure-decode steps (GPU time per kernel class against wall time).
-`--lines shuffled|ordered` (TB, W4) submits each sample as its own line, shuffled, in file order or
-through the batch runner's batch-aware ordering (service/jobs/ordering.py): ordering on and off.
+`--via engine,batch,batch-lines,online` adds rows for the same workload through `tokabatch serve`
+(bench_service.py: its batch API, a line per prompt or per sample, and the online endpoint) and
+their ratios to the in-process engine; `--engine simulated` runs all of it on a CPU over
+engine/simulated.py's modeled GPU (a ratio to watch, not a speed to quote).
 
 On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
     python3 scripts/bench.py --workload TA-quick --vs-hf --profile 5
@@ -36,10 +38,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_phases import time_phases, untime_phases  # noqa: E402
+from bench_phases import time_phases, untime_phases  # noqa: E402  (scripts/, beside this file)
 
 from tokabatch.engine.random_models import ARCHS, build_folder  # noqa: E402
 
@@ -188,10 +189,7 @@ class _EngineBench:
         if profiler is not None:
             profiler.enable()
         params = self.params(w.output_len, w.temperature)
-        if args.lines == "n":
-            in_tokens, out_tokens, first_s = self.drain(prompts, f"{name}-", params, n=w.n)
-        else:
-            in_tokens, out_tokens, first_s = self.drain(as_lines(prompts, w, args), f"{name}-", params)
+        in_tokens, out_tokens, first_s = self.drain(prompts, f"{name}-", params, n=w.n)
         wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu0
         if profiler is not None:
             profiler.disable()
@@ -244,16 +242,6 @@ def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, nam
     path = Path(args.out_dir) / f"cpu-profile-{name}-hydragen-{args.hydragen}.txt"
     path.write_text(report.getvalue())
     print(f"cpu profile (the timed run, under cProfile: slower than without): {path}", flush=True)
-
-
-def as_lines(prompts: list[list[int]], w: Workload, args: argparse.Namespace) -> list[list[int]]:
-    """The workload as a batch file would hold it: each of the n samples its own line (n=1), the
-    lines shuffled (a file written without regard to sharing), fed in that order ("shuffled") or
-    through the batch runner's batch-aware ordering ("ordered": service/jobs/ordering.py, the whole
-    file clustered by prompt start, then windows of the default RunnerConfig.order_window)."""
-    from bench_ordering import feed_order  # noqa: PLC0415 (scripts/ sibling)
-
-    return feed_order([p for p in prompts for _ in range(w.n)], args.lines, lambda p: p)
 
 
 def run_hf(folder: Path, w: Workload, prompts: list[list[int]], batch_size: int = 256) -> dict:
@@ -355,9 +343,6 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's plan() with Python's max over host tensors, as shipped (the engine "
                          "installs a one-reduction max: flashinfer_plan_speedup.py)")
-    ap.add_argument("--lines", choices=("n", "shuffled", "ordered"), default="n",
-                    help="n: one request with n samples per problem; shuffled: n shuffled lines per problem, "
-                         "fed in file order; ordered: the same lines through the batch runner's ordering")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--phase-detail", action="store_true",
                     help="also time parts of the phases (the grouped step's own-part layout and plans, the "

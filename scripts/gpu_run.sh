@@ -6,8 +6,8 @@
 #   scripts/gpu_run.sh                                  # GPU tests only
 #   scripts/gpu_run.sh "TA --vs-hf" "TB-quick --hydragen on" "TB-quick --hydragen off"
 #
-# The packed archive holds only the kernels this call compiled (restored ones are not packed
-# again): keep each call's archive in .fi-cache/ under its own name; every *.tar.xz there is restored.
+# The packed archive holds only the kernels this call compiled (scripts/kernel_cache.py): keep each
+# call's archive in .fi-cache/ under its own name; every *.tar.xz there is restored.
 #
 # Environment: GPU_TESTS (pytest paths, default tests/engine/runtime), GPU_TEST_TIMEOUT (s, default
 # 240; 0 skips the tests), BENCH_TIMEOUT (s per benchmark, default 120). Logs go to $OUT (default ./gpu-out).
@@ -18,9 +18,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "gpu_run: installing .whl/*.whl failed (send .whl along: ../shared/gpu/README.md)"; exit 1; }
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-for archive in .fi-cache/*.tar.xz; do
-  [ -f "$archive" ] && python3 .fi-cache/fi-cache.py restore "$archive" > /dev/null
-done
+archives=(.fi-cache/*.tar.xz)
+[ -f "${archives[0]}" ] && python3 scripts/kernel_cache.py restore "${archives[@]}"
 if [ "${GPU_TEST_TIMEOUT:-240}" != 0 ]; then
   timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/engine/runtime} -p no:cacheprovider \
     > "$OUT/pytest.txt" 2>&1
@@ -33,5 +32,5 @@ for spec in "$@"; do
   echo "== $spec (rc $?)"
   grep -vE "^\|---|^\| workload|^built" "$OUT/bench-$name.txt" | tail -6
 done
-[ -f .fi-cache/fi-cache.py ] && timeout 60 python3 .fi-cache/fi-cache.py pack "$OUT/fi-cache.tar.xz"
+timeout 60 python3 scripts/kernel_cache.py pack "$OUT/fi-cache.tar.xz"
 exit 0

@@ -7,7 +7,7 @@ cd "$repo"
 scripts/setup.sh
 # The house rules that run: ruff (pyproject.toml [tool.ruff]) and the import contracts
 # ([tool.importlinter]: engine/core pure, no torch in the service, storage below jobs, ...).
-.venv/bin/ruff check tokabatch scripts tests migrations
+.venv/bin/ruff check tokabatch scripts benchmarks tests migrations
 .venv/bin/lint-imports
 # The demo model is converted once into the cache; the suite's demo-model tests need it.
 .venv/bin/tokabatch models fetch

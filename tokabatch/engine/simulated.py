@@ -80,8 +80,7 @@ class _Pending:
 
 
 class LiveSequences:
-    """The runner's sampler as the loop sees it when nothing samples: which sequences are live (also
-    the fake runners' of scripts/bench_step_overhead.py)."""
+    """The runner's sampler as the loop sees it when nothing samples: which sequences are live."""
 
     def __init__(self) -> None:
         self.live: set[int] = set()
@@ -102,8 +101,8 @@ class _Backend:
 
 class SimulatedRunner:
     """The runner interface EngineLoop drives (launch -> pending -> result), on a SimulatedGpu; with
-    no GPU every step's tokens are ready at once (the CPU benchmarks of the engine's bookkeeping,
-    scripts/bench_step_overhead.py and its siblings)."""
+    no GPU every step's tokens are ready at once (benchmarks/synthetic.py: the CPU harnesses of the
+    engine's bookkeeping)."""
 
     graphs = None
     backend = _Backend()

@@ -151,7 +151,7 @@ class Scheduler:
         """Every decode (pages grown, preempting the newest when they run out), then admission,
         then FIFO prefill chunks within the token budget. The decode loop runs over every running
         sequence every step, so it reads each sequence's fields once and builds its SeqWork on the
-        spot (scripts/bench_step_overhead.py measures it)."""
+        spot (benchmarks/step_overhead.py measures it)."""
         self._step_idx += 1
         preempted_before = self.num_preemptions
         ps = self.page_size

@@ -110,7 +110,7 @@ def decode_wrapper(workspace: Tensor, num_heads: int, num_kv_heads: int, own_par
                    **graph_buffers: Any) -> flashinfer.BatchDecodeWithPagedKVCacheWrapper:
     """A decode wrapper on the tensor-core kernel (the CUDA-core one when decode_tensor_cores says
     so): on the H200 it reads the KV cache faster at the contexts the workloads decode
-    (scripts/bench_decode_kernel.py; docs/benchmarks.md, "The decode kernel")."""
+    (benchmarks/decode_kernel.py; docs/benchmarks.md, "The decode kernel")."""
     return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, "NHD", use_tensor_cores=decode_tensor_cores(num_heads, num_kv_heads, own_parts), **graph_buffers)
 

@@ -44,7 +44,7 @@ from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 # pass this many. At the default (700) a step of thousands of sequences, which holds tens of
 # thousands of tracked objects (SeqWorks, tuples, sampled tokens) for a moment, runs many young
 # collections, and their survivors push a full collection over the engine's per-sequence lists
-# every few steps (scripts/bench_step_overhead.py measures it). 50,000 leaves only the net growth.
+# every few steps (benchmarks/step_overhead.py measures it). 50,000 leaves only the net growth.
 GC_MIN_THRESHOLD0 = 50_000
 
 

@@ -17,7 +17,7 @@ such request went to, unless that half is ahead by more than 64 such requests' w
 outstanding work (prompt plus max output tokens); otherwise, and for a new prompt start, to the
 half with less outstanding work. Without the affinity, lines that batch-aware ordering put side
 by side alternate between the halves: each half computes every prompt, and groups are half as
-large (scripts/bench_ordering.py measures both; docs/benchmarks.md). A prompt start shared by
+large (benchmarks/ordering.py measures both; docs/benchmarks.md). A prompt start shared by
 everything (W5's system prompt) moves between the halves in runs of 64 requests. The StepLoop
 protocol is unchanged, so the engine client and service do not know.
 Runs inside the engine process; nothing of the service.

@@ -25,7 +25,7 @@ How (bounded memory), in two levels:
      once a few dozen lines are prepared, not thousands.
 
 Why both: windows alone group a prefix only within each window, so the n lines of one problem
-spread through a big file meet only ~W/problems at a time. Measured with scripts/bench_ordering.py
+spread through a big file meet only ~W/problems at a time. Measured with benchmarks/ordering.py
 (W4 as 12,800 shuffled lines of 128 problems, real schedulers, fake runner): Hydragen sharing
 fraction 55% with windows of 2048 alone, 78% with the whole file in one sort, as with one request of
 n=100 per problem.

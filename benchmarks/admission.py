@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""Admission when KV memory is the limit: the plan a workload gets on the fake runner (CPU, no model).
+"""Admission when KV memory is the limit: the plan a workload gets on the instant runner (CPU, no model).
 
 Runs a workload through the real schedulers and engine loops of the CUDA default (two pipelined
-halves, each with half the pages and half of max_seqs) with the runner of
-scripts/bench_step_overhead.py (tokens returned at once), fed the way scripts/bench.py feeds it: an
+halves, each with half the pages and half of max_seqs) with the instant
+runner of benchmarks/synthetic.py, fed the way scripts/bench.py feeds it: an
 optional warm-up first (`--warm-up N`: N random prompts of the workload's length with 4 output
 tokens each, as bench.py does before it starts the clock), then every request at once. Prints the
 plan's steps, forward tokens (the workload's own and the total), preemptions, the most sequences
@@ -12,26 +11,17 @@ running at once, and the CPU seconds of the whole run (the schedulers' forecasts
 W6 on the H200 has 51,502 KV pages of 16 tokens for Llama-3.1-8B (scripts/bench.py's log): 2048
 prompts of 1024 tokens with 512 out fit ~700 at a time, so admission decides every step.
 
-    .venv/bin/python scripts/bench_admission.py --workload W6 --warm-up 32
+    .venv/bin/python -m benchmarks.admission --workload W6 --warm-up 32
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_ordering import build  # noqa: E402
-from bench_step_overhead import VOCAB, write_tokenizer  # noqa: E402
-
-from tokabatch.engine.api import GenerationRequest, SamplingParams  # noqa: E402
-from tokabatch.text import Tokenizer  # noqa: E402
+from benchmarks.synthetic import VOCAB, build_loop, tokenizer
+from tokabatch.engine.api import GenerationRequest, SamplingParams
 
 # name: (prompts, prompt tokens, output tokens, KV pages on the H200)
 WORKLOADS = {"W6": (2048, 1024, 512, 51_502), "W6-quick": (512, 1024, 512, 51_502),
@@ -47,10 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     num_prompts, prompt_len, output_len, pages = WORKLOADS[args.workload]
     pages = args.num_pages or pages
-    with tempfile.TemporaryDirectory(prefix="tokabatch-admissionbench-") as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = Tokenizer.from_folder(tmp)
-    loop = build(tokenizer, pages, args.max_seqs, halves=2, affinity=True)
+    loop = build_loop(tokenizer(), num_pages=pages, max_seqs=args.max_seqs, halves=2)
     rng = random.Random(0)
 
     def drain(count: int, max_tokens: int, tag: str) -> int:

@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """flashinfer's two decode kernels on one paged KV cache: the CUDA-core kernel and the tensor-core
 variant (`use_tensor_cores=True`, a prefill-style kernel that serves a whole GQA group per tile).
 
 On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
 
-    python3 scripts/bench_decode_kernel.py                   # Llama-3.2-1B and -3.1-8B shapes
-    python3 scripts/bench_decode_kernel.py --shapes 32/8/128 --batch 256 --context 1100
+    python3 -m benchmarks.decode_kernel                   # Llama-3.2-1B and -3.1-8B shapes
+    python3 -m benchmarks.decode_kernel --shapes 32/8/128 --batch 256 --context 1100
 
 For each shape (query heads / KV heads / head dim) it plans one decode over `batch` sequences of
 `context` tokens in 16-token pages (pages shuffled, as a running engine's are), times `iters` runs
@@ -16,10 +15,6 @@ context token, bf16). The first use of a kernel compiles it (minutes, once per m
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, iters: int) -> None:

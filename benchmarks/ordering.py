@@ -1,9 +1,8 @@
-#!/usr/bin/env python
-"""Batch-aware ordering and request routing: what they do to the engine's plan (CPU, fake runner).
+"""Batch-aware ordering and request routing: what they do to the engine's plan (CPU, instant runner).
 
 A batch file whose lines share prompts (W4: 128 problems x 100 samples, each sample its own line,
-1024-token prompt, 512 out) runs through the real schedulers and engine loops, with the runner of
-scripts/bench_step_overhead.py (tokens returned instantly, no model), so everything measured is
+1024-token prompt, 512 out) runs through the real schedulers and engine loops, with the instant
+runner of benchmarks/synthetic.py (no model), so everything measured is
 a scheduling outcome that does not depend on the GPU:
   - prefill tokens computed (the shared prompts' pages computed once per half, or again and again),
   - the Hydragen sharing fraction (decode KV reads the prefix groups save, as /metrics reports it),
@@ -17,34 +16,23 @@ two pipelined halves (PipelinedLoop, with its prompt-start affinity; --no-affini
 each with half the H200's KV pages and max_seqs. W5-quick: 4096 prompts, one shared 2048-token
 prefix each, then 128 tokens of their own.
 
-    .venv/bin/python scripts/bench_ordering.py                      # W4-quick, all three orders
-    .venv/bin/python scripts/bench_ordering.py --workload W4 --order ordered
+    .venv/bin/python -m benchmarks.ordering                         # W4-quick, every order
+    .venv/bin/python -m benchmarks.ordering --workload W4 --order ordered
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_step_overhead import CONTEXT, EOS, VOCAB, FakeRunner, FakeSampler, write_tokenizer  # noqa: E402
-
-from tokabatch.config import EngineConfig, RunnerConfig, SchedulerConfig  # noqa: E402
-from tokabatch.engine.api import GenerationOutput, GenerationRequest, ModelInfo, SamplingParams  # noqa: E402
-from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
-from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
-from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
-from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop  # noqa: E402
-from tokabatch.service.jobs.ordering import prompt_key, windowed  # noqa: E402
-from tokabatch.text import Tokenizer  # noqa: E402
+from benchmarks.synthetic import VOCAB, build_loop, tokenizer
+from tokabatch.config import RunnerConfig
+from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
+from tokabatch.service.jobs.ordering import prompt_key, windowed
+from tokabatch.text import Tokenizer
 
 T = TypeVar("T")
 H200_PAGES = 237_434          # KV pages of 16 tokens for Llama-3.2-1B on the H200 (scripts/bench.py's log)
@@ -90,27 +78,10 @@ def feed_order(lines: list[T], order: str, prompt_of: Callable[[T], Sequence[int
     return list(windowed(lines, window or RunnerConfig().order_window, prompt_of))
 
 
-def build(tokenizer: Tokenizer, num_pages: int, max_seqs: int, halves: int,
-          affinity: bool) -> PipelinedLoop | EngineLoop:
-    engine = EngineConfig()
-    grouping = GroupingParams(min_prefix_tokens=engine.hydragen_min_prefix_tokens,
-                              min_group=engine.hydragen_min_group)
-    loops = []
-    for _ in range(halves):
-        config = SchedulerConfig(page_size=16, max_seqs=max_seqs // halves, max_tokens_per_step=16384 // halves)
-        scheduler = Scheduler(config, num_pages // halves, max_model_len=CONTEXT, hydragen=grouping)
-        info = ModelInfo(model_id="fake", context_length=CONTEXT, vocab_size=VOCAB, eos_token_ids=(EOS,),
-                         page_size=16, num_pages=num_pages // halves, max_seqs=scheduler.max_running)
-        loops.append(EngineLoop(scheduler=scheduler, runner=FakeRunner(), sampler=FakeSampler(),
-                                tokenizer=tokenizer, info=info))
-    if halves == 1:
-        return loops[0]
-    return PipelinedLoop(loops, loops[0].info, affinity_tokens=engine.hydragen_min_prefix_tokens if affinity else 0)
-
-
-def run(w: Workload, order: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
+def run(w: Workload, order: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
     todo = requests(w, order, args.window)
-    loop = build(tokenizer, args.num_pages, args.max_seqs, args.halves, not args.no_affinity)
+    loop = build_loop(tok, num_pages=args.num_pages, max_seqs=args.max_seqs, halves=args.halves,
+                      affinity=not args.no_affinity)
     t0 = time.process_time()
     fed = done = decodes = steps_with_decodes = 0
     while fed < len(todo) or loop.has_work():
@@ -144,9 +115,7 @@ def main() -> None:
                     help="route each request to the half with less work (no prompt-start affinity)")
     args = ap.parse_args()
     w = WORKLOADS[args.workload]
-    with tempfile.TemporaryDirectory(prefix="tokabatch-orderbench-") as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = Tokenizer.from_folder(tmp)
+    tok = tokenizer()
     print(f"{args.workload}: {w.problems} prompts x {w.n} samples, {w.prompt_len} -> {w.output_len}; "
           f"{args.halves} half(s){'' if args.halves == 1 or not args.no_affinity else ' without affinity'}, "
           f"{args.num_pages} pages, max_seqs {args.max_seqs}")
@@ -155,7 +124,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     orders = ("shuffled", "windowed", "ordered", "n") if w.n > 1 else ("shuffled", "windowed", "ordered")
     for order in (orders if args.order == "all" else (args.order,)):
-        r = run(w, order, tokenizer, args)
+        r = run(w, order, tok, args)
         print(f"| {order} | {r['steps']} | {r['prefill tokens']:,} | {r['cached']:.1%} | {r['sharing']:.1%} "
               f"| {r['batch']:.0f} | {r['cpu s']:.1f} |", flush=True)
 

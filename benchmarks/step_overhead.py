@@ -1,8 +1,7 @@
-#!/usr/bin/env python
-"""CPU (Python) time per engine step at large batch, with a fake runner: no model, no torch.
+"""CPU (Python) time per engine step at large batch, with an instant runner: no model, no torch.
 
-Builds the real Scheduler and the real EngineLoop with the real Tokenizer (a synthetic WordLevel
-vocabulary "t0".."t128255", as scripts/bench.py makes for the GPU benchmark), but the runner
+Builds the real Scheduler and the real EngineLoop with the real Tokenizer (benchmarks/synthetic.py:
+the vocabulary of scripts/bench.py's random-weight folders), but the runner
 returns one token per sampled SeqWork instantly ((seq_id * 7919 + step) % vocab), so every
 millisecond measured is engine bookkeeping that the GPU would have to wait for.
 
@@ -13,16 +12,16 @@ thresholds as factory.py builds them; --no-hydragen for off):
 
 Prints, for the steady decode steps (pure decode: nothing prefills, nothing finishes; with the
 default pool that is every sequence running at once), the mean CPU ms per step and
-its split: scheduler.schedule, the fake runner, scheduler.on_step_done, the loop's post-processing
+its split: scheduler.schedule, the instant runner, scheduler.on_step_done, the loop's post-processing
 (take samples, detokenize, stop checks, emit) and the num_wanted() + stats() that serve() calls
 after every step; "step (no runner)" is their sum, the CPU time a GPU step would wait on. Also
-the CPU seconds of the whole workload (adds, every step, the fake runner included). --profile N
+the CPU seconds of the whole workload (adds, every step, the instant runner included). --profile N
 adds a cProfile top-20 over N steady decode steps; --digest a hash of every plan and output (equal
 before and after a change that should not change behaviour); --num-pages 50000 makes TA
 memory-bound (the queue waits for pages, so admission is tried every step).
 
-    .venv/bin/python scripts/bench_step_overhead.py                  # both workloads
-    .venv/bin/python scripts/bench_step_overhead.py --workload TB --profile 20
+    .venv/bin/python -m benchmarks.step_overhead                     # both workloads
+    .venv/bin/python -m benchmarks.step_overhead --workload TB --profile 20
 """
 
 from __future__ import annotations
@@ -31,30 +30,16 @@ import argparse
 import cProfile
 import hashlib
 import io
-import json
 import pstats
 import random
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tokabatch.config import EngineConfig, SchedulerConfig  # noqa: E402
-from tokabatch.engine.api import GenerationOutput, GenerationRequest, ModelInfo, SamplingParams  # noqa: E402
-from tokabatch.engine.core.hydragen import GroupingParams  # noqa: E402
-from tokabatch.engine.core.scheduler import Scheduler  # noqa: E402
-from tokabatch.engine.runtime.loop import EngineLoop  # noqa: E402
-from tokabatch.engine.simulated import LiveSequences as FakeSampler  # noqa: E402
-from tokabatch.engine.simulated import SimulatedRunner  # noqa: E402
-from tokabatch.text import Tokenizer  # noqa: E402
-
-VOCAB = 128256
-EOS = 128001
-CONTEXT = 131072
+from benchmarks.synthetic import VOCAB, build_loop, tokenizer
+from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
+from tokabatch.engine.runtime.loop import EngineLoop
+from tokabatch.text import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -72,24 +57,6 @@ WORKLOADS = {
 }
 
 
-def write_tokenizer(folder: Path) -> None:
-    """The WordLevel tokenizer of scripts/bench.py's build_folder, without the model."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
-    tok = HFTokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"t{EOS}"}))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
-
-
-def FakeRunner() -> SimulatedRunner:  # noqa: N802 - the benchmarks' name for the runner they use
-    """One token per SeqWork with sample=True, computed from (seq_id, step), ready at once: no model."""
-    return SimulatedRunner(None, VOCAB)
-
-
 class Timed:
     """Wraps a bound method; accumulates the CPU seconds (this thread) it takes in the current step."""
 
@@ -105,28 +72,17 @@ class Timed:
             self.seconds += time.thread_time() - t
 
 
-def build(tokenizer: Tokenizer, args: argparse.Namespace) -> EngineLoop:
-    engine = EngineConfig()   # Hydragen as the factory builds it from the default engine config
-    grouping = None if args.no_hydragen else GroupingParams(
-        min_prefix_tokens=engine.hydragen_min_prefix_tokens, min_group=engine.hydragen_min_group)
-    config = SchedulerConfig(page_size=16, max_seqs=4096, max_tokens_per_step=16384)
-    scheduler = Scheduler(config, args.num_pages, max_model_len=CONTEXT, hydragen=grouping)
-    info = ModelInfo(model_id="fake", context_length=CONTEXT, vocab_size=VOCAB, eos_token_ids=(EOS,),
-                     page_size=16, num_pages=args.num_pages, max_seqs=scheduler.max_running)
-    return EngineLoop(scheduler=scheduler, runner=FakeRunner(), sampler=FakeSampler(), tokenizer=tokenizer, info=info)
-
-
-def run(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
+def run(name: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
     w = WORKLOADS[name]
     rng = random.Random(0)
     prompts = [tuple(rng.choices(range(VOCAB), k=w.prompt_len)) for _ in range(w.num_requests)]
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
-    loop = build(tokenizer, args)
+    loop = build_loop(tok, num_pages=args.num_pages, max_seqs=4096, hydragen=not args.no_hydragen)
     sched, runner = loop.scheduler, loop.runner
-    parts = {"schedule": Timed(sched.schedule), "runner (fake)": Timed(runner.launch),
+    parts = {"schedule": Timed(sched.schedule), "runner": Timed(runner.launch),
              "on_step_done": Timed(sched.on_step_done)}
     sched.schedule, sched.on_step_done = parts["schedule"], parts["on_step_done"]
-    runner.launch = parts["runner (fake)"]
+    runner.launch = parts["runner"]
     num_seqs = w.num_requests * w.n
     steady: list[dict[str, float]] = []
     profiler = cProfile.Profile() if args.profile else None
@@ -171,7 +127,7 @@ def run(name: str, tokenizer: Tokenizer, args: argparse.Namespace) -> dict[str, 
             split = {k: t.seconds for k, t in parts.items()}
             split["num_wanted+stats"] = t2 - t1
             split["post-processing"] = total - sum(split.values())
-            split["step (no runner)"] = total - split["runner (fake)"]
+            split["step (no runner)"] = total - split["runner"]
             split["decodes"] = len(plan.decodes) / 1000   # (printed as a mean count, not ms)
             steady.append(split)
     cpu = time.process_time() - cpu0
@@ -193,7 +149,7 @@ def report(name: str, loop: EngineLoop, steady: list[dict[str, float]], cpu: flo
     print(f"\n{name}: {num_seqs} sequences, {loop._stats.num_steps} steps, {len(steady)} steady decode steps "
           f"of {mean['decodes']:.0f} decodes on average, {loop._stats.num_preemptions} preemptions, "
           f"workload CPU {cpu:.1f} s")
-    for k in ("schedule", "on_step_done", "post-processing", "num_wanted+stats", "step (no runner)", "runner (fake)"):
+    for k in ("schedule", "on_step_done", "post-processing", "num_wanted+stats", "step (no runner)", "runner"):
         print(f"  {k:<18} {mean[k]:8.2f} ms/step")
     if profiler is not None:
         out = io.StringIO()
@@ -213,10 +169,8 @@ def main() -> None:
                     help="print a hash of every plan and output (equal before and after a change: same behaviour)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile N steady decode steps")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tokabatch-stepbench-") as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = Tokenizer.from_folder(tmp)
-    rows = {name: run(name, tokenizer, args) for name in (WORKLOADS if args.workload == "all" else [args.workload])}
+    tok = tokenizer()
+    rows = {name: run(name, tok, args) for name in (WORKLOADS if args.workload == "all" else [args.workload])}
     print("\n| workload | sequences | steady decode ms/step (CPU, no runner) | schedule | on_step_done | post "
           "| num_wanted+stats | workload CPU s |")
     print("|---|---|---|---|---|---|---|---|")

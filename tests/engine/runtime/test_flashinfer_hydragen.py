@@ -24,8 +24,8 @@ pytest.importorskip("flashinfer")
 
 from tokabatch.engine.core.plan import PrefixGroup  # noqa: E402
 from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse  # noqa: E402
-from tokabatch.engine.runtime.flashinfer_hydragen import (FlashInferHydragenAttention,  # noqa: E402
-                                                          plan_hydragen)
+from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention  # noqa: E402
+from tokabatch.engine.runtime.hydragen_plan import plan_hydragen  # noqa: E402
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 from tokabatch.engine.runtime.weights import ModelSpec  # noqa: E402
 

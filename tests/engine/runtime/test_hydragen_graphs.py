@@ -5,7 +5,7 @@
   batch padded up to its ladder size).
 - A shared-prefix batch through the whole engine with Hydragen on replays grouped graphs (counted)
   and agrees with grouping off on >= 99% of tokens.
-The fixed-shape layout itself is checked on the CPU (test_flashinfer_hydragen_plan.py).
+The fixed-shape layout itself is checked on the CPU (test_hydragen_plan.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import flashinfer
 import flashinfer.decode
@@ -38,11 +38,10 @@ from torch import Tensor
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, csr_indptr
 from tokabatch.engine.runtime.cuda_graphs import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES   # eager scratch
+from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 from tokabatch.engine.runtime.flashinfer_plan_speedup import install as install_fast_max
+from tokabatch.engine.runtime.hydragen_plan import plan_hydragen
 from tokabatch.engine.runtime.kv_cache import KVCache
-
-if TYPE_CHECKING:     # imported on first grouped step
-    from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 
 PLAN_MODULES = (flashinfer.decode, flashinfer.prefill)       # their plan() takes max() of host tensors
 install_fast_max(PLAN_MODULES)
@@ -154,7 +153,7 @@ class FlashInferBackend:
 
     use_hydragen=False: prefix groups are ignored, every decode reads all its pages.
     use_hydragen=True: a step's decode rows with prefix groups are attended by parts
-    (flashinfer_hydragen.py: shared pages read once per group, merged with the own parts)."""
+    (flashinfer_hydragen.py over hydragen_plan.py: shared pages read once per group, merged with the own parts)."""
 
     name = "flashinfer"
 
@@ -192,8 +191,6 @@ class FlashInferBackend:
         kv_indices = layout.kv_indices.pin_memory().to(dev, non_blocking=True)
         decode = prefill = hydragen = None
         if num_decode and self.use_hydragen and prefix_groups:
-            from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention, plan_hydragen
-
             if self._hydragen is None:
                 self._hydragen = FlashInferHydragenAttention(self.cache, self.num_heads, self.workspace)
             self._hydragen.plan(plan_hydragen(seqs[:num_decode], prefix_groups, ps))

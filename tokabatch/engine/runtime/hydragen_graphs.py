@@ -1,7 +1,7 @@
 """CUDA graphs of decode steps with Hydragen prefix groups: the grouped twin of cuda_graphs.py.
 
 Owns `GroupedDecodeGraphs`: for every ladder size of a DecodeGraphs, one more captured decode step
-whose attention is by parts (flashinfer_hydragen.py's math) in fixed shapes: the own part is one
+whose attention is by parts (hydragen_plan.py's parts) in fixed shapes: the own part is one
 decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers, or
 one more over the same buffers when flashinfer_backend picks another kernel for own parts), the
 group parts are `max_groups` requests of one cuda-graph prefill wrapper (non-causal) over at most
@@ -31,7 +31,7 @@ from torch import Tensor
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs, capture_graph
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
+from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
 from tokabatch.engine.runtime.page_indices import PageIndexCache
 
 

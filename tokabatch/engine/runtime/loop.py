@@ -1,8 +1,9 @@
 """EngineLoop: the real StepLoop. Scheduler + runner + sampler + text, one step at a time.
 
-Owns each request's output side: its sequences' token ids, incremental text, stop checks (EOS,
-stop token ids, stop strings, max_tokens, the end of the context), logprobs, prompt logprobs,
-streaming deltas and the final GenerationOutput, plus the EngineStats counters. The scheduler owns
+Owns the requests in flight: admission checks, each sampled token taken into its choice, the stop
+checks (EOS, stop token ids, stop strings, max_tokens, the end of the context) that end a choice,
+prompt logprobs, when deltas and outputs are emitted, and the EngineStats counters; choices.py
+keeps each choice's text and builds the deltas and outputs. The scheduler owns
 pages and admission, the runner the forward pass and the sampler the draw; this module glues
 them: add -> scheduler.add_request + sampler.register; step -> schedule, execute, on_step_done,
 then look at every sampled token and finish sequences through scheduler.finish_sequence.
@@ -13,17 +14,12 @@ Runs inside the engine process (it imports torch through the runner); nothing of
 from __future__ import annotations
 
 import gc
-from array import array
-from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Iterable, Protocol, Sequence
 
 from tokabatch.engine.api import (
-    ChoiceDelta,
-    ChoiceOutput,
     EngineStats,
     FinishReason,
-    GenerationOutput,
     GenerationRequest,
     GenerationUpdate,
     Item,
@@ -31,13 +27,20 @@ from tokabatch.engine.api import (
     RequestError,
     RequestRejected,
     SamplingParams,
-    TokenLogprob,
 )
 from tokabatch.engine.core.hydragen import kv_reads_saved
 from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
 from tokabatch.engine.core.scheduler import Scheduler
-
-from tokabatch.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from tokabatch.engine.runtime.choices import (
+    Choice,
+    RequestState,
+    add_text,
+    delta,
+    empty_output,
+    end_text,
+    final_output,
+)
+from tokabatch.text import StopStringMatcher, Tokenizer
 
 
 # The cyclic garbage collector's first generation runs when tracked allocations minus deallocations
@@ -80,51 +83,6 @@ class SequenceSampler(Protocol):
 Launched = tuple[StepPlan, PendingStep | None]      # begin_step's step for end_step (no pending: nothing ran)
 
 
-@dataclass(slots=True)
-class _Choice:
-    """The output side of one sequence (one choice)."""
-
-    seq_id: int
-    index: int
-    detokenizer: IncrementalDetokenizer
-    matcher: StopStringMatcher | None
-    # Fixed at admission, so the per-token checks read one attribute each:
-    min_tokens: int = 0                  # no stop token before this many tokens
-    stop_token_ids: frozenset[int] = frozenset()
-    stop_on: frozenset[int] = frozenset()   # stop_token_ids, plus EOS unless ignore_eos
-    max_output: int = 0                  # LENGTH at this many tokens (max_tokens, context, max_len)
-    # No stop strings and no streaming: nothing reads the text before the end, so it is made then,
-    # by one push_all of the ids the pushes would have seen (the same text, a tighter loop).
-    text_at_end: bool = False
-    # An array, not a list: a full garbage collection walks every slot of a list (4096 of them
-    # growing to thousands of ints each were a large part of its time).
-    token_ids: array = field(default_factory=lambda: array("q"))
-    pieces: list[str] = field(default_factory=list)   # the text, joined when read (no quadratic +=)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
-    num_cached_tokens: int = 0
-    sent_tokens: int = 0                 # streaming: how much was already sent as deltas
-    sent_pieces: int = 0
-    finish_sent: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-
-@dataclass(slots=True)
-class _RequestState:
-    request: GenerationRequest
-    choices: list[_Choice]
-    prompt_logprobs: list[TokenLogprob] | None = None
-    num_unfinished: int = 0              # choices without a finish_reason
-
-    @property
-    def done(self) -> bool:
-        return self.num_unfinished == 0
-
-
 class EngineLoop:
     """The StepLoop over a real model. Not thread-safe: serve() owns it."""
 
@@ -134,8 +92,8 @@ class EngineLoop:
         self.scheduler, self.runner, self.sampler, self.tokenizer = scheduler, runner, sampler, tokenizer
         self.check_invariants = check_invariants   # tests: the scheduler checks its books after every step
         self._eos_ids = frozenset(info.eos_token_ids)
-        self._requests: dict[str, _RequestState] = {}
-        self._by_seq: dict[int, tuple[_RequestState, _Choice]] = {}
+        self._requests: dict[str, RequestState] = {}
+        self._by_seq: dict[int, tuple[RequestState, Choice]] = {}
         self._ready: list[Item] = []
         self._stats = EngineStats(num_pages=info.num_pages)
         raise_gc_threshold()
@@ -146,11 +104,12 @@ class EngineLoop:
         """Admit a request to the scheduler's queue; raises RequestRejected / ValueError(param, msg)."""
         self._check_request(request)
         if request.sampling.max_tokens == 0 and request.sampling.prompt_logprobs is None:
-            self._ready.append(self._empty_output(request))   # nothing to compute
+            self._stats.num_requests_finished += 1
+            self._ready.append(empty_output(request))   # nothing to compute
             return
         seq_ids = self.scheduler.add_request(request)
         params = request.sampling
-        state = _RequestState(request, [])
+        state = RequestState(request, [])
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = []
         num_prompt = len(request.prompt_token_ids)
@@ -164,7 +123,7 @@ class EngineLoop:
                 max_len = getattr(seq, "max_len", None)
                 if max_len is not None:
                     max_output = min(max_output, max_len - num_prompt)
-                choice = _Choice(
+                choice = Choice(
                     seq_id, seq.choice_index,
                     self.tokenizer.detokenizer(request.prompt_token_ids,
                                                skip_special_tokens=params.skip_special_tokens),
@@ -189,7 +148,7 @@ class EngineLoop:
             return
         self._forget(request_id, self.scheduler.abort_request(request_id))
         self.scheduler.forget_request(request_id)
-        self._ready.append(self._output(state, aborted=True))
+        self._ready.append(final_output(state, aborted=True))
 
     def has_work(self) -> bool:
         return bool(self._ready) or self.scheduler.has_work()
@@ -276,11 +235,11 @@ class EngineLoop:
             if entry is not None and entry[0].prompt_logprobs is not None:
                 entry[0].prompt_logprobs.extend(scored)
 
-    def _take_samples(self, sampled: tuple[SampledToken, ...]) -> dict[str, _RequestState]:
+    def _take_samples(self, sampled: tuple[SampledToken, ...]) -> dict[str, RequestState]:
         """Each new token: its choice's token ids, logprobs, text and stop checks (ending the choice
         when one fires). Runs once per running sequence per step, so it is one loop with the
         checks reading fields fixed at admission (add), not a call chain per token."""
-        touched: dict[str, _RequestState] = {}
+        touched: dict[str, RequestState] = {}
         by_seq = self._by_seq
         num_taken = 0
         for token in sampled:
@@ -310,41 +269,23 @@ class EngineLoop:
             if choice.matcher is None:
                 if piece:
                     choice.pieces.append(piece)
-            elif self._add_text(choice, piece):
-                continue                      # a stop string ended it
+            else:
+                matched = add_text(choice, piece)
+                if matched is not None:
+                    self._finish(choice, FinishReason.STOP, matched, flush=False)
+                    continue
             if len(token_ids) >= choice.max_output:
                 self._finish(choice, FinishReason.LENGTH, None)
         self._stats.num_generated_tokens += num_taken
         return touched
 
-    def _add_text(self, choice: _Choice, new_text: str) -> bool:
-        """Append text through the stop-string matcher; True when a stop string ended the choice."""
-        if choice.matcher is None:
-            if new_text:
-                choice.pieces.append(new_text)
-            return False
-        emit, matched = choice.matcher.feed(new_text)
-        if emit:
-            choice.pieces.append(emit)
-        if matched is not None:
-            self._finish(choice, FinishReason.STOP, matched, flush=False)
-            return True
-        return False
-
-    def _finish(self, choice: _Choice, reason: FinishReason, stop_reason: str | int | None, *,
+    def _finish(self, choice: Choice, reason: FinishReason, stop_reason: str | int | None, *,
                 flush: bool = True, num_text_tokens: int | None = None) -> None:
         """End a choice. A stop token is in token_ids but not in the text (num_text_tokens: the ids
         before it); held-back text is released."""
-        if choice.text_at_end and choice.finish_reason is None:
-            ids = choice.token_ids if num_text_tokens is None else choice.token_ids[:num_text_tokens]
-            choice.pieces.append(choice.detokenizer.push_all(ids))
-        if flush:
-            if self._add_text(choice, choice.detokenizer.flush()):
-                return   # the released text completed a stop string: that is what ended it
-            if choice.matcher is not None:
-                held = choice.matcher.flush()
-                if held:
-                    choice.pieces.append(held)
+        matched = end_text(choice, flush=flush, num_text_tokens=num_text_tokens)
+        if matched is not None:
+            reason, stop_reason = FinishReason.STOP, matched
         if choice.finish_reason is None:
             self._by_seq[choice.seq_id][0].num_unfinished -= 1
         choice.finish_reason, choice.stop_reason = reason, stop_reason
@@ -352,9 +293,9 @@ class EngineLoop:
         self.scheduler.finish_sequence(choice.seq_id)
         self.sampler.release(choice.seq_id)
 
-    def _finish_scored_prompts(self, plan: StepPlan) -> dict[str, _RequestState]:
+    def _finish_scored_prompts(self, plan: StepPlan) -> dict[str, RequestState]:
         """max_tokens == 0 with prompt logprobs (echo): done once the whole prompt has been scored."""
-        touched: dict[str, _RequestState] = {}
+        touched: dict[str, RequestState] = {}
         for work in plan.prefills:
             entry = self._by_seq.get(work.seq_id)
             if entry is None or entry[1].finish_reason is not None:
@@ -369,10 +310,10 @@ class EngineLoop:
 
     # ---- outputs --------------------------------------------------------------------------
 
-    def _emit(self, state: _RequestState) -> None:
+    def _emit(self, state: RequestState) -> None:
         request = state.request
         if request.stream:
-            deltas = tuple(self._delta(c, request.sampling.logprobs is not None) for c in state.choices
+            deltas = tuple(delta(c, request.sampling.logprobs is not None) for c in state.choices
                            if len(c.token_ids) > c.sent_tokens or (c.finish_reason and not c.finish_sent))
             if deltas:
                 self._ready.append(GenerationUpdate(request.request_id, deltas))
@@ -380,40 +321,7 @@ class EngineLoop:
             self._forget(request.request_id, [c.seq_id for c in state.choices])
             self.scheduler.forget_request(request.request_id)
             self._stats.num_requests_finished += 1
-            self._ready.append(self._output(state))
-
-    @staticmethod
-    def _delta(choice: _Choice, with_logprobs: bool) -> ChoiceDelta:
-        delta = ChoiceDelta(
-            choice.index, tuple(choice.token_ids[choice.sent_tokens:]), "".join(choice.pieces[choice.sent_pieces:]),
-            tuple(choice.logprobs[choice.sent_tokens:]) if with_logprobs and choice.logprobs is not None else None,
-            choice.finish_reason)
-        choice.sent_tokens, choice.sent_pieces = len(choice.token_ids), len(choice.pieces)
-        choice.finish_sent = choice.finish_reason is not None
-        return delta
-
-    def _output(self, state: _RequestState, *, aborted: bool = False) -> GenerationOutput:
-        request = state.request
-        choices = () if aborted else tuple(
-            ChoiceOutput(c.index, tuple(c.token_ids), c.text, c.finish_reason or FinishReason.ABORT,
-                         tuple(c.logprobs) if c.logprobs is not None else None, c.stop_reason)
-            for c in state.choices)
-        prompt_logprobs = None
-        if state.prompt_logprobs is not None and not aborted:
-            prompt_logprobs = (None, *state.prompt_logprobs)
-        return GenerationOutput(
-            request_id=request.request_id, choices=choices, num_prompt_tokens=len(request.prompt_token_ids),
-            num_cached_tokens=state.choices[0].num_cached_tokens if state.choices else 0,
-            num_completion_tokens=sum(len(c.token_ids) for c in state.choices),
-            prompt_logprobs=prompt_logprobs, aborted=aborted)
-
-    def _empty_output(self, request: GenerationRequest) -> GenerationOutput:
-        choices = tuple(ChoiceOutput(i, (), "", FinishReason.LENGTH, () if request.sampling.logprobs is not None
-                                     else None) for i in range(request.n))
-        self._stats.num_requests_finished += 1
-        return GenerationOutput(request_id=request.request_id, choices=choices,
-                                num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=0,
-                                num_completion_tokens=0)
+            self._ready.append(final_output(state))
 
 
 _start_pos = attrgetter("start_pos")

@@ -16,7 +16,7 @@ from tests.engine.runtime.test_hydragen_attention import random_batch
 from tokabatch.engine.core.hydragen import GroupingParams, find_prefix_groups
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse, merge_attention
-from tokabatch.engine.runtime.flashinfer_hydragen import EMPTY_LSE, HydragenPlan, plan_hydragen, plan_hydragen_padded
+from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, HydragenPlan, plan_hydragen, plan_hydragen_padded
 
 TOL = 1e-5
 

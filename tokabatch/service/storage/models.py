@@ -1,4 +1,4 @@
-"""The tables: files, batches and idempotency keys (SQLAlchemy 2 declarative models).
+"""The tables: files, batches, idempotency keys and the webhook outbox (SQLAlchemy 2 declarative models).
 
 Owns the schema; migrations/versions must match it (`alembic check` runs in the tests). Every row
 has `owner` (the API key's hash, "" when no keys are configured). Rows are ordered by `seq`, an
@@ -100,10 +100,18 @@ class Batch(Base):
     not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
+    # A retry's child batch names the batch whose failed lines it holds (POST /v1/batches/{id}/retry).
+    parent_batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # While it runs (the runner writes them with the progress): output tokens per second over the
+    # last minute, and the seconds left at that pace. Null before the first finished line and once terminal.
+    throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
     __table_args__ = (
         Index("ix_batches_owner_seq", "owner", "seq"),
         Index("ix_batches_status", "status"),
         Index("ix_batches_input_file_id", "input_file_id"),
+        Index("ix_batches_parent_batch_id", "parent_batch_id"),
     )
 
     @property
@@ -132,4 +140,31 @@ class IdempotencyKey(Base):
     )
 
 
-__all__ = ["Base", "File", "Batch", "IdempotencyKey"]
+class WebhookEvent(Base):
+    """One event to deliver (the outbox): written in the same transaction as the batch's terminal
+    status, so a crash cannot lose it; delivered with retries by service/jobs/webhooks.py. `payload`
+    is the event's JSON exactly as signed and sent. The receiver's URL is the batch's
+    `metadata.webhook_url`, else the server's `--webhook-url`, decided at delivery."""
+
+    __tablename__ = "webhook_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)      # evt_..., the webhook-id
+    owner: Mapped[str] = mapped_column(String(64), nullable=False)
+    batch_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    type: Mapped[str] = mapped_column(String(32), nullable=False)                  # batch.completed, ...
+    payload: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    next_attempt_at: Mapped[float] = mapped_column(Float, nullable=False)         # also a sender's lease
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)   # a 2xx came back
+    abandoned_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)   # out of attempts, or no URL
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("ix_webhook_events_next_attempt_at", "next_attempt_at"),
+        Index("ix_webhook_events_created_at", "created_at"),
+    )
+
+
+__all__ = ["Base", "File", "Batch", "IdempotencyKey", "WebhookEvent"]

@@ -30,8 +30,9 @@ from sqlalchemy.exc import IntegrityError
 
 from tokabatch.errors import Conflict, InvalidRequest
 from tokabatch.service.storage.states import (
-    CANCELLABLE, NON_TERMINAL, TIMESTAMP_FIELD, BatchStatus, allowed_from,
+    CANCELLABLE, NON_TERMINAL, TIMESTAMP_FIELD, BatchStatus, allowed_from, is_terminal,
 )
+from tokabatch.service.storage import outbox
 from tokabatch.service.storage.db import Database
 from tokabatch.service.storage.models import Batch, File, IdempotencyKey
 
@@ -227,9 +228,10 @@ async def create_batch(
     db: Database, *, owner: str, input_file_id: str, endpoint: str, completion_window: str,
     now_s: int, window_s: int, model: str | None = None, metadata: Mapping[str, str] | None = None,
     output_expires_after_s: int | None = None, batch_id: str | None = None,
-    idempotency: IdempotencyClaim | None = None,
+    idempotency: IdempotencyClaim | None = None, parent_batch_id: str | None = None,
 ) -> Batch:
-    """Insert a batch in `validating`, expiring `window_s` after `now_s`."""
+    """Insert a batch in `validating`, expiring `window_s` after `now_s` (`parent_batch_id`: the
+    batch whose failed lines this retry holds)."""
     row = Batch(
         id=batch_id or new_batch_id(), owner=owner, endpoint=endpoint, model=model,
         input_file_id=input_file_id, completion_window=completion_window,
@@ -237,7 +239,7 @@ async def create_batch(
         output_expires_after_s=output_expires_after_s, created_at=int(now_s),
         expires_at=int(now_s) + int(window_s), request_total=0, request_completed=0, request_failed=0,
         input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0, total_tokens=0,
-        num_claims=0,
+        num_claims=0, parent_batch_id=parent_batch_id,
     )
     await _insert(db, row, owner, idempotency)
     return row
@@ -247,18 +249,23 @@ async def get_batch(db: Database, batch_id: str, *, owner: str | None) -> Batch 
     return await _get_owned(db, Batch, batch_id, owner)
 
 
-async def list_batches(db: Database, *, owner: str, after: str | None = None, limit: int = 20) -> Page[Batch]:
-    """Newest first (insertion order, so batches created in the same second keep their order)."""
+async def list_batches(db: Database, *, owner: str, after: str | None = None, limit: int = 20,
+                       parent_batch_id: str | None = None) -> Page[Batch]:
+    """Newest first (insertion order, so batches created in the same second keep their order);
+    with `parent_batch_id`, only the retries of that batch."""
+    query = select(Batch).where(Batch.owner == owner)
+    if parent_batch_id is not None:
+        query = query.where(Batch.parent_batch_id == parent_batch_id)
     async with db.sessions() as session:
-        return await _page(session, Batch, select(Batch).where(Batch.owner == owner),
-                           owner=owner, after=after, limit=limit, order="desc")
+        return await _page(session, Batch, query, owner=owner, after=after, limit=limit, order="desc")
 
 
 async def transition_batch(db: Database, batch_id: str, to: BatchStatus | str, now_s: int,
                            **fields: Any) -> bool:
     """Compare-and-set: move `batch_id` to `to` if states.TRANSITIONS allows it from the current
     status, setting `<to>_at = now_s` and `fields` in the same UPDATE. False when the current
-    status does not allow it (another writer got there first: re-read and decide)."""
+    status does not allow it (another writer got there first: re-read and decide). A terminal
+    status writes its webhook event in the same transaction (storage/outbox.py)."""
     to = BatchStatus(to)
     unknown = set(fields) - TRANSITION_FIELDS
     if unknown:
@@ -267,12 +274,17 @@ async def transition_batch(db: Database, batch_id: str, to: BatchStatus | str, n
     values["status"] = to.value
     if to in TIMESTAMP_FIELD:
         values[TIMESTAMP_FIELD[to]] = int(now_s)
+    if is_terminal(to):
+        values.update(throughput=None, eta_seconds=None)    # live while it runs only
     statement = (update(Batch)
                  .where(Batch.id == batch_id, Batch.status.in_([s.value for s in allowed_from(to)]))
                  .values(**values))
     async with db.sessions() as session, session.begin():
         result = await session.execute(statement)
-    return result.rowcount == 1
+        if result.rowcount != 1:
+            return False
+        await outbox.add_event(session, batch_id, to, now_s)    # batch.completed, ...: the webhook outbox
+    return True
 
 
 async def cancel_batch(db: Database, batch_id: str, *, owner: str, now_s: int) -> Batch | None:
@@ -365,13 +377,16 @@ async def release_claim(db: Database, batch_id: str, worker_id: str) -> bool:
 
 
 async def update_progress(db: Database, batch_id: str, request_counts: RequestCounts, usage: Usage,
-                          *, worker_id: str | None = None) -> bool:
-    """Write live counts and usage (absolute values). With `worker_id`, only while it holds the lease."""
+                          *, worker_id: str | None = None, throughput: float | None = None,
+                          eta_seconds: float | None = None) -> bool:
+    """Write live counts, usage (absolute values), throughput and ETA. With `worker_id`, only while
+    it holds the lease."""
     statement = update(Batch).where(Batch.id == batch_id).values(
         request_total=request_counts.total, request_completed=request_counts.completed,
         request_failed=request_counts.failed, input_tokens=usage.input_tokens,
         cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens, total_tokens=usage.total_tokens)
+        reasoning_tokens=usage.reasoning_tokens, total_tokens=usage.total_tokens,
+        throughput=throughput, eta_seconds=eta_seconds)
     if worker_id is not None:
         statement = statement.where(Batch.worker_id == worker_id)
     async with db.sessions() as session, session.begin():

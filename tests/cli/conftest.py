@@ -25,12 +25,14 @@ class FakeServer:
     """serve_async on port 0 in its own thread and event loop. `clock_speed` > 1 makes the runner's
     clock run faster than the wall clock (a 1-minute completion window expires in about 1/speed min)."""
 
-    def __init__(self, data_dir: Path, *, loop_kwargs: dict, clock_speed: float = 1.0) -> None:
+    def __init__(self, data_dir: Path, *, loop_kwargs: dict, clock_speed: float = 1.0,
+                 runner: dict | None = None) -> None:
         self.config = Config(
             engine=EngineConfig(model=ModelConfig(path="demo")),
             storage=StorageConfig(data_dir=str(data_dir)),
             server=ServerConfig(host="127.0.0.1", port=0, allow_custom_windows=True),
-            runner=RunnerConfig(lease_s=3600.0, heartbeat_s=1.0, progress_interval_s=0.2, poll_interval_s=0.1),
+            runner=RunnerConfig(**{"lease_s": 3600.0, "heartbeat_s": 1.0, "progress_interval_s": 0.2,
+                                   "poll_interval_s": 0.1, **(runner or {})}),
         )
         self.loop_kwargs = {"model_id": "demo", **loop_kwargs}
         self.clock_speed = clock_speed
@@ -99,7 +101,7 @@ class FakeServer:
 
 @pytest.fixture
 def fake_server_factory(tmp_path):
-    """start(loop_kwargs=..., clock_speed=...) -> a started FakeServer; all stopped after."""
+    """start(loop_kwargs=..., clock_speed=..., runner=...) -> a started FakeServer; all stopped after."""
     servers: list[FakeServer] = []
     def start(**kwargs) -> FakeServer:
         server = FakeServer(tmp_path / f"server{len(servers)}", **kwargs)

@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from tokabatch.cli import batches as _batches
+from tokabatch.cli import pipeline as _pipeline
 from tokabatch.cli import run as _run
 from tokabatch.cli.common import EXIT_CODES_HELP, CliError, fail, one_line_errors
 
@@ -32,6 +33,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(files_app, name="files")
 app.add_typer(db_app, name="db")
 _batches.register(app, files_app)
+_pipeline.register(app)
 _run.register(app)
 
 

@@ -1,4 +1,4 @@
-"""Client commands: submit, status, list, cancel, download, files list|rm.
+"""Client commands: submit, status, list, cancel, download, files list|rm (retry: cli/pipeline.py).
 
 Owns how batches and files are shown (rich tables by default, `--json` for scripts) and how
 results are downloaded (JSONL, or Parquet by the output path's extension). Talks to a server over
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from tokabatch.cli.client import ApiClient, resolve_connection
-from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
-from tokabatch.cli.waiting import PROGRESS_EVERY_S, exit_code_for, wait_for_batch
+from tokabatch.cli.common import EXIT_BATCH_FAILED, EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
+from tokabatch.cli.pipeline import dry_run_lines, merge_results
+from tokabatch.cli.waiting import PROGRESS_EVERY_S, exit_with, format_batch_errors, wait_for_batch
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _INFER_SCAN_LINES = 1000
@@ -116,6 +117,8 @@ def submit(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Default: the lines' url."),
     completion_window: str = typer.Option("24h", "--completion-window"),
     metadata: list[str] = typer.Option([], "--metadata", help="key=value, repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and price FILE on the server without running "
+                                 "it: lines, prompt tokens, expected output tokens, prefix sharing, duration."),
     wait: bool = typer.Option(False, "--wait", help="Show progress until the batch ends; exit with its code."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Download results here when done (.jsonl or .parquet); implies --wait."),
@@ -135,6 +138,9 @@ def submit(
     meta = parse_metadata(metadata)
     client = _client(base_url, api_key)
     uploaded = client.upload_file(file)
+    if dry_run:
+        _report_dry_run(client, uploaded["id"], endpoint, completion_window, meta)
+        return
     batch = client.create_batch(uploaded["id"], endpoint, completion_window, meta or None)
     typer.echo(batch["id"])
     if not (wait or output is not None):
@@ -145,17 +151,24 @@ def submit(
     except KeyboardInterrupt:
         raise CliError(f"stopped waiting; batch {batch['id']} keeps running (tokabatch status {batch['id']})",
                        130) from None
-    code, reason = exit_code_for(batch)
     if output is not None and batch["status"] != "failed":
         for note in download_results(client, batch, output):
             err.print(note, highlight=False)
-    if code == 0:
-        err.print(reason, highlight=False)
-        return
-    if code == 3:   # results exist; the reason is a warning, not an error
-        err.print(f"warning: {reason}", style="yellow", highlight=False)
-        raise typer.Exit(code)
-    raise CliError(reason, code)
+    exit_with(batch, err)
+
+
+def _report_dry_run(client: ApiClient, file_id: str, endpoint: str, completion_window: str,
+                    metadata: dict[str, str]) -> None:
+    """Print the server's dry-run report (the uploaded copy is deleted after); exit 4 when the file
+    would fail validation, as the batch would."""
+    try:
+        report = client.create_batch(file_id, endpoint, completion_window, metadata or None, dry_run=True)
+    finally:
+        client.delete_file(file_id)
+    for line in dry_run_lines(report):
+        typer.echo(line)
+    if not report.get("valid"):
+        raise CliError(f"the batch would fail validation: {format_batch_errors(report)}", EXIT_BATCH_FAILED)
 
 
 @one_line_errors
@@ -221,10 +234,18 @@ def download(
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Default: stdout. For a batch: .jsonl or .parquet; "
                                                "errors go beside it."),
+    merge: bool = typer.Option(False, "--merge", help="With a batch and -o: its results and its retries' in one "
+                               "file, each custom_id once (a retry's answer replaces the error)."),
     base_url: Optional[str] = BaseUrlOpt, api_key: Optional[str] = ApiKeyOpt,
 ) -> None:
     """Download a batch's results, or one file's content."""
     client = _client(base_url, api_key)
+    if merge:
+        if output is None or not object_id.startswith("batch_"):
+            raise CliError("--merge takes a batch id and -o FILE (.jsonl or .parquet)", EXIT_USAGE)
+        for note in merge_results(client, object_id, output):
+            typer.echo(note, err=True)
+        return
     if not object_id.startswith("batch_"):
         if output is None:
             client.download_file(object_id, sys.stdout.buffer)

@@ -113,12 +113,22 @@ class ApiClient:
 
     # -- batches -----------------------------------------------------------------------------------
     def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                     metadata: dict[str, str] | None) -> dict:
+                     metadata: dict[str, str] | None, *, dry_run: bool = False) -> dict:
+        """The created batch; with `dry_run`, the server's report on the file instead (nothing is created)."""
         payload: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint,
                                    "completion_window": completion_window}
         if metadata:
             payload["metadata"] = metadata
+        if dry_run:
+            payload["dry_run"] = True
         return self._json("POST", "/batches", payload)
+
+    def retry_batch(self, batch_id: str, *, include_all: bool = False) -> dict:
+        return self._json("POST", f"/batches/{_q(batch_id)}/retry", {"all": include_all})
+
+    def list_retries(self, batch_id: str) -> list[dict]:
+        """The batches created by retrying `batch_id` (its children, newest first)."""
+        return self._paginate("/batches", {"limit": 100, "parent_batch_id": batch_id})
 
     def retrieve_batch(self, batch_id: str) -> dict:
         return self._json("GET", f"/batches/{_q(batch_id)}")

@@ -1,7 +1,8 @@
 """`submit --wait`: poll a batch until it is terminal, with a live progress bar on stderr.
 
 Owns the progress display that `submit --wait` and `run` share (completed/failed/total, tokens/s,
-an ETA from measured progress only): a live bar on a terminal, else one plain line every
+an ETA from measured progress only: the server's live `throughput` and `eta_seconds` when it sends
+them, else the poller's own): a live bar on a terminal, else one plain line every
 `--progress-every` seconds (cron logs); and the mapping from a terminal batch to the documented
 exit code and its one-line reason. Talks to the server only through `ApiClient`; must not import
 the service or torch.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -120,7 +122,10 @@ def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
             output_tokens = int((batch.get("usage") or {}).get("output_tokens") or 0)
             if batch.get("status") == "in_progress":
                 rates.update(time.monotonic(), output_tokens, completed + failed)
-            tok_s, eta_s = rates.tokens_per_s(), rates.eta_s(total - completed - failed)
+            # The server's own pace (its `throughput` and `eta_seconds` over the last minute of
+            # written lines) when it gives one; else what this poller measured.
+            tok_s = _first_known(batch.get("throughput"), rates.tokens_per_s())
+            eta_s = _first_known(batch.get("eta_seconds"), rates.eta_s(total - completed - failed))
             progress.update(task, description=str(batch.get("status")), total=total or None,
                             completed=completed + failed, ok_lines=completed, failed_lines=failed,
                             total_lines=total, tok_s=tok_s, eta_s=eta_s)
@@ -129,6 +134,10 @@ def wait_for_batch(client: ApiClient, batch_id: str, *, poll_s: float = 1.0,
                 progress.refresh()
                 return batch
             time.sleep(poll_s)
+
+
+def _first_known(*values: float | None) -> float | None:
+    return next((float(v) for v in values if v is not None), None)
 
 
 def _retrieve_patiently(client: ApiClient, batch_id: str, poll_s: float) -> dict:
@@ -164,6 +173,19 @@ def exit_code_for(batch: dict) -> tuple[int, str]:
         return EXIT_CANCELLED, (f"batch {bid} was cancelled with {completed} of {total} lines completed; the other "
                                 f"{failed} (failed or not run) are in the error file")
     return EXIT_ERROR, f"batch {bid} is {status}, not a terminal state"
+
+
+def exit_with(batch: dict, console: Console) -> None:
+    """End the command with the terminal batch's exit code, its reason on stderr (a warning when
+    the results exist but some lines failed, an error when the batch did not complete)."""
+    code, reason = exit_code_for(batch)
+    if code == EXIT_OK:
+        console.print(reason, highlight=False)
+        return
+    if code == EXIT_LINES_FAILED:
+        console.print(f"warning: {reason}", style="yellow", highlight=False)
+        raise typer.Exit(code)
+    raise CliError(reason, code)
 
 
 def format_batch_errors(batch: dict) -> str:

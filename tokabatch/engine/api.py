@@ -56,6 +56,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
+    @property
+    def runs_to_max_tokens(self) -> bool:
+        """Nothing but max_tokens (or the context) can end it: EOS ignored, no stop strings or ids."""
+        return self.ignore_eos and not self.stop and not self.stop_token_ids
+
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError(param, message) for a value the engine cannot honour."""
         checks: list[tuple[bool, str, str]] = [
@@ -198,6 +203,9 @@ class ModelInfo:
     dtype: str = "float32"
 
 
+PREDICTOR_MIN_SAMPLES = 4                # finished sequences the length predictor needs before it predicts
+
+
 @dataclass(slots=True)
 class EngineStats:
     """Counters for /metrics. Totals only grow; gauges describe now."""
@@ -217,11 +225,27 @@ class EngineStats:
     num_decode_kv_reads: int = 0          # decode KV-token reads without grouping (the denominator)
     busy_seconds: float = 0.0            # engine process: wall seconds with work (stepping, or messages to handle)
     idle_seconds: float = 0.0            # engine process: wall seconds waiting for work on an empty pipe
+    # The length predictor's window (core/predictor.py): sequences that ended by themselves (their
+    # number and output tokens) and those cut by their max_tokens, among the recently finished.
+    num_recent_ended: int = 0
+    num_recent_ended_tokens: int = 0
+    num_recent_capped: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
+
+    def expected_output_tokens(self, max_tokens: int, *, runs_to_max_tokens: bool,
+                               min_samples: int = PREDICTOR_MIN_SAMPLES) -> float:
+        """What the engine's length predictor expects a fresh sequence to generate: the mean of the
+        recent lengths (a cut one counts as `max_tokens`), at most `max_tokens`; `max_tokens` itself
+        for a sequence nothing but its limit can end, or while too few have finished."""
+        count = self.num_recent_ended + self.num_recent_capped
+        if runs_to_max_tokens or count < min_samples:
+            return float(max_tokens)
+        mean = (self.num_recent_ended_tokens + self.num_recent_capped * max_tokens) / count
+        return float(min(max_tokens, mean))
 
 
 Item = GenerationUpdate | GenerationOutput    # what an engine hands back for a request: deltas, then its output

@@ -7,7 +7,8 @@ stop strings, abort, logprobs and streaming, runs at most `max_running` batch re
 requests always run at once) and holds at most `max_waiting` more, and counts `add()` calls per request_id
 in `executions`, so a
 service test can prove that no line ran twice. `token_interval_s` (a number, or a function of the
-request) slows requests down in wall time, for tests of cancel, expiry and timeouts.
+request) slows requests down in wall time, for tests of cancel, expiry and timeouts; `fail_request`
+(a function of the request) makes the engine fail the requests it picks, as a 500.
 
 Stdlib + engine/api only: FakeEngine is torch-free, like the service that uses it.
 """
@@ -77,7 +78,8 @@ class FakeLoop:
     def __init__(self, *, vocab_size: int = 1000, context_length: int = 4096, eos_token_id: int | None = None,
                  max_running: int = 8, max_waiting: int = 8,
                  token_interval_s: float | Callable[[GenerationRequest], float] = 0.0,
-                 fail_on_step: int | None = None, model_id: str = "fake") -> None:
+                 fail_on_step: int | None = None, model_id: str = "fake",
+                 fail_request: Callable[[GenerationRequest], bool] | None = None) -> None:
         self.eos_token_id = vocab_size - 1 if eos_token_id is None else eos_token_id
         self.info = ModelInfo(model_id=model_id, context_length=context_length, vocab_size=vocab_size,
                               eos_token_ids=(self.eos_token_id,), max_seqs=max_running)
@@ -85,6 +87,7 @@ class FakeLoop:
         self.max_waiting = max_waiting
         self.token_interval_s = token_interval_s
         self.fail_on_step = fail_on_step
+        self.fail_request = fail_request     # a request it says yes to fails with a 500 (engine_error) at add()
         self.executions: collections.Counter[str] = collections.Counter()
         self.max_batch_requests_held = 0  # high-water mark of batch requests waiting or running here
         self._waiting: dict[str, _Req] = {}
@@ -97,6 +100,8 @@ class FakeLoop:
     def add(self, request: GenerationRequest) -> None:
         self.executions[request.request_id] += 1
         request.sampling.validate(self.info.vocab_size)
+        if self.fail_request is not None and self.fail_request(request):
+            raise RequestRejected(RequestError(500, "FakeLoop: injected engine failure", code="engine_error"))
         if len(request.prompt_token_ids) >= self.info.context_length:
             raise RequestRejected(RequestError(
                 400, f"this model's maximum context length is {self.info.context_length} tokens, but the prompt "

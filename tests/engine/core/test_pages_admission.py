@@ -218,3 +218,23 @@ def test_only_lengths_text_ended_at_or_was_cut_at_are_learned() -> None:
     p.observe_finished(seq(3, max_tokens=8))
     assert p.num_samples == 2
     assert p.predict_output_len(0, 100) == (100 + 3 + 1) // 2                 # one capped, one of 3
+
+
+def test_the_stats_summary_expects_what_the_predictor_predicts_without_margin() -> None:
+    """EngineStats carries the predictor's window as three numbers; the service's expectation of a
+    fresh sequence's length (dry runs) is then the predictor's own prediction, margin aside."""
+    import math
+
+    from tokabatch.engine.api import EngineStats
+
+    p = LengthPredictor(0.0, window=6)
+    for n, capped in ((10, False), (30, False), (64, True), (20, False), (5, False), (64, True), (40, False)):
+        p.observe(n, capped=capped)          # the window keeps the last 6: the first 10 is forgotten
+    ended, tokens, capped = p.summary()
+    assert (ended, tokens, capped) == (4, 30 + 20 + 5 + 40, 2)
+    stats = EngineStats(num_recent_ended=ended, num_recent_ended_tokens=tokens, num_recent_capped=capped)
+    for max_tokens in (50, 100, 1000):
+        assert math.ceil(stats.expected_output_tokens(max_tokens, runs_to_max_tokens=False)) == \
+            p.predict_output_len(0, max_tokens)
+    assert stats.expected_output_tokens(100, runs_to_max_tokens=True) == 100
+    assert EngineStats().expected_output_tokens(100, runs_to_max_tokens=False) == 100   # nothing seen yet

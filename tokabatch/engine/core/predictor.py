@@ -26,24 +26,32 @@ import bisect
 import math
 from collections import deque
 
+from tokabatch.engine.api import PREDICTOR_MIN_SAMPLES
 from tokabatch.engine.core.request import Sequence
 
 
 class LengthPredictor:
     """Predicts final output lengths from the last `window` finished sequences."""
 
-    def __init__(self, margin: float = 0.1, *, window: int = 1024, min_samples: int = 4) -> None:
+    def __init__(self, margin: float = 0.1, *, window: int = 1024,
+                 min_samples: int = PREDICTOR_MIN_SAMPLES) -> None:
         self.margin = margin
         self.min_samples = min_samples
         self._recent: deque[int | None] = deque(maxlen=window)   # None: it ran into its limit
         self._sorted: list[int] = []             # the lengths of those that ended by themselves
         self._num_capped = 0
+        self._sorted_sum = 0                     # sum(self._sorted), kept as it changes (stats read it every step)
         self._suffix_sums: list[int] = [0]       # suffix_sums[i] = sum(sorted[i:]), rebuilt lazily
         self._dirty = False
 
     @property
     def num_samples(self) -> int:
         return len(self._recent)
+
+    def summary(self) -> tuple[int, int, int]:
+        """(sequences in the window that ended by themselves, their output tokens, sequences cut by
+        their limit): what EngineStats carries, so the service can expect lengths as this does."""
+        return len(self._sorted), self._sorted_sum, self._num_capped
 
     def observe_finished(self, seq: Sequence) -> None:
         """Learn from a sequence the loop finished, unless its length was fixed in advance (or it
@@ -63,12 +71,14 @@ class LengthPredictor:
                 self._num_capped -= 1
             else:
                 del self._sorted[bisect.bisect_left(self._sorted, old)]
+                self._sorted_sum -= old
         if capped:
             self._recent.append(None)
             self._num_capped += 1
         else:
             self._recent.append(num_output_tokens)
             bisect.insort(self._sorted, num_output_tokens)
+            self._sorted_sum += num_output_tokens
         self._dirty = True
 
     def predict_output_len(self, num_generated: int, max_tokens: int) -> int:
@@ -99,8 +109,7 @@ class LengthPredictor:
 
 def runs_to_max_tokens(seq: Sequence) -> bool:
     """Nothing but max_tokens (or the context) can end it: EOS ignored, no stop strings or ids."""
-    sampling = seq.sampling
-    return sampling.ignore_eos and not sampling.stop and not sampling.stop_token_ids
+    return seq.sampling.runs_to_max_tokens
 
 
 __all__ = ["LengthPredictor", "runs_to_max_tokens"]

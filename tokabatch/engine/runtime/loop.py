@@ -162,6 +162,7 @@ class EngineLoop:
         s.num_waiting, s.num_running, s.num_free_pages = sched.num_waiting, sched.num_running, sched.num_free_pages
         s.num_preemptions = sched.num_preemptions
         s.num_prompt_tokens, s.num_cached_tokens = sched.num_prompt_tokens, sched.num_cached_tokens   # admitted
+        s.num_recent_ended, s.num_recent_ended_tokens, s.num_recent_capped = sched.predictor.summary()
         return EngineStats(**{name: getattr(s, name) for name in EngineStats.__slots__ if name != "extra"},
                            extra=dict(s.extra))
 

@@ -18,7 +18,9 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_WINDOW = "24h"
 WINDOW_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2_592_000
-BATCH_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after")
+BATCH_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after",
+                       "dry_run")           # dry_run: a tokabatch extension (jobs/dry_run.py)
+BATCH_RETRY_FIELDS = ("all", "metadata")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -51,8 +53,13 @@ def batch_object(row: Batch) -> dict[str, Any]:
         "metadata": row.metadata_,
         "output_expires_after": (None if row.output_expires_after_s is None else
                                  {"anchor": "created_at", "seconds": row.output_expires_after_s}),
-        # tokabatch extension: the Parquet twin of the output (null until the batch is terminal).
+        # tokabatch extensions: the Parquet twin of the output (null until the batch is terminal);
+        # the batch whose failed lines this one retries; while it runs, output tokens per second over
+        # the last minute and the seconds left at that pace (null when unknown or not running).
         "output_parquet_file_id": row.output_parquet_file_id,
+        "parent_batch_id": row.parent_batch_id,
+        "throughput": None if row.throughput is None else round(row.throughput, 1),
+        "eta_seconds": None if row.eta_seconds is None else round(row.eta_seconds, 1),
     }
 
 
@@ -143,16 +150,41 @@ class BatchCreate:
     window_s: int
     metadata: dict[str, str] | None
     output_expires_after_s: int | None
+    dry_run: bool = False
+
+
+def _check_fields(body: Any, allowed: Sequence[str]) -> None:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for name in body:
+        if name not in allowed:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                                 code="unknown_parameter")
+
+
+def _parse_flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"Invalid type for '{name}': expected a boolean, but got {type(value).__name__}.",
+                             param=name, code="invalid_type")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRetry:
+    include_all: bool
+    metadata: dict[str, str] | None
+
+
+def parse_batch_retry(body: Any) -> BatchRetry:
+    """A POST /v1/batches/{id}/retry body (an extension): {"all": bool, "metadata": {...}}, both optional."""
+    _check_fields(body, BATCH_RETRY_FIELDS)
+    return BatchRetry(include_all=_parse_flag(body, "all"), metadata=parse_metadata(body.get("metadata")))
 
 
 def parse_batch_create(body: Any, *, allow_custom_windows: bool) -> BatchCreate:
     """Check a POST /v1/batches body (already JSON-decoded) against contract §3.1."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    for name in body:
-        if name not in BATCH_CREATE_FIELDS:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
-                                 code="unknown_parameter")
+    _check_fields(body, BATCH_CREATE_FIELDS)
     for name in ("input_file_id", "endpoint", "completion_window"):
         if body.get(name) is None:
             raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name,
@@ -177,4 +209,4 @@ def parse_batch_create(body: Any, *, allow_custom_windows: bool) -> BatchCreate:
     return BatchCreate(input_file_id=body["input_file_id"], endpoint=endpoint,
                        completion_window=body["completion_window"], window_s=window_s,
                        metadata=parse_metadata(body.get("metadata")),
-                       output_expires_after_s=output_expires_after_s)
+                       output_expires_after_s=output_expires_after_s, dry_run=_parse_flag(body, "dry_run"))

@@ -35,6 +35,7 @@ from tokabatch.errors import EngineUnavailable
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
 from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
 from tokabatch.service.jobs.outputs import ResultWriter
+from tokabatch.service.jobs.pace import Pace
 from tokabatch.service.jobs.outputs import preload as preload_outputs
 from tokabatch.service.jobs.parse import iter_requests, validate_input_file
 from tokabatch.service.jobs.seal import seal_results
@@ -76,6 +77,7 @@ class _Job:
     input_path: Path
     spans: list[Span] | None = None      # the file-level feed order, when validation just built it
     num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
+    pace: Pace = field(default_factory=Pace)                  # live throughput and ETA, sampled per progress write
     seconds: dict[str, float] = field(default_factory=dict)   # this claim's phases, logged at the end
 
 
@@ -303,6 +305,7 @@ class BatchRunner:
             spans = await asyncio.to_thread(clustered_spans, job.input_path)
         # The engine failed a line (it died, shut down): leave the line unwritten so the next claim,
         # with a working engine, runs it again; after MAX_ATTEMPTS claims it is written as a 5xx line.
+        job.pace.sample(job.writer.totals.output_tokens)       # the pace counts from here
         last_try = job.batch.num_engine_retries + 1 >= MAX_ATTEMPTS
         policy = OnEngineFailure.WRITE if last_try else OnEngineFailure.LEAVE
         feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
@@ -361,11 +364,15 @@ class BatchRunner:
 
     async def _write_progress(self, job: _Job) -> None:
         t = job.writer.totals
+        job.pace.sample(t.output_tokens)
+        lines_left = job.batch.request_total - t.num_completed - t.num_failed
         await repo.update_progress(
             self.db, job.batch.id,
             repo.RequestCounts(job.batch.request_total, t.num_completed, t.num_failed),
             repo.Usage(t.input_tokens, t.cached_tokens, t.output_tokens, t.reasoning_tokens, t.total_tokens),
-            worker_id=self.worker_id)
+            worker_id=self.worker_id, throughput=job.pace.throughput(),
+            eta_seconds=job.pace.eta_seconds(lines_left=lines_left, lines_completed=t.num_completed,
+                                             output_tokens=t.output_tokens))
 
     # ---- concluding -------------------------------------------------------------------------------
     async def _conclude(self, job: _Job, outcome: Interruption | None) -> None:

@@ -361,7 +361,8 @@ async def release_after_failure(db: Database, batch_id: str, worker_id: str, *, 
     counter = Batch.num_engine_retries if engine else Batch.num_failures
     statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
                  .values({counter: counter + 1, Batch.last_error: error[:4000], Batch.not_before: not_before,
-                          Batch.worker_id: None, Batch.lease_expires_at: None}))
+                          Batch.worker_id: None, Batch.lease_expires_at: None, Batch.throughput: None,
+                          Batch.eta_seconds: None}))
     async with db.sessions() as session, session.begin():
         if (await session.execute(statement)).rowcount != 1:
             return None
@@ -371,7 +372,7 @@ async def release_after_failure(db: Database, batch_id: str, worker_id: str, *, 
 
 async def release_claim(db: Database, batch_id: str, worker_id: str) -> bool:
     statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
-                 .values(worker_id=None, lease_expires_at=None))
+                 .values(worker_id=None, lease_expires_at=None, throughput=None, eta_seconds=None))
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
 
@@ -391,6 +392,21 @@ async def update_progress(db: Database, batch_id: str, request_counts: RequestCo
         statement = statement.where(Batch.worker_id == worker_id)
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
+
+
+async def recent_output_rate(db: Database, *, model: str | None, limit: int = 5) -> tuple[int, float, int] | None:
+    """(output tokens, running seconds, batches) over the newest `limit` completed batches of
+    `model` that ran at least a second (in_progress to finalizing), or None when there are none."""
+    running_s = Batch.finalizing_at - Batch.in_progress_at
+    statement = (select(Batch.output_tokens, running_s)
+                 .where(Batch.status == BatchStatus.COMPLETED.value, Batch.model == model, Batch.output_tokens > 0,
+                        Batch.in_progress_at.is_not(None), Batch.finalizing_at.is_not(None), running_s >= 1)
+                 .order_by(Batch.seq.desc()).limit(limit))
+    async with db.sessions() as session:
+        rows = (await session.execute(statement)).all()
+    if not rows:
+        return None
+    return sum(int(t) for t, _ in rows), float(sum(s for _, s in rows)), len(rows)
 
 
 async def set_validation_errors(db: Database, batch_id: str, errors: Sequence[Mapping[str, Any]]) -> None:
@@ -431,6 +447,7 @@ __all__ = [
     "new_file_id", "new_batch_id", "create_file", "get_file", "list_files", "file_in_use", "delete_file",
     "sweep_expired_files", "find_idempotency_key", "forget_idempotency_key", "sweep_idempotency_keys",
     "create_batch", "get_batch", "list_batches", "count_batches_by_status", "transition_batch", "cancel_batch",
-    "claim_batch", "heartbeat", "release_after_failure", "release_claim", "update_progress", "set_validation_errors",
+    "claim_batch", "heartbeat", "release_after_failure", "release_claim", "update_progress", "recent_output_rate",
+    "set_validation_errors",
     "set_result_files",
 ]

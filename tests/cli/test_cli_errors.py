@@ -178,3 +178,15 @@ def test_db_upgrade_unreachable_postgres_is_one_line(runner):
     result = runner.invoke(app, ["db", "upgrade", "--db", "postgresql+asyncpg://nobody:pw@127.0.0.1:1/none"])
     _assert_one_line_error(result, 1, "cannot reach the database", "nobody:***@127.0.0.1:1")
     assert ":pw@" not in result.stderr
+
+
+def test_a_closed_stdout_ends_a_command_quietly(tmp_path):
+    """`tokabatch list --json | head -1` on a long list: the reader leaves, the command stops without
+    blaming the server (a broken pipe is also a ConnectionError)."""
+    script = ("import typer\nfrom tokabatch.cli.common import one_line_errors\n"
+              "@one_line_errors\ndef dump():\n    for i in range(200000):\n        print('line', i)\n"
+              "app = typer.Typer()\napp.command()(dump)\napp()\n")
+    result = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout == "line 0\n"
+    assert result.stderr == ""

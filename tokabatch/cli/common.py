@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import urllib.error
 from typing import Callable, TypeVar
 
@@ -73,6 +74,25 @@ def _exit_code_of(error: TokabatchError) -> int:
     return EXIT_USAGE if error.status < 500 and error.type != "model_error" else EXIT_ERROR
 
 
+def _failure(e: Exception) -> typer.Exit | None:
+    """The exit for an expected failure (printed as one line), or None for an unexpected one."""
+    if isinstance(e, CliError):
+        return fail(e.message, e.code)
+    if isinstance(e, TokabatchError):
+        return fail(e.message, _exit_code_of(e))
+    if isinstance(e, BrokenPipeError):
+        # The reader of stdout went away (`| head`): stop quietly, as other tools do. (urllib wraps
+        # a broken connection to the server in URLError, so this is not the server.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return typer.Exit(EXIT_ERROR)
+    for kind, what in ((FileNotFoundError, "no such file"), (IsADirectoryError, "is a directory, not a file"),
+                       (PermissionError, "permission denied")):
+        if isinstance(e, kind):
+            return fail(f"{what}: {e.filename or e}", EXIT_USAGE)
+    reason = _connection_message(e)
+    return fail(reason, EXIT_ERROR) if reason is not None else None
+
+
 def one_line_errors(func: F) -> F:
     """Turn expected failures into one line on stderr and a non-zero exit code, never a traceback.
 
@@ -85,25 +105,14 @@ def one_line_errors(func: F) -> F:
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except CliError as e:
-            raise fail(e.message, e.code) from None
-        except TokabatchError as e:
-            raise fail(e.message, _exit_code_of(e)) from None
-        except FileNotFoundError as e:
-            raise fail(f"no such file: {e.filename or e}", EXIT_USAGE) from None
-        except IsADirectoryError as e:
-            raise fail(f"is a directory, not a file: {e.filename or e}", EXIT_USAGE) from None
-        except PermissionError as e:
-            raise fail(f"permission denied: {e.filename or e}", EXIT_USAGE) from None
         except KeyboardInterrupt:
             raise fail("interrupted", EXIT_INTERRUPTED) from None
         except Exception as e:  # the last line of defence: still one line, never a traceback
-            reason = _connection_message(e)
-            if reason is not None:
-                raise fail(reason, EXIT_ERROR) from None
-            if os.environ.get("TOKABATCH_DEBUG"):
+            expected = _failure(e)          # printed, when it is one
+            if expected is None and os.environ.get("TOKABATCH_DEBUG"):
                 raise
-            raise fail(f"{type(e).__name__}: {e} (set TOKABATCH_DEBUG=1 for the traceback)", EXIT_ERROR) from None
+            raise (expected or fail(f"{type(e).__name__}: {e} (set TOKABATCH_DEBUG=1 for the traceback)",
+                                    EXIT_ERROR)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -111,6 +111,10 @@ class Tokenizer:
                 ids.append(i)
         return tuple(ids)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar libraries build their token tries from)."""
+        return self._tok.to_str()
+
     @classmethod
     def from_folder(cls, path: str | Path) -> "Tokenizer":
         folder = Path(path)

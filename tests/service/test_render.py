@@ -250,12 +250,30 @@ BAD_CHAT = [
     (dict(stop_token_ids=[100000]), "stop_token_ids", "invalid_value"),
     (dict(min_tokens=50, max_tokens=10), "min_tokens", "invalid_value"),
     (dict(repetition_penalty=0), "repetition_penalty", "invalid_value"),
-    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "unsupported_parameter"),
-    (dict(tool_choice="auto"), "tool_choice", "unsupported_parameter"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice", "unsupported_parameter"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"), "tool_choice",
+     "unsupported_parameter"),
+    (dict(tool_choice="auto"), "tool_choice", "invalid_value"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function",
+                                                                              "function": {"name": "g"}}),
+     "tool_choice", "invalid_value"),
+    (dict(tools=[{"type": "function"}], tool_choice="required"), "tools[0]", "invalid_value"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required", stream=True),
+     "tools", "unsupported_parameter"),
+    (dict(response_format={"type": "xml"}), "response_format.type", "invalid_value"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+     "response_format.json_schema.name", "invalid_value"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+     "response_format.json_schema.schema", "invalid_value"),
+    (dict(guided_regex="(unclosed"), "guided_regex", "invalid_value"),
+    (dict(guided_choice=[]), "guided_choice", "invalid_type"),
+    (dict(guided_grammar="root ::= ("), "guided_grammar", "invalid_value"),
+    (dict(guided_json="{not json"), "guided_json", "invalid_value"),
+    (dict(guided_choice=["a"], guided_regex="a"), "guided_choice", "invalid_value"),
+    (dict(response_format={"type": "json_object"}, ignore_eos=True), "ignore_eos", "invalid_value"),
     (dict(audio={"voice": "x"}), "audio", "unsupported_parameter"),
     (dict(prediction={"type": "content"}), "prediction", "unsupported_parameter"),
     (dict(web_search_options={}), "web_search_options", "unsupported_parameter"),
-    (dict(response_format={"type": "json_object"}), "response_format", "unsupported_parameter"),
     (dict(modalities=["text", "audio"]), "modalities", "unsupported_parameter"),
     (dict(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
     (dict(echo=True), "echo", "unknown_parameter"),
@@ -312,3 +330,46 @@ def test_error_body_envelopes():
                                          "param": "messages", "code": "context_length_exceeded"}}
     assert error_body(RequestError(500, "died", code="engine_error"))["error"]["type"] == "server_error"
     assert error_body(InvalidRequest("bad", param="n", code="invalid_value"))["error"]["param"] == "n"
+
+
+# ---- structured outputs ---------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_a_schema_becomes_the_engine_requests_grammar_once_for_equal_schemas(tok):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    first = prep(tok, CHAT_ENDPOINT, chat_body(response_format=fmt))
+    again = prep(tok, CHAT_ENDPOINT, chat_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "y", "schema": dict(reversed(list(schema.items())))}}))   # same schema, other key order
+    grammar = first.requests[0].sampling.grammar
+    assert grammar and again.requests[0].sampling.grammar is grammar        # compiled once, shared
+    assert prep(tok, CHAT_ENDPOINT, chat_body(response_format={"type": "text"})).requests[0].sampling.grammar is None
+    for field in (dict(guided_choice=["a", "b"]), dict(guided_regex="[0-9]+"), dict(guided_json=schema),
+                  dict(guided_grammar='root ::= "x" | "y"')):
+        assert prep(tok, COMPLETIONS_ENDPOINT, {"model": "tiny", "prompt": "hi", **field}).requests[0].sampling.grammar
+
+
+@pytest.mark.parametrize("tool_choice, text, name, arguments", [
+    ("required", '{"name": "get_weather", "arguments": {"city": "Paris"}}', "get_weather", {"city": "Paris"}),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Oslo"}', "get_weather", {"city": "Oslo"}),
+])
+def test_a_forced_tool_call_is_rendered_as_tool_calls(tok, tool_choice, text, name, arguments):
+    prepared = prep(tok, CHAT_ENDPOINT, chat_body(tools=[WEATHER], tool_choice=tool_choice))
+    assert prepared.requests[0].sampling.grammar
+    body = render(tok, prepared, text=text)
+    ChatCompletion.model_validate(body, strict=True)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == name and json.loads(call["function"]["arguments"]) == arguments
+    cut = render(tok, prepared, text=text[:10], finish=FinishReason.LENGTH)["choices"][0]   # max_tokens cut it
+    assert cut["finish_reason"] == "length" and cut["message"]["content"] == text[:10]
+
+
+def test_tool_choice_none_leaves_the_output_free(tok):
+    prepared = prep(tok, CHAT_ENDPOINT, chat_body(tools=[WEATHER], tool_choice="none"))
+    assert prepared.requests[0].sampling.grammar is None and prepared.output.tool is None

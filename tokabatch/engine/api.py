@@ -55,6 +55,9 @@ class SamplingParams:
     min_tokens: int = 0                  # EOS and stop token ids are masked until this many tokens exist
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # llguidance grammar text (tokabatch/grammars.py builds it from a JSON schema, regex, choices or
+    # EBNF): each token is drawn from those the grammar allows next. None: unconstrained.
+    grammar: str | None = None
 
     @property
     def runs_to_max_tokens(self) -> bool:

@@ -16,6 +16,7 @@ from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.scheduler import Scheduler
+from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
 from tokabatch.engine.runtime.runner import build_runners
@@ -78,6 +79,9 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
              getattr(runners[0].backend, "name", "?"),
              f"for decode batches up to {graphs.max_batch} ({len(graphs.sizes)} sizes)" if graphs else "off",
              "two pipelined halves" if parts > 1 else "one loop")
+    grammars = Grammars(tokenizer.to_json(), spec.vocab_size, info.eos_token_ids)   # one tokenizer trie for all
+    for runner in runners:
+        runner.sampler.grammars = grammars
     loops = [EngineLoop(scheduler=sched, runner=runner, sampler=runner.sampler, tokenizer=tokenizer,
                         info=replace(info, num_pages=runner.kv_cache.num_pages, max_seqs=sched.max_running),
                         check_invariants=check_invariants)

@@ -23,6 +23,7 @@ from tokabatch.engine.api import (
 from tokabatch.errors import InvalidRequest, NotFound, TokabatchError
 from tokabatch.service.jobs import body_fields as bf
 from tokabatch.service.jobs.render_body import render_chat_body, render_completion_body
+from tokabatch.service.jobs.structured import GUIDED_FIELDS, NO_FORMAT, OutputFormat, output_format
 
 if TYPE_CHECKING:
     from tokabatch.text import Tokenizer
@@ -39,17 +40,17 @@ _COMMON = {
     "logit_bias", "max_tokens", "stream", "stream_options", "user", "logprobs",
     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
     "skip_special_tokens", "include_stop_str_in_output", "spaces_between_special_tokens",
-    "truncate_prompt_tokens", "priority",
+    "truncate_prompt_tokens", "priority", *GUIDED_FIELDS,
 }
 # Hosted-only fields: accepted and ignored (contract §5.1 [tb]).
 _IGNORED = {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "metadata", "store",
             "service_tier", "spaces_between_special_tokens", "priority", "logprobs_in_fingerprint",
             "apply_chat_template_overrides"}
-# Features this engine cannot do: a 400 when given a non-null value (tool_choice "none" is fine).
-_CHAT_UNSUPPORTED = {"tools", "functions", "function_call", "audio", "prediction", "web_search_options",
+# Features this engine cannot do: a 400 when given a non-null value (tools: structured.py).
+_CHAT_UNSUPPORTED = {"functions", "function_call", "audio", "prediction", "web_search_options",
                      "reasoning_effort", "verbosity", "moderation"}
 _CHAT_FIELDS = _COMMON | _IGNORED | _CHAT_UNSUPPORTED | {
-    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tool_choice",
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
     "parallel_tool_calls", "modalities", "chat_template_kwargs", "add_generation_prompt",
     "continue_final_message",
 }
@@ -70,6 +71,7 @@ class PreparedRequest:
     echo: bool = False
     stream: bool = False
     include_usage: bool = False          # stream_options.include_usage
+    output: OutputFormat = NO_FORMAT     # structured outputs: the grammar, and whether it is a tool call
     tokenizer: Tokenizer | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -127,9 +129,13 @@ def prepare_request(
     if model not in served_model_names:
         raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", param="model",
                        code="model_not_found")
+    output = output_format(body, chat=chat)
+    if output.grammar is not None and bf.get_bool(body, "ignore_eos", False):
+        raise bf.invalid_value("ignore_eos", "Invalid 'ignore_eos': a constrained output ends when its format is "
+                               "complete; ignore_eos cannot be combined with it.")
     if chat:
         _reject_unsupported_chat(body)
-        prompts = [_chat_prompt(body, tokenizer)]
+        prompts = [_chat_prompt(body, tokenizer, output.tools)]
     else:
         _reject_unsupported_completion(body)
         prompts = _completion_prompts(body, tokenizer, model_info.vocab_size)
@@ -143,12 +149,14 @@ def prepare_request(
     for i, (ids, _text) in enumerate(prompts):
         sampling = _sampling(body, chat=chat, num_prompt_tokens=len(ids), model_info=model_info,
                              logprobs=logprobs, echo=echo)
+        if output.grammar is not None:
+            sampling = dataclasses.replace(sampling, grammar=output.grammar)
         requests.append(GenerationRequest(_engine_request_id(request_id, i, len(prompts)), tuple(ids), sampling,
                                           n=n, priority=priority, stream=stream))
     return PreparedRequest(
         endpoint=endpoint, model=model_info.model_id, response_id=_response_id(endpoint, request_id),
         requests=tuple(requests), texts=tuple(text for _, text in prompts), n=n, logprobs=logprobs,
-        echo=echo, stream=stream, include_usage=include_usage, tokenizer=tokenizer,
+        echo=echo, stream=stream, include_usage=include_usage, tokenizer=tokenizer, output=output,
     )
 
 
@@ -173,18 +181,13 @@ def _reject_unsupported_chat(body: Mapping[str, Any]) -> None:
         if body.get(name) is not None:
             raise bf.unsupported(name)
     tool_choice = body.get("tool_choice")
-    if tool_choice is not None and tool_choice != "none":
-        raise bf.unsupported("tool_choice", "other than 'none' needs tools, which this server does not support")
+    if tool_choice is not None and tool_choice != "none" and body.get("tools") is None:
+        raise bf.invalid_value("tool_choice", "Invalid 'tool_choice': it needs 'tools'.")
+    if body.get("tools") is not None and bf.get_bool(body, "stream", False):
+        raise bf.unsupported("tools", "with stream=true is not supported (send tool calls without streaming)")
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise bf.unsupported("modalities", "other than ['text'] is not supported")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise bf.invalid_type("response_format", "an object", response_format)
-        if response_format.get("type") != "text":
-            raise bf.unsupported("response_format", f"of type {response_format.get('type')!r} is not supported "
-                                 "(no structured decoding)")
 
 
 def _reject_unsupported_completion(body: Mapping[str, Any]) -> None:
@@ -196,7 +199,7 @@ def _reject_unsupported_completion(body: Mapping[str, Any]) -> None:
         raise bf.unsupported("suffix", "(fill-in-the-middle) is not supported")
 
 
-def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[int], str]:
+def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, tools: tuple[dict, ...] = ()) -> tuple[list[int], str]:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
@@ -208,6 +211,8 @@ def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer) -> tuple[list[in
         raise bf.invalid_type("chat_template_kwargs", "an object", kwargs)
     continue_final = bf.get_bool(body, "continue_final_message", False)
     add_generation = bf.get_bool(body, "add_generation_prompt", not continue_final)
+    if tools:
+        kwargs = {"tools": list(tools), **kwargs}       # templates that know tools describe them to the model
     text = tokenizer.render_chat(messages, add_generation_prompt=add_generation,
                                  continue_final_message=continue_final, **kwargs)
     return tokenizer.encode(text, add_special_tokens=False), text

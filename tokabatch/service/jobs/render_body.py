@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 from tokabatch import __version__
 from tokabatch.engine.api import ChoiceOutput, FinishReason, GenerationOutput, TokenLogprob
+from tokabatch.service.jobs.structured import tool_calls
 
 if TYPE_CHECKING:
     from tokabatch.service.jobs.render import PreparedRequest
@@ -71,12 +72,17 @@ def chat_choice(prepared: PreparedRequest, choice: ChoiceOutput) -> dict:
     logprobs = None
     if prepared.logprobs is not None:
         logprobs = chat_logprobs(prepared.tokenizer, choice.logprobs, prepared.logprobs)
-    return {
-        "index": choice.index,
-        "message": {"role": "assistant", "content": choice.text, "refusal": None},
-        "finish_reason": finish_reason(choice.finish_reason),
-        "logprobs": logprobs,
-    }
+    message: dict = {"role": "assistant", "content": choice.text, "refusal": None}
+    reason = finish_reason(choice.finish_reason)
+    if prepared.output.tool is not None and choice.finish_reason is FinishReason.STOP:
+        calls = tool_calls(prepared.output, choice.text, _call_id(prepared.response_id, choice.index))
+        if calls is not None:       # a call cut by max_tokens stays text, with finish_reason "length"
+            message, reason = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}, "tool_calls"
+    return {"index": choice.index, "message": message, "finish_reason": reason, "logprobs": logprobs}
+
+
+def _call_id(response_id: str, index: int) -> str:
+    return "call_" + hashlib.blake2b(f"{response_id}:{index}".encode(), digest_size=12).hexdigest()
 
 
 def render_chat_body(prepared: PreparedRequest, output: GenerationOutput, *, created: int) -> dict:

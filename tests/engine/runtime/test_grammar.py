@@ -1,0 +1,83 @@
+"""Constrained sampling: the sampler draws only what a row's grammar allows next (llguidance masks
+from the demo model's tokenizer), unconstrained rows of the same step are untouched, and a grammar
+the matcher refuses is the request's 400. CPU, random logits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import llguidance
+import pytest
+import torch
+
+from tests.conftest import demo_model_ready
+from tokabatch import model_store
+from tokabatch.engine.api import SamplingParams
+from tokabatch.engine.runtime.grammar import Grammars
+from tokabatch.engine.runtime.sampling import Sampler
+from tokabatch.errors import InvalidRequest
+from tokabatch.service.jobs.structured import json_schema_grammar
+
+pytestmark = pytest.mark.skipif(not demo_model_ready(), reason="needs the demo model's tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokabatch.text import Tokenizer
+
+    return Tokenizer.from_folder(model_store.resolve_model_path("demo"))
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer):
+    return Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids)
+
+
+def _run(sampler, tokenizer, params_by_row, steps=60, seed=0):
+    """Sample rows on random logits until each ends (EOS) or `steps`; returns (texts, ended)."""
+    gen = torch.Generator().manual_seed(seed)
+    eos = set(tokenizer.eos_token_ids)
+    for i, params in enumerate(params_by_row):
+        sampler.register(i, params, [1, 2, 3])
+    outputs = [[] for _ in params_by_row]
+    live = list(range(len(params_by_row)))
+    for _ in range(steps):
+        if not live:
+            break
+        logits = torch.randn((len(live), sampler.vocab_size), generator=gen) * 3
+        for row, token in zip(live, sampler.sample(live, logits)):
+            outputs[row].append(token.token_id)
+        live = [r for r in live if outputs[r][-1] not in eos]
+    ended = [bool(o) and o[-1] in eos for o in outputs]
+    texts = [tokenizer.decode([t for t in o if t not in eos]) for o in outputs]
+    return texts, ended
+
+
+def test_rows_draw_only_what_their_grammar_allows(tokenizer, grammars):
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids, seed=3)
+    sampler.grammars = grammars
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    rows = [SamplingParams(max_tokens=60, grammar=llguidance.grammar_from("choice", '["red", "green"]')),
+            SamplingParams(max_tokens=60, grammar=llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")),
+            SamplingParams(max_tokens=60, grammar=json_schema_grammar(schema)),   # whitespace runs bounded
+            SamplingParams(max_tokens=60)]                                       # free, in the same steps
+    texts, ended = _run(sampler, tokenizer, rows, steps=200)
+    assert ended[:3] == [True, True, True]
+    assert texts[0] in ("red", "green")
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", texts[1])
+    value = json.loads(texts[2])
+    assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 9 and isinstance(value["ok"], bool)
+    assert not re.fullmatch(r"\s*", texts[3])                                   # random text, not masked
+
+
+def test_a_grammar_the_matcher_refuses_is_the_requests_400(tokenizer, grammars):
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids)
+    sampler.grammars = grammars
+    with pytest.raises(InvalidRequest):
+        sampler.register(0, SamplingParams(grammar="this is not a grammar %%%"), [1])
+    bare = Sampler(49152, "cpu", tokenizer.eos_token_ids)                     # no grammars: cannot constrain
+    with pytest.raises(InvalidRequest):
+        bare.register(0, SamplingParams(grammar=llguidance.grammar_from("regex", "a")), [1])

@@ -1,5 +1,5 @@
 """/metrics shows the Hydragen sharing fraction (decode KV reads saved) beside the prefix-cache hit
-rate, and the counters a service benchmark reads (engine busy/idle seconds, steps): the pure line
+rate, and the counters a service benchmark reads (engine busy/idle seconds, steps): the pure family
 builder, and GET /metrics on an app whose engine reports known stats."""
 
 from __future__ import annotations
@@ -19,16 +19,24 @@ def value(lines: list[str], name: str) -> float:
     return float(next(line for line in lines if line.startswith(name + " ")).split()[-1])
 
 
+def sample_values(families) -> dict[str, float]:
+    """Sample name (a counter's keeps its _total) -> value, for families without labels."""
+    return {s.name: s.value for family in families for s in family.samples}
+
+
 def test_ratio_is_saved_over_decode_reads() -> None:
     stats = EngineStats(num_hydragen_saved_kv_reads=300, num_decode_kv_reads=1200,
                         num_prompt_tokens=100, num_cached_tokens=40)
-    lines = metrics.engine_lines(stats, 0.0)
-    assert value(lines, "tokabatch_hydragen_kv_read_saved_ratio") == 0.25
-    assert value(lines, "tokabatch_prefix_cache_hit_rate") == 0.4
-    assert "# TYPE tokabatch_hydragen_kv_read_saved_ratio gauge" in lines
-    names = [line.split()[2] for line in lines if line.startswith("# TYPE")]
+    families = metrics.engine_families(stats, 0.0, 0.0)
+    values = sample_values(families)
+    assert values["tokabatch_hydragen_kv_read_saved_ratio"] == 0.25
+    assert values["tokabatch_prefix_cache_hit_rate"] == 0.4
+    types = {family.name: family.type for family in families}
+    assert types["tokabatch_hydragen_kv_read_saved_ratio"] == "gauge"
+    names = [family.name for family in families]
     assert names.index("tokabatch_hydragen_kv_read_saved_ratio") == names.index("tokabatch_prefix_cache_hit_rate") + 1
-    assert value(metrics.engine_lines(EngineStats(), 0.0), "tokabatch_hydragen_kv_read_saved_ratio") == 0.0
+    empty = sample_values(metrics.engine_families(EngineStats(), 0.0, 0.0))
+    assert empty["tokabatch_hydragen_kv_read_saved_ratio"] == 0.0
 
 
 def test_counters_for_service_benchmarks() -> None:
@@ -36,13 +44,13 @@ def test_counters_for_service_benchmarks() -> None:
     # and forward tokens, and the two counters the sharing ratio is made of (a ratio per run).
     stats = EngineStats(num_steps=7, num_forward_tokens=900, num_hydragen_saved_kv_reads=300,
                         num_decode_kv_reads=1200, busy_seconds=2.5, idle_seconds=0.5)
-    lines = metrics.engine_lines(stats, 0.0)
-    assert value(lines, "tokabatch_engine_steps_total") == 7
-    assert value(lines, "tokabatch_forward_tokens_total") == 900
-    assert value(lines, "tokabatch_hydragen_saved_kv_reads_total") == 300
-    assert value(lines, "tokabatch_decode_kv_reads_total") == 1200
-    assert value(lines, "tokabatch_engine_busy_seconds_total") == 2.5
-    assert value(lines, "tokabatch_engine_idle_seconds_total") == 0.5
+    values = sample_values(metrics.engine_families(stats, 0.0, 0.0))
+    assert values["tokabatch_engine_steps_total"] == 7
+    assert values["tokabatch_forward_tokens_total"] == 900
+    assert values["tokabatch_hydragen_saved_kv_reads_total"] == 300
+    assert values["tokabatch_decode_kv_reads_total"] == 1200
+    assert values["tokabatch_engine_busy_seconds_total"] == 2.5
+    assert values["tokabatch_engine_idle_seconds_total"] == 0.5
 
 
 class _StatsEngine:

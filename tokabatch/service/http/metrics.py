@@ -1,86 +1,102 @@
-"""GET /metrics: Prometheus text format (version 0.0.4) for the engine, the batches and online latency.
+"""GET /metrics: the engine, the batches, online latency and the process, through prometheus_client.
 
-Owns the metric names and the latency histogram that online.py observes (app key LATENCY).
-Engine gauges and counters come from `Engine.stats()` (a cheap read of the last report); tokens/s
-is measured between scrapes (over at least RATE_WINDOW_S, so frequent scrapers see a stable value);
-the Hydragen sharing fraction (decode KV reads saved by prefix groups) sits beside the prefix-cache
-hit rate, both since the engine started;
-the batches by status are the caller's own (every batch when no API keys are configured: then
-there is one owner), counted by repo.py. Must not import torch.
+Owns the metric names and each app's CollectorRegistry (app key REGISTRY; never the library's
+global one, since one process may hold many apps, as the tests do). On it: the process and
+platform collectors, the online latency histogram that online.py observes (app key LATENCY), and
+ScrapeFamilies, which the handler fills just before rendering with what it read for this scrape:
+the engine's gauges and counters from `Engine.stats()` (a cheap read of the last report), with
+tokens/s and the busy fraction measured between scrapes (over at least RATE_WINDOW_S, so frequent
+scrapers see a stable value); and the caller's batches (every batch when no API keys are
+configured: then there is one owner) from repo.py: counts by status, each running batch's pace
+and ETA, and how long batches waited before they started. The Hydragen sharing fraction (decode KV
+reads saved by prefix groups) sits beside the prefix-cache hit rate, both since the engine started.
+Must not import torch.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, PlatformCollector, ProcessCollector, generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
 from tokabatch.engine.api import EngineStats
 from tokabatch.service.http.context import DB, owner_of
 from tokabatch.service.storage import repo
 
 RATE_WINDOW_S = 10.0
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+QUEUE_WAIT_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 
 routes = web.RouteTableDef()
 
 
-@dataclass
-class LatencyHistogram:
-    """Online request latency per (endpoint, status), cumulative buckets as Prometheus expects."""
+class OnlineLatency:
+    """Online request latency per (endpoint, status), a histogram on the app's registry."""
 
-    buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S
-    _series: dict[tuple[str, str], list[float]] = field(default_factory=dict)   # bucket counts, +Inf, sum
+    def __init__(self, registry: CollectorRegistry, buckets_s: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self._histogram = Histogram("tokabatch_online_request_duration_seconds",
+                                    "Latency of online completion requests in seconds.", ("endpoint", "status"),
+                                    buckets=buckets_s, registry=registry)
 
     def observe(self, endpoint: str, status: str, seconds: float) -> None:
-        series = self._series.setdefault((endpoint, status), [0.0] * (len(self.buckets_s) + 2))
-        series[bisect.bisect_left(self.buckets_s, seconds)] += 1      # the first bucket with le >= seconds
-        series[-1] += seconds
-
-    def lines(self, name: str) -> list[str]:
-        out = [f"# HELP {name} Latency of online completion requests in seconds.", f"# TYPE {name} histogram"]
-        for (endpoint, status), series in sorted(self._series.items()):
-            labels = f'endpoint="{endpoint}",status="{status}"'
-            cumulative = 0.0
-            for le, count in zip((*self.buckets_s, float("inf")), series[:-1]):
-                cumulative += count
-                bound = "+Inf" if le == float("inf") else repr(le)
-                out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative:g}')
-            out.append(f"{name}_sum{{{labels}}} {series[-1]:.6f}")
-            out.append(f"{name}_count{{{labels}}} {cumulative:g}")
-        return out
+        self._histogram.labels(endpoint=endpoint, status=status).observe(seconds)
 
 
 @dataclass
-class TokenRate:
-    """Generated tokens per second from (time, total) samples taken at scrape time."""
+class ScrapeWindow:
+    """Engine totals sampled at scrape time, so that tokens/s and the busy fraction cover at least
+    RATE_WINDOW_S of the engine's life however often the scrapes come."""
 
-    samples: deque = field(default_factory=lambda: deque(maxlen=64))
+    samples: deque[tuple[float, int, float, float]] = field(default_factory=lambda: deque(maxlen=64))
 
-    def update(self, now_s: float, total_tokens: int) -> float:
-        self.samples.append((now_s, total_tokens))
+    def update(self, now_s: float, stats: EngineStats) -> tuple[float, float]:
+        """(generated tokens per second, busy seconds / (busy + idle)) since the oldest sample kept."""
+        self.samples.append((now_s, stats.num_generated_tokens, stats.busy_seconds, stats.idle_seconds))
         while len(self.samples) > 2 and now_s - self.samples[1][0] >= RATE_WINDOW_S:
             self.samples.popleft()                  # keep the oldest sample still >= the window away
-        t0, k0 = self.samples[0]
-        return (total_tokens - k0) / (now_s - t0) if now_s > t0 else 0.0
+        t0, tokens0, busy0, idle0 = self.samples[0]
+        rate = (stats.num_generated_tokens - tokens0) / (now_s - t0) if now_s > t0 else 0.0
+        busy, idle = stats.busy_seconds - busy0, stats.idle_seconds - idle0
+        if busy + idle <= 0:    # the first scrape, or no engine report since: the fraction since it started
+            busy, idle = stats.busy_seconds, stats.idle_seconds
+        return rate, busy / (busy + idle) if busy + idle > 0 else 0.0
 
 
-LATENCY = web.AppKey("online_latency", LatencyHistogram)
-TOKEN_RATE = web.AppKey("token_rate", TokenRate)
+class ScrapeFamilies:
+    """The families one scrape read from the engine and the database. The handler sets them and
+    renders with no await in between, so concurrent scrapes (of different callers) never mix."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self.families)
+
+
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+LATENCY = web.AppKey("online_latency", OnlineLatency)
+SCRAPE_WINDOW = web.AppKey("scrape_window", ScrapeWindow)
+SCRAPE_FAMILIES = web.AppKey("scrape_families", ScrapeFamilies)
 
 
 def install(app: web.Application) -> None:
-    """Add /metrics and the state it keeps (call from make_app/server before the app starts)."""
-    app[LATENCY] = LatencyHistogram()
-    app[TOKEN_RATE] = TokenRate()
+    """Add /metrics, its registry and the state it keeps (call from make_app/server before the app starts)."""
+    registry = app[REGISTRY] = CollectorRegistry()
+    app[SCRAPE_FAMILIES] = ScrapeFamilies()
+    registry.register(app[SCRAPE_FAMILIES])
+    app[LATENCY] = OnlineLatency(registry)
+    ProcessCollector(registry=registry)         # process_cpu_seconds_total, process_resident_memory_bytes, ...
+    PlatformCollector(registry=registry)        # python_info
+    app[SCRAPE_WINDOW] = ScrapeWindow()
     app.add_routes(routes)
-
-
-def _metric(name: str, kind: str, help_text: str, value: float | int, labels: str = "") -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value:g}"]
 
 
 def hydragen_saved_ratio(stats: EngineStats) -> float:
@@ -88,61 +104,84 @@ def hydragen_saved_ratio(stats: EngineStats) -> float:
     return stats.num_hydragen_saved_kv_reads / stats.num_decode_kv_reads if stats.num_decode_kv_reads else 0.0
 
 
-def engine_lines(stats: EngineStats, rate: float) -> list[str]:
-    """The engine's gauges and counters from one stats report; `rate` is generated tokens per second."""
-    lines: list[str] = []
-    lines += _metric("tokabatch_queue_depth", "gauge", "Requests queued in the engine, not yet admitted.",
-                     stats.num_waiting)
-    lines += _metric("tokabatch_running_sequences", "gauge", "Sequences holding KV pages.", stats.num_running)
-    lines += _metric("tokabatch_kv_pages_free", "gauge", "Free KV-cache pages.", stats.num_free_pages)
-    lines += _metric("tokabatch_kv_pages", "gauge", "KV-cache pages in all.", stats.num_pages)
-    lines += _metric("tokabatch_generation_tokens_per_second", "gauge",
-                     f"Generated tokens per second over the last {RATE_WINDOW_S:g} s of scrapes.", rate)
-    lines += _metric("tokabatch_generated_tokens_total", "counter", "Tokens generated.",
-                     stats.num_generated_tokens)
-    lines += _metric("tokabatch_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
-                     stats.num_prompt_tokens)
-    lines += _metric("tokabatch_cached_prompt_tokens_total", "counter",
-                     "Prompt tokens served from the prefix cache.", stats.num_cached_tokens)
-    lines += _metric("tokabatch_prefix_cache_hit_rate", "gauge",
-                     "Cached prompt tokens / prompt tokens since start.", stats.prefix_cache_hit_rate)
-    lines += _metric("tokabatch_hydragen_kv_read_saved_ratio", "gauge",
-                     "Decode KV-token reads saved by Hydragen prefix groups / decode KV-token reads since start.",
-                     hydragen_saved_ratio(stats))
-    lines += _metric("tokabatch_hydragen_saved_kv_reads_total", "counter",
-                     "Decode KV-token reads saved by Hydragen prefix groups.", stats.num_hydragen_saved_kv_reads)
-    lines += _metric("tokabatch_decode_kv_reads_total", "counter",
-                     "Decode KV-token reads a step would make without prefix groups.", stats.num_decode_kv_reads)
-    lines += _metric("tokabatch_engine_steps_total", "counter", "Forward passes (steps) the engine ran.",
-                     stats.num_steps)
-    lines += _metric("tokabatch_forward_tokens_total", "counter", "Tokens that went through the model's forward.",
-                     stats.num_forward_tokens)
-    lines += _metric("tokabatch_engine_busy_seconds_total", "counter",
-                     "Wall seconds the engine process had work (stepping or handling messages).", stats.busy_seconds)
-    lines += _metric("tokabatch_engine_idle_seconds_total", "counter",
-                     "Wall seconds the engine process waited for work.", stats.idle_seconds)
-    lines += _metric("tokabatch_requests_finished_total", "counter", "Engine requests finished.",
-                     stats.num_requests_finished)
-    lines += _metric("tokabatch_preemptions_total", "counter", "Sequences preempted.", stats.num_preemptions)
-    return lines
+def engine_families(stats: EngineStats, tokens_per_second: float, busy_fraction: float) -> list[Metric]:
+    """The engine's gauges and counters from one stats report, with the two rates measured between scrapes.
+    Counter names keep their `_total` (prometheus_client strips it from the family and writes it back)."""
+    gauge, counter = GaugeMetricFamily, CounterMetricFamily
+    return [
+        gauge("tokabatch_queue_depth", "Requests queued in the engine, not yet admitted.", value=stats.num_waiting),
+        gauge("tokabatch_running_sequences", "Sequences holding KV pages.", value=stats.num_running),
+        gauge("tokabatch_kv_pages_free", "Free KV-cache pages.", value=stats.num_free_pages),
+        gauge("tokabatch_kv_pages", "KV-cache pages in all.", value=stats.num_pages),
+        gauge("tokabatch_generation_tokens_per_second",
+              f"Generated tokens per second over the last {RATE_WINDOW_S:g} s of scrapes.", value=tokens_per_second),
+        counter("tokabatch_generated_tokens_total", "Tokens generated.", value=stats.num_generated_tokens),
+        counter("tokabatch_prompt_tokens_total", "Prompt tokens of admitted requests.", value=stats.num_prompt_tokens),
+        counter("tokabatch_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache.",
+                value=stats.num_cached_tokens),
+        gauge("tokabatch_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens since start.",
+              value=stats.prefix_cache_hit_rate),
+        gauge("tokabatch_hydragen_kv_read_saved_ratio",
+              "Decode KV-token reads saved by Hydragen prefix groups / decode KV-token reads since start.",
+              value=hydragen_saved_ratio(stats)),
+        counter("tokabatch_hydragen_saved_kv_reads_total", "Decode KV-token reads saved by Hydragen prefix groups.",
+                value=stats.num_hydragen_saved_kv_reads),
+        counter("tokabatch_decode_kv_reads_total", "Decode KV-token reads a step would make without prefix groups.",
+                value=stats.num_decode_kv_reads),
+        counter("tokabatch_engine_steps_total", "Forward passes (steps) the engine ran.", value=stats.num_steps),
+        counter("tokabatch_forward_tokens_total", "Tokens that went through the model's forward.",
+                value=stats.num_forward_tokens),
+        counter("tokabatch_engine_busy_seconds_total",
+                "Wall seconds the engine process had work (stepping or handling messages).", value=stats.busy_seconds),
+        counter("tokabatch_engine_idle_seconds_total", "Wall seconds the engine process waited for work.",
+                value=stats.idle_seconds),
+        gauge("tokabatch_engine_busy_fraction",
+              f"Engine busy seconds / (busy + idle) over the last {RATE_WINDOW_S:g} s of scrapes.",
+              value=busy_fraction),
+        counter("tokabatch_requests_finished_total", "Engine requests finished.", value=stats.num_requests_finished),
+        counter("tokabatch_preemptions_total", "Sequences preempted.", value=stats.num_preemptions),
+    ]
+
+
+def batch_families(counts: dict[str, int], waits: list[int], wait_sum_s: float,
+                   running: list[tuple[str, float | None, float | None]]) -> list[Metric]:
+    """The caller's batches: `counts` by status, `waits` (cumulative per QUEUE_WAIT_BUCKETS_S, then
+    all started batches) with their sum, and (id, throughput, eta_seconds) per running batch."""
+    batches = GaugeMetricFamily("tokabatch_batches", "The caller's batches by status.", labels=["status"])
+    for status, n in sorted(counts.items()):
+        batches.add_metric([status], n)
+    throughput = GaugeMetricFamily("tokabatch_batch_throughput_tokens_per_second",
+                                   "Output tokens per second of each running batch over its last minute.",
+                                   labels=["batch_id"])
+    eta = GaugeMetricFamily("tokabatch_batch_eta_seconds", "Seconds each running batch has left at its pace.",
+                            labels=["batch_id"])
+    for batch_id, tokens_per_s, eta_s in running:
+        if tokens_per_s is not None:
+            throughput.add_metric([batch_id], tokens_per_s)
+        if eta_s is not None:
+            eta.add_metric([batch_id], eta_s)
+    bounds = [floatToGoString(b) for b in QUEUE_WAIT_BUCKETS_S] + ["+Inf"]
+    queue_wait = HistogramMetricFamily("tokabatch_batch_queue_wait_seconds",
+                                       "Seconds the caller's started batches waited from created to in_progress.",
+                                       buckets=list(zip(bounds, waits)), sum_value=wait_sum_s)
+    return [batches, throughput, eta, queue_wait]
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     from tokabatch.service.http.online import ENGINE   # online imports this module for LATENCY
 
-    lines: list[str] = []
-    engine = request.app.get(ENGINE)
+    app, owner = request.app, owner_of(request)
+    counts = await repo.count_batches_by_status(app[DB], owner=owner)
+    waits, wait_sum_s, running = await repo.batch_timings(app[DB], owner=owner, wait_bounds_s=QUEUE_WAIT_BUCKETS_S)
+    families = []
+    engine = app.get(ENGINE)
     if engine is not None:
         stats = engine.stats()
-        rate = request.app[TOKEN_RATE].update(time.monotonic(), stats.num_generated_tokens)
-        lines += engine_lines(stats, rate)
-    counts = await repo.count_batches_by_status(request.app[DB], owner=owner_of(request))
-    lines += ["# HELP tokabatch_batches The caller's batches by status.", "# TYPE tokabatch_batches gauge"]
-    lines += [f'tokabatch_batches{{status="{status}"}} {n}' for status, n in sorted(counts.items())]
-    lines += request.app[LATENCY].lines("tokabatch_online_request_duration_seconds")
-    return web.Response(body=("\n".join(lines) + "\n").encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+        families += engine_families(stats, *app[SCRAPE_WINDOW].update(time.monotonic(), stats))
+    app[SCRAPE_FAMILIES].families = families + batch_families(counts, waits, wait_sum_s, running)
+    return web.Response(body=generate_latest(app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-__all__ = ["LATENCY", "LatencyHistogram", "TOKEN_RATE", "TokenRate", "engine_lines", "hydragen_saved_ratio", "install",
-           "routes"]
+__all__ = ["LATENCY", "OnlineLatency", "REGISTRY", "SCRAPE_WINDOW", "ScrapeFamilies", "ScrapeWindow", "batch_families",
+           "engine_families", "hydragen_saved_ratio", "install", "routes"]

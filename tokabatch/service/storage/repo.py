@@ -315,6 +315,25 @@ async def count_batches_by_status(db: Database, *, owner: str) -> dict[str, int]
     return counts
 
 
+async def batch_timings(db: Database, *, owner: str, wait_bounds_s: Sequence[float]
+                        ) -> tuple[list[int], float, list[tuple[str, float | None, float | None]]]:
+    """For /metrics, over `owner`'s batches: the queue waits (created_at to in_progress_at) of those
+    that started, as how many waited at most each of `wait_bounds_s` then how many in all, and the
+    waits' sum in seconds; and (id, throughput, eta_seconds) of each in_progress batch that has
+    either. The buckets are counted in SQL (FILTER: PostgreSQL, and SQLite since 3.30)."""
+    wait = Batch.in_progress_at - Batch.created_at
+    waits = (select(*(func.count().filter(wait <= bound) for bound in wait_bounds_s), func.count(), func.sum(wait))
+             .where(Batch.owner == owner, Batch.in_progress_at.is_not(None)))
+    paces = (select(Batch.id, Batch.throughput, Batch.eta_seconds)
+             .where(Batch.owner == owner, Batch.status == BatchStatus.IN_PROGRESS.value,
+                    or_(Batch.throughput.is_not(None), Batch.eta_seconds.is_not(None)))
+             .order_by(Batch.seq))
+    async with db.sessions() as session:
+        *counts, total_s = (await session.execute(waits)).one()
+        running = (await session.execute(paces)).all()
+    return [int(n) for n in counts], float(total_s or 0), [(i, t, e) for i, t, e in running]
+
+
 async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float) -> Batch | None:
     """Claim a non-terminal batch whose lease is free or expired and whose back-off (not_before)
     has passed, for `lease_s` seconds: the one with the fewest failures, then the oldest, so a batch
@@ -450,4 +469,5 @@ __all__ = [
     "claim_batch", "heartbeat", "release_after_failure", "release_claim", "update_progress", "recent_output_rate",
     "set_validation_errors",
     "set_result_files",
+    "batch_timings",
 ]

@@ -3,6 +3,7 @@ call's kernel cache (scripts/kernel_cache.py) packs and restores what flashinfer
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import demo_model_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +63,11 @@ def test_kernel_cache_round_trip(tmp_path):
     aot = site / "flashinfer" / "data" / "aot"
     assert (aot / "batch_decode_a" / "batch_decode_a.so").read_bytes() == b"batch_decode_a" * 100
     assert not (site / "flashinfer" / "data" / "escape.so").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not demo_model_ready(), reason="needs the demo model")
+def test_structured_harness_compares_equal_output_lengths():
+    report = json.loads(_run("-m", "benchmarks.structured", "--prompts", "3", "--prompt-len", "16",
+                              "--max-tokens", "12", timeout=280).strip().splitlines()[-1])
+    assert report["prompts"] == 3 and 0 < report["output_tokens"] <= 36 and report["ratio_per_token"] > 0

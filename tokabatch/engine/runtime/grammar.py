@@ -55,14 +55,15 @@ class Grammars:
         return matcher
 
     def allowed(self, matchers: list, device: torch.device) -> Tensor:
-        """[rows, vocab] bool on `device`: the tokens each matcher accepts next (EOS once it may end)."""
-        from llguidance.torch import fill_next_token_bitmask_par
-
+        """[rows, vocab] bool on `device`: the tokens each matcher accepts next (EOS once it may end).
+        The packed mask (a bit per token) goes to the device, which unpacks it."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
-        fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
-        bits = (bitmask.unsqueeze(-1) >> _BITS) & 1                 # [rows, words, 32], bit j of word w: token 32w+j
-        return bits.reshape(len(matchers), words * 32)[:, :self.vocab_size].to(device, non_blocking=True).bool()
+        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                               words * 4, len(matchers))
+        packed = bitmask.to(device, non_blocking=True)
+        bits = (packed.unsqueeze(-1) >> _BITS.to(device)) & 1        # [rows, words, 32]: bit j of word w, token 32w+j
+        return bits.reshape(len(matchers), words * 32)[:, :self.vocab_size].bool()
 
 
 __all__ = ["Grammars"]

@@ -1,0 +1,88 @@
+"""What a JSON schema costs per output token: the engine in-process, constrained, then unconstrained on
+the same output lengths.
+
+    python -m benchmarks.structured                          # CPU: the demo model, 64 prompts
+    python -m benchmarks.structured --model FOLDER --prompts 1024 --max-tokens 256
+
+The constrained run gives every prompt the same 8-field schema (docs/structured-outputs.md) and
+records each sequence's output length; the unconstrained run then asks each prompt for exactly
+that many tokens (ignore_eos), so both runs generate the same tokens per sequence and the ratio of
+their seconds per output token is the constraint's cost. The model folder needs a byte-level
+tokenizer (JSON punctuation must be tokens): a random-weight folder (random_models.build_folder)
+takes one with `--tokenizer-from` a real model's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from tokabatch.config import load_config
+from tokabatch.engine.api import GenerationOutput, GenerationRequest, Priority, SamplingParams
+from tokabatch.engine.runtime.factory import build_loop
+from tokabatch.service.jobs.structured import json_schema_grammar
+
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 0}, "name": {"type": "string", "maxLength": 24},
+    "email": {"type": "string", "maxLength": 32}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "score": {"type": "number", "minimum": 0, "maximum": 1}, "tier": {"enum": ["free", "pro", "team"]},
+    "active": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                            "maxItems": 4}},
+    "required": ["id", "name", "email", "age", "score", "tier", "active", "tags"], "additionalProperties": False}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[int]]:
+    """Seconds to finish every prompt, and each one's output length."""
+    began = time.perf_counter()
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        loop.add(GenerationRequest(f"r{i}", tuple(ids), p, priority=Priority.BATCH))
+    lengths = [0] * len(prompts)
+    done = 0
+    while done < len(prompts):
+        for item in loop.step():
+            if isinstance(item, GenerationOutput):
+                assert item.ok, item.error
+                lengths[int(item.request_id[1:])] = item.num_completion_tokens
+                done += 1
+    return time.perf_counter() - began, lengths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--tokenizer-from", type=Path, help="copy this folder's tokenizer into --model first")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    args = parser.parse_args()
+    if args.tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (args.tokenizer_from / name).is_file():
+                shutil.copy(args.tokenizer_from / name, Path(args.model) / name)
+    loop = build_loop(load_config(env={}, model={"path": args.model}).engine)
+    rng = random.Random(0)
+    vocab = min(loop.info.vocab_size, 32_000)
+    # Each run has prompts of its own: the prefix cache must not serve the second run's prefills.
+    warm_up, prompts, others = ([[rng.randrange(100, vocab) for _ in range(args.prompt_len)] for _ in range(count)]
+                                for count in (2, args.prompts, args.prompts))
+    grammar = json_schema_grammar(SCHEMA)
+    constrained = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, grammar=grammar)] * args.prompts
+    run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
+    seconds_c, lengths = run(loop, prompts, constrained)
+    free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
+    seconds_u, lengths_u = run(loop, others, free)
+    tokens = sum(lengths)
+    assert sum(lengths_u) == sum(max(1, n) for n in lengths)
+    per_c, per_u = seconds_c / tokens, seconds_u / sum(lengths_u)
+    print(json.dumps({"prompts": args.prompts, "output_tokens": tokens, "constrained_s": round(seconds_c, 2),
+                      "unconstrained_s": round(seconds_u, 2), "ratio_per_token": round(per_c / per_u, 3),
+                      "device": loop.info.device}))
+
+
+if __name__ == "__main__":
+    main()

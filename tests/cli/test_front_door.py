@@ -179,3 +179,46 @@ def test_serve_help_shows_every_option_whole():
     for option in ("--max-tokens-per-step", "--kv-memory-fraction", "--allow-custom-windows", "--served-model-name"):
         assert option in result.output
     assert "TOKABATCH_DATA_DIR)" in result.output and "…" not in result.output
+
+
+@needs_demo_tokenizer
+def test_the_readme_nightly_pipeline_retries_what_the_engine_failed(fake_server_factory, tmp_path):
+    """The README's second crontab line (examples/nightly.sh) under cron's environment: a dry run, the
+    batch, whose engine fails two lines through every attempt, then their retry, which succeeds; the
+    merged Parquet holds every custom_id once, all succeeded."""
+    seen: dict[int, int] = {}
+    failing: set[int] = set()
+
+    def fails_first_five(request) -> bool:     # the batch's five claims fail these lines; the retry runs them
+        key = sum(request.prompt_token_ids)
+        seen[key] = seen.get(key, 0) + 1
+        return key in failing and seen[key] <= 5
+
+    server = fake_server_factory(loop_kwargs={"fail_request": fails_first_five},
+                                 runner={"retry_after_s": 0.05, "max_retry_after_s": 0.1})
+    line = next(x.strip() for x in (REPO / "README.md").read_text().splitlines() if x.strip().startswith("30 2 * * *"))
+    command = (line.split(maxsplit=5)[5]
+               .replace("/opt/tokabatch/.venv/bin/tokabatch", str(Path(sys.executable).parent / "tokabatch"))
+               .replace("/opt/tokabatch/", str(REPO) + "/").replace("/srv/jobs", str(tmp_path))
+               .replace("http://127.0.0.1:8000/v1", server.base_url).replace("\\%", "%"))
+    ids = _write(tmp_path / "today.jsonl", 6)
+    from tokabatch import model_store
+    from tokabatch.text import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(model_store.resolve_model_path("demo"))
+    lines = [json.loads(x) for x in (tmp_path / "today.jsonl").read_text().splitlines()]
+    prompts = [tokenizer.encode(tokenizer.render_chat(x["body"]["messages"]), add_special_tokens=False)
+               for x in lines]
+    failing |= {sum(prompts[1]), sum(prompts[4])} - {sum(prompts[i]) for i in (0, 2, 3, 5)}
+    assert len(failing) == 2, "the chosen lines' prompts must be told apart by their sums"
+    (tmp_path / "out").mkdir()
+    done = subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "/bin/sh", "-c", command], capture_output=True,
+                          text=True, timeout=180)
+    log = (tmp_path / "nightly.log").read_text()
+    assert done.returncode == 0, log
+    assert "lines: 6" in log and "prompt tokens:" in log and "estimated duration" in log      # the dry run
+    assert "completed with 2 of 6 lines failed" in log and "merged 2 batch(es)" in log
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / f"{dt.date.today():%Y-%m-%d}.parquet").to_pylist()
+    assert sorted(r["custom_id"] for r in rows) == ids and all(r["status_code"] == 200 for r in rows)

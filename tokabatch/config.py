@@ -111,11 +111,22 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    url: str | None = None               # where batch events go (a batch's metadata.webhook_url wins)
+    secret: str | None = None            # whsec_<base64>: events are signed the Standard Webhooks way
+    retry_s: float = 5.0                 # the first retry's delay; each next one 4x longer, up to 6 h
+    max_attempts: int = 8                # then the event is abandoned (its last error kept)
+    timeout_s: float = 10.0              # one delivery attempt
+    poll_interval_s: float = 1.0         # how often the sender looks for due events
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     engine: EngineConfig = EngineConfig()
     storage: StorageConfig = StorageConfig()
     server: ServerConfig = ServerConfig()
     runner: RunnerConfig = RunnerConfig()
+    webhooks: WebhookConfig = WebhookConfig()
 
 
 def _replace(obj: Any, **changes: Any) -> Any:
@@ -134,6 +145,7 @@ def load_config(
     storage: Mapping[str, Any] | None = None,
     server: Mapping[str, Any] | None = None,
     runner: Mapping[str, Any] | None = None,
+    webhooks: Mapping[str, Any] | None = None,
 ) -> Config:
     """Defaults, then environment variables, then the given flag values (None values are ignored)."""
     env = os.environ if env is None else env
@@ -175,10 +187,39 @@ def load_config(
         storage=_replace(StorageConfig(), **storage_values),
         server=server_cfg,
         runner=runner_cfg,
+        webhooks=_webhook_config(given(webhooks), env),
     )
+
+
+def _webhook_config(values: dict[str, Any], env: Mapping[str, str]) -> WebhookConfig:
+    """--webhook-url/--webhook-secret, else TOKABATCH_WEBHOOK_URL/_SECRET; a URL needs a secret."""
+    import base64
+    import binascii
+
+    for name in ("url", "secret"):
+        if not values.get(name) and env.get(f"TOKABATCH_WEBHOOK_{name.upper()}"):
+            values[name] = env[f"TOKABATCH_WEBHOOK_{name.upper()}"]
+    cfg = _replace(WebhookConfig(), **values)
+    if cfg.url is not None and not cfg.url.startswith(("http://", "https://")):
+        raise ConfigError(f"--webhook-url must be an http(s) URL, not {cfg.url!r}", param="webhook_url")
+    if cfg.url is not None and cfg.secret is None:
+        raise ConfigError("--webhook-url needs --webhook-secret (events are signed)", param="webhook_secret")
+    if cfg.secret is not None:
+        key = cfg.secret.removeprefix("whsec_")
+        try:
+            ok = cfg.secret.startswith("whsec_") and len(base64.b64decode(key, validate=True)) >= 16
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError("--webhook-secret must be whsec_ followed by base64 of at least 16 bytes "
+                              "(docs/cli.md shows how to make one)", param="webhook_secret")
+    if cfg.retry_s <= 0 or cfg.max_attempts < 1 or cfg.timeout_s <= 0 or cfg.poll_interval_s <= 0:
+        raise ConfigError("webhook retry_s, max_attempts, timeout_s and poll_interval_s must be positive")
+    return cfg
 
 
 __all__ = [
     "Config", "EngineConfig", "ModelConfig", "RunnerConfig", "SchedulerConfig", "ServerConfig",
-    "StorageConfig", "DEMO_MODEL_NAME", "DEVICE_STEP_SIZES", "cache_dir", "default_data_dir", "load_config",
+    "StorageConfig", "WebhookConfig", "DEMO_MODEL_NAME", "DEVICE_STEP_SIZES", "cache_dir", "default_data_dir",
+    "load_config",
 ]

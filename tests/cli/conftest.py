@@ -12,7 +12,9 @@ from typing import Callable
 import pytest
 
 from tokabatch import model_store
-from tokabatch.config import Config, EngineConfig, ModelConfig, RunnerConfig, ServerConfig, StorageConfig
+from tokabatch.config import (
+    Config, EngineConfig, ModelConfig, RunnerConfig, ServerConfig, StorageConfig, WebhookConfig,
+)
 from tokabatch.engine.testing import FakeEngine, FakeLoop
 from tokabatch.service import server as server_mod
 
@@ -26,13 +28,14 @@ class FakeServer:
     clock run faster than the wall clock (a 1-minute completion window expires in about 1/speed min)."""
 
     def __init__(self, data_dir: Path, *, loop_kwargs: dict, clock_speed: float = 1.0,
-                 runner: dict | None = None) -> None:
+                 runner: dict | None = None, webhooks: dict | None = None) -> None:
         self.config = Config(
             engine=EngineConfig(model=ModelConfig(path="demo")),
             storage=StorageConfig(data_dir=str(data_dir)),
             server=ServerConfig(host="127.0.0.1", port=0, allow_custom_windows=True),
             runner=RunnerConfig(**{"lease_s": 3600.0, "heartbeat_s": 1.0, "progress_interval_s": 0.2,
                                    "poll_interval_s": 0.1, **(runner or {})}),
+            webhooks=WebhookConfig(**(webhooks or {})),
         )
         self.loop_kwargs = {"model_id": "demo", **loop_kwargs}
         self.clock_speed = clock_speed

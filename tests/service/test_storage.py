@@ -4,6 +4,7 @@ Runs on SQLite always and on PostgreSQL when TOKABATCH_TEST_DATABASE_URL is set.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from sqlalchemy import inspect, text
@@ -203,3 +204,26 @@ def test_temporaries_of_a_dead_process_are_swept_at_once(tmp_path):
     other_host.write_bytes(b"maybe being written")         # another host's: only when old
     assert store.remove_stale_temps() == 1
     assert mine.exists() and not orphan.exists() and other_host.exists()
+
+
+async def test_a_terminal_status_writes_one_webhook_event_and_one_sender_takes_it(db):
+    from tokabatch.service.storage import outbox
+
+    b = await repo.create_batch(db, owner="o", input_file_id="f", endpoint="/v1/completions",
+                                completion_window="24h", now_s=NOW, window_s=86400)
+    assert await repo.transition_batch(db, b.id, S.IN_PROGRESS, NOW)
+    assert not await outbox.list_events(db)                                   # not terminal: no event
+    assert await repo.transition_batch(db, b.id, S.EXPIRED, NOW + 1)
+    assert not await repo.transition_batch(db, b.id, S.EXPIRED, NOW + 2)      # a lost CAS writes none
+    [event] = await outbox.list_events(db, batch_id=b.id)
+    payload = json.loads(event.payload)
+    assert (event.type, event.owner, payload["type"], payload["data"], payload["id"]) == (
+        "batch.expired", "o", "batch.expired", {"id": b.id}, event.id)
+    taken = await asyncio.gather(*(outbox.claim_due(db, NOW + 5, 30.0) for _ in range(4)))
+    assert sorted(len(t) for t in taken) == [0, 0, 0, 1]                      # one sender, one attempt
+    assert await outbox.claim_due(db, NOW + 20, 30.0) == []                   # leased until NOW + 35
+    [again] = await outbox.claim_due(db, NOW + 36, 30.0)                      # the lease lapsed
+    assert again.attempts == 2
+    await outbox.mark_delivered(db, again.id, NOW + 36)
+    assert await outbox.claim_due(db, NOW + 999, 30.0) == []
+    assert await outbox.sweep_events(db, NOW + 36 + outbox.EVENT_RETENTION_S + 1) == 1

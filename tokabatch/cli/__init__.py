@@ -64,6 +64,11 @@ def serve(
                                                       "forward pass (default: 16384 on a GPU, 2048 on the CPU)."),
     kv_memory_fraction: Optional[float] = typer.Option(None, "--kv-memory-fraction",
                                                        help="Share of the free GPU memory for the KV cache (0.85)."),
+    webhook_url: Optional[str] = typer.Option(None, "--webhook-url", help="Send batch.completed/failed/expired/"
+                                              "cancelled events here (env TOKABATCH_WEBHOOK_URL); a batch's "
+                                              "metadata.webhook_url wins."),
+    webhook_secret: Optional[str] = typer.Option(None, "--webhook-secret", help="whsec_<base64>: signs the events "
+                                                 "(env TOKABATCH_WEBHOOK_SECRET keeps it out of ps)."),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
                                                  help="module:function building the StepLoop from engine_config= "
                                                       "(tests, benchmarks: "
@@ -83,6 +88,7 @@ def serve(
         server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows},
+        webhooks={"url": webhook_url, "secret": webhook_secret},
     )
     if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "

@@ -23,6 +23,7 @@ from tokabatch.text import Tokenizer
 from tokabatch.service.app import make_app
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CLOCK, DB, MODELS, PROBLEMS, ServedModels
 from tokabatch.service.http import metrics, online
+from tokabatch.service.jobs.webhooks import WebhookSender
 from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
 
@@ -130,13 +131,15 @@ async def serve_async(
     """Run until `stop` is set (or SIGINT/SIGTERM). `on_started(port)` is called once HTTP listens.
 
     Everything the app owns lives in its cleanup contexts, entered in order at start (the database
-    and the expiry sweep of make_app, then the engine, then the batch runner) and left in reverse
+    and the expiry sweep of make_app, then the engine, then the batch runner, then the webhook sender)
+    and left in reverse
     after the HTTP site has stopped, so no request lands on a closed store."""
     stop = stop or asyncio.Event()
     remove_signals = _install_stop_signals(stop)
     app = make_app(config)
     app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))
     app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory))
+    app.cleanup_ctx.append(_webhook_context(config))
     app.add_routes(online.routes)
     metrics.install(app)
     app_runner = web.AppRunner(app, handle_signals=False, access_log=None)  # middleware logs requests
@@ -189,6 +192,25 @@ def _runner_context(config: Config, factory: RunnerFactory):
             await runner.stop()
 
     return runner_context
+
+
+def _webhook_context(config: Config):
+    """The webhook sender (jobs/webhooks.py) over the app's database; it stops after the runner, so
+    the events of batches the runner ended while stopping are in the outbox for the next start."""
+
+    async def webhook_context(app: web.Application):
+        sender = WebhookSender(config.webhooks, app[DB], clock=app[CLOCK])
+        task = asyncio.create_task(sender.run_forever(), name="webhooks")
+        try:
+            yield
+        finally:
+            sender.stop()
+            try:
+                await asyncio.wait_for(task, config.webhooks.timeout_s + 1.0)
+            except asyncio.TimeoutError:      # an attempt cut short stays due: its lease lapses
+                pass
+
+    return webhook_context
 
 
 def serve(config: Config, *, engine_factory: EngineFactory | None = None,

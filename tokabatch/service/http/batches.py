@@ -27,6 +27,7 @@ from tokabatch.service.http.schemas import (
     BatchCreate, batch_object, list_object, parse_batch_create, parse_batch_retry, parse_limit, parse_metadata,
 )
 from tokabatch.service.jobs import dry_run, retry
+from tokabatch.service.jobs.webhooks import check_webhook_metadata
 from tokabatch.service.storage import repo
 
 routes = web.RouteTableDef()
@@ -55,6 +56,7 @@ async def create_batch(request: web.Request) -> web.Response:
     params = parse_batch_create(body, allow_custom_windows=request.app[CONFIG].server.allow_custom_windows)
     if params.dry_run:
         return await _dry_run(request, params)
+    check_webhook_metadata(params.metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
     claim = None
     if (key := idempotency.key_of(request)) is not None:
         claim = repo.IdempotencyClaim(key, "/v1/batches", idempotency.json_fingerprint(body))

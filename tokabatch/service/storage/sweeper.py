@@ -1,4 +1,5 @@
-"""The periodic sweep: expired files (rows, then blobs) and idempotency keys older than 24 h.
+"""The periodic sweep: expired files (rows, then blobs), idempotency keys older than 24 h, and
+webhook events delivered or abandoned over a week ago (storage/outbox.py).
 
 Owns *when* things are removed; repo.py owns which rows qualify (an expired file that is the
 input of a non-terminal batch is kept until the batch ends: the runner still reads it). Rows go
@@ -15,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from tokabatch.service.storage import repo
+from tokabatch.service.storage import outbox, repo
 from tokabatch.service.storage.blobs import BlobStore
 from tokabatch.service.storage.db import Database
 
@@ -45,8 +46,10 @@ async def sweep_once(db: Database, blobs: BlobStore, now_s: int) -> SweepResult:
         if len(ids) < SWEEP_CHUNK:
             break
     num_keys = await repo.sweep_idempotency_keys(db, now_s)
-    if num_files or num_keys:
-        log.info("swept %d expired files and %d idempotency keys", num_files, num_keys)
+    num_events = await outbox.sweep_events(db, now_s)
+    if num_files or num_keys or num_events:
+        log.info("swept %d expired files, %d idempotency keys and %d old webhook events", num_files, num_keys,
+                 num_events)
     return SweepResult(num_files, num_keys)
 
 

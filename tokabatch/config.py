@@ -7,11 +7,15 @@ variables and flags (flags win) and raises `ConfigError` for bad values. Stdlib 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from tokabatch.errors import ConfigError
 
@@ -76,6 +80,11 @@ class EngineConfig:
     hydragen_min_prefix_tokens: int = 256   # a Hydragen group shares at least this many tokens...
     hydragen_min_group: int = 16            # ... among at least this many decoding sequences
     seed: int = 0
+    # Engines under one server (DataParallelEngine): one process each, on `devices` in turn (e.g.
+    # ("cuda:0", "cuda:1")); without devices they share the model's device, each with its share of
+    # kv_memory_fraction.
+    data_parallel: int = 1
+    devices: tuple[str, ...] = ()
     # "package.module:function" building the engine's StepLoop from `engine_config=`: None is the real
     # engine (engine/runtime/factory.py); tests and benchmarks name doubles (engine/simulated.py).
     loop_factory: str | None = None
@@ -171,11 +180,7 @@ def load_config(
     sizes = (scheduler_cfg.page_size, scheduler_cfg.max_seqs, scheduler_cfg.max_tokens_per_step)
     if any(size is not None and size < 1 for size in sizes):
         raise ConfigError("page_size, max_seqs and max_tokens_per_step must be positive")
-    engine_cfg = _replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine))
-    if not 0.0 < engine_cfg.kv_memory_fraction <= 1.0:
-        raise ConfigError("--kv-memory-fraction must be above 0 and at most 1", param="kv_memory_fraction")
-    if engine_cfg.hydragen_min_prefix_tokens < 1 or engine_cfg.hydragen_min_group < 1:
-        raise ConfigError("hydragen_min_prefix_tokens and hydragen_min_group must be positive")
+    engine_cfg = _checked_engine(_replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine)))
     server_cfg = _replace(ServerConfig(), **server_values)
     runner_cfg = _replace(RunnerConfig(), **given(runner))
     if runner_cfg.order_window < 1:
@@ -191,31 +196,47 @@ def load_config(
     )
 
 
+def _checked_engine(cfg: EngineConfig) -> EngineConfig:
+    if not 0.0 < cfg.kv_memory_fraction <= 1.0:
+        raise ConfigError("--kv-memory-fraction must be above 0 and at most 1", param="kv_memory_fraction")
+    if cfg.data_parallel < 1:
+        raise ConfigError("--data-parallel must be at least 1", param="data_parallel")
+    if cfg.hydragen_min_prefix_tokens < 1 or cfg.hydragen_min_group < 1:
+        raise ConfigError("hydragen_min_prefix_tokens and hydragen_min_group must be positive")
+    return dataclasses.replace(cfg, devices=tuple(cfg.devices))
+
+
 def _webhook_config(values: dict[str, Any], env: Mapping[str, str]) -> WebhookConfig:
     """--webhook-url/--webhook-secret, else TOKABATCH_WEBHOOK_URL/_SECRET; a URL needs a secret."""
-    import base64
-    import binascii
-
     for name in ("url", "secret"):
         if not values.get(name) and env.get(f"TOKABATCH_WEBHOOK_{name.upper()}"):
             values[name] = env[f"TOKABATCH_WEBHOOK_{name.upper()}"]
     cfg = _replace(WebhookConfig(), **values)
-    if cfg.url is not None and not cfg.url.startswith(("http://", "https://")):
-        raise ConfigError(f"--webhook-url must be an http(s) URL, not {cfg.url!r}", param="webhook_url")
-    if cfg.url is not None and cfg.secret is None:
-        raise ConfigError("--webhook-url needs --webhook-secret (events are signed)", param="webhook_secret")
-    if cfg.secret is not None:
-        key = cfg.secret.removeprefix("whsec_")
-        try:
-            ok = cfg.secret.startswith("whsec_") and len(base64.b64decode(key, validate=True)) >= 16
-        except (binascii.Error, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError("--webhook-secret must be whsec_ followed by base64 of at least 16 bytes "
-                              "(docs/cli.md shows how to make one)", param="webhook_secret")
-    if cfg.retry_s <= 0 or cfg.max_attempts < 1 or cfg.timeout_s <= 0 or cfg.poll_interval_s <= 0:
-        raise ConfigError("webhook retry_s, max_attempts, timeout_s and poll_interval_s must be positive")
+    if cfg.url is not None:
+        parts = urlsplit(cfg.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"--webhook-url must be an absolute http(s) URL, not {cfg.url!r}", param="webhook_url")
+        if cfg.secret is None:
+            raise ConfigError("--webhook-url needs --webhook-secret (events are signed)", param="webhook_secret")
+    if cfg.secret is not None and not _is_webhook_secret(cfg.secret):
+        raise ConfigError("--webhook-secret must be whsec_ followed by base64 of at least 16 bytes "
+                          "(docs/cli.md shows how to make one)", param="webhook_secret")
+    durations_s = (cfg.retry_s, cfg.timeout_s, cfg.poll_interval_s)
+    if not all(math.isfinite(s) and s > 0 for s in durations_s) \
+            or not (isinstance(cfg.max_attempts, int) and cfg.max_attempts >= 1):
+        raise ConfigError("webhook retry_s, timeout_s and poll_interval_s must be positive numbers and "
+                          "max_attempts a positive integer")
     return cfg
+
+
+def _is_webhook_secret(secret: str) -> bool:
+    """The Standard Webhooks form, as standardwebhooks and openai's webhooks.unwrap decode it."""
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) >= 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 __all__ = [

@@ -64,6 +64,10 @@ def serve(
                                                       "forward pass (default: 16384 on a GPU, 2048 on the CPU)."),
     kv_memory_fraction: Optional[float] = typer.Option(None, "--kv-memory-fraction",
                                                        help="Share of the free GPU memory for the KV cache (0.85)."),
+    data_parallel: Optional[int] = typer.Option(None, "--data-parallel", help="Engine processes under this "
+                                                "server, one batch spread over them (default 1)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="Devices for the engines in turn, e.g. 0,1 "
+                                       "(default: all on the model's device, the KV memory shared)."),
     webhook_url: Optional[str] = typer.Option(None, "--webhook-url", help="Send batch.completed/failed/expired/"
                                               "cancelled events here (env TOKABATCH_WEBHOOK_URL); a batch's "
                                               "metadata.webhook_url wins."),
@@ -83,7 +87,10 @@ def serve(
     config = load_config(
         model={"path": model, "dtype": dtype, "served_model_name": served_model_name},
         scheduler={"max_seqs": max_seqs, "max_tokens_per_step": max_tokens_per_step},
-        engine={"kv_memory_fraction": kv_memory_fraction, "loop_factory": engine_factory},
+        engine={"kv_memory_fraction": kv_memory_fraction, "loop_factory": engine_factory,
+                "data_parallel": data_parallel,
+                "devices": tuple(f"cuda:{g.strip()}" if g.strip().isdigit() else g.strip()
+                                 for g in gpus.split(",")) if gpus else None},
         storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db},
         server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,

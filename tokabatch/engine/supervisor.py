@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 
@@ -23,6 +25,7 @@ from tokabatch import errors
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import EngineStats, GenerationOutput, GenerationRequest, GenerationUpdate, ModelInfo
 from tokabatch.engine.client import EngineClient
+from tokabatch.engine.data_parallel import DataParallelEngine
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +127,33 @@ class SupervisedEngine:
                 log.error("%s", self._down)
 
 
-async def start_engine(engine_config: EngineConfig) -> SupervisedEngine:
+async def start_engine(engine_config: EngineConfig) -> SupervisedEngine | DataParallelEngine:
     """The engine `engine_config` describes, in a process of its own, started again whenever that
-    process dies: what `tokabatch serve` runs (the service's one way to start an engine)."""
-    return await SupervisedEngine.start(lambda: EngineClient.from_config(engine_config))
+    process dies: what `tokabatch serve` runs (the service's one way to start an engine). With
+    `data_parallel` N: N such engines behind one DataParallelEngine."""
+    if engine_config.data_parallel == 1:
+        return await SupervisedEngine.start(lambda: EngineClient.from_config(engine_config))
+    configs = engine_configs(engine_config)
+    engines = [await SupervisedEngine.start(functools.partial(EngineClient.from_config, c)) for c in configs]
+    return DataParallelEngine(engines, affinity_tokens=engine_config.hydragen_min_prefix_tokens)
 
 
-__all__ = ["SupervisedEngine", "start_engine"]
+def engine_configs(engine_config: EngineConfig) -> list[EngineConfig]:
+    """Each data-parallel engine's config: its device (`devices` in turn), and its share of the KV
+    memory when engines share a device."""
+    n = engine_config.data_parallel
+    devices = [engine_config.devices[i % len(engine_config.devices)] if engine_config.devices
+               else engine_config.model.device for i in range(n)]
+    configs = []
+    for i, device in enumerate(devices):
+        sharing = devices.count(device)
+        configs.append(dataclasses.replace(
+            engine_config, data_parallel=1, devices=(),
+            model=dataclasses.replace(engine_config.model, device=device),
+            kv_memory_fraction=engine_config.kv_memory_fraction / sharing,
+            kv_cache_tokens=None if engine_config.kv_cache_tokens is None else engine_config.kv_cache_tokens // sharing,
+            seed=engine_config.seed + i))
+    return configs
+
+
+__all__ = ["SupervisedEngine", "engine_configs", "start_engine"]

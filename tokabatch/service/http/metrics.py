@@ -143,6 +143,27 @@ def engine_families(stats: EngineStats, tokens_per_second: float, busy_fraction:
     ]
 
 
+def per_engine_families(parts: list[EngineStats]) -> list[Metric]:
+    """With several engines under one server (--data-parallel): how the work spread over them."""
+    families = [
+        CounterMetricFamily("tokabatch_engine_requests_finished_total", "Requests each engine finished.",
+                            labels=["engine"]),
+        CounterMetricFamily("tokabatch_engine_generated_tokens_total", "Tokens each engine generated.",
+                            labels=["engine"]),
+        GaugeMetricFamily("tokabatch_engine_running_sequences", "Sequences holding KV pages in each engine.",
+                          labels=["engine"]),
+        GaugeMetricFamily("tokabatch_engine_hydragen_kv_read_saved_ratio",
+                          "Each engine's decode KV-token reads saved by Hydragen prefix groups, since start.",
+                          labels=["engine"]),
+    ]
+    for i, stats in enumerate(parts):
+        values = (stats.num_requests_finished, stats.num_generated_tokens, stats.num_running,
+                  hydragen_saved_ratio(stats))
+        for family, value in zip(families, values):
+            family.add_metric([str(i)], value)
+    return families
+
+
 def batch_families(counts: dict[str, int], waits: list[int], wait_sum_s: float,
                    running: list[tuple[str, float | None, float | None]]) -> list[Metric]:
     """The caller's batches: `counts` by status, `waits` (cumulative per QUEUE_WAIT_BUCKETS_S, then
@@ -179,9 +200,12 @@ async def metrics(request: web.Request) -> web.Response:
     if engine is not None:
         stats = engine.stats()
         families += engine_families(stats, *app[SCRAPE_WINDOW].update(time.monotonic(), stats))
+        per_engine = getattr(engine, "engine_stats", None)     # a DataParallelEngine: each engine too
+        if per_engine is not None:
+            families += per_engine_families(per_engine())
     app[SCRAPE_FAMILIES].families = families + batch_families(counts, waits, wait_sum_s, running)
     return web.Response(body=generate_latest(app[REGISTRY]), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 __all__ = ["LATENCY", "OnlineLatency", "REGISTRY", "SCRAPE_WINDOW", "ScrapeFamilies", "ScrapeWindow", "batch_families",
-           "engine_families", "hydragen_saved_ratio", "install", "routes"]
+           "engine_families", "hydragen_saved_ratio", "install", "per_engine_families", "routes"]

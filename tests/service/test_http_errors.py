@@ -65,6 +65,8 @@ async def test_routing_errors_are_envelopes(http):
                                      headers={"Content-Type": "application/x-www-form-urlencoded"}), 400)
     await _envelope(await http.post("/v1/files", data=b"--zz\r\ngarbage",
                                      headers={"Content-Type": "multipart/form-data; boundary=b"}), 400)
+    await _envelope(await http.post("/v1/files", data=b"--zzz\r\ngarbage",     # the boundary right, a part's
+                                     headers={"Content-Type": "multipart/form-data; boundary=zzz"}), 400)   # header not
 
 
 @pytest.mark.parametrize("content, code", [

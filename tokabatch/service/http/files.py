@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tokabatch.errors import InvalidRequest, NotFound, PayloadTooLarge
 from tokabatch.service.http import idempotency
@@ -94,8 +95,9 @@ async def _read_form(request: web.Request, form: UploadForm, max_bytes: int) -> 
                 form.fields[part.name] = await _read_field(part)
             else:
                 await part.release()
-    except ValueError as e:   # malformed boundaries/headers
-        raise InvalidRequest(f"Malformed multipart/form-data body: {e}") from None
+    except (ValueError, HttpProcessingError) as e:   # malformed boundaries or part headers
+        reason = e.message if isinstance(e, HttpProcessingError) else e
+        raise InvalidRequest(f"Malformed multipart/form-data body: {' '.join(str(reason).split())}") from None
 
 
 def _expires_at(form: UploadForm, purpose: str, created_at: int) -> int | None:

@@ -30,3 +30,28 @@ def test_serve_flags_reach_the_engine_config():
 def test_bad_engine_sizes_are_config_errors(bad):
     with pytest.raises(ConfigError):
         load_config(env={}, **bad)
+
+
+WHSEC = "whsec_" + "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="      # base64 of 32 bytes
+
+
+def test_webhook_settings_come_from_flags_else_the_environment():
+    assert load_config(env={}).webhooks.url is None
+    config = load_config(env={"TOKABATCH_WEBHOOK_SECRET": WHSEC, "TOKABATCH_WEBHOOK_URL": "https://a/h"},
+                         webhooks={"url": "http://127.0.0.1:9/h", "secret": None, "retry_s": 0.5})
+    hooks = config.webhooks
+    assert (hooks.url, hooks.secret, hooks.retry_s) == ("http://127.0.0.1:9/h", WHSEC, 0.5)
+
+
+@pytest.mark.parametrize("webhooks", [
+    {"url": "https://h/"},                               # a URL needs a secret: events are signed
+    {"secret": "c2VjcmV0c2VjcmV0c2VjcmV0"},              # no whsec_ prefix
+    {"secret": "whsec_!!not base64!!"}, {"secret": "whsec_"}, {"secret": "whsec_c2hvcnQ="},  # or too short
+    {"url": "h.example/x", "secret": WHSEC}, {"url": "ftp://h/x", "secret": WHSEC},
+    {"url": "https://", "secret": WHSEC},
+    {"secret": WHSEC, "max_attempts": 0}, {"secret": WHSEC, "retry_s": -1.0}, {"secret": WHSEC, "timeout_s": 0.0},
+    {"secret": WHSEC, "poll_interval_s": float("nan")}, {"secret": WHSEC, "max_attempts": 2.5},
+])
+def test_bad_webhook_settings_are_config_errors(webhooks):
+    with pytest.raises(ConfigError):
+        load_config(env={}, webhooks=webhooks)

@@ -131,9 +131,8 @@ async def serve_async(
     """Run until `stop` is set (or SIGINT/SIGTERM). `on_started(port)` is called once HTTP listens.
 
     Everything the app owns lives in its cleanup contexts, entered in order at start (the database
-    and the expiry sweep of make_app, then the engine, then the batch runner, then the webhook sender)
-    and left in reverse
-    after the HTTP site has stopped, so no request lands on a closed store."""
+    and the expiry sweep of make_app, then the engine, the batch runner and the webhook sender) and
+    left in reverse after the HTTP site has stopped, so no request lands on a closed store."""
     stop = stop or asyncio.Event()
     remove_signals = _install_stop_signals(stop)
     app = make_app(config)
@@ -195,8 +194,10 @@ def _runner_context(config: Config, factory: RunnerFactory):
 
 
 def _webhook_context(config: Config):
-    """The webhook sender (jobs/webhooks.py) over the app's database; it stops after the runner, so
-    the events of batches the runner ended while stopping are in the outbox for the next start."""
+    """The webhook sender (jobs/webhooks.py) over the app's database. Entered last, it stops first:
+    an attempt in flight may finish within its timeout, else it is cut and its event is due again
+    when the lease lapses; events of batches the runner ends while stopping wait in the outbox for
+    the next start (or another server on the same database)."""
 
     async def webhook_context(app: web.Application):
         sender = WebhookSender(config.webhooks, app[DB], clock=app[CLOCK])

@@ -54,9 +54,9 @@ def _batch_loader(request: web.Request) -> idempotency.Loader:
 async def create_batch(request: web.Request) -> web.Response:
     body = await read_json(request)
     params = parse_batch_create(body, allow_custom_windows=request.app[CONFIG].server.allow_custom_windows)
+    check_webhook_metadata(params.metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
     if params.dry_run:
         return await _dry_run(request, params)
-    check_webhook_metadata(params.metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
     claim = None
     if (key := idempotency.key_of(request)) is not None:
         claim = repo.IdempotencyClaim(key, "/v1/batches", idempotency.json_fingerprint(body))
@@ -110,6 +110,7 @@ async def retry_batch(request: web.Request) -> web.Response:
         raise _not_found(batch_id)
     metadata = parse_metadata(retry.child_metadata(parent, params.metadata))
     assert metadata is not None
+    check_webhook_metadata(metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
     claim = None
     if (key := idempotency.key_of(request)) is not None:
         claim = repo.IdempotencyClaim(key, f"/v1/batches/{batch_id}/retry", idempotency.json_fingerprint(body))

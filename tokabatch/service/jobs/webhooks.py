@@ -9,7 +9,8 @@ servers sharing a database never send one attempt twice), POSTs each event's JSO
 package and the openai client's `webhooks.unwrap` verify. A 2xx delivers it; anything else is
 tried again after `retry_s`, 4x longer each time up to 6 h, and after `max_attempts` it is abandoned
 with its last error. Delivery is at least once: a crash between the receiver's 2xx and the mark
-sends the same `webhook-id` again, which receivers dedupe. Uses aiohttp's client; no torch.
+sends the same `webhook-id` again, which receivers dedupe. Uses aiohttp's client; must not import
+torch or service/http (http/batches.py imports check_webhook_metadata from here).
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from tokabatch.service.storage.models import WebhookEvent
 log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_S = 6 * 3600.0
 LEASE_MARGIN_S = 5.0                 # an attempt holds its event for timeout_s plus this
+CLAIM_LIMIT = 16                     # events attempted together in one round
 METADATA_KEY = "webhook_url"
 
 
 def signature_headers(secret: str, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt (`timestamp`: the attempt's Unix seconds)."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
     signed = f"{event_id}.{timestamp}.".encode() + body
     digest = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return {"webhook-id": event_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}",
-            "content-type": "application/json"}
+    return {"webhook-id": event_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
 
 
 def check_webhook_metadata(metadata: dict[str, str] | None, *, secret_configured: bool) -> None:
@@ -61,10 +63,14 @@ def check_webhook_metadata(metadata: dict[str, str] | None, *, secret_configured
 
 
 class WebhookSender:
-    """Delivers due events until stopped; one per server process (several may share a database)."""
+    """Delivers due events until stopped; one per server process (several may share a database).
+
+    `clock` schedules attempts (the service's clock, as the outbox's times are); the signature's
+    timestamp is always the wall clock, since the receiver checks it against its own."""
 
     def __init__(self, config: WebhookConfig, db: Database, *, clock: Callable[[], float] = time.time) -> None:
         self.config, self.db, self.clock = config, db, clock
+        self.lease_s = config.timeout_s + LEASE_MARGIN_S
         self._stopping = asyncio.Event()
 
     def retry_after_s(self, attempts: int) -> float:
@@ -75,9 +81,10 @@ class WebhookSender:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not self._stopping.is_set():
                 try:
-                    await self.deliver_due(session)
+                    if await self.deliver_due(session) == CLAIM_LIMIT:
+                        continue               # a backlog: the next round at once
                 except Exception:              # the database is away, ...: keep the sender alive
-                    log.exception("webhook delivery failed; trying again")
+                    log.exception("webhook delivery round failed; trying again")
                 try:
                     await asyncio.wait_for(self._stopping.wait(), self.config.poll_interval_s)
                 except asyncio.TimeoutError:
@@ -88,44 +95,61 @@ class WebhookSender:
 
     async def deliver_due(self, session: aiohttp.ClientSession) -> int:
         """One round: every due event gets one attempt (concurrently); returns how many were tried."""
-        lease_s = self.config.timeout_s + LEASE_MARGIN_S
-        events = await outbox.claim_due(self.db, self.clock(), lease_s)
-        await asyncio.gather(*(self._attempt(session, event) for event in events))
+        events = await outbox.claim_due(self.db, self.clock(), self.lease_s, limit=CLAIM_LIMIT)
+        await asyncio.gather(*(self._attempt_logged(session, event) for event in events))
         return len(events)
 
+    async def _attempt_logged(self, session: aiohttp.ClientSession, event: WebhookEvent) -> None:
+        """One event's failure (its batch unreadable, the database gone mid-attempt) is logged and
+        stays its own: the event is due again when its lease lapses."""
+        try:
+            await self._attempt(session, event)
+        except Exception:
+            log.exception("webhook %s for batch %s: attempt %d failed unexpectedly; due again in %.0f s",
+                          event.type, event.batch_id, event.attempts, self.lease_s, extra=_extra(event))
+
     async def _attempt(self, session: aiohttp.ClientSession, event: WebhookEvent) -> None:
-        extra: dict[str, Any] = {"event_id": event.id, "batch_id": event.batch_id, "attempt": event.attempts}
         url = await self._url(event)
         if url is None or self.config.secret is None:
             why = "no webhook URL (none in the batch's metadata, no --webhook-url)" if url is None else \
                 "no --webhook-secret to sign it with"
-            await outbox.abandon(self.db, event.id, int(self.clock()), why)
-            log.info("webhook %s for batch %s not sent: %s", event.type, event.batch_id, why, extra=extra)
+            await outbox.abandon(self.db, event.id, int(self.clock()), why, attempt=event.attempts)
+            log.debug("webhook %s for batch %s not sent: %s", event.type, event.batch_id, why, extra=_extra(event))
             return
-        body = event.payload.encode()
-        headers = signature_headers(self.config.secret, event.id, int(self.clock()), body)
-        try:
-            async with session.post(url, data=body, headers=headers) as response:
-                error = None if 200 <= response.status < 300 else f"HTTP {response.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = await self._post(session, url, event)
         if error is None:
             await outbox.mark_delivered(self.db, event.id, int(self.clock()))
-            log.info("webhook %s for batch %s delivered", event.type, event.batch_id, extra=extra)
+            log.info("webhook %s for batch %s delivered", event.type, event.batch_id, extra=_extra(event))
         elif event.attempts >= self.config.max_attempts:
-            await outbox.abandon(self.db, event.id, int(self.clock()), error)
+            await outbox.abandon(self.db, event.id, int(self.clock()), error, attempt=event.attempts)
             log.warning("webhook %s for batch %s abandoned after %d attempts: %s", event.type, event.batch_id,
-                        event.attempts, error, extra=extra)
+                        event.attempts, error, extra=_extra(event))
         else:
-            delay = self.retry_after_s(event.attempts)
-            await outbox.retry_later(self.db, event.id, self.clock() + delay, error)
+            delay_s = self.retry_after_s(event.attempts)
+            await outbox.retry_later(self.db, event.id, self.clock() + delay_s, error, attempt=event.attempts)
             log.info("webhook %s for batch %s failed (%s); next attempt in %.0f s", event.type, event.batch_id,
-                     error, delay, extra=extra)
+                     error, delay_s, extra=_extra(event))
+
+    async def _post(self, session: aiohttp.ClientSession, url: str, event: WebhookEvent) -> str | None:
+        """POST the payload's bytes as stored; None for a 2xx, else what went wrong. A redirect is
+        not followed (it is an answer other than 2xx)."""
+        body = event.payload.encode()
+        headers = {**signature_headers(self.config.secret or "", event.id, int(time.time()), body),
+                   "content-type": "application/json"}
+        try:
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                return None if 200 <= response.status < 300 else f"HTTP {response.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     async def _url(self, event: WebhookEvent) -> str | None:
         batch = await repo.get_batch(self.db, event.batch_id, owner=None)
         own = (batch.metadata_ or {}).get(METADATA_KEY) if batch is not None else None
         return own or self.config.url
+
+
+def _extra(event: WebhookEvent) -> dict[str, Any]:
+    return {"event_id": event.id, "batch_id": event.batch_id, "attempt": event.attempts}
 
 
 __all__ = ["WebhookSender", "check_webhook_metadata", "signature_headers"]

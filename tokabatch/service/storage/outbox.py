@@ -5,7 +5,9 @@ an event exists exactly when its batch reached the status (a crash cannot lose i
 change that lost its compare-and-set writes none). Senders (service/jobs/webhooks.py) take due
 events with `claim_due`, a compare-and-set on `next_attempt_at` that doubles as a lease: two servers
 on one database never send the same attempt twice, and a sender that dies mid-attempt leaves the
-event due again when its lease lapses. Portable SQL, like repo.py. Must not import torch or aiohttp.
+event due again when its lease lapses. A failed attempt's outcome is written only while the event is
+still at that attempt (a late sender cannot move a newer lease); a 2xx always ends it. Portable SQL,
+like repo.py. Must not import torch or aiohttp.
 """
 
 from __future__ import annotations
@@ -56,17 +58,21 @@ def _pending() -> Any:
 
 async def claim_due(db: Database, now_s: float, lease_s: float, *, limit: int = 16) -> list[WebhookEvent]:
     """Take up to `limit` pending events whose next attempt is due, each for `lease_s` seconds
-    (its `next_attempt_at` moves to now + lease_s); `attempts` counts this attempt."""
-    candidates = (select(WebhookEvent.id, WebhookEvent.next_attempt_at)
-                  .where(_pending(), WebhookEvent.next_attempt_at <= now_s)
+    (its `next_attempt_at` moves to now + lease_s); `attempts` counts this attempt. An event never
+    attempted is due at once: its time was written by whoever ended the batch, whose clock may run
+    ahead of this sender's (another host, or a test's faster runner clock)."""
+    due = or_(WebhookEvent.attempts == 0, WebhookEvent.next_attempt_at <= now_s)
+    candidates = (select(WebhookEvent.id, WebhookEvent.next_attempt_at, WebhookEvent.attempts)
+                  .where(_pending(), due)
                   .order_by(WebhookEvent.next_attempt_at, WebhookEvent.seq).limit(limit))
     taken: list[WebhookEvent] = []
     async with db.sessions() as session, session.begin():
-        for event_id, due_at in (await session.execute(candidates)).all():
+        for event_id, due_at, attempts in (await session.execute(candidates)).all():
             result = await session.execute(
                 update(WebhookEvent)
-                .where(WebhookEvent.id == event_id, WebhookEvent.next_attempt_at == due_at, _pending())
-                .values(next_attempt_at=now_s + lease_s, attempts=WebhookEvent.attempts + 1))
+                .where(WebhookEvent.id == event_id, WebhookEvent.next_attempt_at == due_at,
+                       WebhookEvent.attempts == attempts, _pending())
+                .values(next_attempt_at=now_s + lease_s, attempts=attempts + 1))
             if result.rowcount == 1:
                 taken.append((await session.execute(
                     select(WebhookEvent).where(WebhookEvent.id == event_id)
@@ -74,16 +80,21 @@ async def claim_due(db: Database, now_s: float, lease_s: float, *, limit: int = 
     return taken
 
 
-async def mark_delivered(db: Database, event_id: str, now_s: int) -> None:
-    await _set(db, event_id, delivered_at=int(now_s), last_error=None)
+async def mark_delivered(db: Database, event_id: str, now_s: int) -> bool:
+    """A 2xx came back: the event is done, even if its lease lapsed and another sender holds it now
+    (that one's outcome then changes nothing). False when it was already delivered or abandoned."""
+    return await _set(db, event_id, None, delivered_at=int(now_s), last_error=None)
 
 
-async def retry_later(db: Database, event_id: str, at_s: float, error: str) -> None:
-    await _set(db, event_id, next_attempt_at=float(at_s), last_error=error[:2000])
+async def retry_later(db: Database, event_id: str, at_s: float, error: str, *, attempt: int) -> bool:
+    """Attempt number `attempt` failed: due again at `at_s`. A no-op (False) when that attempt's lease
+    lapsed and another sender claimed the event since, so a late outcome cannot move its lease."""
+    return await _set(db, event_id, attempt, next_attempt_at=float(at_s), last_error=error[:2000])
 
 
-async def abandon(db: Database, event_id: str, now_s: int, error: str) -> None:
-    await _set(db, event_id, abandoned_at=int(now_s), last_error=error[:2000])
+async def abandon(db: Database, event_id: str, now_s: int, error: str, *, attempt: int) -> bool:
+    """Give up on the event after attempt number `attempt` (same guard as retry_later)."""
+    return await _set(db, event_id, attempt, abandoned_at=int(now_s), last_error=error[:2000])
 
 
 async def get_event(db: Database, event_id: str) -> WebhookEvent | None:
@@ -108,9 +119,13 @@ async def sweep_events(db: Database, now_s: int) -> int:
         return (await session.execute(statement)).rowcount
 
 
-async def _set(db: Database, event_id: str, **values: Any) -> None:
+async def _set(db: Database, event_id: str, attempt: int | None, **values: Any) -> bool:
+    """Write an outcome while the event is pending (and, given `attempt`, still at that attempt)."""
+    statement = update(WebhookEvent).where(WebhookEvent.id == event_id, _pending())
+    if attempt is not None:
+        statement = statement.where(WebhookEvent.attempts == attempt)
     async with db.sessions() as session, session.begin():
-        await session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(**values))
+        return (await session.execute(statement.values(**values))).rowcount == 1
 
 
 __all__ = ["EVENT_RETENTION_S", "abandon", "add_event", "claim_due", "event_payload", "event_type", "get_event",

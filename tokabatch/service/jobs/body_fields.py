@@ -12,6 +12,11 @@ from typing import Any, Mapping
 from tokabatch.errors import InvalidRequest
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Bounds that keep one hostile line from costing the server or the engine more than a line should.
+MAX_LOGIT_BIAS = 300                 # entries (OpenAI's limit)
+MAX_STOP_CHARS = 1024                # per stop string: every generated token is matched against them
+MAX_TOKEN_ID_LIST = 256              # stop_token_ids
+MAX_MESSAGES = 2048                  # OpenAI's limit on a chat's messages
 
 
 def invalid_value(param: str, message: str) -> InvalidRequest:
@@ -79,6 +84,8 @@ def get_stop(body: Mapping[str, Any], max_stops: int = 4) -> tuple[str, ...]:
     if len(value) > max_stops:
         raise invalid_value("stop", f"Invalid 'stop': at most {max_stops} stop sequences are allowed, "
                             f"got {len(value)}.")
+    if any(len(s) > MAX_STOP_CHARS for s in value):
+        raise invalid_value("stop", f"Invalid 'stop': a stop sequence may be at most {MAX_STOP_CHARS} characters.")
     return tuple(s for s in value if s)
 
 
@@ -88,6 +95,8 @@ def get_token_ids(body: Mapping[str, Any], name: str, vocab_size: int) -> tuple[
         return ()
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise invalid_type(name, "an array of integers", value)
+    if len(value) > MAX_TOKEN_ID_LIST:
+        raise invalid_value(name, f"Invalid '{name}': at most {MAX_TOKEN_ID_LIST} token ids, got {len(value)}.")
     for t in value:
         if not 0 <= t < vocab_size:
             raise invalid_value(name, f"Invalid '{name}': token id {t} is outside the vocabulary "
@@ -102,6 +111,8 @@ def get_logit_bias(body: Mapping[str, Any], vocab_size: int) -> tuple[tuple[int,
         return ()
     if not isinstance(value, dict):
         raise invalid_type("logit_bias", "an object", value)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid_value("logit_bias", f"Invalid 'logit_bias': at most {MAX_LOGIT_BIAS} entries, got {len(value)}.")
     pairs: list[tuple[int, float]] = []
     for key, bias in value.items():
         try:

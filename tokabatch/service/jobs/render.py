@@ -206,6 +206,9 @@ def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, tools: tuple[dic
                              code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise bf.invalid_value("messages", "Invalid 'messages': expected a non-empty array of messages.")
+    if len(messages) > bf.MAX_MESSAGES:
+        raise bf.invalid_value("messages", f"Invalid 'messages': at most {bf.MAX_MESSAGES} messages, got "
+                               f"{len(messages)}.")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bf.invalid_type("chat_template_kwargs", "an object", kwargs)

@@ -29,6 +29,7 @@ from tokabatch.service.jobs import body_fields as bf
 
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 MAX_GRAMMAR_CACHE = 512
+MAX_FORMAT_CHARS = 64 * 1024        # a schema, regex, choice list or grammar (compiling is per distinct text)
 # JSON may be laid out as the model likes (models pretty-print), but each run of whitespace is
 # bounded: unbounded runs let a sampled model pad forever and never close the object. A schema's
 # own "x-guidance" options win over these.
@@ -168,6 +169,9 @@ def _schema_grammar(schema_json: str, param: str) -> str:
 
 
 def _compiled(kind: str, text: str, param: str) -> str:
+    if len(text) > MAX_FORMAT_CHARS:
+        raise bf.invalid_value(param, f"Invalid '{param}': an output format may be at most {MAX_FORMAT_CHARS} "
+                               f"characters of JSON or grammar text, got {len(text)}.")
     grammar, error = _compile(kind, text)
     if error:
         raise bf.invalid_value(param, f"Invalid '{param}': it cannot be used as an output format: {error}")

@@ -276,6 +276,7 @@ def run_service(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]],
 
     flags = [f for flag, value in (("--max-seqs", args.max_seqs), ("--max-tokens-per-step", args.max_tokens_per_step),
                                    ("--kv-memory-fraction", args.kv_memory_fraction),
+                                   ("--data-parallel", args.data_parallel),
                                    ("--engine-factory", SIMULATED if args.engine == "simulated" else None))
              if value is not None for f in (flag, str(value))]
     model = runs[0][1].model
@@ -330,6 +331,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES)")
     ap.add_argument("--max-tokens-per-step", type=int, help="default: the engine's for the device")
     ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")
+    ap.add_argument("--data-parallel", type=int, help="the service rows: engine processes under the one server "
+                                                       "(they share the device and split its KV memory)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")

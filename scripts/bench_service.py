@@ -210,6 +210,14 @@ class Probe:
             cached_tokens=int(d["tokabatch_cached_prompt_tokens_total"]),
             preemptions=int(d["tokabatch_preemptions_total"]), steps=int(d["tokabatch_engine_steps_total"]),
             forward_tokens=int(d["tokabatch_forward_tokens_total"]))
+        # Under --data-parallel: each engine's finished requests and its own Hydragen ratio (since start).
+        per_engine = sorted(k for k in metrics1 if k.startswith("tokabatch_engine_requests_finished_total{"))
+        if per_engine:
+            self.result["engines"] = [
+                {"finished": int(metrics1[k] - self.metrics0.get(k, 0.0)),
+                 "hydragen_saved_since_start": metrics1.get(k.replace("requests_finished_total",
+                                                                      "hydragen_kv_read_saved_ratio"), 0.0)}
+                for k in per_engine]
 
 
 async def run_batch(server: Server, input_path: Path, *, expected_lines: int, expected_tokens: int) -> dict:

@@ -7,6 +7,11 @@ lines and recomputes none. `rows.jsonl` holds one Parquet row per line (prompt t
 which the JSONL lines lack); it is written BEFORE the result line, and on resume rows whose line
 never made it into output/error are dropped, so the sidecar always matches output ∪ error.
 
+One process at a time writes a work folder: `hold_work_folder` takes an exclusive lock on its
+`.lock` file (flock) for the whole claim, so a runner whose lease lapsed while it was paused (and
+still holds the folder) and a runner that claimed the batch since never both append; the second
+gets WorkFolderBusy and lets the batch go until the first has stopped.
+
 Line shapes are the contract's §3.8. `write_parquet` turns the sidecar into a typed Parquet file in
 row groups (bounded memory). Imports pyarrow (lazily) and the stdlib; no torch, no aiohttp.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -26,8 +32,29 @@ from typing import IO, Any, Iterator
 OUTPUT_NAME = "output.jsonl"
 ERROR_NAME = "error.jsonl"
 ROWS_NAME = "rows.jsonl"
+LOCK_NAME = ".lock"
 PARQUET_ROW_GROUP = 4096
 JSON_BLOCK_BYTES = 16 << 20              # pyarrow's JSON reader parses the sidecar in blocks this large
+
+
+class WorkFolderBusy(Exception):
+    """Another process holds this work folder: a runner still working on a claim of the batch."""
+
+
+@contextlib.contextmanager
+def hold_work_folder(work_dir: Path) -> Iterator[None]:
+    """Hold `work_dir`'s exclusive lock for the block (released when the block ends or the process
+    dies, never left behind); WorkFolderBusy at once when another holder has it."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkFolderBusy(f"another process is writing {work_dir}") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -290,4 +317,5 @@ def write_parquet(rows_path: Path | str, parquet_path: Path | str, *, row_group_
     return num_rows
 
 
-__all__ = ["ResultTotals", "ResultWriter", "ResumeState", "new_line_id", "parquet_schema", "preload", "write_parquet"]
+__all__ = ["ResultTotals", "ResultWriter", "ResumeState", "WorkFolderBusy", "hold_work_folder", "new_line_id",
+           "parquet_schema", "preload", "write_parquet"]

@@ -4,7 +4,10 @@ Owns a batch's life after `POST /v1/batches`: validating -> failed | in_progress
 completed, and the cancel (cancelling -> cancelled) and expiry (-> expired) paths, each status write
 a compare-and-set through repo.transition_batch. Crash safety comes from the result files
 (outputs.ResultWriter): a batch whose lease lapses is claimed again, its written custom_ids are
-skipped, and every custom_id ends up exactly once in output ∪ error. While a batch runs, one
+skipped, and every custom_id ends up exactly once in output ∪ error. Every write of a claim is
+fenced: transitions, progress and sealing require this runner to still hold the claim (worker_id),
+and the work folder is written by one process at a time (outputs.hold_work_folder), so a runner
+paused past its lease never writes beside the one that claimed the batch since. While a batch runs, one
 supervisor loop heartbeats, writes request_counts/usage every `progress_interval_s`, and polls the
 row for cancel, the clock for expiry and the runner for stop. The lines themselves go through
 feed.py (prepare, order, generate, gather, write), in the file-level prompt order that validation's
@@ -34,7 +37,7 @@ from tokabatch.engine.api import Engine
 from tokabatch.errors import EngineUnavailable
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
 from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
-from tokabatch.service.jobs.outputs import ResultWriter
+from tokabatch.service.jobs.outputs import ResultWriter, WorkFolderBusy, hold_work_folder
 from tokabatch.service.jobs.pace import Pace
 from tokabatch.service.jobs.outputs import preload as preload_outputs
 from tokabatch.service.jobs.parse import iter_requests, validate_input_file
@@ -174,6 +177,9 @@ class BatchRunner:
                 await self._run_batch(batch)
         except asyncio.CancelledError:
             raise
+        except WorkFolderBusy as exc:         # a runner whose lease lapsed still writes it: not a failure
+            log.warning("batch %s: %s; leaving it until that runner stops", batch.id, exc)
+            await repo.release_claim(self.db, batch.id, self.worker_id, not_before=self.clock() + self.config.lease_s)
         except EngineUnavailable as exc:      # the engine died under it: not the batch's failure
             log.warning("batch %s: %s; releasing it until the engine runs again", batch.id, exc)
             await repo.release_after_failure(self.db, batch.id, self.worker_id, engine=True, error=str(exc),
@@ -201,20 +207,22 @@ class BatchRunner:
                    f"{batch.last_error or 'unknown'}")
         errors = [{"code": "batch_failed", "message": message, "param": None, "line": None}]
         job = None
-        if batch.in_progress_at is not None:
-            job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        with contextlib.ExitStack() as stack:
+            if batch.in_progress_at is not None:
+                job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+                stack.enter_context(hold_work_folder(job.writer.work_dir))
+                try:
+                    job.writer.open()
+                    await asyncio.to_thread(self._write_unwritten, job, "batch_failed", message)
+                except Exception:             # the input cannot be read again: keep what is written
+                    log.exception("batch %s: the unwritten lines could not be written as failed", batch.id)
+                    job.writer.close()
+            to = S.CANCELLED if batch.status == S.CANCELLING.value else S.FAILED
             try:
-                job.writer.open()
-                await asyncio.to_thread(self._write_unwritten, job, "batch_failed", message)
-            except Exception:             # the input cannot be read again: keep what is written
-                log.exception("batch %s: the unwritten lines could not be written as failed", batch.id)
-                job.writer.close()
-        to = S.CANCELLED if batch.status == S.CANCELLING.value else S.FAILED
-        try:
-            await self._finish(batch, to, job, errors=errors if to is S.FAILED else None)
-        except Exception:                 # sealing failed too: end it without files (the work folder stays)
-            log.exception("batch %s: its results could not be sealed; ending it without them", batch.id)
-            await self._finish(batch, to, None, errors=errors if to is S.FAILED else None)
+                await self._finish(batch, to, job, errors=errors if to is S.FAILED else None)
+            except Exception:                 # sealing failed too: end it without files (the work folder stays)
+                log.exception("batch %s: its results could not be sealed; ending it without them", batch.id)
+                await self._finish(batch, to, None, errors=errors if to is S.FAILED else None)
 
     async def _run_batch(self, batch: Batch) -> None:
         spans = None
@@ -227,19 +235,20 @@ class BatchRunner:
             await self._finish(batch, S.CANCELLED, None)
             return
         job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
-        job.writer.open()
-        try:
-            outcome = None
-            if batch.status == S.IN_PROGRESS.value:
-                outcome = await self._supervise(job, self._execute(job))
-            elif batch.status == S.CANCELLING.value:
-                outcome = CANCEL
-            await self._conclude(job, outcome)
-        except Exception:
-            await self._write_progress(job)      # the live counts stay right while the batch waits for a retry
-            raise
-        finally:
-            job.writer.close()
+        with hold_work_folder(job.writer.work_dir):
+            job.writer.open()
+            try:
+                outcome = None
+                if batch.status == S.IN_PROGRESS.value:
+                    outcome = await self._supervise(job, self._execute(job))
+                elif batch.status == S.CANCELLING.value:
+                    outcome = CANCEL
+                await self._conclude(job, outcome)
+            except Exception:
+                await self._write_progress(job)      # the live counts stay right while the batch waits for a retry
+                raise
+            finally:
+                job.writer.close()
 
     # ---- validating -------------------------------------------------------------------------------
     async def _validate(self, batch: Batch) -> tuple[Batch | None, list[Span] | None]:
@@ -280,7 +289,7 @@ class BatchRunner:
         if report.errors:
             await self._fail(batch, [e.to_dict() for e in report.errors])
             return None, None
-        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self._now(),
+        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self._now(), held_by=self.worker_id,
                                            request_total=report.num_requests, model=self._model_id()):
             return await repo.get_batch(self.db, batch.id, owner=None), None   # cancelled meanwhile
         spans = await asyncio.to_thread(collector.spans) if collector is not None else None
@@ -295,7 +304,7 @@ class BatchRunner:
     async def _fail(self, batch: Batch, errors: list[dict]) -> None:
         log.info("batch %s failed validation: %d error(s)", batch.id, len(errors),
                  extra={"batch_id": batch.id, "status": S.FAILED.value, "num_errors": len(errors)})
-        await repo.transition_batch(self.db, batch.id, S.FAILED, self._now(), errors=errors,
+        await repo.transition_batch(self.db, batch.id, S.FAILED, self._now(), held_by=self.worker_id, errors=errors,
                                     worker_id=None, lease_expires_at=None)
 
     # ---- executing --------------------------------------------------------------------------------
@@ -393,7 +402,7 @@ class BatchRunner:
                 return
             # Every line has its result, except lines the engine aborted on its own: those end as errors.
             await asyncio.to_thread(self._write_unwritten, job, *ABORTED)
-            if await repo.transition_batch(self.db, batch.id, S.FINALIZING, self._now()):
+            if await repo.transition_batch(self.db, batch.id, S.FINALIZING, self._now(), held_by=self.worker_id):
                 return await self._finish(batch, S.COMPLETED, job)
             row = await repo.get_batch(self.db, batch.id, owner=None)
             if row.status == S.FINALIZING.value:
@@ -420,6 +429,9 @@ class BatchRunner:
             fields["errors"] = errors
         seconds: dict[str, float] = {}
         if job is not None:
+            if not await repo.heartbeat(self.db, batch.id, self.worker_id, self.config.lease_s, self.clock()):
+                log.warning("batch %s: its claim was lost before sealing; leaving it to the new holder", batch.id)
+                return
             began = time.monotonic()
             sealed = await seal_results(self.db, self.blobs, batch, job.writer, now_s=self._now())
             seconds = {**job.seconds, "seal_s": time.monotonic() - began}
@@ -429,7 +441,7 @@ class BatchRunner:
                 output_parquet_file_id=sealed.output_parquet_file_id, request_completed=t.num_completed,
                 request_failed=t.num_failed, input_tokens=t.input_tokens, cached_tokens=t.cached_tokens,
                 output_tokens=t.output_tokens, reasoning_tokens=t.reasoning_tokens, total_tokens=t.total_tokens)
-        if await repo.transition_batch(self.db, batch.id, to, self._now(), **fields):
+        if await repo.transition_batch(self.db, batch.id, to, self._now(), held_by=self.worker_id, **fields):
             log.info("batch %s %s", batch.id, to.value, extra={
                 "batch_id": batch.id, "status": to.value, "completed": fields.get("request_completed"),
                 "failed": fields.get("request_failed"), "output_tokens": fields.get("output_tokens"),
@@ -437,7 +449,8 @@ class BatchRunner:
             if job is not None:
                 shutil.rmtree(job.writer.work_dir, ignore_errors=True)
         else:
-            log.warning("batch %s: could not move to %s (status changed meanwhile)", batch.id, to.value)
+            log.warning("batch %s: could not move to %s (its status changed or its claim was lost meanwhile)",
+                        batch.id, to.value)
 
 
 __all__ = ["BatchRunner"]

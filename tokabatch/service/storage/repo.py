@@ -261,11 +261,13 @@ async def list_batches(db: Database, *, owner: str, after: str | None = None, li
 
 
 async def transition_batch(db: Database, batch_id: str, to: BatchStatus | str, now_s: int,
-                           **fields: Any) -> bool:
+                           *, held_by: str | None = None, **fields: Any) -> bool:
     """Compare-and-set: move `batch_id` to `to` if states.TRANSITIONS allows it from the current
     status, setting `<to>_at = now_s` and `fields` in the same UPDATE. False when the current
-    status does not allow it (another writer got there first: re-read and decide). A terminal
-    status writes its webhook event in the same transaction (storage/outbox.py)."""
+    status does not allow it (another writer got there first: re-read and decide), or when
+    `held_by` is given and that worker no longer holds the batch's claim (the fence: a runner whose
+    lease lapsed cannot move a batch another worker has claimed since). A terminal status writes
+    its webhook event in the same transaction (storage/outbox.py)."""
     to = BatchStatus(to)
     unknown = set(fields) - TRANSITION_FIELDS
     if unknown:
@@ -277,7 +279,8 @@ async def transition_batch(db: Database, batch_id: str, to: BatchStatus | str, n
     if is_terminal(to):
         values.update(throughput=None, eta_seconds=None)    # live while it runs only
     statement = (update(Batch)
-                 .where(Batch.id == batch_id, Batch.status.in_([s.value for s in allowed_from(to)]))
+                 .where(Batch.id == batch_id, Batch.status.in_([s.value for s in allowed_from(to)]),
+                        *([Batch.worker_id == held_by] if held_by is not None else []))
                  .values(**values))
     async with db.sessions() as session, session.begin():
         result = await session.execute(statement)
@@ -389,9 +392,12 @@ async def release_after_failure(db: Database, batch_id: str, worker_id: str, *, 
                                       .execution_options(populate_existing=True))).scalar_one()
 
 
-async def release_claim(db: Database, batch_id: str, worker_id: str) -> bool:
-    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
-                 .values(worker_id=None, lease_expires_at=None, throughput=None, eta_seconds=None))
+async def release_claim(db: Database, batch_id: str, worker_id: str, *, not_before: float | None = None) -> bool:
+    """Give the claim up (no failure counted); with `not_before`, out of reach of claims until then."""
+    values: dict[str, Any] = dict(worker_id=None, lease_expires_at=None, throughput=None, eta_seconds=None)
+    if not_before is not None:
+        values["not_before"] = not_before
+    statement = update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id).values(**values)
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
 

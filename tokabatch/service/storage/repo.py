@@ -153,40 +153,33 @@ async def list_files(
         return await _page(session, File, query, owner=owner, after=after, limit=limit, order=order)
 
 
-async def file_in_use(db: Database, file_id: str, *, owner: str) -> bool:
-    """True while a non-terminal batch of `owner` reads `file_id` as its input."""
-    query = select(Batch.id).where(
-        Batch.owner == owner, Batch.input_file_id == file_id,
-        Batch.status.in_([s.value for s in NON_TERMINAL]),
-    ).limit(1)
-    async with db.sessions() as session:
-        return (await session.execute(query)).first() is not None
+def _in_use() -> Any:
+    """The WHERE term: a non-terminal batch reads this File row as its input (the runner needs it)."""
+    return (select(Batch.id)
+            .where(Batch.input_file_id == File.id, Batch.status.in_([s.value for s in NON_TERMINAL]))
+            .exists())
 
 
 async def delete_file(db: Database, file_id: str, *, owner: str, now_s: int | None = None) -> File | None:
     """Delete the row (the caller removes the blob). None if unknown (or, with `now_s`, expired:
-    the sweep removes it); Conflict if in use."""
+    the sweep removes it); Conflict if in use. The in-use test is part of the DELETE itself, so a
+    batch created at the same moment either stops the delete or finds its file gone at validation
+    (a clear failure), never a file removed under a running batch."""
     if await get_file(db, file_id, owner=owner, now_s=now_s) is None:
         return None
-    if await file_in_use(db, file_id, owner=owner):
+    async with db.sessions() as session, session.begin():
+        statement = delete(File).where(File.id == file_id, File.owner == owner, ~_in_use()).returning(File)
+        row = (await session.execute(statement)).scalar_one_or_none()
+    if row is None and await get_file(db, file_id, owner=owner) is not None:
         raise Conflict(f"File {file_id} is the input file of a batch that has not finished; "
                        "cancel the batch or wait for it to finish first.", param="id")
-    async with db.sessions() as session, session.begin():
-        row = (await session.execute(
-            select(File).where(File.id == file_id, File.owner == owner))).scalar_one_or_none()
-        if row is None:
-            return None
-        await session.execute(delete(File).where(File.seq == row.seq))
     return row
 
 
 async def sweep_expired_files(db: Database, now_s: int, *, limit: int = 1000) -> list[str]:
     """Delete up to `limit` rows of files expired at `now_s` and return their ids (the caller
     removes the blobs). Never the input file of a non-terminal batch: the runner still reads it."""
-    in_use = (select(Batch.id)
-              .where(Batch.input_file_id == File.id, Batch.status.in_([s.value for s in NON_TERMINAL]))
-              .exists())
-    expired = [File.expires_at.is_not(None), File.expires_at <= int(now_s), ~in_use]
+    expired = [File.expires_at.is_not(None), File.expires_at <= int(now_s), ~_in_use()]
     async with db.sessions() as session, session.begin():
         ids = list((await session.execute(select(File.id).where(*expired).limit(limit))).scalars())
         if not ids:
@@ -469,7 +462,7 @@ async def _page(session: Any, model: type, query: Any, *, owner: str, after: str
 
 __all__ = [
     "Page", "RequestCounts", "Usage", "IdempotencyClaim", "IdempotencyKeyTaken", "IDEMPOTENCY_TTL_S",
-    "new_file_id", "new_batch_id", "create_file", "get_file", "list_files", "file_in_use", "delete_file",
+    "new_file_id", "new_batch_id", "create_file", "get_file", "list_files", "delete_file",
     "sweep_expired_files", "find_idempotency_key", "forget_idempotency_key", "sweep_idempotency_keys",
     "create_batch", "get_batch", "list_batches", "count_batches_by_status", "transition_batch", "cancel_batch",
     "claim_batch", "heartbeat", "release_after_failure", "release_claim", "update_progress", "recent_output_rate",

@@ -117,6 +117,7 @@ class RunnerConfig:
     retry_after_s: float = 5.0           # a batch whose claim ended badly waits this long, doubling per failure,
     max_retry_after_s: float = 300.0     # up to this
     max_failures: int = 3                # unexpected failures of one batch before it ends `failed` with the error
+    shutdown_grace_s: float = 20.0       # on SIGTERM/SIGINT: lines in flight may finish this long (fed no new ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,8 @@ def load_config(
     engine_cfg = _checked_engine(_replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine)))
     server_cfg = _replace(ServerConfig(), **server_values)
     runner_cfg = _replace(RunnerConfig(), **given(runner))
+    if runner_cfg.shutdown_grace_s < 0:
+        raise ConfigError("--shutdown-grace must not be negative", param="shutdown_grace")
     if runner_cfg.order_window < 1:
         raise ConfigError("order_window must be at least 1 (1 feeds a batch in file order)")
     if server_cfg.max_upload_bytes < 1 or server_cfg.max_batch_lines < 1:

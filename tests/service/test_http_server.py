@@ -42,6 +42,9 @@ class StubRunner:
     def health(self) -> str | None:
         return None
 
+    def begin_stop(self) -> None:
+        self.events.append("runner.begin_stop")
+
     async def stop(self) -> None:
         self.events.append("runner.stop")
 
@@ -76,7 +79,7 @@ async def test_serve_lifecycle_and_sigterm(tmp_path):
     os.kill(os.getpid(), signal.SIGTERM)          # handled by serve's loop signal handler
     await asyncio.wait_for(task, 30)
     # The created batch woke the runner (it claims at once instead of at its next poll).
-    assert events == ["engine.start", "runner.start", "runner.wake", "runner.stop", "engine.close"]
+    assert events == ["engine.start", "runner.start", "runner.wake", "runner.begin_stop", "runner.stop", "engine.close"]
     database = await dbmod.Database.open(dbmod.database_url(config.storage))
     try:                                          # migrated at start; the batch is durable
         assert len((await repo.list_batches(database, owner="")).items) == 1

@@ -73,6 +73,9 @@ def serve(
                                               "metadata.webhook_url wins."),
     webhook_secret: Optional[str] = typer.Option(None, "--webhook-secret", help="whsec_<base64>: signs the events "
                                                  "(env TOKABATCH_WEBHOOK_SECRET keeps it out of ps)."),
+    shutdown_grace: Optional[float] = typer.Option(None, "--shutdown-grace", help="Seconds that work in flight "
+                                                   "may finish after SIGTERM/Ctrl-C (default 20; a second signal "
+                                                   "exits at once)."),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
                                                  help="module:function building the StepLoop from engine_config= "
                                                       "(tests, benchmarks: "
@@ -96,6 +99,7 @@ def serve(
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows},
         webhooks={"url": webhook_url, "secret": webhook_secret},
+        runner={"shutdown_grace_s": shutdown_grace},
     )
     if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "

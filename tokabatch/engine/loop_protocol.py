@@ -229,10 +229,13 @@ def _send_quietly(conn: Connection, message: tuple) -> None:
 
 
 def serve_in_child(conn: Connection, spec: LoopSpec) -> None:
-    """Entry point of the engine process: Ctrl-C goes to the parent, which closes us in order."""
+    """Entry point of the engine process. Ctrl-C and SIGTERM (a terminal's, or a service manager's
+    to the whole process group) go to the parent, which drains its work and then closes us; if the
+    parent dies instead, the closed pipe ends us."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(conn, spec)
 
 

@@ -1,7 +1,11 @@
 """`tokabatch serve`: migrations, store, engine process, batch runner and HTTP, with a clean stop.
 
 Owns the process's lifetimes and their order: start database -> engine -> runner -> HTTP, stop in
-reverse on SIGINT/SIGTERM (HTTP first so no request lands on a closed store). The engine runs in
+reverse on SIGINT/SIGTERM (HTTP first so no request lands on a closed store). The stop is graceful:
+the runner stops feeding at once and lets the lines in flight finish while HTTP lets the requests in
+flight finish, each for up to `shutdown_grace_s`; then claims are released, the engine process is
+closed, and the process exits 0. A second signal exits at once (the written lines are kept, the
+lease lapses). The engine runs in
 its own process (engine/supervisor.start_engine); this module never imports torch. `engine_factory` and
 `runner_factory` let tests swap either part.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -41,6 +46,10 @@ class Runner(Protocol):
 
     def health(self) -> str | None:
         """None while it works; else why it does not."""
+        ...
+
+    def begin_stop(self) -> None:
+        """Claim nothing more and start draining the work in flight (stop() then waits for it)."""
         ...
 
     async def stop(self) -> None: ...
@@ -74,6 +83,9 @@ class _RunnerTask:
             return "the batch runner stopped"
         return self.runner.health()
 
+    def begin_stop(self) -> None:
+        self.runner.begin_stop()
+
     async def stop(self) -> None:
         if self.task is None:
             return
@@ -106,11 +118,22 @@ def served_model_names(config: Config, engine: Engine) -> tuple[str, ...]:
 
 
 def _install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
+    """The first SIGINT/SIGTERM sets `stop` (a graceful stop); a second one exits at once."""
     loop = asyncio.get_running_loop()
     installed = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("tokabatch: %s again, exiting now; written lines are kept and the claim's lease "
+                    "lapses for the next start", sig.name)
+        logging.shutdown()
+        os._exit(128 + sig.value)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
 
     def remove() -> None:
@@ -136,12 +159,15 @@ async def serve_async(
     stop = stop or asyncio.Event()
     remove_signals = _install_stop_signals(stop)
     app = make_app(config)
+    runners: list[Runner] = []
     app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))
-    app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory))
+    app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory, runners))
     app.cleanup_ctx.append(_webhook_context(config))
     app.add_routes(online.routes)
     metrics.install(app)
-    app_runner = web.AppRunner(app, handle_signals=False, access_log=None)  # middleware logs requests
+    # Online requests in flight at the stop may finish within the same grace as batch lines.
+    app_runner = web.AppRunner(app, handle_signals=False, access_log=None,   # middleware logs requests
+                               shutdown_timeout=config.runner.shutdown_grace_s)
     try:
         await app_runner.setup()
         site = web.TCPSite(app_runner, config.server.host, config.server.port)
@@ -151,7 +177,10 @@ async def serve_async(
         if on_started is not None:
             on_started(port)
         await stop.wait()
-        log.info("tokabatch shutting down")
+        log.info("tokabatch shutting down (in-flight work may finish for %.0f s; a second signal exits now)",
+                 config.runner.shutdown_grace_s)
+        for runner in runners:
+            runner.begin_stop()      # batch lines drain while HTTP stops
     finally:
         await app_runner.cleanup()
         remove_signals()
@@ -176,12 +205,14 @@ def _engine_context(config: Config, factory: EngineFactory):
     return engine_context
 
 
-def _runner_context(config: Config, factory: RunnerFactory):
-    """The batch runner over the app's database, files and engine; /health reports it and the engine."""
+def _runner_context(config: Config, factory: RunnerFactory, runners: list[Runner]):
+    """The batch runner over the app's database, files and engine (also put in `runners`, for the
+    stop to reach it first); /health reports it and the engine."""
 
     async def runner_context(app: web.Application):
         engine = app[online.ENGINE]
         runner = factory(config, app[DB], app[BLOBS], engine)
+        runners.append(runner)
         await runner.start()
         try:
             app[BATCH_CREATED] = runner.wake

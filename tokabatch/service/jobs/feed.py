@@ -187,6 +187,12 @@ class Feed:
         self.result = FeedResult()
         self._in_flight: dict[str, Line | _Merged] = {}   # engine request id -> its line(s), fed to written
         self._began = 0.0
+        self._draining = False
+
+    def drain(self) -> None:
+        """Feed no more lines: `run` returns once the lines already fed have their results (a
+        graceful stop; the unfed lines stay unwritten for the next claim)."""
+        self._draining = True
 
     async def run(self, input_path: Path, spans: list[Span] | None = None) -> FeedResult:
         """Feed every unwritten line (in `spans` order, else file order) and write its result."""
@@ -229,6 +235,8 @@ class Feed:
         async with contextlib.aclosing(self._windows(reader)) as windows:
             async for window in windows:
                 for unit in _merge_alike(window):
+                    if self._draining:
+                        return
                     requests = _merged_request(unit) if isinstance(unit, _Merged) else unit.prepared.requests
                     for request in requests:
                         if self.result.first_fed_s is None:

@@ -80,6 +80,7 @@ class _Job:
     input_path: Path
     spans: list[Span] | None = None      # the file-level feed order, when validation just built it
     num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
+    feed: Feed | None = None             # while the lines run: drained on a graceful stop
     pace: Pace = field(default_factory=Pace)                  # live throughput and ETA, sampled per progress write
     seconds: dict[str, float] = field(default_factory=dict)   # this claim's phases, logged at the end
 
@@ -154,9 +155,13 @@ class BatchRunner:
             for waiter in waits:
                 waiter.cancel()
 
+    def begin_stop(self) -> None:
+        """Claim nothing more; a running batch's lines in flight drain (RunnerConfig.shutdown_grace_s)."""
+        self._stopping.set()
+
     async def stop(self) -> None:
         """Stop after releasing the current batch's claim (its written lines are kept for the next run)."""
-        self._stopping.set()
+        self.begin_stop()
         if self._running:
             await self._stopped.wait()
 
@@ -317,9 +322,9 @@ class BatchRunner:
         job.pace.sample(job.writer.totals.output_tokens)       # the pace counts from here
         last_try = job.batch.num_engine_retries + 1 >= MAX_ATTEMPTS
         policy = OnEngineFailure.WRITE if last_try else OnEngineFailure.LEAVE
-        feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
-                    served_model_names=self.served_model_names, writer=job.writer,
-                    order_window=self.config.order_window, on_engine_failure=policy, clock=self.clock)
+        feed = job.feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
+                               served_model_names=self.served_model_names, writer=job.writer,
+                               order_window=self.config.order_window, on_engine_failure=policy, clock=self.clock)
         began = time.monotonic()
         try:
             await feed.run(job.input_path, spans)
@@ -330,16 +335,19 @@ class BatchRunner:
     # ---- supervising ------------------------------------------------------------------------------
     async def _supervise(self, job: _Job, work: Awaitable[None]) -> Interruption | None:
         """Run `work` while heartbeating, writing progress and watching for cancel/expiry/stop.
-        Returns None when `work` finished, else why it was interrupted (CANCEL, EXPIRE, STOP, LOST)."""
+        Returns None when `work` finished, else why it was interrupted (CANCEL, EXPIRE, STOP, LOST).
+        On stop, running lines (job.feed) first drain for up to `shutdown_grace_s`: no new line is
+        fed, those in flight finish and are written."""
         task = asyncio.ensure_future(work)
         tick_s = min(self.config.poll_interval_s, self.config.heartbeat_s, self.config.progress_interval_s)
         last_progress = last_beat = time.monotonic()
+        drain_until: float | None = None
         try:
             while True:
                 await asyncio.wait({task}, timeout=tick_s)
                 if task.done():
                     task.result()
-                    return None
+                    return None if drain_until is None else STOP
                 now = time.monotonic()
                 if now - last_beat >= self.config.heartbeat_s:
                     last_beat = now
@@ -351,6 +359,14 @@ class BatchRunner:
                     last_progress = now
                     await self._write_progress(job)
                 reason = await self._interruption(job)
+                if reason == STOP and job.feed is not None and self.config.shutdown_grace_s > 0:
+                    if drain_until is None:
+                        drain_until = now + self.config.shutdown_grace_s
+                        job.feed.drain()
+                        log.info("batch %s: stopping; lines in flight may finish for %.0f s", job.batch.id,
+                                 self.config.shutdown_grace_s, extra={"batch_id": job.batch.id})
+                    if now < drain_until:
+                        continue
                 if reason is not None:
                     return reason
         finally:
@@ -388,8 +404,10 @@ class BatchRunner:
         batch = job.batch
         if outcome in (STOP, LOST):
             await self._write_progress(job)
-            if outcome == STOP:
-                await repo.release_claim(self.db, batch.id, self.worker_id)
+            if outcome == STOP and await repo.release_claim(self.db, batch.id, self.worker_id):
+                t = job.writer.totals
+                log.info("batch %s released at stop: %d of %d lines written", batch.id,
+                         t.num_completed + t.num_failed, batch.request_total, extra={"batch_id": batch.id})
             return
         if outcome is None:
             if job.num_retryable:

@@ -1,0 +1,192 @@
+"""A graceful stop: on stop the runner feeds no new line, lets the lines in flight finish for up to
+RunnerConfig.shutdown_grace_s and writes them, then releases the claim; `tokabatch serve` does it on
+SIGTERM to its whole process group (the engine process waits for its parent) and exits 0, and a
+second signal exits at once. Nothing is lost either way: the next start finishes each custom_id once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service.jobsutil import tiny_tokenizer
+from tests.service.runnerutil import (
+    FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
+    wait_for,
+)
+from tokabatch.service.storage import repo
+
+pytestmark = pytest.mark.timeout(180)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tok(tmp_path):
+    return tiny_tokenizer(tmp_path)
+
+
+def _written(tmp_path: Path, batch_id: str) -> set[int]:
+    path = tmp_path / "work" / batch_id / "output.jsonl"
+    return {int(json.loads(x)["custom_id"].split("-")[1]) + 1 for x in path.read_text().splitlines()}
+
+
+async def test_stop_lets_the_lines_in_flight_finish_and_writes_them(db, blobs, clock, tok, tmp_path):
+    lines = [chat_line(i, max_tokens=10, ignore_eos=True) for i in range(16)]
+    batch_id = await new_batch(db, blobs, lines, clock)
+    engine = await fake_engine(token_interval_s=0.02, max_running=2, max_waiting=0)     # ~0.2 s a line
+    try:
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
+                             config=dataclasses.replace(FAST, shutdown_grace_s=10.0))
+        task = asyncio.create_task(runner.run_forever())
+        await wait_for(db, batch_id, lambda r: r.request_completed >= 3)
+        began = time.monotonic()
+        await runner.stop()
+        await task
+        assert time.monotonic() - began < 5.0
+        # Every line the engine ran was written: nothing in flight was thrown away.
+        assert sorted(executed_lines(engine)) == sorted(_written(tmp_path, batch_id))
+        row = await repo.get_batch(db, batch_id, owner=None)
+        assert row.status == "in_progress" and row.worker_id is None and row.num_failures == 0
+        assert row.request_completed == len(_written(tmp_path, batch_id)) < len(lines)
+        runner2 = make_runner(db, blobs, engine, tok, clock, tmp_path, worker_id="worker-2")
+        row = await run_to_terminal(runner2, db, batch_id)
+        assert row.status == "completed"
+        assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
+        assert len(executed_lines(engine)) == len(lines), "no line ran twice"
+    finally:
+        await engine.close()
+
+
+async def test_the_grace_is_bounded_lines_still_running_then_are_cut(db, blobs, clock, tok, tmp_path):
+    lines = [chat_line(i, max_tokens=40, ignore_eos=True) for i in range(6)]
+    batch_id = await new_batch(db, blobs, lines, clock)
+    engine = await fake_engine(token_interval_s=0.1, max_running=2, max_waiting=0)      # ~4 s a line
+    try:
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
+                             config=dataclasses.replace(FAST, shutdown_grace_s=0.5))
+        task = asyncio.create_task(runner.run_forever())
+        await wait_for(db, batch_id, lambda r: r.in_progress_at is not None)
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await runner.stop()
+        await task
+        assert time.monotonic() - began < 2.5
+        row = await repo.get_batch(db, batch_id, owner=None)
+        assert row.status == "in_progress" and row.worker_id is None and row.request_completed == 0
+    finally:
+        await engine.close()
+
+
+# ---- tokabatch serve and signals --------------------------------------------------------------
+def _serve(data: Path, log: Path, grace: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokabatch", "serve", "--model", "demo", "--port", "0", "--data-dir", str(data),
+         "--log-format", "text", "--shutdown-grace", str(grace), "--engine-factory", "tests.cli.fake_loops:slow"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True)         # its own process group, as under a service manager
+
+
+def _port(log: Path, proc: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        for line in log.read_text().splitlines():
+            if "listening on http://" in line:
+                return int(line.split("listening on http://")[1].split("/")[0].rsplit(":", 1)[1])
+        time.sleep(0.1)
+    raise AssertionError("the server did not start")
+
+
+def _batch(data: Path) -> dict:
+    with sqlite3.connect(data / "tokabatch.db") as con:
+        con.row_factory = sqlite3.Row
+        return dict(con.execute("select * from batches").fetchone())
+
+
+def _submit(port: int, num_lines: int) -> str:
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
+    model = client.models.list().data[0].id
+    lines = [{"custom_id": f"s{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "messages": [{"role": "user", "content": f"x{i}"}], "max_tokens": 4,
+                       "ignore_eos": True}} for i in range(num_lines)]
+    f = client.files.create(file="\n".join(json.dumps(x) for x in lines).encode() + b"\n", purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
+
+
+def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int) -> None:
+    import openai
+
+    proc = _serve(data, tmp_path / "restart.log", 5)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{_port(tmp_path / 'restart.log', proc)}/v1",
+                               api_key="EMPTY")
+        deadline = time.monotonic() + 120
+        while (b := client.batches.retrieve(batch_id)).status != "completed":
+            assert time.monotonic() < deadline, b.status
+            time.sleep(0.1)
+        out = [json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()]
+        assert sorted(out) == sorted(f"s{i}" for i in range(num_lines)) and b.error_file_id is None
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path):
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    proc = _serve(data, log, 20)
+    try:
+        batch_id = _submit(_port(log, proc), 40)        # ~0.25 s a line, two at a time: ~5 s of work
+        deadline = time.monotonic() + 60
+        while _batch(data)["request_completed"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        began = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)             # the server and its engine process alike
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "lines in flight may finish" in text and "Traceback" not in text, text[-3000:]
+    assert "unexpected failure" not in text and took < 20, text[-3000:]
+    row = _batch(data)
+    assert row["status"] == "in_progress" and row["worker_id"] is None and row["num_failures"] == 0
+    work = data / "work" / batch_id / "output.jsonl"
+    assert row["request_completed"] == len(work.read_text().splitlines()) >= 4
+    _finish_on_restart(data, tmp_path, batch_id, 40)
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    proc = _serve(data, log, 120)
+    try:
+        batch_id = _submit(_port(log, proc), 40)
+        deadline = time.monotonic() + 60
+        while _batch(data)["request_completed"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert time.monotonic() - began < 5
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "exiting now" in log.read_text()
+    _finish_on_restart(data, tmp_path, batch_id, 40)

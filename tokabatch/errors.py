@@ -60,6 +60,14 @@ class InternalError(TokabatchError):
     type = "server_error"
 
 
+class InsufficientStorage(TokabatchError):
+    """The disk (or the database's) is full: nothing was stored; retry once space is freed."""
+
+    status = 507
+    type = "server_error"
+    default_code = "insufficient_storage"
+
+
 class EngineUnavailable(TokabatchError):
     """The engine process is not running or died; the work is retried or re-queued."""
 

@@ -27,6 +27,7 @@ from tokabatch.service.http.schemas import file_object, list_object, parse_expir
 from tokabatch.service.jobs.parse import FirstLineCheck
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobWriter
+from tokabatch.service.storage.db import is_storage_full
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 BATCH_FILE_TTL_S = 2_592_000        # purpose=batch files expire 30 days after creation
@@ -161,9 +162,11 @@ async def upload_file(request: web.Request) -> web.Response:
             await form.writer.abort()      # a repeat: its bytes are dropped
             return replayed
         num_bytes = await form.writer.commit()
-    except BaseException:
+    except BaseException as e:
         if form.writer is not None:
             await form.writer.abort()
+        if isinstance(e, OSError) and is_storage_full(e):
+            await _drain(request)          # the client reads our 507, not a reset connection
         raise
     try:
         row = await repo.create_file(request.app[DB], owner=owner_of(request), filename=form.filename,

@@ -18,10 +18,11 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from tokabatch.errors import (
-    AuthenticationFailed, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
+    AuthenticationFailed, InsufficientStorage, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
     PayloadTooLarge, TokabatchError,
 )
 from tokabatch.service.http.context import KEY_HASHES, OWNER, REQUEST_ID
+from tokabatch.service.storage.db import is_storage_full
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tokabatch.access")
@@ -75,15 +76,25 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = error_response(_from_http_exception(request, e))
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
-        response = error_response(InternalError(
-            f"The server had an error while processing your request (request id {request_id})."))
+    except Exception as e:
+        response = _unexpected(request, request_id, e)
     response.headers["x-request-id"] = request_id
     access_log.info("%s %s %s", request.method, request.path, response.status, extra={
         "request_id": request_id, "method": request.method, "path": request.path, "status": response.status,
         "duration_ms": round((time.perf_counter() - start) * 1000, 1)})
     return response
+
+
+def _unexpected(request: web.Request, request_id: str, e: Exception) -> web.Response:
+    """A full disk is a 507 that stored nothing (uploads remove their part file), logged as a
+    warning; anything else is a 500 with its traceback in the log."""
+    if is_storage_full(e):
+        log.warning("%s %s (%s): the disk is full: %s", request.method, request.path, request_id, e)
+        return error_response(InsufficientStorage(
+            "The server has no space left to store this; nothing was stored. Retry once space is freed."))
+    log.exception("unhandled error in %s %s (%s)", request.method, request.path, request_id)
+    return error_response(InternalError(
+        f"The server had an error while processing your request (request id {request_id})."))
 
 
 @web.middleware

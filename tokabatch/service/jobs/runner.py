@@ -45,7 +45,7 @@ from tokabatch.service.jobs.seal import seal_results
 from tokabatch.service.storage.states import BatchStatus
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
-from tokabatch.service.storage.db import Database
+from tokabatch.service.storage.db import Database, is_storage_full
 from tokabatch.service.storage.models import Batch
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ class BatchRunner:
         self._woken = asyncio.Event()
         self._running = False
         self._problem: str | None = None     # why the last turn of the loop failed (health), None when fine
+        self._disk_full: str | None = None   # why the last batch paused for space, until one runs without
+        self._num_full = 0                   # batches paused for space in a row (the back-off doubles)
 
     def _now(self) -> int:
         return int(self.clock())
@@ -125,10 +127,13 @@ class BatchRunner:
                 except Exception as exc:    # the database failed, ...: stay alive, say why, try again later
                     num_failed_turns += 1
                     self._problem = f"the batch runner failed: {type(exc).__name__}: {exc}"
-                    log.exception("the batch runner failed; trying again")
+                    if is_storage_full(exc):
+                        log.warning("the batch runner cannot write: the disk is full (%s); trying again", exc)
+                    else:
+                        log.exception("the batch runner failed; trying again")
                     await self._idle(self._retry_after_s(num_failed_turns))
                     continue
-                num_failed_turns, self._problem = 0, None
+                num_failed_turns, self._problem = 0, self._disk_full
                 if not worked:
                     await self._idle(self.config.poll_interval_s)
         finally:
@@ -180,6 +185,7 @@ class BatchRunner:
                 await self._give_up(batch)
             else:
                 await self._run_batch(batch)
+            self._disk_full, self._num_full = None, 0
         except asyncio.CancelledError:
             raise
         except WorkFolderBusy as exc:         # a runner whose lease lapsed still writes it: not a failure
@@ -190,8 +196,25 @@ class BatchRunner:
             await repo.release_after_failure(self.db, batch.id, self.worker_id, engine=True, error=str(exc),
                                              not_before=self.clock() + self.config.retry_after_s)
         except Exception as exc:
-            await self._after_failure(batch, exc)
+            if is_storage_full(exc):
+                await self._pause_for_space(batch, exc)
+            else:
+                await self._after_failure(batch, exc)
         return True
+
+    async def _pause_for_space(self, batch: Batch, exc: Exception) -> None:
+        """The disk is full: not the batch's failure. Its written lines stay (a torn last one is cut
+        at the next claim); it is released and claimed again after a doubling wait, once space is freed."""
+        self._num_full += 1
+        wait_s = self._retry_after_s(self._num_full)
+        self._disk_full = f"the disk is full; batch {batch.id} is paused ({exc})"
+        log.warning("batch %s: the disk is full (%s); paused, tried again in %.0f s", batch.id, exc, wait_s,
+                    extra={"batch_id": batch.id})
+        try:
+            await repo.release_claim(self.db, batch.id, self.worker_id, not_before=self.clock() + wait_s)
+        except Exception as again:          # the database is on the full disk too: the lease lapses instead
+            if not is_storage_full(again):
+                raise
 
     async def _after_failure(self, batch: Batch, exc: Exception) -> None:
         """An unexpected failure: the batch waits (doubling back-off) before its next claim, and

@@ -121,10 +121,14 @@ class BlobWriter:
         return await asyncio.to_thread(self.store.commit, self.temp, self.file_id)
 
     async def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.temp.unlink(missing_ok=True)
+        """Drop the bytes: the temporary file is removed even when closing it fails (a full disk)."""
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
+        finally:
+            self.temp.unlink(missing_ok=True)
 
 
 __all__ = ["BlobStore", "BlobWriter"]

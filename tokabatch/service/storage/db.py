@@ -9,6 +9,7 @@ start). SQLite gets WAL, foreign keys and a busy timeout on every connection; an
 from __future__ import annotations
 
 import contextlib
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,24 @@ def database_url(storage: StorageConfig) -> str:
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+PG_DISK_FULL = "53100"                   # PostgreSQL's SQLSTATE disk_full
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the disk is full: an OSError ENOSPC/EDQUOT from a file
+    write, SQLite's SQLITE_FULL ("database or disk is full"), or PostgreSQL's disk_full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+            return True
+        if "database or disk is full" in str(exc) or getattr(exc, "sqlstate", None) == PG_DISK_FULL:
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return False
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -143,4 +162,5 @@ def check(db_url: str) -> None:
     command.check(alembic_config(db_url))
 
 
-__all__ = ["Database", "database_url", "data_dir", "make_engine", "upgrade", "downgrade", "check", "alembic_config"]
+__all__ = ["Database", "database_url", "data_dir", "is_storage_full", "make_engine", "upgrade", "downgrade", "check",
+           "alembic_config"]

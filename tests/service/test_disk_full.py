@@ -9,10 +9,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from tests.service.jobsutil import tiny_tokenizer
+from tests.service.serve_process import ServeProcess
 from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, run_to_terminal, wait_for,
 )
@@ -28,7 +27,6 @@ from tokabatch.service.storage import repo
 from tokabatch.service.storage.db import is_storage_full
 
 pytestmark = pytest.mark.timeout(180)
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -145,14 +143,9 @@ def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
 
     data = small_disk / "data"
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokabatch", "serve", "--model", "demo", "--port", "0", "--data-dir", str(data),
-         "--log-format", "text", "--engine-factory", "tests.cli.fake_loops:slow"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    server = ServeProcess(data, log)
     try:
-        port = _port(log, proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+        client = server.client()
         # An upload larger than the disk: a 507 envelope, and no partial file left behind.
         with pytest.raises(openai.APIStatusError) as too_big:
             client.files.create(file=("big.jsonl", b"x" * (6 << 20)), purpose="user_data")
@@ -162,8 +155,8 @@ def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
 
         model = client.models.list().data[0].id
         lines = [{"custom_id": f"d{i}", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": model, "messages": [{"role": "user", "content": f"{i} " + "x" * 300}], "max_tokens": 4,
-                           "ignore_eos": True}} for i in range(60)]
+                  "body": {"model": model, "messages": [{"role": "user", "content": f"{i} " + "x" * 300}],
+                           "max_tokens": 4, "ignore_eos": True}} for i in range(60)]
         f = client.files.create(file="\n".join(json.dumps(x) for x in lines).encode() + b"\n", purpose="batch")
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         deadline = time.monotonic() + 60
@@ -191,21 +184,10 @@ def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
         out = [json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()]
         assert sorted(out) == sorted(x["custom_id"] for x in lines) and b.error_file_id is None
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        server.stop()
     text = log.read_text()
     assert "the disk is full" in text and "Traceback" not in text, text[-4000:]
     with sqlite3.connect(data / "tokabatch.db") as con:
         assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
         assert con.execute("select num_failures from batches").fetchone()[0] == 0
 
-
-def _port(log: Path, proc: subprocess.Popen) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        for line in log.read_text().splitlines():
-            if "listening on http://" in line:
-                return int(line.split("listening on http://")[1].split("/")[0].rsplit(":", 1)[1])
-        time.sleep(0.1)
-    raise AssertionError("the server did not start")

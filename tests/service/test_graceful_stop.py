@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +20,10 @@ from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
     wait_for,
 )
+from tests.service.serve_process import ServeProcess
 from tokabatch.service.storage import repo
 
 pytestmark = pytest.mark.timeout(180)
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -87,35 +84,14 @@ async def test_the_grace_is_bounded_lines_still_running_then_are_cut(db, blobs, 
 
 
 # ---- tokabatch serve and signals --------------------------------------------------------------
-def _serve(data: Path, log: Path, grace: float) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tokabatch", "serve", "--model", "demo", "--port", "0", "--data-dir", str(data),
-         "--log-format", "text", "--shutdown-grace", str(grace), "--engine-factory", "tests.cli.fake_loops:slow"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)         # its own process group, as under a service manager
-
-
-def _port(log: Path, proc: subprocess.Popen) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        for line in log.read_text().splitlines():
-            if "listening on http://" in line:
-                return int(line.split("listening on http://")[1].split("/")[0].rsplit(":", 1)[1])
-        time.sleep(0.1)
-    raise AssertionError("the server did not start")
-
-
 def _batch(data: Path) -> dict:
     with sqlite3.connect(data / "tokabatch.db") as con:
         con.row_factory = sqlite3.Row
         return dict(con.execute("select * from batches").fetchone())
 
 
-def _submit(port: int, num_lines: int) -> str:
-    import openai
-
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
+def _submit(server: ServeProcess, num_lines: int) -> str:
+    client = server.client()
     model = client.models.list().data[0].id
     lines = [{"custom_id": f"s{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": model, "messages": [{"role": "user", "content": f"x{i}"}], "max_tokens": 4,
@@ -124,13 +100,17 @@ def _submit(port: int, num_lines: int) -> str:
     return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
 
 
-def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int) -> None:
-    import openai
+def _wait_completed(data: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while _batch(data)["request_completed"] < at_least:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
-    proc = _serve(data, tmp_path / "restart.log", 5)
+
+def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int) -> None:
+    server = ServeProcess(data, tmp_path / "restart.log", "--shutdown-grace", "5")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{_port(tmp_path / 'restart.log', proc)}/v1",
-                               api_key="EMPTY")
+        client = server.client()
         deadline = time.monotonic() + 120
         while (b := client.batches.retrieve(batch_id)).status != "completed":
             assert time.monotonic() < deadline, b.status
@@ -138,27 +118,22 @@ def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int
         out = [json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()]
         assert sorted(out) == sorted(f"s{i}" for i in range(num_lines)) and b.error_file_id is None
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        server.stop()
 
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path):
     data, log = tmp_path / "data", tmp_path / "serve.log"
-    proc = _serve(data, log, 20)
+    server = ServeProcess(data, log, "--shutdown-grace", "20")
     try:
-        batch_id = _submit(_port(log, proc), 40)        # ~0.25 s a line, two at a time: ~5 s of work
-        deadline = time.monotonic() + 60
-        while _batch(data)["request_completed"] < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        batch_id = _submit(server, 40)                  # ~0.25 s a line, two at a time: ~5 s of work
+        _wait_completed(data, 4)
         began = time.monotonic()
-        os.killpg(proc.pid, signal.SIGTERM)             # the server and its engine process alike
-        assert proc.wait(timeout=60) == 0
+        server.signal_group(signal.SIGTERM)             # the server and its engine process alike
+        assert server.proc.wait(timeout=60) == 0
         took = time.monotonic() - began
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
     text = log.read_text()
     assert "lines in flight may finish" in text and "Traceback" not in text, text[-3000:]
     assert "unexpected failure" not in text and took < 20, text[-3000:]
@@ -172,21 +147,17 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path):
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
     data, log = tmp_path / "data", tmp_path / "serve.log"
-    proc = _serve(data, log, 120)
+    server = ServeProcess(data, log, "--shutdown-grace", "120")
     try:
-        batch_id = _submit(_port(log, proc), 40)
-        deadline = time.monotonic() + 60
-        while _batch(data)["request_completed"] < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)
+        batch_id = _submit(server, 40)
+        _wait_completed(data, 4)
+        server.signal_group(signal.SIGTERM)
         time.sleep(0.3)
         began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 128 + signal.SIGTERM
         assert time.monotonic() - began < 5
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
     assert "exiting now" in log.read_text()
     _finish_on_restart(data, tmp_path, batch_id, 40)

@@ -134,6 +134,13 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         return cls(tokenizer, config, _read_json(folder / "generation_config.json"), template)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's text in characters (its vocabulary piece, which is never shorter than
+        the text it decodes to): a text of c characters is at least c / max_token_chars tokens, so a
+        prompt too long for the context can be refused without tokenizing it."""
+        return max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True))))
+
     # ---- ids <-> text -----------------------------------------------------------------------------
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if len(text) > LONG_TEXT_CHARS:

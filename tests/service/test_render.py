@@ -381,3 +381,25 @@ def test_a_forced_tool_call_is_rendered_as_tool_calls(tok, tool_choice, text, na
 def test_tool_choice_none_leaves_the_output_free(tok):
     prepared = prep(tok, CHAT_ENDPOINT, chat_body(tools=[WEATHER], tool_choice="none"))
     assert prepared.requests[0].sampling.grammar is None and prepared.output.tool is None
+
+
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_without_tokenizing(tok, monkeypatch):
+    text = "word " * (CTX * tok.max_token_chars)             # more characters than CTX tokens can hold
+    calls = []
+    monkeypatch.setattr(type(tok), "encode", lambda self, t, **kw: calls.append(len(t)) or [1])
+    for endpoint, body, param in ((CHAT_ENDPOINT, chat_body(messages=[{"role": "user", "content": text}]), "messages"),
+                                  ("/v1/completions", {"model": "tiny", "prompt": text}, "prompt")):
+        with pytest.raises(InvalidRequest) as e:
+            prep(tok, endpoint, body)
+        assert (e.value.param, e.value.code) == (param, "context_length_exceeded")
+        assert "characters" in e.value.message
+    assert calls == [], "the long text was tokenized"
+
+
+def test_truncating_a_very_long_prompt_tokenizes_only_its_tail_and_keeps_the_same_tokens(tok):
+    words = [f"w{i % 97} " for i in range(CTX * tok.max_token_chars)]
+    text = "".join(words)
+    keep = 32
+    request = prep(tok, "/v1/completions", {"model": "tiny", "prompt": text, "truncate_prompt_tokens": keep,
+                                            "max_tokens": 4}).requests[0]
+    assert list(request.prompt_token_ids) == tok.encode(text)[-keep:]

@@ -32,6 +32,7 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 ENDPOINTS = (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
 MAX_N = 128
+TRUNCATE_MARGIN_TOKENS = 64              # tokens more than a truncated prompt keeps, tokenized at its cut
 MAX_COMPLETION_LOGPROBS = 5
 
 # Accepted by both endpoints: common sampling fields and the vLLM/SGLang extension names (§5.1).
@@ -135,10 +136,10 @@ def prepare_request(
                                "complete; ignore_eos cannot be combined with it.")
     if chat:
         _reject_unsupported_chat(body)
-        prompts = [_chat_prompt(body, tokenizer, output.tools)]
+        prompts = [_chat_prompt(body, tokenizer, model_info.context_length, output.tools)]
     else:
         _reject_unsupported_completion(body)
-        prompts = _completion_prompts(body, tokenizer, model_info.vocab_size)
+        prompts = _completion_prompts(body, tokenizer, model_info.vocab_size, model_info.context_length)
     prompts = [_truncate(body, ids, text) for ids, text in prompts]
     n = bf.get_int(body, "n", 1, 1, MAX_N)
     logprobs = _logprobs(body, chat)
@@ -199,7 +200,8 @@ def _reject_unsupported_completion(body: Mapping[str, Any]) -> None:
         raise bf.unsupported("suffix", "(fill-in-the-middle) is not supported")
 
 
-def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, tools: tuple[dict, ...] = ()) -> tuple[list[int], str]:
+def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, context_length: int,
+                 tools: tuple[dict, ...] = ()) -> tuple[list[int], str]:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
@@ -218,7 +220,24 @@ def _chat_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, tools: tuple[dic
         kwargs = {"tools": list(tools), **kwargs}       # templates that know tools describe them to the model
     text = tokenizer.render_chat(messages, add_generation_prompt=add_generation,
                                  continue_final_message=continue_final, **kwargs)
-    return tokenizer.encode(text, add_special_tokens=False), text
+    return _encode(body, tokenizer, text, context_length, "messages", add_special_tokens=False), text
+
+
+def _encode(body: Mapping[str, Any], tokenizer: Tokenizer, text: str, context_length: int, param: str, *,
+            add_special_tokens: bool = True) -> list[int]:
+    """The prompt's token ids, without tokenizing what cannot fit: a text longer than the context
+    times the longest token is refused at once (tokenizing megabytes costs ~150 bytes of memory per
+    character), or, with truncate_prompt_tokens, only its tail that can hold the kept tokens is tokenized."""
+    limit = context_length * tokenizer.max_token_chars
+    if len(text) > limit:
+        keep = bf.get_int(body, "truncate_prompt_tokens", None, 1)
+        if keep is None:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context_length} tokens. However, your {param} has "
+                f"{len(text):,} characters, at least {len(text) // tokenizer.max_token_chars:,} tokens. Please "
+                f"reduce the length of the {param}.", param=param, code="context_length_exceeded")
+        text = text[-(min(keep, context_length) + TRUNCATE_MARGIN_TOKENS) * tokenizer.max_token_chars:]
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -226,8 +245,8 @@ def _is_token_ids(value: Any) -> bool:
     return type(value) is list and bool(value) and set(map(type, value)) == {int}
 
 
-def _completion_prompts(body: Mapping[str, Any], tokenizer: Tokenizer,
-                        vocab_size: int) -> list[tuple[list[int], str | None]]:
+def _completion_prompts(body: Mapping[str, Any], tokenizer: Tokenizer, vocab_size: int,
+                        context_length: int) -> list[tuple[list[int], str | None]]:
     """`prompt`: string | string[] | int[] | int[][] -> [(ids, text)], one per engine request; the
     text of a token-id prompt is None (PreparedRequest.prompt_texts decodes it when needed)."""
     prompt = body.get("prompt")
@@ -245,7 +264,7 @@ def _completion_prompts(body: Mapping[str, Any], tokenizer: Tokenizer,
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = tokenizer.encode(item)
+            ids = _encode(body, tokenizer, item, context_length, "prompt")
             text = item
         elif _is_token_ids(item) or item == []:
             if item and (min(item) < 0 or max(item) >= vocab_size):

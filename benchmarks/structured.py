@@ -25,6 +25,7 @@ from tokabatch.config import load_config
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, Priority, SamplingParams
 from tokabatch.engine.runtime.factory import build_loop
 from tokabatch.service.jobs.structured import json_schema_grammar
+from tokabatch.text import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0}, "name": {"type": "string", "maxLength": 24},
@@ -34,6 +35,20 @@ SCHEMA = {"type": "object", "properties": {
                                             "maxItems": 4}},
     "required": ["id", "name", "email", "age", "score", "tier", "active", "tags"], "additionalProperties": False}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def adopt_tokenizer(model: Path, source: Path) -> None:
+    """Give a random-weight folder `source`'s tokenizer, and its EOS ids in config.json and
+    generation_config.json (the engine reads EOS from there; the grammar needs it in the vocabulary)."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, model / name)
+    eos = list(Tokenizer.from_folder(source).eos_token_ids)
+    for name in ("config.json", "generation_config.json"):
+        path = model / name
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        config["eos_token_id"] = eos
+        path.write_text(json.dumps(config, indent=2))
 
 
 def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[int]]:
@@ -61,9 +76,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args()
     if args.tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (args.tokenizer_from / name).is_file():
-                shutil.copy(args.tokenizer_from / name, Path(args.model) / name)
+        adopt_tokenizer(Path(args.model), args.tokenizer_from)
     loop = build_loop(load_config(env={}, model={"path": args.model}).engine)
     rng = random.Random(0)
     vocab = min(loop.info.vocab_size, 32_000)

@@ -117,7 +117,7 @@ async def test_create_batch_validation(http):
     cases = [
         ({k: v for k, v in ok.items() if k != "endpoint"}, "missing_required_parameter", "endpoint"),
         (ok | {"endpoint": "/v1/embeddings"}, "invalid_value", "endpoint"),
-        (ok | {"completion_window": 24}, "invalid_value", "completion_window"),
+        (ok | {"completion_window": 24}, "invalid_type", "completion_window"),
         (ok | {"metadata": {"a": 1}}, "invalid_type", "metadata.a"),
         (ok | {"metadata": {str(i): "v" for i in range(17)}}, "invalid_value", "metadata"),
         (ok | {"metadata": "x"}, "invalid_type", "metadata"),

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tokabatch.config import Config
 from tokabatch.engine.api import ModelInfo
-from tokabatch.service.http import batches, files, models
+from tokabatch.service.http import batches, files, models, openapi
 from tokabatch.service.http.context import (
     BATCH_CREATED, BLOBS, CLOCK, CONFIG, DB, KEY_HASHES, MODELS, PROBLEMS, ServedModels,
 )
@@ -99,6 +99,7 @@ def make_app(
     app.add_routes(files.routes)
     app.add_routes(batches.routes)
     app.add_routes(models.routes)
+    app.add_routes(openapi.routes)
     return app
 
 

@@ -24,7 +24,8 @@ from tokabatch.errors import EngineUnavailable, InvalidRequest, NotFound
 from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CONFIG, DB, MODELS, now_s, owner_of
 from tokabatch.service.http.schemas import (
-    BatchCreate, batch_object, list_object, parse_batch_create, parse_batch_retry, parse_limit, parse_metadata,
+    BATCH_LIST_LIMIT, BatchCreate, batch_object, list_object, parse_batch_create, parse_batch_retry, parse_limit,
+    parse_metadata, query_value,
 )
 from tokabatch.service.jobs import dry_run, retry
 from tokabatch.service.jobs.webhooks import check_webhook_metadata
@@ -130,9 +131,9 @@ async def retry_batch(request: web.Request) -> web.Response:
 @routes.get("/v1/batches")
 async def list_batches(request: web.Request) -> web.Response:
     q = request.query
-    page = await repo.list_batches(request.app[DB], owner=owner_of(request), after=q.get("after") or None,
-                                   limit=parse_limit(q, default=20, maximum=100),
-                                   parent_batch_id=q.get("parent_batch_id") or None)
+    page = await repo.list_batches(request.app[DB], owner=owner_of(request), after=query_value(q, "after") or None,
+                                   limit=parse_limit(q, default=20, maximum=BATCH_LIST_LIMIT),
+                                   parent_batch_id=query_value(q, "parent_batch_id") or None)
     return web.json_response(list_object([batch_object(b) for b in page.items], page.has_more))
 
 

@@ -23,7 +23,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from tokabatch.errors import InvalidRequest, NotFound, PayloadTooLarge
 from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BLOBS, CONFIG, DB, now_s, owner_of
-from tokabatch.service.http.schemas import file_object, list_object, parse_expires_after, parse_limit, parse_order
+from tokabatch.service.http.schemas import (
+    FILE_LIST_LIMIT, file_object, list_object, parse_expires_after, parse_limit, parse_order, query_value,
+)
 from tokabatch.service.jobs.parse import FirstLineCheck
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobWriter
@@ -193,9 +195,9 @@ async def _get_or_404(request: web.Request) -> Any:
 @routes.get("/v1/files")
 async def list_files(request: web.Request) -> web.Response:
     q = request.query
-    page = await repo.list_files(request.app[DB], owner=owner_of(request), after=q.get("after") or None,
-                                 limit=parse_limit(q, default=10_000, maximum=10_000),
-                                 order=parse_order(q), purpose=q.get("purpose") or None,
+    page = await repo.list_files(request.app[DB], owner=owner_of(request), after=query_value(q, "after") or None,
+                                 limit=parse_limit(q, default=FILE_LIST_LIMIT, maximum=FILE_LIST_LIMIT),
+                                 order=parse_order(q), purpose=query_value(q, "purpose") or None,
                                  now_s=now_s(request))
     return web.json_response(list_object([file_object(f) for f in page.items], page.has_more))
 

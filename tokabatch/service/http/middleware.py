@@ -27,7 +27,7 @@ from tokabatch.service.storage.db import is_storage_full
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tokabatch.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
 
 
 def new_request_id() -> str:

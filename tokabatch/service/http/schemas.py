@@ -2,7 +2,10 @@
 
 Owns how rows become OpenAI JSON (strict-valid against openai-python's FileObject and Batch) and
 how a POST /v1/batches body and list query strings are checked, raising tokabatch.errors with the
-contract's codes and params. Must not import torch; no database access here.
+contract's codes and params. A JSON body is checked against its JSON Schema here (BATCH_CREATE,
+BATCH_RETRY: the same dicts the OpenAPI document publishes, http/openapi.py) by jsonschema, the
+first error mapped to the contract's envelope; what a schema cannot say (the server's window
+setting) is checked after it. Must not import torch; no database access here.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from jsonschema import Draft202012Validator, ValidationError
+
 from tokabatch.errors import InvalidRequest
 from tokabatch.service.storage.models import Batch, File
 
@@ -18,10 +23,51 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_WINDOW = "24h"
 WINDOW_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2_592_000
-BATCH_CREATE_FIELDS = ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after",
-                       "dry_run")           # dry_run: a tokabatch extension (jobs/dry_run.py)
-BATCH_RETRY_FIELDS = ("all", "metadata")
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+BATCH_LIST_LIMIT = 100                   # GET /v1/batches ?limit= at most
+FILE_LIST_LIMIT = 10_000                 # GET /v1/files ?limit= at most (and its default)
+
+METADATA = {
+    "type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS,
+    "propertyNames": {"maxLength": MAX_METADATA_KEY},
+    "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+    "description": f"Up to {MAX_METADATA_PAIRS} string pairs (keys up to {MAX_METADATA_KEY} characters, values up to "
+                   f"{MAX_METADATA_VALUE}). tokabatch reads `webhook_url` and `dry_run` from it.",
+}
+BATCH_CREATE = {
+    "type": "object",
+    "properties": {
+        "input_file_id": {"type": "string", "minLength": 1, "description": "A file uploaded with purpose batch."},
+        "endpoint": {"type": "string", "enum": list(SUPPORTED_ENDPOINTS)},
+        "completion_window": {"type": "string", "enum": [DEFAULT_WINDOW]},
+        "metadata": METADATA,
+        "output_expires_after": {
+            "type": ["object", "null"], "required": ["anchor", "seconds"], "additionalProperties": False,
+            "properties": {"anchor": {"const": "created_at"},
+                           "seconds": {"type": "integer", "minimum": MIN_EXPIRES_AFTER_S,
+                                       "maximum": MAX_EXPIRES_AFTER_S}}},
+        "dry_run": {"type": "boolean", "description": "tokabatch: answer what the batch would be (lines, "
+                                                      "tokens, an estimated duration) and create nothing."},
+    },
+    "required": ["input_file_id", "endpoint", "completion_window"],
+    "additionalProperties": False,
+}
+BATCH_RETRY = {
+    "type": "object",
+    "properties": {"all": {"type": "boolean", "description": "Retry every failed line, 4xx too (default: only "
+                                                             "those that can succeed on a retry)."},
+                   "metadata": METADATA},
+    "additionalProperties": False,
+}
+# With `serve --allow-custom-windows`: windows of <N> minutes, hours or days too (the document follows).
+BATCH_CREATE_CUSTOM_WINDOWS = {**BATCH_CREATE, "properties": {
+    **BATCH_CREATE["properties"],
+    "completion_window": {"type": "string", "pattern": r"^(24h|[1-9][0-9]{0,6}[mhd])$", "examples": ["24h", "30m"],
+                          "description": "<N>m, <N>h or <N>d (this server allows custom windows)"}}}
+_METADATA_ONLY = {"type": "object", "properties": {"metadata": METADATA}}
+_VALIDATORS = {id(schema): Draft202012Validator(schema)
+               for schema in (BATCH_CREATE, BATCH_CREATE_CUSTOM_WINDOWS, BATCH_RETRY, _METADATA_ONLY)}
+_ORDER = {"type": 0, "additionalProperties": 1, "required": 2}      # which error a body hears first
 
 
 def file_object(row: File) -> dict[str, Any]:
@@ -68,9 +114,18 @@ def list_object(data: Sequence[dict[str, Any]], has_more: bool) -> dict[str, Any
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 
 
+def query_value(query: Mapping[str, str], name: str) -> str | None:
+    """A query parameter given at most once (None when absent); given twice is a 400, not a guess."""
+    values = query.getall(name, []) if hasattr(query, "getall") else [query[name]] if name in query else []
+    if len(values) > 1:
+        raise InvalidRequest(f"Invalid '{name}': given {len(values)} times; give it once.", param=name,
+                             code="invalid_value")
+    return values[0] if values else None
+
+
 def parse_limit(query: Mapping[str, str], *, default: int, maximum: int) -> int:
-    raw = query.get("limit")
-    if raw is None or raw == "":
+    raw = query_value(query, "limit")
+    if raw is None:
         return default
     try:
         limit = int(raw)
@@ -83,7 +138,7 @@ def parse_limit(query: Mapping[str, str], *, default: int, maximum: int) -> int:
 
 
 def parse_order(query: Mapping[str, str]) -> str:
-    order = query.get("order") or "desc"
+    order = query_value(query, "order") or "desc"
     if order not in ("asc", "desc"):
         raise InvalidRequest(f"Invalid 'order': {order!r}; expected 'asc' or 'desc'.", param="order",
                              code="invalid_value")
@@ -121,25 +176,9 @@ def parse_window(window: Any, *, allow_custom: bool) -> int:
 
 
 def parse_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise InvalidRequest("Invalid type for 'metadata': expected an object.", param="metadata",
-                             code="invalid_type")
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise InvalidRequest(f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} pairs are allowed.",
-                             param="metadata", code="invalid_value")
-    for key, value in metadata.items():
-        if len(key) > MAX_METADATA_KEY:
-            raise InvalidRequest(f"Invalid 'metadata': key {key[:80]!r} is longer than {MAX_METADATA_KEY} "
-                                 "characters.", param=f"metadata.{key}", code="invalid_value")
-        if not isinstance(value, str):
-            raise InvalidRequest(f"Invalid type for 'metadata.{key}': expected a string, but got "
-                                 f"{type(value).__name__}.", param=f"metadata.{key}", code="invalid_type")
-        if len(value) > MAX_METADATA_VALUE:
-            raise InvalidRequest(f"Invalid 'metadata.{key}': longer than {MAX_METADATA_VALUE} characters.",
-                                 param=f"metadata.{key}", code="invalid_value")
-    return dict(metadata)
+    """`metadata` checked as the METADATA schema says (a retry's merged metadata is checked again)."""
+    check_body({"metadata": metadata}, _METADATA_ONLY)
+    return dict(metadata) if metadata is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,21 +192,57 @@ class BatchCreate:
     dry_run: bool = False
 
 
-def _check_fields(body: Any, allowed: Sequence[str]) -> None:
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    for name in body:
-        if name not in allowed:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name,
-                                 code="unknown_parameter")
+def check_body(body: Any, schema: dict) -> dict:
+    """`body` if it satisfies `schema` (BATCH_CREATE, BATCH_RETRY), else InvalidRequest for its first
+    error in the contract's terms: unknown_parameter, missing_required_parameter, invalid_type or
+    invalid_value, with the dotted path of the field as `param`."""
+    errors = list(_VALIDATORS[id(schema)].iter_errors(body))
+    if not errors:
+        return body
+    error = min(errors, key=lambda e: (len(e.absolute_path), _ORDER.get(str(e.validator), 3)))
+    raise _contract_error(error)
 
 
-def _parse_flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"Invalid type for '{name}': expected a boolean, but got {type(value).__name__}.",
-                             param=name, code="invalid_type")
-    return value
+def _contract_error(error: ValidationError) -> InvalidRequest:
+    path = ".".join(str(part) for part in error.absolute_path)
+    kind, value = str(error.validator), error.validator_value
+    if kind == "type" and not path:
+        return InvalidRequest("The request body must be a JSON object.")
+    if kind == "additionalProperties":
+        known = error.schema.get("properties", {})
+        name = next(str(k) for k in error.instance if k not in known)
+        return InvalidRequest(f"Unrecognized request argument supplied: {_join(path, name)}",
+                              param=_join(path, name), code="unknown_parameter")
+    if kind == "required":
+        name = next(n for n in value if n not in error.instance)
+        return InvalidRequest(f"Missing required parameter: '{_join(path, name)}'.", param=_join(path, name),
+                              code="missing_required_parameter")
+    if kind == "type":
+        expected = " or ".join(["an object" if t == "object" else "null" if t == "null" else f"a {t}"
+                                for t in (value if isinstance(value, list) else [value])])
+        return InvalidRequest(f"Invalid type for '{path}': expected {expected}, but got "
+                              f"{type(error.instance).__name__}.", param=path, code="invalid_type")
+    if "propertyNames" in error.schema_path:
+        path = _join(path, str(error.instance)[:80])
+    reason = {
+        "enum": lambda: f"supported values are {', '.join(repr(v) for v in value)}.",
+        "const": lambda: f"the only supported value is {value!r}.",
+        "maxProperties": lambda: f"at most {value} pairs are allowed.",
+        "minLength": lambda: f"expected at least {value} characters.",
+        "maxLength": lambda: f"expected at most {value} characters.",
+        "minimum": lambda: f"expected at least {value}.",
+        "pattern": lambda: "expected '24h' or <N>m, <N>h, <N>d." if path == "completion_window" else
+        f"expected a match of {value}.",
+        "maximum": lambda: f"expected at most {value}.",
+    }.get(kind, lambda: error.message[:200])()
+    if isinstance(error.instance, (dict, list)):
+        return InvalidRequest(f"Invalid '{path}': {reason}", param=path, code="invalid_value")
+    return InvalidRequest(f"Invalid value for '{path}': {repr(error.instance)[:120]}; {reason}", param=path,
+                          code="invalid_value")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,35 +253,23 @@ class BatchRetry:
 
 def parse_batch_retry(body: Any) -> BatchRetry:
     """A POST /v1/batches/{id}/retry body (an extension): {"all": bool, "metadata": {...}}, both optional."""
-    _check_fields(body, BATCH_RETRY_FIELDS)
-    return BatchRetry(include_all=_parse_flag(body, "all"), metadata=parse_metadata(body.get("metadata")))
+    check_body(body, BATCH_RETRY)
+    return BatchRetry(include_all=body.get("all", False), metadata=parse_metadata(body.get("metadata")))
+
+
+def batch_create_schema(allow_custom_windows: bool) -> dict:
+    """The POST /v1/batches body schema of a server with or without custom completion windows."""
+    return BATCH_CREATE_CUSTOM_WINDOWS if allow_custom_windows else BATCH_CREATE
 
 
 def parse_batch_create(body: Any, *, allow_custom_windows: bool) -> BatchCreate:
-    """Check a POST /v1/batches body (already JSON-decoded) against contract §3.1."""
-    _check_fields(body, BATCH_CREATE_FIELDS)
-    for name in ("input_file_id", "endpoint", "completion_window"):
-        if body.get(name) is None:
-            raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name,
-                                 code="missing_required_parameter")
-    if not isinstance(body["input_file_id"], str) or not body["input_file_id"]:
-        raise InvalidRequest("Invalid type for 'input_file_id': expected a non-empty string.",
-                             param="input_file_id", code="invalid_type")
-    endpoint = body["endpoint"]
-    if endpoint not in SUPPORTED_ENDPOINTS:
-        raise InvalidRequest(f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: "
-                             f"{', '.join(repr(e) for e in SUPPORTED_ENDPOINTS)}.",
-                             param="endpoint", code="invalid_value")
+    """Check a POST /v1/batches body (already JSON-decoded) against contract §3.1: BATCH_CREATE, then
+    the completion window against the server's setting."""
+    check_body(body, batch_create_schema(allow_custom_windows))
     window_s = parse_window(body["completion_window"], allow_custom=allow_custom_windows)
     expires_after = body.get("output_expires_after")
-    output_expires_after_s = None
-    if expires_after is not None:
-        if not isinstance(expires_after, dict):
-            raise InvalidRequest("Invalid type for 'output_expires_after': expected an object.",
-                                 param="output_expires_after", code="invalid_type")
-        output_expires_after_s = parse_expires_after(expires_after.get("anchor"), expires_after.get("seconds"),
-                                                     param="output_expires_after")
-    return BatchCreate(input_file_id=body["input_file_id"], endpoint=endpoint,
+    return BatchCreate(input_file_id=body["input_file_id"], endpoint=body["endpoint"],
                        completion_window=body["completion_window"], window_s=window_s,
                        metadata=parse_metadata(body.get("metadata")),
-                       output_expires_after_s=output_expires_after_s, dry_run=_parse_flag(body, "dry_run"))
+                       output_expires_after_s=None if expires_after is None else int(expires_after["seconds"]),
+                       dry_run=body.get("dry_run", False))

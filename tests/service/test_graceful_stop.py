@@ -36,19 +36,30 @@ def _written(tmp_path: Path, batch_id: str) -> set[int]:
     return {int(json.loads(x)["custom_id"].split("-")[1]) + 1 for x in path.read_text().splitlines()}
 
 
-async def test_stop_lets_the_lines_in_flight_finish_and_writes_them(db, blobs, clock, tok, tmp_path):
-    lines = [chat_line(i, max_tokens=10, ignore_eos=True) for i in range(16)]
+async def _stop_mid_batch(db, blobs, clock, tok, tmp_path, *, num_lines: int, max_tokens: int,
+                          token_interval_s: float, grace_s: float, started) -> tuple[object, str, list[dict], float]:
+    """A batch running two lines at a time, stopped once `started(row)`: (engine, batch id, lines,
+    seconds the stop took). The caller closes the engine."""
+    lines = [chat_line(i, max_tokens=max_tokens, ignore_eos=True) for i in range(num_lines)]
     batch_id = await new_batch(db, blobs, lines, clock)
-    engine = await fake_engine(token_interval_s=0.02, max_running=2, max_waiting=0)     # ~0.2 s a line
+    engine = await fake_engine(token_interval_s=token_interval_s, max_running=2, max_waiting=0)
+    runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
+                         config=dataclasses.replace(FAST, shutdown_grace_s=grace_s))
+    task = asyncio.create_task(runner.run_forever())
+    await wait_for(db, batch_id, started)
+    await asyncio.sleep(0.3)
+    began = time.monotonic()
+    await runner.stop()
+    await task
+    return engine, batch_id, lines, time.monotonic() - began
+
+
+async def test_stop_lets_the_lines_in_flight_finish_and_writes_them(db, blobs, clock, tok, tmp_path):
+    engine, batch_id, lines, took = await _stop_mid_batch(     # ~0.2 s a line
+        db, blobs, clock, tok, tmp_path, num_lines=16, max_tokens=10, token_interval_s=0.02, grace_s=10.0,
+        started=lambda r: r.request_completed >= 3)
     try:
-        runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
-                             config=dataclasses.replace(FAST, shutdown_grace_s=10.0))
-        task = asyncio.create_task(runner.run_forever())
-        await wait_for(db, batch_id, lambda r: r.request_completed >= 3)
-        began = time.monotonic()
-        await runner.stop()
-        await task
-        assert time.monotonic() - began < 5.0
+        assert took < 5.0
         # Every line the engine ran was written: nothing in flight was thrown away.
         assert sorted(executed_lines(engine)) == sorted(_written(tmp_path, batch_id))
         row = await repo.get_batch(db, batch_id, owner=None)
@@ -64,19 +75,11 @@ async def test_stop_lets_the_lines_in_flight_finish_and_writes_them(db, blobs, c
 
 
 async def test_the_grace_is_bounded_lines_still_running_then_are_cut(db, blobs, clock, tok, tmp_path):
-    lines = [chat_line(i, max_tokens=40, ignore_eos=True) for i in range(6)]
-    batch_id = await new_batch(db, blobs, lines, clock)
-    engine = await fake_engine(token_interval_s=0.1, max_running=2, max_waiting=0)      # ~4 s a line
+    engine, batch_id, _, took = await _stop_mid_batch(         # ~4 s a line
+        db, blobs, clock, tok, tmp_path, num_lines=6, max_tokens=40, token_interval_s=0.1, grace_s=0.5,
+        started=lambda r: r.in_progress_at is not None)
     try:
-        runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
-                             config=dataclasses.replace(FAST, shutdown_grace_s=0.5))
-        task = asyncio.create_task(runner.run_forever())
-        await wait_for(db, batch_id, lambda r: r.in_progress_at is not None)
-        await asyncio.sleep(0.3)
-        began = time.monotonic()
-        await runner.stop()
-        await task
-        assert time.monotonic() - began < 2.5
+        assert took < 2.5
         row = await repo.get_batch(db, batch_id, owner=None)
         assert row.status == "in_progress" and row.worker_id is None and row.request_completed == 0
     finally:

@@ -1,9 +1,11 @@
 """`tokabatch serve` as a user runs it, in a process group of its own, over the fake engine: for the
 tests of signals, a full disk and load. `ServeProcess(data, log, *flags)` starts it; `.port` once
-it listens; `.client()` an official openai client; `.rss_mb()` and `.open_fds()` from /proc."""
+it listens; `.client()` an official openai client; `.rss_mb()` and `.open_fds()` from /proc;
+`read_batch(db_url, id)` the batch's row as the runner sees it (lease holder, failures)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,12 +17,30 @@ REPO = Path(__file__).resolve().parents[2]
 SLOW_ENGINE = "tests.cli.fake_loops:slow"        # two lines at a time, ~0.25 s each
 
 
+def read_batch(db_url: str, batch_id: str):
+    """The batch's database row (a Batch), read in a private event loop."""
+    from tokabatch.service.storage import repo
+    from tokabatch.service.storage.db import Database
+
+    async def read():
+        db = await Database.open(db_url)
+        try:
+            return await repo.get_batch(db, batch_id, owner=None)
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
+
+
 class ServeProcess:
-    def __init__(self, data: Path, log: Path, *flags: str, engine: str = SLOW_ENGINE) -> None:
+    def __init__(self, data: Path, log: Path, *flags: str, engine: str = SLOW_ENGINE,
+                 db_url: str | None = None) -> None:
         self.log = log
+        self.db_url = db_url or f"sqlite+aiosqlite:///{data / 'tokabatch.db'}"
+        db_flags = ["--db", db_url] if db_url else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokabatch", "serve", "--model", "demo", "--port", "0", "--data-dir", str(data),
-             "--log-format", "text", "--engine-factory", engine, *flags],
+             "--log-format", "text", "--engine-factory", engine, *db_flags, *flags],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)         # its own process group, as under a service manager
         self.port = self._wait_for_port()

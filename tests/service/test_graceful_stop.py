@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
     wait_for,
 )
-from tests.service.serve_process import ServeProcess
+from tests.service.dbutil import backends, fresh_database
+from tests.service.serve_process import ServeProcess, read_batch
 from tokabatch.service.storage import repo
 
 pytestmark = pytest.mark.timeout(180)
@@ -87,12 +87,6 @@ async def test_the_grace_is_bounded_lines_still_running_then_are_cut(db, blobs, 
 
 
 # ---- tokabatch serve and signals --------------------------------------------------------------
-def _batch(data: Path) -> dict:
-    with sqlite3.connect(data / "tokabatch.db") as con:
-        con.row_factory = sqlite3.Row
-        return dict(con.execute("select * from batches").fetchone())
-
-
 def _submit(server: ServeProcess, num_lines: int) -> str:
     client = server.client()
     model = client.models.list().data[0].id
@@ -103,15 +97,15 @@ def _submit(server: ServeProcess, num_lines: int) -> str:
     return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h").id
 
 
-def _wait_completed(data: Path, at_least: int) -> None:
+def _wait_completed(server: ServeProcess, batch_id: str, at_least: int) -> None:
     deadline = time.monotonic() + 60
-    while _batch(data)["request_completed"] < at_least:
+    while server.client().batches.retrieve(batch_id).request_counts.completed < at_least:
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
 
-def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int) -> None:
-    server = ServeProcess(data, tmp_path / "restart.log", "--shutdown-grace", "5")
+def _finish_on_restart(data: Path, tmp_path: Path, db_url: str | None, batch_id: str, num_lines: int) -> None:
+    server = ServeProcess(data, tmp_path / "restart.log", "--shutdown-grace", "5", db_url=db_url)
     try:
         client = server.client()
         deadline = time.monotonic() + 120
@@ -124,13 +118,23 @@ def _finish_on_restart(data: Path, tmp_path: Path, batch_id: str, num_lines: int
         server.stop()
 
 
+@pytest.fixture(params=backends())
+def database(request, tmp_path):
+    """None (SQLite in the data dir) or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path):
+def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path, database):
     data, log = tmp_path / "data", tmp_path / "serve.log"
-    server = ServeProcess(data, log, "--shutdown-grace", "20")
+    server = ServeProcess(data, log, "--shutdown-grace", "20", db_url=database)
     try:
         batch_id = _submit(server, 40)                  # ~0.25 s a line, two at a time: ~5 s of work
-        _wait_completed(data, 4)
+        _wait_completed(server, batch_id, 4)
         began = time.monotonic()
         server.signal_group(signal.SIGTERM)             # the server and its engine process alike
         assert server.proc.wait(timeout=60) == 0
@@ -140,20 +144,20 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path):
     text = log.read_text()
     assert "lines in flight may finish" in text and "Traceback" not in text, text[-3000:]
     assert "unexpected failure" not in text and took < 20, text[-3000:]
-    row = _batch(data)
-    assert row["status"] == "in_progress" and row["worker_id"] is None and row["num_failures"] == 0
+    row = read_batch(server.db_url, batch_id)
+    assert row.status == "in_progress" and row.worker_id is None and row.num_failures == 0
     work = data / "work" / batch_id / "output.jsonl"
-    assert row["request_completed"] == len(work.read_text().splitlines()) >= 4
-    _finish_on_restart(data, tmp_path, batch_id, 40)
+    assert row.request_completed == len(work.read_text().splitlines()) >= 4
+    _finish_on_restart(data, tmp_path, database, batch_id, 40)
 
 
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
+def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path, database):
     data, log = tmp_path / "data", tmp_path / "serve.log"
-    server = ServeProcess(data, log, "--shutdown-grace", "120")
+    server = ServeProcess(data, log, "--shutdown-grace", "120", db_url=database)
     try:
         batch_id = _submit(server, 40)
-        _wait_completed(data, 4)
+        _wait_completed(server, batch_id, 4)
         server.signal_group(signal.SIGTERM)
         time.sleep(0.3)
         began = time.monotonic()
@@ -163,4 +167,4 @@ def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
     finally:
         server.stop()
     assert "exiting now" in log.read_text()
-    _finish_on_restart(data, tmp_path, batch_id, 40)
+    _finish_on_restart(data, tmp_path, database, batch_id, 40)

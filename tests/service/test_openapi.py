@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
+from tests.service.dbutil import backends, fresh_database
 from tests.service.live_server import raw_request
 from tests.service.serve_process import ServeProcess
 from tokabatch.service.http.openapi import document
@@ -27,16 +28,17 @@ MAX_EXAMPLES = int(os.environ.get("TOKABATCH_FUZZ_EXAMPLES", "25"))
 DERANDOMIZE = "TOKABATCH_FUZZ_EXAMPLES" not in os.environ
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture(scope="module", params=backends())
+def live(request, tmp_path_factory):
     """`tokabatch serve` with an API key over the fake engine: every route, the batch runner included."""
     folder = tmp_path_factory.mktemp("openapi")
-    server = ServeProcess(folder / "data", folder / "serve.log", "--api-key", "sk-test",
-                          engine="tests.cli.fake_loops:healthy")
-    try:
-        yield server
-    finally:
-        server.stop()
+    with fresh_database(request.param, folder) as url:
+        server = ServeProcess(folder / "data", folder / "serve.log", "--api-key", "sk-test",
+                              engine="tests.cli.fake_loops:healthy", db_url=None if request.param == "sqlite" else url)
+        try:
+            yield server
+        finally:
+            server.stop()
     log = (folder / "serve.log").read_text()
     assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
 

@@ -25,7 +25,7 @@ from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CONFIG, DB, MODELS, now_s, owner_of
 from tokabatch.service.http.schemas import (
     BATCH_LIST_LIMIT, BatchCreate, batch_object, list_object, parse_batch_create, parse_batch_retry, parse_limit,
-    parse_metadata, query_value,
+    parse_metadata, query_value, reject_nul,
 )
 from tokabatch.service.jobs import dry_run, retry
 from tokabatch.service.jobs.webhooks import check_webhook_metadata
@@ -38,11 +38,13 @@ async def read_json(request: web.Request) -> object:
     """The decoded JSON body, or a 400 envelope for an empty or unparseable one."""
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+        reject_nul(body)                  # (nested too deeply for either: a RecursionError)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("We could not parse the JSON body of your request. (HINT: This likely means "
                              "you aren't using your HTTP library correctly. The OpenAI API expects a "
                              "JSON payload.)") from None
+    return body
 
 
 def _batch_loader(request: web.Request) -> idempotency.Loader:

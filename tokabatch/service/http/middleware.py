@@ -66,6 +66,9 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
     try:
+        if "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items()):
+            raise InvalidRequest("The request's path or query holds a NUL character (%00), which no id or "
+                                 "parameter can hold.")
         response = await handler(request)
     except TokabatchError as e:
         response = error_response(e)

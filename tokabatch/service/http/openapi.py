@@ -21,8 +21,8 @@ from tokabatch import __version__
 from tokabatch.service.http import files as files_http
 from tokabatch.service.http.context import CONFIG
 from tokabatch.service.http.schemas import (
-    BATCH_LIST_LIMIT, BATCH_RETRY, FILE_LIST_LIMIT, MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, SUPPORTED_ENDPOINTS,
-    batch_create_schema,
+    BATCH_LIST_LIMIT, BATCH_RETRY, FILE_LIST_LIMIT, MAX_EXPIRES_AFTER_S, MIN_EXPIRES_AFTER_S, NO_NUL,
+    SUPPORTED_ENDPOINTS, batch_create_schema,
 )
 from tokabatch.service.storage.states import BatchStatus
 
@@ -96,11 +96,13 @@ def _op(summary: str, ok: dict, *, body: dict | None = None, params: list[dict] 
 
 
 def _path_param(name: str) -> dict:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": NO_NUL}}
 
 
 def _query(name: str, schema: dict) -> dict:
-    return {"name": name, "in": "query", "required": False, "schema": schema}
+    """A query parameter, given at most once (twice is a 400: schemas.query_value)."""
+    return {"name": name, "in": "query", "required": False,
+            "schema": {**schema, "pattern": NO_NUL} if schema.get("type") == "string" else schema}
 
 
 def _limit(maximum: int) -> dict:

@@ -24,20 +24,22 @@ DEFAULT_WINDOW = "24h"
 WINDOW_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2_592_000
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+NO_NUL = "^[^\\u0000]*$"                # no string may hold U+0000 (the database cannot store it): reject_nul
 BATCH_LIST_LIMIT = 100                   # GET /v1/batches ?limit= at most
 FILE_LIST_LIMIT = 10_000                 # GET /v1/files ?limit= at most (and its default)
 
 METADATA = {
     "type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS,
-    "propertyNames": {"maxLength": MAX_METADATA_KEY},
-    "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+    "propertyNames": {"maxLength": MAX_METADATA_KEY, "pattern": NO_NUL},
+    "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE, "pattern": NO_NUL},
     "description": f"Up to {MAX_METADATA_PAIRS} string pairs (keys up to {MAX_METADATA_KEY} characters, values up to "
                    f"{MAX_METADATA_VALUE}). tokabatch reads `webhook_url` and `dry_run` from it.",
 }
 BATCH_CREATE = {
     "type": "object",
     "properties": {
-        "input_file_id": {"type": "string", "minLength": 1, "description": "A file uploaded with purpose batch."},
+        "input_file_id": {"type": "string", "minLength": 1, "pattern": NO_NUL,
+                          "description": "A file uploaded with purpose batch."},
         "endpoint": {"type": "string", "enum": list(SUPPORTED_ENDPOINTS)},
         "completion_window": {"type": "string", "enum": [DEFAULT_WINDOW]},
         "metadata": METADATA,
@@ -138,7 +140,8 @@ def parse_limit(query: Mapping[str, str], *, default: int, maximum: int) -> int:
 
 
 def parse_order(query: Mapping[str, str]) -> str:
-    order = query_value(query, "order") or "desc"
+    order = query_value(query, "order")
+    order = "desc" if order is None else order
     if order not in ("asc", "desc"):
         raise InvalidRequest(f"Invalid 'order': {order!r}; expected 'asc' or 'desc'.", param="order",
                              code="invalid_value")
@@ -190,6 +193,22 @@ class BatchCreate:
     metadata: dict[str, str] | None
     output_expires_after_s: int | None
     dry_run: bool = False
+
+
+def reject_nul(value: Any, path: str = "") -> None:
+    """InvalidRequest naming the first string (or key) of a decoded JSON body that holds a NUL
+    character: the database cannot store one (PostgreSQL refuses it), so it is the caller's 400."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidRequest(f"Invalid '{path or 'body'}': a string may not hold a NUL character (\\u0000).",
+                                 param=path or None, code="invalid_value")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reject_nul(key, path)
+            reject_nul(item, _join(path, str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            reject_nul(item, f"{path}[{i}]")
 
 
 def check_body(body: Any, schema: dict) -> dict:

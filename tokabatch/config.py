@@ -96,6 +96,9 @@ class StorageConfig:
     db_url: str | None = None            # None: SQLite in data_dir
 
 
+ROLES = ("all", "api", "worker")         # what one `tokabatch serve` process runs (ServerConfig.role)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -104,6 +107,7 @@ class ServerConfig:
     max_upload_bytes: int = 200 * 1024 * 1024
     max_batch_lines: int = 50_000
     allow_custom_windows: bool = False
+    role: str = "all"                    # all: API + engine + runner; api: the API alone; worker: engine + runner
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,20 +187,29 @@ def load_config(
         raise ConfigError("page_size, max_seqs and max_tokens_per_step must be positive")
     engine_cfg = _checked_engine(_replace(EngineConfig(model=model_cfg, scheduler=scheduler_cfg), **given(engine)))
     server_cfg = _replace(ServerConfig(), **server_values)
-    runner_cfg = _replace(RunnerConfig(), **given(runner))
-    if runner_cfg.shutdown_grace_s < 0:
-        raise ConfigError("--shutdown-grace must not be negative", param="shutdown_grace")
-    if runner_cfg.order_window < 1:
-        raise ConfigError("order_window must be at least 1 (1 feeds a batch in file order)")
+    if server_cfg.role not in ROLES:
+        raise ConfigError(f"the role must be one of {', '.join(ROLES)}, not {server_cfg.role!r}", param="role")
     if server_cfg.max_upload_bytes < 1 or server_cfg.max_batch_lines < 1:
         raise ConfigError("--max-upload-bytes and --max-batch-lines must be positive")
     return Config(
         engine=engine_cfg,
         storage=_replace(StorageConfig(), **storage_values),
         server=server_cfg,
-        runner=runner_cfg,
+        runner=_checked_runner(_replace(RunnerConfig(), **given(runner))),
         webhooks=_webhook_config(given(webhooks), env),
     )
+
+
+def _checked_runner(cfg: RunnerConfig) -> RunnerConfig:
+    if cfg.lease_s < 1:
+        raise ConfigError("--lease must be at least 1 second", param="lease")
+    if cfg.shutdown_grace_s < 0:
+        raise ConfigError("--shutdown-grace must not be negative", param="shutdown_grace")
+    if cfg.order_window < 1:
+        raise ConfigError("order_window must be at least 1 (1 feeds a batch in file order)")
+    if cfg.heartbeat_s > cfg.lease_s / 3:         # three heartbeats a lease: one late write is no lapse
+        cfg = _replace(cfg, heartbeat_s=cfg.lease_s / 3)
+    return cfg
 
 
 def _checked_engine(cfg: EngineConfig) -> EngineConfig:

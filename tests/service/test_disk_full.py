@@ -143,7 +143,7 @@ def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
 
     data = small_disk / "data"
     log = tmp_path / "serve.log"
-    server = ServeProcess(data, log)
+    server = ServeProcess(data, log, "--lease", "3")     # the claim lapses soon when its release cannot be written
     try:
         client = server.client()
         # An upload larger than the disk: a 507 envelope, and no partial file left behind.

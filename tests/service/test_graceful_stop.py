@@ -105,7 +105,7 @@ def _wait_completed(server: ServeProcess, batch_id: str, at_least: int) -> None:
 
 
 def _finish_on_restart(data: Path, tmp_path: Path, db_url: str | None, batch_id: str, num_lines: int) -> None:
-    server = ServeProcess(data, tmp_path / "restart.log", "--shutdown-grace", "5", db_url=db_url)
+    server = ServeProcess(data, tmp_path / "restart.log", "--shutdown-grace", "5", "--lease", "3", db_url=db_url)
     try:
         client = server.client()
         deadline = time.monotonic() + 120
@@ -153,11 +153,11 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path, database):
 
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
-    # On SQLite only: the signals do not depend on the database, and the restart waits out the
-    # 30 s lease the exit left behind.
+    # On SQLite only: the signals do not depend on the database. The restart waits out the lease (3 s
+    # here) the exit left behind.
     data, log = tmp_path / "data", tmp_path / "serve.log"
     database = None
-    server = ServeProcess(data, log, "--shutdown-grace", "120", db_url=database)
+    server = ServeProcess(data, log, "--shutdown-grace", "120", "--lease", "3", db_url=database)
     try:
         batch_id = _submit(server, 40)
         _wait_completed(server, batch_id, 4)

@@ -40,6 +40,7 @@ _run.register(app)
 @app.command("serve")
 @one_line_errors
 def serve(
+    ctx: typer.Context,
     model: str = typer.Option("demo", "--model", help="An HF model folder, or 'demo' (fetched once)."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
                                                     help="The model id clients name (default: the folder's name)."),
@@ -73,6 +74,12 @@ def serve(
                                               "metadata.webhook_url wins."),
     webhook_secret: Optional[str] = typer.Option(None, "--webhook-secret", help="whsec_<base64>: signs the events "
                                                  "(env TOKABATCH_WEBHOOK_SECRET keeps it out of ps)."),
+    role: Optional[str] = typer.Option(None, "--role", help="all (default: API, engine and batch runner), api (the "
+                                       "API alone, over a shared database and data dir) or worker (engine and "
+                                       "batch runner, online endpoints, /health, /metrics; as `tokabatch worker`)."),
+    lease: Optional[float] = typer.Option(None, "--lease", help="Seconds a claimed batch stays this process's "
+                                          "after its last heartbeat (default 30): how soon another process takes "
+                                          "over the batches of one that died."),
     shutdown_grace: Optional[float] = typer.Option(None, "--shutdown-grace", help="Seconds that work in flight "
                                                    "may finish after SIGTERM/Ctrl-C (default 20; a second signal "
                                                    "exits at once)."),
@@ -81,7 +88,8 @@ def serve(
                                                       "(tests, benchmarks: "
                                                       "tokabatch.engine.simulated:build_simulated_loop)."),
 ) -> None:
-    """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it)."""
+    """Run the server: migrations, the engine process, the HTTP API and the batch runner (Ctrl-C stops it).
+    `tokabatch worker` is the same with --role worker."""
     from tokabatch import model_store
     from tokabatch.config import load_config
     from tokabatch.logs import FORMATS, configure_logging
@@ -97,9 +105,10 @@ def serve(
         storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db},
         server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
-                "allow_custom_windows": allow_custom_windows},
+                "allow_custom_windows": allow_custom_windows,
+                "role": role or ("worker" if ctx.info_name == "worker" else None)},
         webhooks={"url": webhook_url, "secret": webhook_secret},
-        runner={"shutdown_grace_s": shutdown_grace},
+        runner={"shutdown_grace_s": shutdown_grace, "lease_s": lease},
     )
     if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "
@@ -108,6 +117,11 @@ def serve(
     _check_port_free(config.server.host, config.server.port)   # and a taken port before the model loads
     configure_logging(log_level, log_format)
     run_server(config)
+
+
+app.command("worker", help="A worker: the engine process and the batch runner over a shared database and data "
+                           "dir, with the online endpoints, /health and /metrics (serve --role worker). Start "
+                           "the API with `tokabatch serve --role api`.")(serve)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -370,12 +370,14 @@ class EngineClient:
     def _join_all(self, terminate: bool) -> None:
         self._writer.join(timeout=10)
         if self._process is not None:
+            # SIGKILL, not SIGTERM: the engine process ignores SIGTERM (its stop is ours to order:
+            # loop_protocol.serve_in_child), so only a kill cuts a start that hangs.
             if terminate and self._process.is_alive():
-                self._process.terminate()
+                self._process.kill()
             self._process.join(timeout=30)
             if self._process.is_alive():
-                log.warning("the engine process did not exit in 30 s; terminating it")
-                self._process.terminate()
+                log.warning("the engine process did not exit in 30 s; killing it")
+                self._process.kill()
                 self._process.join(timeout=10)
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -76,11 +76,13 @@ def make_app(
     served_model_names: Sequence[str] = (),
     clock: Callable[[], float] = time.time,
     sweep_interval_s: float | None = SWEEP_INTERVAL_S,
+    api_routes: bool = True,
 ) -> web.Application:
     """The HTTP app. `db`/`blobs` given: used as is and not closed here (the caller owns them);
     omitted: opened from `config.storage` (migrations applied) for the app's lifetime.
     `served_model_names[0]` is the name written on batches; the rest are aliases (e.g. "demo").
-    `sweep_interval_s`: how often expired files and idempotency keys are removed (None: never)."""
+    `sweep_interval_s`: how often expired files and idempotency keys are removed (None: never).
+    Without `api_routes` (a worker) only the models, health and document routes are served."""
     app = web.Application(middlewares=[request_id_and_errors, auth], client_max_size=JSON_BODY_LIMIT_BYTES)
     app[CONFIG] = config
     app[CLOCK] = clock
@@ -96,8 +98,9 @@ def make_app(
     app[BLOBS] = store
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_sweeper(sweep_interval_s))
-    app.add_routes(files.routes)
-    app.add_routes(batches.routes)
+    if api_routes:
+        app.add_routes(files.routes)
+        app.add_routes(batches.routes)
     app.add_routes(models.routes)
     app.add_routes(openapi.routes)
     return app

@@ -24,6 +24,7 @@ from aiohttp import web
 from tokabatch.config import Config
 from tokabatch.engine.api import Engine
 from tokabatch.engine.supervisor import start_engine
+from tokabatch.model_store import served_model_name
 from tokabatch.text import Tokenizer
 from tokabatch.service.app import make_app
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CLOCK, DB, MODELS, PROBLEMS, ServedModels
@@ -33,6 +34,8 @@ from tokabatch.service.storage import db as dbmod
 from tokabatch.service.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
+ROLE_NAMES = {"all": "API, engine and batch runner", "api": "API only: workers run the batches",
+              "worker": "worker: engine, batch runner and online endpoints"}
 
 
 class Runner(Protocol):
@@ -158,12 +161,17 @@ async def serve_async(
     left in reverse after the HTTP site has stopped, so no request lands on a closed store."""
     stop = stop or asyncio.Event()
     remove_signals = _install_stop_signals(stop)
-    app = make_app(config)
+    role = config.server.role
     runners: list[Runner] = []
-    app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))
-    app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory, runners))
+    if role == "api":         # no engine here: the name batches are written with comes from the config
+        app = make_app(config, served_model_names=(served_model_name(config.engine.model.path,
+                                                                      config.engine.model.served_model_name),))
+    else:
+        app = make_app(config, api_routes=role == "all")
+        app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))
+        app.cleanup_ctx.append(_runner_context(config, runner_factory or default_runner_factory, runners))
+        app.add_routes(online.routes)
     app.cleanup_ctx.append(_webhook_context(config))
-    app.add_routes(online.routes)
     metrics.install(app)
     # Online requests in flight at the stop may finish within the same grace as batch lines.
     app_runner = web.AppRunner(app, handle_signals=False, access_log=None,   # middleware logs requests
@@ -173,7 +181,7 @@ async def serve_async(
         site = web.TCPSite(app_runner, config.server.host, config.server.port)
         await site.start()
         port = app_runner.addresses[0][1]
-        log.info("tokabatch listening on http://%s:%s/v1", config.server.host, port)
+        log.info("tokabatch listening on http://%s:%s/v1 (%s)", config.server.host, port, ROLE_NAMES[role])
         if on_started is not None:
             on_started(port)
         await stop.wait()

@@ -12,7 +12,8 @@ supervisor loop heartbeats, writes request_counts/usage every `progress_interval
 row for cancel, the clock for expiry and the runner for stop. The lines themselves go through
 feed.py (prepare, order, generate, gather, write), in the file-level prompt order that validation's
 pass over the file also builds (ordering.py), so that lines sharing a prompt prefix are resident
-together. `wake()` (called when a batch is created) makes an idle runner look for work at once.
+together. What one claim holds and how a batch ends (sealing, the terminal transition) is job.py.
+`wake()` (called when a batch is created) makes an idle runner look for work at once.
 
 Talks to the engine only through engine/api (`Engine.generate` with back-pressure); must not
 import torch or aiohttp.
@@ -22,13 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import secrets
-import shutil
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -36,12 +34,13 @@ from tokabatch.config import RunnerConfig
 from tokabatch.engine.api import Engine
 from tokabatch.errors import EngineUnavailable
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
+from tokabatch.service.jobs.job import (
+    ABORTED, CANCEL, END_MESSAGES, EXPIRE, LOST, MAX_ATTEMPTS, STOP, Claim, Interruption, Job, finish, write_unwritten,
+)
 from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
 from tokabatch.service.jobs.outputs import ResultWriter, WorkFolderBusy, hold_work_folder
-from tokabatch.service.jobs.pace import Pace
 from tokabatch.service.jobs.outputs import preload as preload_outputs
-from tokabatch.service.jobs.parse import iter_requests, validate_input_file
-from tokabatch.service.jobs.seal import seal_results
+from tokabatch.service.jobs.parse import validate_input_file
 from tokabatch.service.storage.states import BatchStatus
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
@@ -53,37 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 S = BatchStatus
-
-class Interruption(enum.Enum):
-    """Why supervised work stopped before it finished."""
-
-    CANCEL = "cancel"                    # the batch is cancelling
-    EXPIRE = "expire"                    # its completion window ended
-    STOP = "stop"                        # this runner is stopping
-    LOST = "lost"                        # another worker holds the batch now
-
-
-CANCEL, EXPIRE, STOP, LOST = Interruption
-END_MESSAGES = {
-    CANCEL: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
-    EXPIRE: ("batch_expired", "This request could not be executed before the completion window expired."),
-}
-ABORTED = ("engine_error", "The engine stopped this request before it finished.")
-MAX_ATTEMPTS = 5                         # claims of one batch in which the engine failed lines, before those
-                                         # lines are written as error lines
-
-
-@dataclass(slots=True)
-class _Job:
-    batch: Batch
-    writer: ResultWriter
-    input_path: Path
-    spans: list[Span] | None = None      # the file-level feed order, when validation just built it
-    num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
-    feed: Feed | None = None             # while the lines run: drained on a graceful stop
-    pace: Pace = field(default_factory=Pace)                  # live throughput and ETA, sampled per progress write
-    seconds: dict[str, float] = field(default_factory=dict)   # this claim's phases, logged at the end
-
 
 class BatchRunner:
     """Runs batches until stopped. One runner per process; several may share a database."""
@@ -101,6 +69,7 @@ class BatchRunner:
         self.work_root = Path(work_root) if work_root is not None else blobs.root.parent / "work"
         self.max_batch_lines = max_batch_lines
         self.worker_id = worker_id or f"{socket.gethostname()}:{secrets.token_hex(4)}"
+        self.claim = Claim(db, blobs, self.worker_id, config.lease_s, clock)
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._woken = asyncio.Event()
@@ -108,9 +77,6 @@ class BatchRunner:
         self._problem: str | None = None     # why the last turn of the loop failed (health), None when fine
         self._disk_full: str | None = None   # why the last batch paused for space, until one runs without
         self._num_full = 0                   # batches paused for space in a row (the back-off doubles)
-
-    def _now(self) -> int:
-        return int(self.clock())
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -237,20 +203,20 @@ class BatchRunner:
         job = None
         with contextlib.ExitStack() as stack:
             if batch.in_progress_at is not None:
-                job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+                job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
                 stack.enter_context(hold_work_folder(job.writer.work_dir))
                 try:
                     job.writer.open()
-                    await asyncio.to_thread(self._write_unwritten, job, "batch_failed", message)
+                    await asyncio.to_thread(write_unwritten, job, "batch_failed", message)
                 except Exception:             # the input cannot be read again: keep what is written
                     log.exception("batch %s: the unwritten lines could not be written as failed", batch.id)
                     job.writer.close()
             to = S.CANCELLED if batch.status == S.CANCELLING.value else S.FAILED
             try:
-                await self._finish(batch, to, job, errors=errors if to is S.FAILED else None)
+                await finish(self.claim, batch, to, job, errors=errors if to is S.FAILED else None)
             except Exception:                 # sealing failed too: end it without files (the work folder stays)
                 log.exception("batch %s: its results could not be sealed; ending it without them", batch.id)
-                await self._finish(batch, to, None, errors=errors if to is S.FAILED else None)
+                await finish(self.claim, batch, to, None, errors=errors if to is S.FAILED else None)
 
     async def _run_batch(self, batch: Batch) -> None:
         spans = None
@@ -260,9 +226,9 @@ class BatchRunner:
                 return
         if batch.status == S.CANCELLING.value and batch.in_progress_at is None:
             # Cancelled before validation finished: no line was accepted, so nothing to write.
-            await self._finish(batch, S.CANCELLED, None)
+            await finish(self.claim, batch, S.CANCELLED, None)
             return
-        job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
+        job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
         with hold_work_folder(job.writer.work_dir):
             job.writer.open()
             try:
@@ -295,7 +261,7 @@ class BatchRunner:
                      "message": f"The batch input file is unusable: {problem}."}
             await self._fail(batch, [error])
             return None, None
-        job = _Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
         collector = SpanCollector() if self.config.order_window > 1 else None
         report_box: list[Any] = []
         began = time.monotonic()
@@ -309,7 +275,7 @@ class BatchRunner:
         outcome = await self._supervise(job, validate())
         if outcome is not None:
             if outcome == EXPIRE:
-                await self._finish(batch, S.EXPIRED, None)
+                await finish(self.claim, batch, S.EXPIRED, None)
             elif outcome == STOP:
                 await repo.release_claim(self.db, batch.id, self.worker_id)
             return (await repo.get_batch(self.db, batch.id, owner=None) if outcome == CANCEL else None), None
@@ -317,7 +283,7 @@ class BatchRunner:
         if report.errors:
             await self._fail(batch, [e.to_dict() for e in report.errors])
             return None, None
-        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self._now(), held_by=self.worker_id,
+        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self.claim.now(), held_by=self.worker_id,
                                            request_total=report.num_requests, model=self._model_id()):
             return await repo.get_batch(self.db, batch.id, owner=None), None   # cancelled meanwhile
         spans = await asyncio.to_thread(collector.spans) if collector is not None else None
@@ -332,11 +298,11 @@ class BatchRunner:
     async def _fail(self, batch: Batch, errors: list[dict]) -> None:
         log.info("batch %s failed validation: %d error(s)", batch.id, len(errors),
                  extra={"batch_id": batch.id, "status": S.FAILED.value, "num_errors": len(errors)})
-        await repo.transition_batch(self.db, batch.id, S.FAILED, self._now(), held_by=self.worker_id, errors=errors,
-                                    worker_id=None, lease_expires_at=None)
+        await repo.transition_batch(self.db, batch.id, S.FAILED, self.claim.now(), held_by=self.worker_id,
+                                    errors=errors, worker_id=None, lease_expires_at=None)
 
     # ---- executing --------------------------------------------------------------------------------
-    async def _execute(self, job: _Job) -> None:
+    async def _execute(self, job: Job) -> None:
         spans = job.spans
         if spans is None and self.config.order_window > 1:   # resumed: the order is built again
             spans = await asyncio.to_thread(clustered_spans, job.input_path)
@@ -356,7 +322,7 @@ class BatchRunner:
             job.seconds.update(first_fed_s=feed.result.first_fed_s or 0.0, feed_s=time.monotonic() - began)
 
     # ---- supervising ------------------------------------------------------------------------------
-    async def _supervise(self, job: _Job, work: Awaitable[None]) -> Interruption | None:
+    async def _supervise(self, job: Job, work: Awaitable[None]) -> Interruption | None:
         """Run `work` while heartbeating, writing progress and watching for cancel/expiry/stop.
         Returns None when `work` finished, else why it was interrupted (CANCEL, EXPIRE, STOP, LOST).
         On stop, running lines (job.feed) first drain for up to `shutdown_grace_s`: no new line is
@@ -398,7 +364,7 @@ class BatchRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _interruption(self, job: _Job) -> Interruption | None:
+    async def _interruption(self, job: Job) -> Interruption | None:
         if self._stopping.is_set():
             return STOP
         row = await repo.get_batch(self.db, job.batch.id, owner=None)
@@ -410,7 +376,7 @@ class BatchRunner:
             return EXPIRE
         return None
 
-    async def _write_progress(self, job: _Job) -> None:
+    async def _write_progress(self, job: Job) -> None:
         t = job.writer.totals
         job.pace.sample(t.output_tokens)
         lines_left = job.batch.request_total - t.num_completed - t.num_failed
@@ -423,7 +389,7 @@ class BatchRunner:
                                              output_tokens=t.output_tokens))
 
     # ---- concluding -------------------------------------------------------------------------------
-    async def _conclude(self, job: _Job, outcome: Interruption | None) -> None:
+    async def _conclude(self, job: Job, outcome: Interruption | None) -> None:
         batch = job.batch
         if outcome in (STOP, LOST):
             await self._write_progress(job)
@@ -442,56 +408,17 @@ class BatchRunner:
                     "line(s)", not_before=self.clock() + self._retry_after_s(batch.num_engine_retries + 1))
                 return
             # Every line has its result, except lines the engine aborted on its own: those end as errors.
-            await asyncio.to_thread(self._write_unwritten, job, *ABORTED)
-            if await repo.transition_batch(self.db, batch.id, S.FINALIZING, self._now(), held_by=self.worker_id):
-                return await self._finish(batch, S.COMPLETED, job)
+            await asyncio.to_thread(write_unwritten, job, *ABORTED)
+            if await repo.transition_batch(self.db, batch.id, S.FINALIZING, self.claim.now(), held_by=self.worker_id):
+                return await finish(self.claim, batch, S.COMPLETED, job)
             row = await repo.get_batch(self.db, batch.id, owner=None)
             if row.status == S.FINALIZING.value:
-                return await self._finish(batch, S.COMPLETED, job)
+                return await finish(self.claim, batch, S.COMPLETED, job)
             outcome = CANCEL if row.status == S.CANCELLING.value else None
             if outcome is None:
                 return
-        await asyncio.to_thread(self._write_unwritten, job, *END_MESSAGES[outcome])
-        await self._finish(batch, S.CANCELLED if outcome == CANCEL else S.EXPIRED, job)
-
-    @staticmethod
-    def _write_unwritten(job: _Job, code: str, message: str) -> None:
-        if len(job.writer.done_custom_ids) >= job.batch.request_total:
-            return                            # every line has its result: no need to read the file again
-        for line_no, custom_id, _body in iter_requests(job.input_path):
-            if custom_id not in job.writer.done_custom_ids:
-                job.writer.write_error(custom_id, code=code, message=message, line_no=line_no)
-
-    async def _finish(self, batch: Batch, to: BatchStatus, job: _Job | None, *,
-                      errors: list[dict] | None = None) -> None:
-        """Seal the files (if any lines) and make the terminal transition with counts and usage."""
-        fields: dict[str, Any] = {"worker_id": None, "lease_expires_at": None}
-        if errors is not None:
-            fields["errors"] = errors
-        seconds: dict[str, float] = {}
-        if job is not None:
-            if not await repo.heartbeat(self.db, batch.id, self.worker_id, self.config.lease_s, self.clock()):
-                log.warning("batch %s: its claim was lost before sealing; leaving it to the new holder", batch.id)
-                return
-            began = time.monotonic()
-            sealed = await seal_results(self.db, self.blobs, batch, job.writer, now_s=self._now())
-            seconds = {**job.seconds, "seal_s": time.monotonic() - began}
-            t = job.writer.totals
-            fields.update(
-                output_file_id=sealed.output_file_id, error_file_id=sealed.error_file_id,
-                output_parquet_file_id=sealed.output_parquet_file_id, request_completed=t.num_completed,
-                request_failed=t.num_failed, input_tokens=t.input_tokens, cached_tokens=t.cached_tokens,
-                output_tokens=t.output_tokens, reasoning_tokens=t.reasoning_tokens, total_tokens=t.total_tokens)
-        if await repo.transition_batch(self.db, batch.id, to, self._now(), held_by=self.worker_id, **fields):
-            log.info("batch %s %s", batch.id, to.value, extra={
-                "batch_id": batch.id, "status": to.value, "completed": fields.get("request_completed"),
-                "failed": fields.get("request_failed"), "output_tokens": fields.get("output_tokens"),
-                **{name: round(value, 3) for name, value in seconds.items()}})
-            if job is not None:
-                shutil.rmtree(job.writer.work_dir, ignore_errors=True)
-        else:
-            log.warning("batch %s: could not move to %s (its status changed or its claim was lost meanwhile)",
-                        batch.id, to.value)
+        await asyncio.to_thread(write_unwritten, job, *END_MESSAGES[outcome])
+        await finish(self.claim, batch, S.CANCELLED if outcome == CANCEL else S.EXPIRED, job)
 
 
 __all__ = ["BatchRunner"]

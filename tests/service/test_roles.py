@@ -57,6 +57,15 @@ def test_an_api_process_and_two_workers_share_the_batches(backend, tmp_path):
                 out = client.files.content(b.output_file_id).text.splitlines()
                 assert sorted(json.loads(x)["custom_id"] for x in out) == sorted(f"b{n}-{i}" for i in range(8))
                 assert b.request_counts.completed == 8 and b.request_counts.failed == 0
+            # A dry run on the API node: its tokenizer and limits come from the model folder, no engine.
+            dry = urllib.request.Request(api.url + "/v1/batches", method="POST", headers={
+                "Content-Type": "application/json"}, data=json.dumps({
+                    "input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                    "dry_run": True}).encode())
+            with urllib.request.urlopen(dry, timeout=60) as r:
+                report = json.loads(r.read())
+            assert report["valid"] and report["request_counts"]["total"] == 8, report
+            assert report["usage"]["input_tokens"] > 0 and report["usage"]["expected_output_tokens"] == 8 * 4
             # Who serves what: the API has no engine (no online endpoints), workers no Files/Batch API.
             chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
             assert _status(api.url + "/v1/chat/completions", "POST", chat) == 404

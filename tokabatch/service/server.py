@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from aiohttp import web
 
 from tokabatch.config import Config
-from tokabatch.engine.api import Engine
+from tokabatch.engine.api import Engine, ModelInfo
 from tokabatch.engine.supervisor import start_engine
 from tokabatch.model_store import served_model_name
 from tokabatch.text import Tokenizer
@@ -114,6 +115,25 @@ def default_runner_factory(config: Config, db: dbmod.Database, blobs: BlobStore,
     return _RunnerTask(runner)
 
 
+def folder_model(config: Config) -> tuple[ModelInfo, Tokenizer]:
+    """The served model as an API node sees it, without an engine or weights: its name, its limits
+    from config.json and its tokenizer (what dry runs need; their output estimate has no length
+    history here, so it counts every line's max_tokens)."""
+    from tokabatch.model_store import resolve_model_path
+
+    model = config.engine.model
+    folder = resolve_model_path(model.path)
+    spec = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_folder(folder)
+    eos = spec.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
+    info = ModelInfo(model_id=served_model_name(model.path, model.served_model_name),
+                     context_length=int(spec["max_position_embeddings"]), vocab_size=int(spec["vocab_size"]),
+                     eos_token_ids=tuple(dict.fromkeys(eos_ids + tokenizer.eos_token_ids)),
+                     page_size=config.engine.scheduler.page_size, device="none (API node)", dtype=model.dtype)
+    return info, tokenizer
+
+
 def served_model_names(config: Config, engine: Engine) -> tuple[str, ...]:
     """The one name clients use: the engine's (`--served-model-name`, else the folder's name, or
     `demo` for the demo model). /v1/models lists it and request bodies must name it."""
@@ -163,9 +183,10 @@ async def serve_async(
     remove_signals = _install_stop_signals(stop)
     role = config.server.role
     runners: list[Runner] = []
-    if role == "api":         # no engine here: the name batches are written with comes from the config
-        app = make_app(config, served_model_names=(served_model_name(config.engine.model.path,
-                                                                      config.engine.model.served_model_name),))
+    if role == "api":         # no engine here: the model's folder gives its name, tokenizer and limits
+        info, tokenizer = folder_model(config)
+        app = make_app(config, engine_info=info)
+        app[online.TOKENIZER] = tokenizer        # dry runs prepare every line with it
     else:
         app = make_app(config, api_routes=role == "all")
         app.cleanup_ctx.append(_engine_context(config, engine_factory or default_engine_factory))

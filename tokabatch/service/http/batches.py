@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tokabatch.engine.api import EngineStats
 from tokabatch.errors import EngineUnavailable, InvalidRequest, NotFound
 from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CONFIG, DB, MODELS, now_s, owner_of
@@ -84,9 +85,12 @@ async def _dry_run(request: web.Request, params: BatchCreate) -> web.Response:
     from tokabatch.service.http.online import ENGINE, TOKENIZER   # online imports this module (read_json)
 
     engine, tokenizer = request.app.get(ENGINE), request.app.get(TOKENIZER)
-    if engine is None or tokenizer is None:
+    info = engine.info if engine is not None else request.app[MODELS].info
+    if tokenizer is None or info is None:
         raise EngineUnavailable("A dry run prepares every line with the served model's tokenizer; this server "
-                                "runs no model.")
+                                "has no model.")
+    # An API node (serve --role api) has no engine: no length history, so every max_tokens counts in full.
+    stats = engine.stats() if engine is not None else EngineStats()
     db, owner = request.app[DB], owner_of(request)
     input_file = await repo.get_file(db, params.input_file_id, owner=owner, now_s=now_s(request))
     if input_file is None or input_file.purpose != "batch" or not request.app[BLOBS].exists(input_file.id):
@@ -95,8 +99,8 @@ async def _dry_run(request: web.Request, params: BatchCreate) -> web.Response:
     report = await asyncio.to_thread(
         dry_run.dry_run, request.app[BLOBS].path(input_file.id), endpoint=params.endpoint,
         served_model_names=set(request.app[MODELS].names), max_lines=request.app[CONFIG].server.max_batch_lines,
-        tokenizer=tokenizer, model_info=engine.info, stats=engine.stats())
-    dry_run.estimate(report, await repo.recent_output_rate(db, model=engine.info.model_id))
+        tokenizer=tokenizer, model_info=info, stats=stats)
+    dry_run.estimate(report, await repo.recent_output_rate(db, model=info.model_id))
     return web.json_response(report.to_dict(input_file_id=input_file.id, endpoint=params.endpoint,
                                             model=request.app[MODELS].primary))
 

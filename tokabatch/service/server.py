@@ -5,7 +5,9 @@ reverse on SIGINT/SIGTERM (HTTP first so no request lands on a closed store). Th
 the runner stops feeding at once and lets the lines in flight finish while HTTP lets the requests in
 flight finish, each for up to `shutdown_grace_s`; then claims are released, the engine process is
 closed, and the process exits 0. A second signal exits at once (the written lines are kept, the
-lease lapses). The engine runs in
+lease lapses). `config.server.role` picks what this process runs over the shared database: all of
+it, the API alone (`api`: no engine; the model folder's config and tokenizer serve dry runs), or a
+worker (`worker`: engine, batch runner and online endpoints, no Files or Batch API). The engine runs in
 its own process (engine/supervisor.start_engine); this module never imports torch. `engine_factory` and
 `runner_factory` let tests swap either part.
 """

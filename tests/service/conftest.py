@@ -18,6 +18,17 @@ def db_url(request, tmp_path):
         yield url
 
 
+@pytest.fixture(params=backends())
+def serve_db(request, tmp_path):
+    """For a `tokabatch serve` process (serve_process.py): None, SQLite in its data dir, or a fresh
+    PostgreSQL database's URL when TOKABATCH_TEST_DATABASE_URL is set."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
 async def db(db_url):
     """An open Database migrated to head."""

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from tests.service.jobsutil import tiny_tokenizer
-from tests.service.serve_process import ServeProcess
+from tests.service.serve_process import ServeProcess, read_batch
 from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, fake_engine, make_runner, new_batch, run_to_terminal, wait_for,
 )
@@ -138,12 +138,14 @@ def _fill(folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
+def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path, serve_db):
+    """(With PostgreSQL the database is not on the small disk: the files and work folders are.)"""
     import openai
 
     data = small_disk / "data"
     log = tmp_path / "serve.log"
-    server = ServeProcess(data, log, "--lease", "3")     # the claim lapses soon when its release cannot be written
+    # --lease 3: the claim lapses soon when its release cannot be written (SQLite on the full disk)
+    server = ServeProcess(data, log, "--lease", "3", db_url=serve_db)
     try:
         client = server.client()
         # An upload larger than the disk: a 507 envelope, and no partial file left behind.
@@ -187,7 +189,8 @@ def test_a_full_disk_under_serve_loses_nothing(small_disk, tmp_path):
         server.stop()
     text = log.read_text()
     assert "the disk is full" in text and "Traceback" not in text, text[-4000:]
-    with sqlite3.connect(data / "tokabatch.db") as con:
-        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
-        assert con.execute("select num_failures from batches").fetchone()[0] == 0
+    assert read_batch(server.db_url, batch.id).num_failures == 0
+    if serve_db is None:
+        with sqlite3.connect(data / "tokabatch.db") as con:
+            assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
 

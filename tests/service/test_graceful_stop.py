@@ -19,7 +19,6 @@ from tests.service.runnerutil import (
     FAST, assert_exactly_once, chat_line, executed_lines, fake_engine, make_runner, new_batch, run_to_terminal,
     wait_for,
 )
-from tests.service.dbutil import backends, fresh_database
 from tests.service.serve_process import ServeProcess, read_batch
 from tokabatch.service.storage import repo
 
@@ -118,18 +117,9 @@ def _finish_on_restart(data: Path, tmp_path: Path, db_url: str | None, batch_id:
         server.stop()
 
 
-@pytest.fixture(params=backends())
-def database(request, tmp_path):
-    """None (SQLite in the data dir) or a fresh PostgreSQL database's URL."""
-    if request.param == "sqlite":
-        yield None
-        return
-    with fresh_database(request.param, tmp_path) as url:
-        yield url
-
-
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path, database):
+def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path, serve_db):
+    database = serve_db
     data, log = tmp_path / "data", tmp_path / "serve.log"
     server = ServeProcess(data, log, "--shutdown-grace", "20", db_url=database)
     try:
@@ -152,11 +142,10 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(tmp_path, database):
 
 
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path):
-    # On SQLite only: the signals do not depend on the database. The restart waits out the lease (3 s
-    # here) the exit left behind.
+def test_a_second_signal_exits_at_once_and_loses_nothing(tmp_path, serve_db):
+    # The restart waits out the lease (3 s here) the exit left behind.
     data, log = tmp_path / "data", tmp_path / "serve.log"
-    database = None
+    database = serve_db
     server = ServeProcess(data, log, "--shutdown-grace", "120", "--lease", "3", db_url=database)
     try:
         batch_id = _submit(server, 40)

@@ -36,8 +36,8 @@ def _hostile(model: str) -> list[tuple[str, dict, str]]:
     ]
 
 
-def test_hostile_lines_are_each_a_400_and_memory_stays_bounded(tmp_path):
-    server = ServeProcess(tmp_path / "data", tmp_path / "serve.log")
+def test_hostile_lines_are_each_a_400_and_memory_stays_bounded(tmp_path, serve_db):
+    server = ServeProcess(tmp_path / "data", tmp_path / "serve.log", db_url=serve_db)
     try:
         client = server.client()
         model = client.models.list().data[0].id
@@ -76,8 +76,8 @@ def test_hostile_lines_are_each_a_400_and_memory_stays_bounded(tmp_path):
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
-def test_a_nesting_bomb_fails_its_batch_at_validation_with_the_line_number(tmp_path):
-    server = ServeProcess(tmp_path / "data", tmp_path / "serve.log")
+def test_a_nesting_bomb_fails_its_batch_at_validation_with_the_line_number(tmp_path, serve_db):
+    server = ServeProcess(tmp_path / "data", tmp_path / "serve.log", db_url=serve_db)
     try:
         client = server.client()
         model = client.models.list().data[0].id

@@ -132,6 +132,8 @@ class WebhookConfig:
     max_attempts: int = 8                # then the event is abandoned (its last error kept)
     timeout_s: float = 10.0              # one delivery attempt
     poll_interval_s: float = 1.0         # how often the sender looks for due events
+    allowed_hosts: tuple[str, ...] = ()  # hosts a batch's metadata.webhook_url may name ("x.com", or ".x.com" for
+                                         # its subdomains too); empty: any (servers that callers can trust)
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,17 @@ def test_a_webhook_url_in_metadata_must_be_absolute_http_and_signable():
         assert (error.value.param, error.value.code) == ("metadata.webhook_url", "invalid_value")
 
 
+def test_an_allow_list_keeps_webhooks_off_other_hosts():
+    allowed = ("hooks.example.com", ".ci.example.org")
+    for url in ("https://hooks.example.com/h", "https://HOOKS.example.com:8443/x", "http://a.ci.example.org/"):
+        check_webhook_metadata({"webhook_url": url}, secret_configured=True, allowed_hosts=allowed)
+    for url in ("http://127.0.0.1:8080/admin", "http://169.254.169.254/latest", "https://example.com/h",
+                "https://hooks.example.com.evil.net/", "https://evilci.example.org/"):
+        with pytest.raises(InvalidRequest, match="only to hooks.example.com") as error:
+            check_webhook_metadata({"webhook_url": url}, secret_configured=True, allowed_hosts=allowed)
+        assert error.value.param == "metadata.webhook_url"
+
+
 async def _events(server: FakeServer) -> list:
     db = await dbmod.Database.open(dbmod.database_url(server.config.storage))
     try:

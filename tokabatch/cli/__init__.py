@@ -83,6 +83,9 @@ def serve(
     shutdown_grace: Optional[float] = typer.Option(None, "--shutdown-grace", help="Seconds that work in flight "
                                                    "may finish after SIGTERM/Ctrl-C (default 20; a second signal "
                                                    "exits at once)."),
+    webhook_allow_host: list[str] = typer.Option([], "--webhook-allow-host", help="A host a batch's "
+                                                 "metadata.webhook_url may name, repeatable ('.example.com' also "
+                                                 "allows its subdomains); none given: any host."),
     engine_factory: Optional[str] = typer.Option(None, "--engine-factory", hidden=True,
                                                  help="module:function building the StepLoop from engine_config= "
                                                       "(tests, benchmarks: "
@@ -107,7 +110,8 @@ def serve(
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows,
                 "role": role or ("worker" if ctx.info_name == "worker" else None)},
-        webhooks={"url": webhook_url, "secret": webhook_secret},
+        webhooks={"url": webhook_url, "secret": webhook_secret,
+                  "allowed_hosts": tuple(webhook_allow_host) or None},
         runner={"shutdown_grace_s": shutdown_grace, "lease_s": lease},
     )
     if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -48,6 +48,12 @@ async def read_json(request: web.Request) -> object:
     return body
 
 
+def _check_webhook(request: web.Request, metadata: dict[str, str] | None) -> None:
+    webhooks = request.app[CONFIG].webhooks
+    check_webhook_metadata(metadata, secret_configured=webhooks.secret is not None,
+                           allowed_hosts=webhooks.allowed_hosts)
+
+
 def _batch_loader(request: web.Request) -> idempotency.Loader:
     async def load(batch_id: str) -> Any:
         return await repo.get_batch(request.app[DB], batch_id, owner=owner_of(request))
@@ -58,7 +64,7 @@ def _batch_loader(request: web.Request) -> idempotency.Loader:
 async def create_batch(request: web.Request) -> web.Response:
     body = await read_json(request)
     params = parse_batch_create(body, allow_custom_windows=request.app[CONFIG].server.allow_custom_windows)
-    check_webhook_metadata(params.metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
+    _check_webhook(request, params.metadata)
     if params.dry_run:
         return await _dry_run(request, params)
     claim = None
@@ -117,7 +123,7 @@ async def retry_batch(request: web.Request) -> web.Response:
         raise _not_found(batch_id)
     metadata = parse_metadata(retry.child_metadata(parent, params.metadata))
     assert metadata is not None
-    check_webhook_metadata(metadata, secret_configured=request.app[CONFIG].webhooks.secret is not None)
+    _check_webhook(request, metadata)
     claim = None
     if (key := idempotency.key_of(request)) is not None:
         claim = repo.IdempotencyClaim(key, f"/v1/batches/{batch_id}/retry", idempotency.json_fingerprint(body))

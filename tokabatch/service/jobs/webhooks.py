@@ -47,9 +47,11 @@ def signature_headers(secret: str, event_id: str, timestamp: int, body: bytes) -
     return {"webhook-id": event_id, "webhook-timestamp": str(timestamp), "webhook-signature": f"v1,{digest}"}
 
 
-def check_webhook_metadata(metadata: dict[str, str] | None, *, secret_configured: bool) -> None:
-    """POST /v1/batches: a `metadata.webhook_url` must be an absolute http(s) URL, and the server
-    must be able to sign what it sends there."""
+def check_webhook_metadata(metadata: dict[str, str] | None, *, secret_configured: bool,
+                           allowed_hosts: tuple[str, ...] = ()) -> None:
+    """POST /v1/batches: a `metadata.webhook_url` must be an absolute http(s) URL, the server must be
+    able to sign what it sends there, and with `allowed_hosts` (serve --webhook-allow-host) its host
+    must be one of them: callers cannot make the server post to its own network's other hosts."""
     url = (metadata or {}).get(METADATA_KEY)
     if url is None:
         return
@@ -60,6 +62,12 @@ def check_webhook_metadata(metadata: dict[str, str] | None, *, secret_configured
     if not secret_configured:
         raise InvalidRequest(f"Invalid 'metadata.{METADATA_KEY}': this server signs no webhooks (it was started "
                              "without --webhook-secret).", param=f"metadata.{METADATA_KEY}", code="invalid_value")
+    host = (parts.hostname or "").lower()
+    if allowed_hosts and not any(host == h.lstrip(".") or (h.startswith(".") and host.endswith(h))
+                                 for h in (a.lower() for a in allowed_hosts)):
+        raise InvalidRequest(f"Invalid 'metadata.{METADATA_KEY}': this server sends webhooks only to "
+                             f"{', '.join(allowed_hosts)}, not to {host!r}.", param=f"metadata.{METADATA_KEY}",
+                             code="invalid_value")
 
 
 class WebhookSender:

@@ -169,6 +169,25 @@ def served_model_name(name_or_path: str, explicit: str | None = None) -> str:
     return path.resolve().name or str(path)
 
 
+def read_eos_token_ids(folder: Path, config: dict) -> tuple[int, ...]:
+    """A model folder's EOS ids: generation_config.json's first, then `config` (its config.json);
+    deduplicated, order kept. Torch-free: the engine, the simulated engine and an API node read them."""
+    ids: list[int] = []
+    sources = [config]
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        try:
+            sources.insert(0, json.loads(generation.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot read {generation}: {exc}") from exc
+    for source in sources:
+        value = source.get("eos_token_id")
+        for tid in value if isinstance(value, list) else [value]:
+            if isinstance(tid, int) and tid not in ids:
+                ids.append(tid)
+    return tuple(ids)
+
+
 def list_models(cache: Path | None = None) -> list[dict]:
     """The complete model folders in the cache: name, architecture, path."""
     root = models_dir(cache)
@@ -188,5 +207,5 @@ def list_models(cache: Path | None = None) -> list[dict]:
 __all__ = [
     "DEMO_SHA256", "ModelFetchError", "ModelLoadError", "demo_model_folder", "fetch_demo_model", "list_models",
     "models_dir",
-    "resolve_model_path", "served_model_name", "sha256_file",
+    "read_eos_token_ids", "resolve_model_path", "served_model_name", "sha256_file",
 ]

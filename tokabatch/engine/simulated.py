@@ -30,6 +30,7 @@ from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
 from tokabatch.engine.core.scheduler import Scheduler
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
+from tokabatch.model_store import read_eos_token_ids
 from tokabatch.text import Tokenizer
 
 SIMULATED_KV_TOKENS = 3_781_696          # the H200's KV cache for Llama-3.2-1B at the default memory fraction
@@ -139,8 +140,7 @@ def build_simulated_loop(engine_config: EngineConfig, *, costs: StepCosts = H200
     if engine_config.enable_hydragen is not False:
         grouping = GroupingParams(min_prefix_tokens=engine_config.hydragen_min_prefix_tokens,
                                   min_group=engine_config.hydragen_min_group)
-    eos = spec.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else tokenizer.eos_token_ids)
+    eos_ids = read_eos_token_ids(folder, spec) or tokenizer.eos_token_ids
     gpu = SimulatedGpu(costs)
     loops = []
     for _ in range(2):

@@ -27,7 +27,7 @@ from aiohttp import web
 from tokabatch.config import Config
 from tokabatch.engine.api import Engine, ModelInfo
 from tokabatch.engine.supervisor import start_engine
-from tokabatch.model_store import served_model_name
+from tokabatch.model_store import read_eos_token_ids, served_model_name
 from tokabatch.text import Tokenizer
 from tokabatch.service.app import make_app
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CLOCK, DB, MODELS, PROBLEMS, ServedModels
@@ -127,11 +127,9 @@ def folder_model(config: Config) -> tuple[ModelInfo, Tokenizer]:
     folder = resolve_model_path(model.path)
     spec = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_folder(folder)
-    eos = spec.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
     info = ModelInfo(model_id=served_model_name(model.path, model.served_model_name),
                      context_length=int(spec["max_position_embeddings"]), vocab_size=int(spec["vocab_size"]),
-                     eos_token_ids=tuple(dict.fromkeys(eos_ids + tokenizer.eos_token_ids)),
+                     eos_token_ids=read_eos_token_ids(folder, spec) or tokenizer.eos_token_ids,
                      page_size=config.engine.scheduler.page_size, device="none (API node)", dtype=model.dtype)
     return info, tokenizer
 

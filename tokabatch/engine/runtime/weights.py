@@ -21,6 +21,7 @@ from torch import nn
 from tokabatch.engine.models.llama import LlamaForCausalLM
 from tokabatch.engine.models.registry import model_class
 from tokabatch.errors import ModelLoadError
+from tokabatch.model_store import read_eos_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,20 +71,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
-
-
-def read_eos_token_ids(folder: Path, config: dict[str, Any]) -> tuple[int, ...]:
-    """EOS ids from generation_config.json first, then config.json; deduplicated, order kept."""
-    ids: list[int] = []
-    sources = [config]
-    if (folder / "generation_config.json").is_file():
-        sources.insert(0, _read_json(folder / "generation_config.json"))
-    for source in sources:
-        value = source.get("eos_token_id")
-        for tid in value if isinstance(value, list) else [value]:
-            if isinstance(tid, int) and tid not in ids:
-                ids.append(tid)
-    return tuple(ids)
 
 
 def safetensors_files(folder: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from tokabatch.service.http import idempotency
 from tokabatch.service.http.context import BATCH_CREATED, BLOBS, CONFIG, DB, MODELS, now_s, owner_of
 from tokabatch.service.http.schemas import (
     BATCH_LIST_LIMIT, BatchCreate, batch_object, list_object, parse_batch_create, parse_batch_retry, parse_limit,
-    parse_metadata, query_value, reject_nul,
+    parse_metadata, query_value,
 )
 from tokabatch.service.jobs import dry_run, retry
 from tokabatch.service.jobs.webhooks import check_webhook_metadata
@@ -39,13 +39,11 @@ async def read_json(request: web.Request) -> object:
     """The decoded JSON body, or a 400 envelope for an empty or unparseable one."""
     raw = await request.read()
     try:
-        body = json.loads(raw)
-        reject_nul(body)                  # (nested too deeply for either: a RecursionError)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):      # RecursionError: nested too deeply
         raise InvalidRequest("We could not parse the JSON body of your request. (HINT: This likely means "
                              "you aren't using your HTTP library correctly. The OpenAI API expects a "
                              "JSON payload.)") from None
-    return body
 
 
 def _check_webhook(request: web.Request, metadata: dict[str, str] | None) -> None:

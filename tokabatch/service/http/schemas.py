@@ -24,7 +24,10 @@ DEFAULT_WINDOW = "24h"
 WINDOW_UNITS_S = {"m": 60, "h": 3600, "d": 86400}
 MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2_592_000
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-NO_NUL = "^[^\\u0000]*$"                # no string may hold U+0000 (the database cannot store it): reject_nul
+NO_NUL = "^[^\\u0000]*$"                # no stored string may hold U+0000 (PostgreSQL cannot store it)
+CUSTOM_WINDOW = r"^(24h|[1-9][0-9]{0,6}[mhd])$"
+PATTERN_REASONS = {NO_NUL: "a string may not hold a NUL character (\\u0000).",
+                   CUSTOM_WINDOW: "expected '24h' or <N>m, <N>h, <N>d."}
 BATCH_LIST_LIMIT = 100                   # GET /v1/batches ?limit= at most
 FILE_LIST_LIMIT = 10_000                 # GET /v1/files ?limit= at most (and its default)
 
@@ -64,7 +67,7 @@ BATCH_RETRY = {
 # With `serve --allow-custom-windows`: windows of <N> minutes, hours or days too (the document follows).
 BATCH_CREATE_CUSTOM_WINDOWS = {**BATCH_CREATE, "properties": {
     **BATCH_CREATE["properties"],
-    "completion_window": {"type": "string", "pattern": r"^(24h|[1-9][0-9]{0,6}[mhd])$", "examples": ["24h", "30m"],
+    "completion_window": {"type": "string", "pattern": CUSTOM_WINDOW, "examples": ["24h", "30m"],
                           "description": "<N>m, <N>h or <N>d (this server allows custom windows)"}}}
 _METADATA_ONLY = {"type": "object", "properties": {"metadata": METADATA}}
 _VALIDATORS = {id(schema): Draft202012Validator(schema)
@@ -195,22 +198,6 @@ class BatchCreate:
     dry_run: bool = False
 
 
-def reject_nul(value: Any, path: str = "") -> None:
-    """InvalidRequest naming the first string (or key) of a decoded JSON body that holds a NUL
-    character: the database cannot store one (PostgreSQL refuses it), so it is the caller's 400."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidRequest(f"Invalid '{path or 'body'}': a string may not hold a NUL character (\\u0000).",
-                                 param=path or None, code="invalid_value")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            reject_nul(key, path)
-            reject_nul(item, _join(path, str(key)))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            reject_nul(item, f"{path}[{i}]")
-
-
 def check_body(body: Any, schema: dict) -> dict:
     """`body` if it satisfies `schema` (BATCH_CREATE, BATCH_RETRY), else InvalidRequest for its first
     error in the contract's terms: unknown_parameter, missing_required_parameter, invalid_type or
@@ -250,8 +237,7 @@ def _contract_error(error: ValidationError) -> InvalidRequest:
         "minLength": lambda: f"expected at least {value} characters.",
         "maxLength": lambda: f"expected at most {value} characters.",
         "minimum": lambda: f"expected at least {value}.",
-        "pattern": lambda: "expected '24h' or <N>m, <N>h, <N>d." if path == "completion_window" else
-        f"expected a match of {value}.",
+        "pattern": lambda: PATTERN_REASONS.get(value, f"expected a match of {value}."),
         "maximum": lambda: f"expected at most {value}.",
     }.get(kind, lambda: error.message[:200])()
     if isinstance(error.instance, (dict, list)):

@@ -24,6 +24,7 @@ from pathlib import Path
 from tokabatch.config import load_config
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, Priority, SamplingParams
 from tokabatch.engine.runtime.factory import build_loop
+from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.service.jobs.structured import json_schema_grammar
 from tokabatch.text import Tokenizer
 
@@ -49,6 +50,33 @@ def adopt_tokenizer(model: Path, source: Path) -> None:
         config = json.loads(path.read_text()) if path.is_file() else {}
         config["eos_token_id"] = eos
         path.write_text(json.dumps(config, indent=2))
+
+
+class MaskClock:
+    """Wraps Grammars.allowed: the CPU seconds spent making the masks of the constrained rows and how
+    many steps had any. Set against the run's seconds, it says how much of the step the masks cost."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.steps = 0
+        self.rows = 0
+        self._allowed = Grammars.allowed
+
+        def allowed(grammars, matchers, device):
+            began = time.perf_counter()
+            try:
+                return self._allowed(grammars, matchers, device)
+            finally:
+                self.seconds += time.perf_counter() - began
+                self.steps += 1
+                self.rows += len(matchers)
+
+        Grammars.allowed = allowed
+
+    def report(self) -> dict:
+        return {"mask_s": round(self.seconds, 3), "mask_steps": self.steps,
+                "mask_ms_per_step": round(1e3 * self.seconds / max(1, self.steps), 3),
+                "mask_rows_per_step": round(self.rows / max(1, self.steps), 1)}
 
 
 def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[int]]:
@@ -86,6 +114,7 @@ def main() -> None:
     grammar = json_schema_grammar(SCHEMA)
     constrained = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, grammar=grammar)] * args.prompts
     run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
+    clock = MaskClock()
     seconds_c, lengths = run(loop, prompts, constrained)
     free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
     seconds_u, lengths_u = run(loop, others, free)
@@ -94,7 +123,7 @@ def main() -> None:
     per_c, per_u = seconds_c / tokens, seconds_u / sum(lengths_u)
     print(json.dumps({"prompts": args.prompts, "output_tokens": tokens, "constrained_s": round(seconds_c, 2),
                       "unconstrained_s": round(seconds_u, 2), "ratio_per_token": round(per_c / per_u, 3),
-                      "device": loop.info.device}))
+                      **clock.report(), "device": loop.info.device}))
 
 
 if __name__ == "__main__":

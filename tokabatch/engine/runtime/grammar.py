@@ -56,9 +56,11 @@ class Grammars:
 
     def allowed(self, matchers: list, device: torch.device) -> Tensor:
         """[rows, vocab] bool on `device`: the tokens each matcher accepts next (EOS once it may end).
-        The packed mask (a bit per token) goes to the device, which unpacks it."""
+        The packed mask (a bit per token) goes to the device, which unpacks it. On a GPU it is written
+        into pinned memory: a copy from pageable memory would first wait for the step the GPU is
+        running, and the CPU could not queue the other half's step meanwhile."""
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                words * 4, len(matchers))
         packed = bitmask.to(device, non_blocking=True)

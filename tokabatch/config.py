@@ -122,6 +122,8 @@ class RunnerConfig:
     max_retry_after_s: float = 300.0     # up to this
     max_failures: int = 3                # unexpected failures of one batch before it ends `failed` with the error
     shutdown_grace_s: float = 20.0       # on SIGTERM/SIGINT: lines in flight may finish this long (fed no new ones)
+    shard_lines: int = 0                 # a batch of more lines is cut into shards of about this many, which workers
+                                         # claim on their own (jobs/shards.py); 0: every batch runs whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,8 @@ def _checked_runner(cfg: RunnerConfig) -> RunnerConfig:
         raise ConfigError("--shutdown-grace must not be negative", param="shutdown_grace")
     if cfg.order_window < 1:
         raise ConfigError("order_window must be at least 1 (1 feeds a batch in file order)")
+    if cfg.shard_lines < 0:
+        raise ConfigError("--shard-lines must not be negative (0: batches are not sharded)", param="shard_lines")
     if cfg.heartbeat_s > cfg.lease_s / 3:         # three heartbeats a lease: one late write is no lapse
         cfg = _replace(cfg, heartbeat_s=cfg.lease_s / 3)
     return cfg

@@ -80,6 +80,9 @@ def serve(
     lease: Optional[float] = typer.Option(None, "--lease", help="Seconds a claimed batch stays this process's "
                                           "after its last heartbeat (default 30): how soon another process takes "
                                           "over the batches of one that died."),
+    shard_lines: Optional[int] = typer.Option(None, "--shard-lines", help="Cut a batch of more lines into shards "
+                                              "of about this many at validation, so that several workers share "
+                                              "it (default 0, no shards; docs/deploy.md)."),
     shutdown_grace: Optional[float] = typer.Option(None, "--shutdown-grace", help="Seconds that work in flight "
                                                    "may finish after SIGTERM/Ctrl-C (default 20; a second signal "
                                                    "exits at once)."),
@@ -112,7 +115,7 @@ def serve(
                 "role": role or ("worker" if ctx.info_name == "worker" else None)},
         webhooks={"url": webhook_url, "secret": webhook_secret,
                   "allowed_hosts": tuple(webhook_allow_host) or None},
-        runner={"shutdown_grace_s": shutdown_grace, "lease_s": lease},
+        runner={"shutdown_grace_s": shutdown_grace, "lease_s": lease, "shard_lines": shard_lines},
     )
     if log_format not in FORMATS or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CliError(f"--log-format must be one of {', '.join(FORMATS)} and --log-level one of debug, info, "

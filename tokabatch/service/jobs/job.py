@@ -19,12 +19,12 @@ from typing import Any, Callable
 from tokabatch.service.jobs.feed import Feed, Span
 from tokabatch.service.jobs.outputs import ResultWriter
 from tokabatch.service.jobs.pace import Pace
-from tokabatch.service.jobs.parse import iter_requests
+from tokabatch.service.jobs.parse import iter_requests, read_request
 from tokabatch.service.jobs.seal import seal_results
 from tokabatch.service.storage import repo
 from tokabatch.service.storage.blobs import BlobStore
 from tokabatch.service.storage.db import Database
-from tokabatch.service.storage.models import Batch
+from tokabatch.service.storage.models import Batch, Shard
 from tokabatch.service.storage.states import BatchStatus
 
 log = logging.getLogger("tokabatch.service.jobs.runner")     # the runner's story, one logger
@@ -51,10 +51,13 @@ MAX_ATTEMPTS = 5                         # claims of one batch in which the engi
 
 @dataclass(slots=True)
 class Job:
+    """What one claim works on: a whole batch, or one shard of it (then `spans` are the shard's lines)."""
+
     batch: Batch
     writer: ResultWriter
     input_path: Path
-    spans: list[Span] | None = None      # the file-level feed order, when validation just built it
+    spans: list[Span] | None = None      # the file-level feed order, when validation just built it; a shard's lines
+    shard: Shard | None = None           # the claim is this shard's, not the batch's
     num_retryable: int = 0               # lines the engine failed (5xx) and that were left for a retry
     feed: Feed | None = None             # while the lines run: drained on a graceful stop
     pace: Pace = field(default_factory=Pace)                  # live throughput and ETA, sampled per progress write
@@ -76,13 +79,28 @@ class Claim:
         return int(self.clock())
 
 
+def num_lines(job: Job) -> int:
+    return job.shard.num_lines if job.shard is not None else job.batch.request_total
+
+
 def write_unwritten(job: Job, code: str, message: str) -> None:
-    """Every line of the input without a result gets an error line (`code`, `message`)."""
-    if len(job.writer.done_custom_ids) >= job.batch.request_total:
+    """Every line of the job (the input, or the shard's lines) without a result gets an error line
+    (`code`, `message`)."""
+    if len(job.writer.done_custom_ids) >= num_lines(job):
         return                            # every line has its result: no need to read the file again
-    for line_no, custom_id, _body in iter_requests(job.input_path):
+    for line_no, custom_id, _body in _lines(job):
         if custom_id not in job.writer.done_custom_ids:
             job.writer.write_error(custom_id, code=code, message=message, line_no=line_no)
+
+
+def _lines(job: Job):
+    if job.shard is None:
+        yield from iter_requests(job.input_path)
+        return
+    assert job.spans is not None, "a shard's job carries its lines"
+    with job.input_path.open("rb") as f:
+        for line_no, offset, length in job.spans:
+            yield (line_no, *read_request(f, offset, length))
 
 
 async def finish(claim: Claim, batch: Batch, to: BatchStatus, job: Job | None, *,
@@ -119,4 +137,4 @@ async def finish(claim: Claim, batch: Batch, to: BatchStatus, job: Job | None, *
 
 
 __all__ = ["ABORTED", "CANCEL", "EXPIRE", "END_MESSAGES", "LOST", "MAX_ATTEMPTS", "STOP", "Claim", "Interruption",
-           "Job", "finish", "write_unwritten"]
+           "Job", "finish", "num_lines", "write_unwritten"]

@@ -89,6 +89,34 @@ class SpanCollector:
         self._keyed.sort(key=lambda entry: (entry[0], entry[1]))
         return [(line_no, offset, length) for _, line_no, offset, length in self._keyed]
 
+    def shard_ranges(self, shard_lines: int) -> list[tuple[int, int]]:
+        """The order of spans() cut into [first, end) ranges of about `shard_lines` lines for shards,
+        keeping what shares together: a cut moves forward (up to half a shard) to where the prompts'
+        first KEY_CHARS characters change, else to where the whole prompt does; lines with one
+        prompt are never parted. Call after spans()."""
+        keys = [key for key, *_ in self._keyed]
+        return cut_ranges(len(keys), shard_lines, lambda i: keys[i - 1][0] != keys[i][0],
+                          lambda i: keys[i - 1] != keys[i])
+
+
+def cut_ranges(num_lines: int, shard_lines: int, head_changes: Callable[[int], bool],
+               prompt_changes: Callable[[int], bool]) -> list[tuple[int, int]]:
+    """[first, end) ranges covering range(num_lines), each about `shard_lines` long: a cut at i
+    (between line i-1 and i) is taken at the first i >= the target where `head_changes(i)` within
+    half a shard, else at the first i where `prompt_changes(i)`. One range when the lines fit in one."""
+    ranges: list[tuple[int, int]] = []
+    first = 0
+    while num_lines - first > shard_lines:
+        target = first + shard_lines
+        cut = next((i for i in range(target, min(num_lines, target + shard_lines // 2)) if head_changes(i)), None)
+        if cut is None:
+            cut = next((i for i in range(target, num_lines) if prompt_changes(i)), num_lines)
+        ranges.append((first, cut))
+        first = cut
+    if first < num_lines:
+        ranges.append((first, num_lines))
+    return ranges
+
 
 def clustered_spans(path: str | Path) -> list[tuple[int, int, int]]:
     """SpanCollector.spans() of a validated file, from a pass of its own. Blocking (run it in a thread)."""
@@ -96,6 +124,11 @@ def clustered_spans(path: str | Path) -> list[tuple[int, int, int]]:
     for line_no, offset, length, obj in iter_request_spans(path):
         collector.add(line_no, offset, length, obj)
     return collector.spans()
+
+
+def file_spans(path: str | Path) -> list[tuple[int, int, int]]:
+    """(line number, byte offset, byte length) of every request line of a validated file, in file order."""
+    return [(line_no, offset, length) for line_no, offset, length, _ in iter_request_spans(path)]
 
 
 def window_sizes(order_window: int) -> Iterator[int]:
@@ -127,5 +160,5 @@ def windowed(items: Iterable[T], order_window: int, prompt_of: Callable[[T], Seq
         yield from sort_window(window, prompt_of)
 
 
-__all__ = ["FIRST_WINDOW", "KEY_CHARS", "SpanCollector", "clustered_spans", "prompt_key", "sort_window",
-           "window_sizes", "windowed"]
+__all__ = ["FIRST_WINDOW", "KEY_CHARS", "SpanCollector", "clustered_spans", "cut_ranges", "file_spans", "prompt_key",
+           "sort_window", "window_sizes", "windowed"]

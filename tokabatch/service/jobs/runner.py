@@ -35,17 +35,21 @@ from tokabatch.engine.api import Engine
 from tokabatch.errors import EngineUnavailable
 from tokabatch.service.jobs.feed import Feed, OnEngineFailure, Span
 from tokabatch.service.jobs.job import (
-    ABORTED, CANCEL, END_MESSAGES, EXPIRE, LOST, MAX_ATTEMPTS, STOP, Claim, Interruption, Job, finish, write_unwritten,
+    ABORTED, CANCEL, END_MESSAGES, EXPIRE, LOST, MAX_ATTEMPTS, STOP, Claim, Interruption, Job, finish, num_lines,
+    write_unwritten,
 )
-from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans
+from tokabatch.service.jobs.ordering import SpanCollector, clustered_spans, cut_ranges
+from tokabatch.service.jobs.sharded import ShardedRuns
+from tokabatch.service.jobs.shards import shard_counts
 from tokabatch.service.jobs.outputs import ResultWriter, WorkFolderBusy, hold_work_folder
 from tokabatch.service.jobs.outputs import preload as preload_outputs
 from tokabatch.service.jobs.parse import validate_input_file
 from tokabatch.service.storage.states import BatchStatus
 from tokabatch.service.storage import repo
+from tokabatch.service.storage import shards as shard_store
 from tokabatch.service.storage.blobs import BlobStore
 from tokabatch.service.storage.db import Database, is_storage_full
-from tokabatch.service.storage.models import Batch
+from tokabatch.service.storage.models import Batch, Shard
 
 if TYPE_CHECKING:
     from tokabatch.text import Tokenizer
@@ -53,8 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 S = BatchStatus
 
-class BatchRunner:
-    """Runs batches until stopped. One runner per process; several may share a database."""
+class BatchRunner(ShardedRuns):
+    """Runs batches (and shards of batches) until stopped. One runner per process; several may share a database."""
 
     def __init__(self, config: RunnerConfig, db: Database, blobs: BlobStore, engine: Engine, tokenizer: Tokenizer,
                  served_model_names: set[str], *, clock: Callable[[], float] = time.time,
@@ -70,6 +74,7 @@ class BatchRunner:
         self.max_batch_lines = max_batch_lines
         self.worker_id = worker_id or f"{socket.gethostname()}:{secrets.token_hex(4)}"
         self.claim = Claim(db, blobs, self.worker_id, config.lease_s, clock)
+        super().__init__()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._woken = asyncio.Event()
@@ -137,38 +142,46 @@ class BatchRunner:
             await self._stopped.wait()
 
     async def run_once(self) -> bool:
-        """Claim one batch and work on it until it is terminal or interrupted. False when there was
-        no work, or no engine to do it with (a batch is not claimed while the engine is down)."""
+        """Claim one shard of a running batch, else one batch, and work on it until it is done or
+        interrupted. False when there was no work, or no engine to do it with (nothing is claimed
+        while the engine is down)."""
         if self.engine.health() is not None:
             return False
-        batch = await repo.claim_batch(self.db, self.worker_id, self.config.lease_s, self.clock())
-        if batch is None:
-            return False
-        log.info("batch %s claimed (%s)", batch.id, batch.status,
-                 extra={"batch_id": batch.id, "status": batch.status, "worker_id": self.worker_id})
+        unit: Batch | Shard | None = await shard_store.claim_shard(self.db, self.worker_id, self.config.lease_s,
+                                                                   self.clock())
+        if unit is None:
+            unit = await repo.claim_batch(self.db, self.worker_id, self.config.lease_s, self.clock())
+            if unit is None:
+                return False
+        table = type(unit)
+        log.info("%s %s claimed", table.__tablename__[:-1], unit.id,
+                 extra={"batch_id": getattr(unit, "batch_id", unit.id), "worker_id": self.worker_id})
         try:
-            if batch.num_failures >= self.config.max_failures:
-                await self._give_up(batch)
+            if isinstance(unit, Shard):
+                await self._run_shard(unit)
+            elif unit.num_failures >= self.config.max_failures:
+                await self._give_up(unit)
             else:
-                await self._run_batch(batch)
+                await self._run_batch(unit)
             self._disk_full, self._num_full = None, 0
         except asyncio.CancelledError:
             raise
         except WorkFolderBusy as exc:         # a runner whose lease lapsed still writes it: not a failure
-            log.warning("batch %s: %s; leaving it until that runner stops", batch.id, exc)
-            await repo.release_claim(self.db, batch.id, self.worker_id, not_before=self.clock() + self.config.lease_s)
+            log.warning("%s: %s; leaving it until that runner stops", unit.id, exc)
+            await repo.release_claim(self.db, unit.id, self.worker_id, not_before=self.clock() + self.config.lease_s,
+                                     table=table)
         except EngineUnavailable as exc:      # the engine died under it: not the batch's failure
-            log.warning("batch %s: %s; releasing it until the engine runs again", batch.id, exc)
-            await repo.release_after_failure(self.db, batch.id, self.worker_id, engine=True, error=str(exc),
-                                             not_before=self.clock() + self.config.retry_after_s)
+            log.warning("%s: %s; releasing it until the engine runs again", unit.id, exc)
+            await repo.release_after_failure(self.db, unit.id, self.worker_id, engine=True, error=str(exc),
+                                             not_before=self.clock() + self.config.retry_after_s, table=table)
         except Exception as exc:
             if is_storage_full(exc):
-                await self._pause_for_space(batch, exc)
+                await self._pause_for_space(unit, exc)
             else:
-                await self._after_failure(batch, exc)
+                await self._after_failure(unit, exc)
         return True
 
-    async def _pause_for_space(self, batch: Batch, exc: Exception) -> None:
+    async def _pause_for_space(self, batch: Batch | Shard, exc: Exception) -> None:
         """The disk is full: not the batch's failure. Its written lines stay (a torn last one is cut
         at the next claim); it is released and claimed again after a doubling wait, once space is freed."""
         self._num_full += 1
@@ -177,12 +190,13 @@ class BatchRunner:
         log.warning("batch %s: the disk is full (%s); paused, tried again in %.0f s", batch.id, exc, wait_s,
                     extra={"batch_id": batch.id})
         try:
-            await repo.release_claim(self.db, batch.id, self.worker_id, not_before=self.clock() + wait_s)
+            await repo.release_claim(self.db, batch.id, self.worker_id, not_before=self.clock() + wait_s,
+                                     table=type(batch))
         except Exception as again:          # the database is on the full disk too: the lease lapses instead
             if not is_storage_full(again):
                 raise
 
-    async def _after_failure(self, batch: Batch, exc: Exception) -> None:
+    async def _after_failure(self, batch: Batch | Shard, exc: Exception) -> None:
         """An unexpected failure: the batch waits (doubling back-off) before its next claim, and
         after `max_failures` of them it ends failed with the error (_give_up), so it never blocks others."""
         num = batch.num_failures + 1
@@ -192,7 +206,7 @@ class BatchRunner:
                       extra={"batch_id": batch.id, "num_failures": num})
         retry_at = self.clock() + (0.0 if last else self._retry_after_s(num))
         await repo.release_after_failure(self.db, batch.id, self.worker_id, error=f"{type(exc).__name__}: {exc}",
-                                         not_before=retry_at)
+                                         not_before=retry_at, table=type(batch))
 
     async def _give_up(self, batch: Batch) -> None:
         """End a batch that failed `max_failures` times: lines never written go to the error file,
@@ -202,7 +216,7 @@ class BatchRunner:
         errors = [{"code": "batch_failed", "message": message, "param": None, "line": None}]
         job = None
         with contextlib.ExitStack() as stack:
-            if batch.in_progress_at is not None:
+            if batch.in_progress_at is not None and not batch.num_shards:   # else the lines are in its shards
                 job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
                 stack.enter_context(hold_work_folder(job.writer.work_dir))
                 try:
@@ -227,6 +241,9 @@ class BatchRunner:
         if batch.status == S.CANCELLING.value and batch.in_progress_at is None:
             # Cancelled before validation finished: no line was accepted, so nothing to write.
             await finish(self.claim, batch, S.CANCELLED, None)
+            return
+        if batch.num_shards:
+            await self._end_sharded(batch)
             return
         job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
         with hold_work_folder(job.writer.work_dir):
@@ -283,14 +300,27 @@ class BatchRunner:
         if report.errors:
             await self._fail(batch, [e.to_dict() for e in report.errors])
             return None, None
-        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self.claim.now(), held_by=self.worker_id,
-                                           request_total=report.num_requests, model=self._model_id()):
-            return await repo.get_batch(self.db, batch.id, owner=None), None   # cancelled meanwhile
         spans = await asyncio.to_thread(collector.spans) if collector is not None else None
+        ranges = self._shard_ranges(report.num_requests, collector)
+        if ranges:
+            await shard_store.replace_shards(self.db, batch.id, ranges)
+        if not await repo.transition_batch(self.db, batch.id, S.IN_PROGRESS, self.claim.now(), held_by=self.worker_id,
+                                           request_total=report.num_requests, model=self._model_id(),
+                                           num_shards=len(ranges)):
+            return await repo.get_batch(self.db, batch.id, owner=None), None   # cancelled meanwhile
         log.info("batch %s validated: %d requests", batch.id, report.num_requests,
                  extra={"batch_id": batch.id, "status": S.IN_PROGRESS.value, "num_requests": report.num_requests,
                         "validation_s": round(time.monotonic() - began, 3)})
         return await repo.get_batch(self.db, batch.id, owner=None), spans
+
+    def _shard_ranges(self, num_requests: int, collector: SpanCollector | None) -> list[tuple[int, int]]:
+        """Where a batch of `num_requests` lines is cut into shards (none when it fits in one)."""
+        size = self.config.shard_lines
+        if not size or num_requests <= size:
+            return []
+        if collector is not None:
+            return collector.shard_ranges(size)
+        return cut_ranges(num_requests, size, lambda i: True, lambda i: True)
 
     def _model_id(self) -> str:
         return self.engine.info.model_id
@@ -309,7 +339,7 @@ class BatchRunner:
         # The engine failed a line (it died, shut down): leave the line unwritten so the next claim,
         # with a working engine, runs it again; after MAX_ATTEMPTS claims it is written as a 5xx line.
         job.pace.sample(job.writer.totals.output_tokens)       # the pace counts from here
-        last_try = job.batch.num_engine_retries + 1 >= MAX_ATTEMPTS
+        last_try = (job.shard or job.batch).num_engine_retries + 1 >= MAX_ATTEMPTS
         policy = OnEngineFailure.WRITE if last_try else OnEngineFailure.LEAVE
         feed = job.feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
                                served_model_names=self.served_model_names, writer=job.writer,
@@ -340,8 +370,9 @@ class BatchRunner:
                 now = time.monotonic()
                 if now - last_beat >= self.config.heartbeat_s:
                     last_beat = now
-                    alive = await repo.heartbeat(self.db, job.batch.id, self.worker_id, self.config.lease_s,
-                                                 self.clock())
+                    unit = job.shard or job.batch
+                    alive = await repo.heartbeat(self.db, unit.id, self.worker_id, self.config.lease_s,
+                                                 self.clock(), table=type(unit))
                     if not alive:
                         return LOST
                 if now - last_progress >= self.config.progress_interval_s:
@@ -368,7 +399,11 @@ class BatchRunner:
         if self._stopping.is_set():
             return STOP
         row = await repo.get_batch(self.db, job.batch.id, owner=None)
-        if row is None or row.worker_id != self.worker_id:
+        holder = row.worker_id if row is not None and job.shard is None else None
+        if job.shard is not None:
+            shard = await shard_store.get_shard(self.db, job.shard.id)
+            holder = shard.worker_id if shard is not None else None
+        if row is None or holder != self.worker_id:
             return LOST
         if row.status == S.CANCELLING.value:       # cancel wins over expiry (cancelling cannot expire)
             return CANCEL
@@ -379,7 +414,13 @@ class BatchRunner:
     async def _write_progress(self, job: Job) -> None:
         t = job.writer.totals
         job.pace.sample(t.output_tokens)
-        lines_left = job.batch.request_total - t.num_completed - t.num_failed
+        lines_left = num_lines(job) - t.num_completed - t.num_failed
+        if job.shard is not None:
+            await shard_store.update_shard_progress(
+                self.db, job.shard, self.worker_id, shard_counts(t), throughput=job.pace.throughput(),
+                eta_seconds=job.pace.eta_seconds(lines_left=lines_left, lines_completed=t.num_completed,
+                                                 output_tokens=t.output_tokens))
+            return
         await repo.update_progress(
             self.db, job.batch.id,
             repo.RequestCounts(job.batch.request_total, t.num_completed, t.num_failed),

@@ -48,7 +48,7 @@ async def _register(db: Database, blobs: BlobStore, batch: Batch, source: Path, 
     file_id = derived_file_id(batch.id, kind)
     if not blobs.exists(file_id):
         temp = blobs.temp_path(file_id)
-        await asyncio.to_thread(_link_or_copy, source, temp)
+        await asyncio.to_thread(link_or_copy, source, temp)
         await asyncio.to_thread(blobs.commit, temp, file_id)
     if await repo.get_file(db, file_id, owner=None) is None:
         expires_at = now_s + batch.output_expires_after_s if batch.output_expires_after_s else None
@@ -58,7 +58,7 @@ async def _register(db: Database, blobs: BlobStore, batch: Batch, source: Path, 
     return file_id
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """A hard link where the work folder and the files share a filesystem (no bytes copied: the
     sealed work file is never written again, and the folder is removed once the batch is terminal),
     else a copy."""
@@ -85,4 +85,4 @@ async def seal_results(db: Database, blobs: BlobStore, batch: Batch, writer: Res
     return SealedFiles(output_id, error_id, parquet_id)
 
 
-__all__ = ["OUTPUT_PURPOSE", "SealedFiles", "derived_file_id", "seal_results"]
+__all__ = ["OUTPUT_PURPOSE", "SealedFiles", "derived_file_id", "link_or_copy", "seal_results"]

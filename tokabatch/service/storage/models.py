@@ -1,4 +1,4 @@
-"""The tables: files, batches, idempotency keys and the webhook outbox (SQLAlchemy 2 declarative models).
+"""The tables: files, batches, their shards, idempotency keys and the webhook outbox (SQLAlchemy 2 declarative models).
 
 Owns the schema; migrations/versions must match it (`alembic check` runs in the tests). Every row
 has `owner` (the API key's hash, "" when no keys are configured). Rows are ordered by `seq`, an
@@ -106,6 +106,9 @@ class Batch(Base):
     # last minute, and the seconds left at that pace. Null before the first finished line and once terminal.
     throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A batch split at validation into shards (RunnerConfig.shard_lines) runs as its Shard rows, each
+    # claimed on its own; 0 is a batch that runs whole under the batch's own claim.
+    num_shards: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_batches_owner_seq", "owner", "seq"),
@@ -117,6 +120,51 @@ class Batch(Base):
     @property
     def is_terminal(self) -> bool:
         return is_terminal(self.status)
+
+
+class Shard(Base):
+    """A part of a sharded batch: the lines at positions [first, end) of the batch's feed order
+    (ordering.py's file-level order, rebuilt the same from the file by any worker), claimed like a
+    batch (lease, heartbeat, back-off, failure counts) and checkpointed in a work folder of its own.
+    `outcome` is set once all its lines are written (completed, cancelled, expired, failed); its
+    result files are then published as blobs (jobs/shards.py) and its counts and usage kept here."""
+
+    __tablename__ = "shards"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(80), unique=True, nullable=False)    # <batch id>.s<index>
+    batch_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    index: Mapped[int] = mapped_column(Integer, nullable=False)
+    first: Mapped[int] = mapped_column(Integer, nullable=False)
+    end: Mapped[int] = mapped_column(Integer, nullable=False)
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    num_claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    num_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    num_engine_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    request_completed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    request_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("batch_id", "index"),
+        Index("ix_shards_outcome", "outcome"),
+    )
+
+    @property
+    def num_lines(self) -> int:
+        return self.end - self.first
 
 
 class IdempotencyKey(Base):
@@ -167,4 +215,4 @@ class WebhookEvent(Base):
     )
 
 
-__all__ = ["Base", "File", "Batch", "IdempotencyKey", "WebhookEvent"]
+__all__ = ["Base", "File", "Batch", "IdempotencyKey", "Shard", "WebhookEvent"]

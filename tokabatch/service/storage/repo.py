@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Generic, Mapping, Sequence, TypeVar
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, not_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tokabatch.errors import Conflict, InvalidRequest
@@ -34,7 +34,7 @@ from tokabatch.service.storage.states import (
 )
 from tokabatch.service.storage import outbox
 from tokabatch.service.storage.db import Database
-from tokabatch.service.storage.models import Batch, File, IdempotencyKey
+from tokabatch.service.storage.models import Batch, File, IdempotencyKey, Shard
 
 T = TypeVar("T")
 _BASE62 = string.digits + string.ascii_letters
@@ -44,7 +44,7 @@ IDEMPOTENCY_TTL_S = 86_400          # a key is remembered for 24 h after its fir
 TRANSITION_FIELDS = frozenset({
     "errors", "output_file_id", "error_file_id", "output_parquet_file_id", "request_total",
     "request_completed", "request_failed", "input_tokens", "cached_tokens", "output_tokens",
-    "reasoning_tokens", "total_tokens", "model", "worker_id", "lease_expires_at",
+    "reasoning_tokens", "total_tokens", "model", "worker_id", "lease_expires_at", "num_shards",
 })
 
 
@@ -337,11 +337,17 @@ async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float
     lease) or None when there is no work."""
     free = or_(Batch.lease_expires_at.is_(None), Batch.lease_expires_at < now_s)
     due = or_(Batch.not_before.is_(None), Batch.not_before <= now_s)
+    # A sharded batch runs as its shards (claim_shard); its own claim is for ending it: once every
+    # shard has its outcome, or when it is cancelling or its window has ended.
+    sharded_running = and_(
+        Batch.num_shards > 0, Batch.status == BatchStatus.IN_PROGRESS.value,
+        or_(Batch.expires_at.is_(None), Batch.expires_at > now_s),
+        exists().where(Shard.batch_id == Batch.id, Shard.outcome.is_(None)))
     # With row locks (PostgreSQL) lock ONE candidate: locking several would hide them all from
     # concurrent workers until we commit. Without (SQLite) try a few, as a rival may win the first.
     num_candidates = 8 if db.is_sqlite else 1
     candidates = (select(Batch.id)
-                  .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free, due)
+                  .where(Batch.status.in_([s.value for s in NON_TERMINAL]), free, due, not_(sharded_running))
                   .order_by(Batch.num_failures, Batch.seq).limit(num_candidates)
                   .with_for_update(skip_locked=True))
     async with db.sessions() as session, session.begin():
@@ -360,37 +366,42 @@ async def claim_batch(db: Database, worker_id: str, lease_s: float, now_s: float
     return None
 
 
-async def heartbeat(db: Database, batch_id: str, worker_id: str, lease_s: float, now_s: float) -> bool:
+Claimed = type[Batch] | type[Shard]        # the claim functions below work on either table
+
+
+async def heartbeat(db: Database, batch_id: str, worker_id: str, lease_s: float, now_s: float,
+                    table: Claimed = Batch) -> bool:
     """Extend the lease; False if `worker_id` no longer holds it (stop working on the batch)."""
-    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
+    statement = (update(table).where(table.id == batch_id, table.worker_id == worker_id)
                  .values(lease_expires_at=now_s + lease_s))
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
 
 
 async def release_after_failure(db: Database, batch_id: str, worker_id: str, *, error: str, not_before: float,
-                                engine: bool = False) -> Batch | None:
+                                engine: bool = False, table: Claimed = Batch) -> Batch | Shard | None:
     """Release the claim after a claim that ended badly: count it (`num_failures`, or
     `num_engine_retries` when the engine failed lines), keep the error, and keep the batch out of
     reach of claims until `not_before`. Returns the updated row, or None if `worker_id` had lost it."""
-    counter = Batch.num_engine_retries if engine else Batch.num_failures
-    statement = (update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id)
-                 .values({counter: counter + 1, Batch.last_error: error[:4000], Batch.not_before: not_before,
-                          Batch.worker_id: None, Batch.lease_expires_at: None, Batch.throughput: None,
-                          Batch.eta_seconds: None}))
+    counter = table.num_engine_retries if engine else table.num_failures
+    statement = (update(table).where(table.id == batch_id, table.worker_id == worker_id)
+                 .values({counter: counter + 1, table.last_error: error[:4000], table.not_before: not_before,
+                          table.worker_id: None, table.lease_expires_at: None, table.throughput: None,
+                          table.eta_seconds: None}))
     async with db.sessions() as session, session.begin():
         if (await session.execute(statement)).rowcount != 1:
             return None
-        return (await session.execute(select(Batch).where(Batch.id == batch_id)
+        return (await session.execute(select(table).where(table.id == batch_id)
                                       .execution_options(populate_existing=True))).scalar_one()
 
 
-async def release_claim(db: Database, batch_id: str, worker_id: str, *, not_before: float | None = None) -> bool:
+async def release_claim(db: Database, batch_id: str, worker_id: str, *, not_before: float | None = None,
+                        table: Claimed = Batch) -> bool:
     """Give the claim up (no failure counted); with `not_before`, out of reach of claims until then."""
     values: dict[str, Any] = dict(worker_id=None, lease_expires_at=None, throughput=None, eta_seconds=None)
     if not_before is not None:
         values["not_before"] = not_before
-    statement = update(Batch).where(Batch.id == batch_id, Batch.worker_id == worker_id).values(**values)
+    statement = update(table).where(table.id == batch_id, table.worker_id == worker_id).values(**values)
     async with db.sessions() as session, session.begin():
         return (await session.execute(statement)).rowcount == 1
 

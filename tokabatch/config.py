@@ -94,8 +94,11 @@ class EngineConfig:
 class StorageConfig:
     data_dir: str = ""                   # "" means default_data_dir()
     db_url: str | None = None            # None: SQLite in data_dir
+    blobs_url: str | None = None         # s3://bucket/prefix: file bytes in a bucket (AWS_* credentials), data_dir
+                                         # keeps a cache; None: in data_dir/files
 
 
+WORKER_SHARD_LINES = 4096               # RunnerConfig.shard_lines of `tokabatch worker` (serve --role worker)
 ROLES = ("all", "api", "worker")         # what one `tokabatch serve` process runs (ServerConfig.role)
 
 
@@ -179,6 +182,11 @@ def load_config(
     storage_values = given(storage)
     if "db_url" not in storage_values and env.get("TOKABATCH_DB_URL"):
         storage_values["db_url"] = env["TOKABATCH_DB_URL"]
+    if "blobs_url" not in storage_values and env.get("TOKABATCH_BLOBS_URL"):
+        storage_values["blobs_url"] = env["TOKABATCH_BLOBS_URL"]
+    blobs_url = storage_values.get("blobs_url")
+    if blobs_url is not None and not blobs_url.startswith("s3://"):
+        raise ConfigError(f"--blobs must be an s3://bucket/prefix URL, not {blobs_url!r}", param="blobs")
     if not storage_values.get("data_dir"):
         storage_values["data_dir"] = str(default_data_dir(env))
 
@@ -195,11 +203,14 @@ def load_config(
         raise ConfigError(f"the role must be one of {', '.join(ROLES)}, not {server_cfg.role!r}", param="role")
     if server_cfg.max_upload_bytes < 1 or server_cfg.max_batch_lines < 1:
         raise ConfigError("--max-upload-bytes and --max-batch-lines must be positive")
+    runner_values = given(runner)
+    if server_cfg.role == "worker":      # workers exist to share batches: they cut big ones unless told otherwise
+        runner_values.setdefault("shard_lines", WORKER_SHARD_LINES)
     return Config(
         engine=engine_cfg,
         storage=_replace(StorageConfig(), **storage_values),
         server=server_cfg,
-        runner=_checked_runner(_replace(RunnerConfig(), **given(runner))),
+        runner=_checked_runner(_replace(RunnerConfig(), **runner_values)),
         webhooks=_webhook_config(given(webhooks), env),
     )
 

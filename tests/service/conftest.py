@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -61,3 +62,31 @@ class FakeClock:
 @pytest.fixture
 def clock():
     return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server for the session (tests/service/s3util.py); its AWS_* variables are set for
+    the whole session, so servers started by a test find it."""
+    from tests.service.s3util import start_or_skip
+
+    server = start_or_skip()
+    saved = {name: os.environ.get(name) for name in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def s3_blobs(s3_server, tmp_path):
+    """An ObjectStoreBlobs over a fresh bucket, its cache in tmp_path/cache."""
+    from tokabatch.service.storage.object_blobs import ObjectStoreBlobs
+
+    return ObjectStoreBlobs(s3_server.new_bucket(), tmp_path / "cache")

@@ -74,6 +74,10 @@ def serve(
                                               "metadata.webhook_url wins."),
     webhook_secret: Optional[str] = typer.Option(None, "--webhook-secret", help="whsec_<base64>: signs the events "
                                                  "(env TOKABATCH_WEBHOOK_SECRET keeps it out of ps)."),
+    blobs: Optional[str] = typer.Option(None, "--blobs", help="s3://bucket/prefix: keep files in an "
+                                        "S3-compatible bucket (credentials and endpoint from the AWS_* variables; "
+                                        "env TOKABATCH_BLOBS_URL), the data dir only as a cache. Default: the data "
+                                        "dir's files/ folder."),
     role: Optional[str] = typer.Option(None, "--role", help="all (default: API, engine and batch runner), api (the "
                                        "API alone, over a shared database and data dir) or worker (engine and "
                                        "batch runner, online endpoints, /health, /metrics; as `tokabatch worker`)."),
@@ -82,7 +86,8 @@ def serve(
                                           "over the batches of one that died."),
     shard_lines: Optional[int] = typer.Option(None, "--shard-lines", help="Cut a batch of more lines into shards "
                                               "of about this many at validation, so that several workers share "
-                                              "it (default 0, no shards; docs/deploy.md)."),
+                                              "it (default: 4096 for a worker, 0 (no shards) for serve; "
+                                              "docs/deploy.md)."),
     shutdown_grace: Optional[float] = typer.Option(None, "--shutdown-grace", help="Seconds that work in flight "
                                                    "may finish after SIGTERM/Ctrl-C (default 20; a second signal "
                                                    "exits at once)."),
@@ -108,7 +113,7 @@ def serve(
                 "data_parallel": data_parallel,
                 "devices": tuple(f"cuda:{g.strip()}" if g.strip().isdigit() else g.strip()
                                  for g in gpus.split(",")) if gpus else None},
-        storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db},
+        storage={"data_dir": str(data_dir) if data_dir else None, "db_url": db, "blobs_url": blobs},
         server={"host": host, "port": port, "api_keys": tuple(api_key) or None,
                 "max_upload_bytes": max_upload_bytes, "max_batch_lines": max_batch_lines,
                 "allow_custom_windows": allow_custom_windows,

@@ -34,6 +34,16 @@ def blobs_dir(config: Config) -> Path:
     return dbmod.data_dir(config.storage) / "files"
 
 
+def open_blobs(config: Config) -> BlobStore:
+    """The configured blob store: the data dir's files/ folder, or a bucket (--blobs) with the data
+    dir's blob-cache/ folder as this host's copy."""
+    if config.storage.blobs_url:
+        from tokabatch.service.storage.object_blobs import ObjectStoreBlobs
+
+        return ObjectStoreBlobs(config.storage.blobs_url, dbmod.data_dir(config.storage) / "blob-cache")
+    return BlobStore(blobs_dir(config))
+
+
 async def _database(app: web.Application):
     """Open (and migrate) the database from the config, unless the caller passed one in."""
     if DB in app:
@@ -93,7 +103,7 @@ def make_app(
     app[MODELS] = ServedModels(names=names, info=engine_info, created_at=int(clock()))
     if db is not None:
         app[DB] = db
-    store = blobs if blobs is not None else BlobStore(blobs_dir(config))
+    store = blobs if blobs is not None else open_blobs(config)
     store.remove_stale_temps()
     app[BLOBS] = store
     app.cleanup_ctx.append(_database)
@@ -110,4 +120,4 @@ def _nothing() -> None:
     """BATCH_CREATED without a runner in this process."""
 
 
-__all__ = ["make_app", "blobs_dir"]
+__all__ = ["make_app", "blobs_dir", "open_blobs"]

@@ -198,6 +198,7 @@ async def serve_async(
     app_runner = web.AppRunner(app, handle_signals=False, access_log=None,   # middleware logs requests
                                shutdown_timeout=config.runner.shutdown_grace_s)
     try:
+        await asyncio.to_thread(app[BLOBS].check)     # a bucket that cannot be used fails the start, in one line
         await app_runner.setup()
         site = web.TCPSite(app_runner, config.server.host, config.server.port)
         await site.start()

@@ -15,6 +15,7 @@ Extensions: `"dry_run": true` on create validates and prices the file without cr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -97,11 +98,15 @@ async def _dry_run(request: web.Request, params: BatchCreate) -> web.Response:
     stats = engine.stats() if engine is not None else EngineStats()
     db, owner = request.app[DB], owner_of(request)
     input_file = await repo.get_file(db, params.input_file_id, owner=owner, now_s=now_s(request))
-    if input_file is None or input_file.purpose != "batch" or not request.app[BLOBS].exists(input_file.id):
+    input_path = None
+    if input_file is not None and input_file.purpose == "batch":
+        with contextlib.suppress(FileNotFoundError):
+            input_path = await asyncio.to_thread(request.app[BLOBS].local, input_file.id)
+    if input_path is None:
         raise InvalidRequest(f"No batch input file with id '{params.input_file_id}' (purpose 'batch').",
                              param="input_file_id", code="invalid_value")
     report = await asyncio.to_thread(
-        dry_run.dry_run, request.app[BLOBS].path(input_file.id), endpoint=params.endpoint,
+        dry_run.dry_run, input_path, endpoint=params.endpoint,
         served_model_names=set(request.app[MODELS].names), max_lines=request.app[CONFIG].server.max_batch_lines,
         tokenizer=tokenizer, model_info=info, stats=stats)
     dry_run.estimate(report, await repo.recent_output_rate(db, model=info.model_id))

@@ -13,6 +13,8 @@ expires_after) and discarded. Must not import torch.
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -175,7 +177,7 @@ async def upload_file(request: web.Request) -> web.Response:
                                      purpose=purpose, num_bytes=num_bytes, now_s=created_at,
                                      expires_at=expires_at, file_id=form.writer.file_id, idempotency=claim)
     except repo.IdempotencyKeyTaken:
-        request.app[BLOBS].delete(form.writer.file_id)
+        await asyncio.to_thread(request.app[BLOBS].delete, form.writer.file_id)
         assert claim is not None
         return await idempotency.replay_after_race(request, claim, _file_loader(request), file_object)
     except BaseException:
@@ -210,9 +212,10 @@ async def retrieve_file(request: web.Request) -> web.Response:
 @routes.get("/v1/files/{file_id}/content")
 async def file_content(request: web.Request) -> web.StreamResponse:
     row = await _get_or_404(request)
-    path = request.app[BLOBS].path(row.id)
-    if not path.is_file():
-        raise NotFound(f"The content of File {row.id} is no longer available.", param="id")
+    try:
+        path = await asyncio.to_thread(request.app[BLOBS].local, row.id)
+    except FileNotFoundError:
+        raise NotFound(f"The content of File {row.id} is no longer available.", param="id") from None
     # FileResponse streams from disk in chunks and answers Range requests with 206.
     return web.FileResponse(path, chunk_size=CHUNK_BYTES,
                             headers={"Content-Type": "application/octet-stream"})
@@ -224,5 +227,5 @@ async def delete_file(request: web.Request) -> web.Response:
     row = await repo.delete_file(request.app[DB], file_id, owner=owner_of(request), now_s=now_s(request))
     if row is None:
         raise NotFound(f"No such File object: {file_id}", param="id")
-    request.app[BLOBS].delete(row.id)
+    await asyncio.to_thread(request.app[BLOBS].delete, row.id)
     return web.json_response({"id": row.id, "object": "file", "deleted": True})

@@ -13,6 +13,7 @@ Must not import torch or aiohttp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -72,14 +73,20 @@ async def create_retry(db: Database, blobs: BlobStore, parent: Batch, *, include
     Conflict while the parent runs and InvalidRequest when it has nothing to retry or its input is gone."""
     if not parent.is_terminal:
         raise Conflict(f"Batch {parent.id} is {parent.status}; retry its failed lines once it has ended.")
-    if parent.error_file_id is None or not blobs.exists(parent.error_file_id):
+    error_path = input_path = None
+    if parent.error_file_id is not None:
+        with contextlib.suppress(FileNotFoundError):
+            error_path = await asyncio.to_thread(blobs.local, parent.error_file_id)
+    if error_path is None:
         raise InvalidRequest(f"Batch {parent.id} has no failed lines to retry.", param="batch_id",
                              code="nothing_to_retry")
-    input_file = await repo.get_file(db, parent.input_file_id, owner=parent.owner, now_s=now_s)
-    if input_file is None or not blobs.exists(parent.input_file_id):
+    if await repo.get_file(db, parent.input_file_id, owner=parent.owner, now_s=now_s) is not None:
+        with contextlib.suppress(FileNotFoundError):
+            input_path = await asyncio.to_thread(blobs.local, parent.input_file_id)
+    if input_path is None:
         raise InvalidRequest(f"The input file {parent.input_file_id} of batch {parent.id} is gone (deleted or "
                              "expired); a retry needs its lines.", param="batch_id", code="input_file_gone")
-    wanted = await asyncio.to_thread(custom_ids_to_retry, blobs.path(parent.error_file_id), include_all=include_all)
+    wanted = await asyncio.to_thread(custom_ids_to_retry, error_path, include_all=include_all)
     if not wanted:
         raise InvalidRequest(f"None of the failed lines of batch {parent.id} can succeed on a retry (each was "
                              "rejected for what it asks); pass all=true to run them again anyway.",
@@ -87,7 +94,7 @@ async def create_retry(db: Database, blobs: BlobStore, parent: Batch, *, include
     file_id = repo.new_file_id()
     temp = blobs.temp_path(file_id)
     try:
-        await asyncio.to_thread(write_retry_input, blobs.path(parent.input_file_id), wanted, temp)
+        await asyncio.to_thread(write_retry_input, input_path, wanted, temp)
         num_bytes = await asyncio.to_thread(blobs.commit, temp, file_id)
     finally:
         temp.unlink(missing_ok=True)
@@ -102,7 +109,7 @@ async def create_retry(db: Database, blobs: BlobStore, parent: Batch, *, include
             parent_batch_id=parent.id)
     except repo.IdempotencyKeyTaken:
         await repo.delete_file(db, file_id, owner=parent.owner)
-        blobs.delete(file_id)
+        await asyncio.to_thread(blobs.delete, file_id)
         raise
 
 

@@ -154,8 +154,10 @@ class BatchRunner(ShardedRuns):
             if unit is None:
                 return False
         table = type(unit)
-        log.info("%s %s claimed", table.__tablename__[:-1], unit.id,
-                 extra={"batch_id": getattr(unit, "batch_id", unit.id), "worker_id": self.worker_id})
+        batch_id = unit.batch_id if isinstance(unit, Shard) else unit.id
+        log.info("%s %s claimed (%s)", table.__tablename__[:-1], unit.id,
+                 f"of batch {batch_id}" if isinstance(unit, Shard) else unit.status,
+                 extra={"batch_id": batch_id, "worker_id": self.worker_id})
         try:
             if isinstance(unit, Shard):
                 await self._run_shard(unit)
@@ -220,6 +222,7 @@ class BatchRunner(ShardedRuns):
                 job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
                 stack.enter_context(hold_work_folder(job.writer.work_dir))
                 try:
+                    job.input_path = await self._input(batch)
                     job.writer.open()
                     await asyncio.to_thread(write_unwritten, job, "batch_failed", message)
                 except Exception:             # the input cannot be read again: keep what is written
@@ -245,7 +248,7 @@ class BatchRunner(ShardedRuns):
         if batch.num_shards:
             await self._end_sharded(batch)
             return
-        job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id), spans)
+        job = Job(batch, ResultWriter(self.work_root / batch.id), await self._input(batch), spans)
         with hold_work_folder(job.writer.work_dir):
             job.writer.open()
             try:
@@ -268,8 +271,11 @@ class BatchRunner(ShardedRuns):
         # A file already expired when the batch was created is gone, as for users; one that expires
         # later stays readable until the batch ends (the sweep spares inputs of unfinished batches).
         input_file = await repo.get_file(self.db, batch.input_file_id, owner=batch.owner, now_s=batch.created_at)
-        problem = None
-        if input_file is None or not self.blobs.exists(batch.input_file_id):
+        problem = input_path = None
+        if input_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                input_path = await self._input(batch)
+        if input_path is None:
             problem = f"cannot find file {batch.input_file_id}"
         elif input_file.purpose != "batch":
             problem = f"file {batch.input_file_id} has purpose {input_file.purpose!r}, not 'batch'"
@@ -278,7 +284,7 @@ class BatchRunner(ShardedRuns):
                      "message": f"The batch input file is unusable: {problem}."}
             await self._fail(batch, [error])
             return None, None
-        job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        job = Job(batch, ResultWriter(self.work_root / batch.id), input_path)
         collector = SpanCollector() if self.config.order_window > 1 else None
         report_box: list[Any] = []
         began = time.monotonic()
@@ -312,6 +318,10 @@ class BatchRunner(ShardedRuns):
                  extra={"batch_id": batch.id, "status": S.IN_PROGRESS.value, "num_requests": report.num_requests,
                         "validation_s": round(time.monotonic() - began, 3)})
         return await repo.get_batch(self.db, batch.id, owner=None), spans
+
+    async def _input(self, batch: Batch) -> Path:
+        """The batch's input file on this host (fetched from the blob store's bucket if need be)."""
+        return await asyncio.to_thread(self.blobs.local, batch.input_file_id)
 
     def _shard_ranges(self, num_requests: int, collector: SpanCollector | None) -> list[tuple[int, int]]:
         """Where a batch of `num_requests` lines is cut into shards (none when it fits in one)."""

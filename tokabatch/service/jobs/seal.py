@@ -46,7 +46,7 @@ def derived_file_id(batch_id: str, kind: str) -> str:
 async def _register(db: Database, blobs: BlobStore, batch: Batch, source: Path, kind: str, filename: str,
                     now_s: int) -> str:
     file_id = derived_file_id(batch.id, kind)
-    if not blobs.exists(file_id):
+    if not await asyncio.to_thread(blobs.exists, file_id):
         temp = blobs.temp_path(file_id)
         await asyncio.to_thread(link_or_copy, source, temp)
         await asyncio.to_thread(blobs.commit, temp, file_id)

@@ -62,7 +62,7 @@ class ShardedRuns:
                 job.writer.close()
 
     async def _shard_job(self, batch: Batch, shard: Shard) -> Job:
-        input_path = self.blobs.path(batch.input_file_id)
+        input_path = await self._input(batch)
         order = await self.orders.of(batch, input_path, clustered=self.config.order_window > 1)
         return Job(batch, ResultWriter(self._shard_folder(batch.id, shard.id)), input_path,
                    order[shard.first:shard.end], shard=shard)
@@ -155,7 +155,7 @@ class ShardedRuns:
             if batch.status == S.IN_PROGRESS.value and not await repo.transition_batch(
                     self.db, batch.id, S.FINALIZING, self.claim.now(), held_by=self.worker_id):
                 return                            # cancelled meanwhile: the next claim ends it so
-        job = Job(batch, ResultWriter(self.work_root / batch.id), self.blobs.path(batch.input_file_id))
+        job = Job(batch, ResultWriter(self.work_root / batch.id), await self._input(batch))
         with hold_work_folder(job.writer.work_dir):
             await asyncio.to_thread(merge, self.blobs, shards, job.writer)
             await finish(self.claim, batch, to, job, errors=errors)

@@ -89,7 +89,7 @@ def merge(blobs: BlobStore, shards: list[Shard], writer: ResultWriter) -> None:
     for name in PARTS:
         with (writer.work_dir / name).open("wb") as out:
             for shard in shards:
-                with blobs.path(part_id(shard, name)).open("rb") as part:
+                with blobs.local(part_id(shard, name)).open("rb") as part:
                     shutil.copyfileobj(part, out, 1 << 20)
     totals = ResultTotals()
     for shard in shards:

@@ -5,6 +5,11 @@ whole file or a `*.tmp` leftover (swept by `remove_stale_temps`), never a half f
 id. Uploads stream through `BlobWriter` (bounded buffer, disk writes in a thread so the event loop
 stays responsive); the runner writes its outputs to `temp_path(id)` itself and calls `commit`.
 Rows live in repo.py: write the blob first, then `repo.create_file`. Must not import torch/aiohttp.
+
+Where the bytes of record live is the store's: here the folder itself; in ObjectStoreBlobs
+(object_blobs.py, `serve --blobs s3://...`) a bucket, with this folder as the host's cache. So
+code that reads a blob's bytes asks for `local(file_id)` (blocking: the bytes may be fetched
+first), and `path(file_id)` is only where they are, or will be, on this host.
 """
 
 from __future__ import annotations
@@ -69,6 +74,17 @@ class BlobStore:
 
     def exists(self, file_id: str) -> bool:
         return self.path(file_id).is_file()
+
+    def check(self) -> None:
+        """Raise ConfigError when the store cannot be used (a bucket's; a folder always can)."""
+
+    def local(self, file_id: str) -> Path:
+        """A file on this host with the blob's bytes (FileNotFoundError when there is no such blob).
+        Blocking: run it in a thread from async code."""
+        path = self.path(file_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"no blob {file_id}")
+        return path
 
     def remove_stale_temps(self, older_than_s: float = 3600.0) -> int:
         """Delete temporaries left by a crash: those of a process of this host that is gone, and any

@@ -55,3 +55,22 @@ def test_webhook_settings_come_from_flags_else_the_environment():
 def test_bad_webhook_settings_are_config_errors(webhooks):
     with pytest.raises(ConfigError):
         load_config(env={}, webhooks=webhooks)
+
+
+def test_workers_cut_big_batches_into_shards_unless_told_otherwise():
+    from tokabatch.config import WORKER_SHARD_LINES
+
+    assert load_config(env={}).runner.shard_lines == 0                    # one process: batches run whole
+    assert load_config(env={}, server={"role": "worker"}).runner.shard_lines == WORKER_SHARD_LINES
+    assert load_config(env={}, server={"role": "worker"}, runner={"shard_lines": 0}).runner.shard_lines == 0
+    with pytest.raises(ConfigError, match="shard-lines"):
+        load_config(env={}, runner={"shard_lines": -1})
+
+
+def test_the_blob_store_is_a_bucket_url_from_the_flag_else_the_environment():
+    assert load_config(env={}).storage.blobs_url is None
+    assert load_config(env={"TOKABATCH_BLOBS_URL": "s3://b/p"}).storage.blobs_url == "s3://b/p"
+    assert load_config(env={"TOKABATCH_BLOBS_URL": "s3://b/p"}, storage={"blobs_url": "s3://c"}).storage.blobs_url \
+        == "s3://c"
+    with pytest.raises(ConfigError, match="s3://"):
+        load_config(env={}, storage={"blobs_url": "/var/lib/files"})

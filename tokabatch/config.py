@@ -179,17 +179,7 @@ def load_config(
         server_values["api_keys"] = tuple(k.strip() for k in env["TOKABATCH_API_KEYS"].split(",") if k.strip())
     if "api_keys" in server_values:
         server_values["api_keys"] = tuple(server_values["api_keys"])
-    storage_values = given(storage)
-    if "db_url" not in storage_values and env.get("TOKABATCH_DB_URL"):
-        storage_values["db_url"] = env["TOKABATCH_DB_URL"]
-    if "blobs_url" not in storage_values and env.get("TOKABATCH_BLOBS_URL"):
-        storage_values["blobs_url"] = env["TOKABATCH_BLOBS_URL"]
-    blobs_url = storage_values.get("blobs_url")
-    if blobs_url is not None and not blobs_url.startswith("s3://"):
-        raise ConfigError(f"--blobs must be an s3://bucket/prefix URL, not {blobs_url!r}", param="blobs")
-    if not storage_values.get("data_dir"):
-        storage_values["data_dir"] = str(default_data_dir(env))
-
+    storage_cfg = _storage_config(given(storage), env)
     model_cfg = _replace(ModelConfig(), **given(model))
     if model_cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {model_cfg.dtype!r}", param="dtype")
@@ -208,11 +198,24 @@ def load_config(
         runner_values.setdefault("shard_lines", WORKER_SHARD_LINES)
     return Config(
         engine=engine_cfg,
-        storage=_replace(StorageConfig(), **storage_values),
+        storage=storage_cfg,
         server=server_cfg,
         runner=_checked_runner(_replace(RunnerConfig(), **runner_values)),
         webhooks=_webhook_config(given(webhooks), env),
     )
+
+
+def _storage_config(values: dict[str, Any], env: Mapping[str, str]) -> StorageConfig:
+    if "db_url" not in values and env.get("TOKABATCH_DB_URL"):
+        values["db_url"] = env["TOKABATCH_DB_URL"]
+    if "blobs_url" not in values and env.get("TOKABATCH_BLOBS_URL"):
+        values["blobs_url"] = env["TOKABATCH_BLOBS_URL"]
+    blobs_url = values.get("blobs_url")
+    if blobs_url is not None and not blobs_url.startswith("s3://"):
+        raise ConfigError(f"--blobs must be an s3://bucket/prefix URL, not {blobs_url!r}", param="blobs")
+    if not values.get("data_dir"):
+        values["data_dir"] = str(default_data_dir(env))
+    return _replace(StorageConfig(), **values)
 
 
 def _checked_runner(cfg: RunnerConfig) -> RunnerConfig:

@@ -182,3 +182,20 @@ async def test_expiry_ends_a_sharded_batch(db, blobs, clock, tok, tmp_path):
     out, err = assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
     assert 2 <= len(out) < 20
     assert all(x["error"]["code"] == "batch_expired" for x in err)
+
+
+async def test_a_runner_starts_by_removing_work_folders_of_ended_batches(db, blobs, clock, tok, tmp_path):
+    engine = await fake_engine()
+    try:
+        ended = await new_batch(db, blobs, lines_of(2), clock)
+        row = await run_to_terminal(make_runner(db, blobs, engine, tok, clock, tmp_path), db, ended)
+        assert row.status == "completed"
+        running = await new_batch(db, blobs, lines_of(2), clock)
+        work = tmp_path / "work"
+        for name in (ended, running, "batch_gone"):        # e.g. shards this host ran, sealed on another host
+            (work / name / "shards" / "s").mkdir(parents=True)
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
+        await runner._remove_ended_work_folders()
+        assert sorted(p.name for p in work.iterdir()) == [running]
+    finally:
+        await engine.close()

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ class BatchRunner(ShardedRuns):
         self._running = True
         try:
             await asyncio.to_thread(preload_outputs)
+            await self._remove_ended_work_folders()
             num_failed_turns = 0
             while not self._stopping.is_set():
                 self._woken.clear()
@@ -110,6 +112,20 @@ class BatchRunner(ShardedRuns):
         finally:
             self._running = False
             self._stopped.set()
+
+    async def _remove_ended_work_folders(self) -> None:
+        """Work folders of batches that ended (or are gone) since this host last ran them: a batch or
+        shard taken over by a worker on another host is sealed there, so its folder here is never
+        read again."""
+        if not self.work_root.is_dir():
+            return
+        for folder in sorted(self.work_root.iterdir()):
+            try:
+                batch = await repo.get_batch(self.db, folder.name, owner=None)
+                if batch is None or batch.is_terminal:
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
+            except Exception:                 # never a reason not to start: the next start tries again
+                log.exception("could not check the work folder %s", folder)
 
     def health(self) -> str | None:
         """None while the runner works; else why it does not (its loop keeps trying)."""

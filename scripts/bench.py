@@ -276,7 +276,7 @@ def run_service(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]],
 
     flags = [f for flag, value in (("--max-seqs", args.max_seqs), ("--max-tokens-per-step", args.max_tokens_per_step),
                                    ("--kv-memory-fraction", args.kv_memory_fraction),
-                                   ("--data-parallel", args.data_parallel),
+                                   ("--data-parallel", args.data_parallel), ("--shard-lines", args.shard_lines),
                                    ("--engine-factory", SIMULATED if args.engine == "simulated" else None))
              if value is not None for f in (flag, str(value))]
     model = runs[0][1].model
@@ -333,6 +333,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")
     ap.add_argument("--data-parallel", type=int, help="the service rows: engine processes under the one server "
                                                        "(they share the device and split its KV memory)")
+    ap.add_argument("--shard-lines", type=int, help="the service rows: cut batches into shards of this many "
+                    "lines (run one after another by the one server: what a shard boundary costs)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run every step eagerly")
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")
@@ -357,7 +359,9 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
-    return ap.parse_args()
+    args = ap.parse_args()
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def _model_folder(model: str, args: argparse.Namespace, tmp: Path) -> Path:

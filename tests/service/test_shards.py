@@ -199,3 +199,27 @@ async def test_a_runner_starts_by_removing_work_folders_of_ended_batches(db, blo
         assert sorted(p.name for p in work.iterdir()) == [running]
     finally:
         await engine.close()
+
+
+async def test_the_next_shard_runs_during_the_tail_of_the_last(db, blobs, clock, tok, tmp_path):
+    """Shard 0's lines are all in the engine and one of them is long: the runner's second lane takes
+    shard 1 meanwhile, and shard 1 ends before shard 0 (the engine does not run out of work)."""
+    lines = [chat_line(0, max_tokens=60, ignore_eos=True)] + lines_of(10, max_tokens=2, ignore_eos=True)[1:]
+    engine = await fake_engine(token_interval_s=0.02, max_running=8, max_waiting=8)
+    try:
+        batch_id = await new_batch(db, blobs, lines, clock)
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path, config=dataclasses.replace(SHARDED,
+                                                                                                   order_window=1))
+        task = asyncio.create_task(runner.run_forever())
+        try:
+            seen = []
+            while (row := await repo.get_batch(db, batch_id, owner=None)).status != "completed":
+                seen.append(tuple(s.outcome for s in await shard_store.get_shards(db, batch_id)))
+                await asyncio.sleep(0.01)
+        finally:
+            await runner.stop()
+            await task
+    finally:
+        await engine.close()
+    assert (None, "completed") in seen, seen
+    assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])

@@ -177,12 +177,15 @@ class Feed:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, endpoint: str, served_model_names: set[str],
                  writer: ResultWriter, order_window: int, on_engine_failure: OnEngineFailure,
                  on_written: Callable[[bool, int], None] | None = None,
+                 on_fed_all: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        """`on_written(ok, output tokens)` is called after each line is written (2xx: ok)."""
+        """`on_written(ok, output tokens)` is called after each line is written (2xx: ok);
+        `on_fed_all()` once no line is left to feed (the rest of the run is the engine's tail)."""
         self.engine, self.tokenizer, self.endpoint = engine, tokenizer, endpoint
         self.served_model_names = set(served_model_names)
         self.writer, self.order_window, self.on_engine_failure = writer, order_window, on_engine_failure
         self.on_written = on_written or (lambda ok, tokens: None)
+        self.on_fed_all = on_fed_all or (lambda: None)
         self.clock = clock
         self.result = FeedResult()
         self._in_flight: dict[str, Line | _Merged] = {}   # engine request id -> its line(s), fed to written
@@ -232,17 +235,20 @@ class Feed:
     async def _requests(self, reader: _Reader) -> AsyncIterator[GenerationRequest]:
         """The engine's request stream. A line enters `_in_flight` only when its requests are fed,
         so a line read ahead but not fed is simply not written."""
-        async with contextlib.aclosing(self._windows(reader)) as windows:
-            async for window in windows:
-                for unit in _merge_alike(window):
-                    if self._draining:
-                        return
-                    requests = _merged_request(unit) if isinstance(unit, _Merged) else unit.prepared.requests
-                    for request in requests:
-                        if self.result.first_fed_s is None:
-                            self.result.first_fed_s = time.monotonic() - self._began
-                        self._in_flight[request.request_id] = unit
-                        yield request
+        try:
+            async with contextlib.aclosing(self._windows(reader)) as windows:
+                async for window in windows:
+                    for unit in _merge_alike(window):
+                        if self._draining:
+                            return
+                        requests = _merged_request(unit) if isinstance(unit, _Merged) else unit.prepared.requests
+                        for request in requests:
+                            if self.result.first_fed_s is None:
+                                self.result.first_fed_s = time.monotonic() - self._began
+                            self._in_flight[request.request_id] = unit
+                            yield request
+        finally:
+            self.on_fed_all()
 
     async def _windows(self, reader: _Reader) -> AsyncIterator[list[Line]]:
         """Prepared lines, window by window: the next window is prepared while this one is taken."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import secrets
 import shutil
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 S = BatchStatus
+# What the claim running in this task calls once its feed has no line left (run_forever's lanes).
+_CLAIM_FED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("claim_fed", default=None)
 
 class BatchRunner(ShardedRuns):
     """Runs batches (and shards of batches) until stopped. One runner per process; several may share a database."""
@@ -79,6 +83,8 @@ class BatchRunner(ShardedRuns):
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._woken = asyncio.Event()
+        self._feeding: set[object] = set()   # claims (of either lane) with lines still to feed
+        self._num_claims = 0                 # claims in progress (of either lane)
         self._running = False
         self._problem: str | None = None     # why the last turn of the loop failed (health), None when fine
         self._disk_full: str | None = None   # why the last batch paused for space, until one runs without
@@ -86,32 +92,56 @@ class BatchRunner(ShardedRuns):
 
     # ---- the loop ---------------------------------------------------------------------------------
     async def run_forever(self) -> None:
-        """Claim and run batches until stop(); a failing batch is logged, released and retried later."""
+        """Claim and run batches until stop(); a failing batch is logged, released and retried later.
+
+        Two lanes claim work. The first claims whatever is due; the second only shards, and only while
+        the first's claim has fed every line and waits on the engine's last sequences: so the engine
+        gets the next shard's lines during that tail instead of running out of work at every shard's
+        end. Neither claims while a claim still has lines to feed (at most one claim feeding at a time)."""
         self._stopped.clear()
         self._running = True
         try:
             await asyncio.to_thread(preload_outputs)
             await self._remove_ended_work_folders()
-            num_failed_turns = 0
-            while not self._stopping.is_set():
-                self._woken.clear()
-                try:
-                    worked = await self.run_once()
-                except Exception as exc:    # the database failed, ...: stay alive, say why, try again later
-                    num_failed_turns += 1
-                    self._problem = f"the batch runner failed: {type(exc).__name__}: {exc}"
-                    if is_storage_full(exc):
-                        log.warning("the batch runner cannot write: the disk is full (%s); trying again", exc)
-                    else:
-                        log.exception("the batch runner failed; trying again")
-                    await self._idle(self._retry_after_s(num_failed_turns))
-                    continue
-                num_failed_turns, self._problem = 0, self._disk_full
-                if not worked:
-                    await self._idle(self.config.poll_interval_s)
+            await asyncio.gather(self._lane(second=False), self._lane(second=True))
         finally:
             self._running = False
             self._stopped.set()
+
+    async def _lane(self, *, second: bool) -> None:
+        num_failed_turns = 0
+        while not self._stopping.is_set():
+            self._woken.clear()
+            if self._feeding or (second and not self._num_claims):
+                await self._idle(self.config.poll_interval_s)
+                continue
+            token = object()                   # this claim feeds until its feed says all lines are in
+            self._feeding.add(token)
+            self._num_claims += 1
+            try:
+                _CLAIM_FED.set(functools.partial(self._fed, token))     # this lane's task's own context
+                worked = await self.run_once(shards_only=second)
+            except Exception as exc:    # the database failed, ...: stay alive, say why, try again later
+                num_failed_turns += 1
+                self._problem = f"the batch runner failed: {type(exc).__name__}: {exc}"
+                if is_storage_full(exc):
+                    log.warning("the batch runner cannot write: the disk is full (%s); trying again", exc)
+                else:
+                    log.exception("the batch runner failed; trying again")
+                await self._idle(self._retry_after_s(num_failed_turns))
+                continue
+            finally:
+                self._fed(token)
+                self._num_claims -= 1
+            num_failed_turns, self._problem = 0, self._disk_full
+            if not worked:
+                await self._idle(self.config.poll_interval_s)
+
+    def _fed(self, token: object) -> None:
+        """A claim has no line left to feed: the other lane may claim now."""
+        if token in self._feeding:
+            self._feeding.discard(token)
+            self._woken.set()
 
     async def _remove_ended_work_folders(self) -> None:
         """Work folders of batches that ended (or are gone) since this host last ran them: a batch or
@@ -157,14 +187,16 @@ class BatchRunner(ShardedRuns):
         if self._running:
             await self._stopped.wait()
 
-    async def run_once(self) -> bool:
-        """Claim one shard of a running batch, else one batch, and work on it until it is done or
-        interrupted. False when there was no work, or no engine to do it with (nothing is claimed
-        while the engine is down)."""
+    async def run_once(self, *, shards_only: bool = False) -> bool:
+        """Claim one shard of a running batch, else (unless `shards_only`) one batch, and work on it
+        until it is done or interrupted. False when there was no work, or no engine to do it with
+        (nothing is claimed while the engine is down)."""
         if self.engine.health() is not None:
             return False
         unit: Batch | Shard | None = await shard_store.claim_shard(self.db, self.worker_id, self.config.lease_s,
                                                                    self.clock())
+        if unit is None and shards_only:
+            return False
         if unit is None:
             unit = await repo.claim_batch(self.db, self.worker_id, self.config.lease_s, self.clock())
             if unit is None:
@@ -369,7 +401,8 @@ class BatchRunner(ShardedRuns):
         policy = OnEngineFailure.WRITE if last_try else OnEngineFailure.LEAVE
         feed = job.feed = Feed(self.engine, self.tokenizer, endpoint=job.batch.endpoint,
                                served_model_names=self.served_model_names, writer=job.writer,
-                               order_window=self.config.order_window, on_engine_failure=policy, clock=self.clock)
+                               order_window=self.config.order_window, on_engine_failure=policy,
+                               on_fed_all=_CLAIM_FED.get(), clock=self.clock)
         began = time.monotonic()
         try:
             await feed.run(job.input_path, spans)

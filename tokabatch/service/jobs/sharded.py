@@ -80,7 +80,7 @@ class ShardedRuns:
             return
         if outcome is None and job.num_retryable:
             log.warning("shard %s: the engine failed %d line(s); releasing it to retry them", shard.id,
-                             job.num_retryable)
+                        job.num_retryable)
             await self._write_progress(job)
             await repo.release_after_failure(
                 self.db, shard.id, self.worker_id, engine=True, table=Shard,
@@ -103,7 +103,7 @@ class ShardedRuns:
         last = await shard_store.finish_shard(self.db, shard, self.worker_id, outcome, shard_counts(job.writer.totals))
         t = job.writer.totals
         log.info("shard %s %s: %d completed, %d failed%s", shard.id, outcome, t.num_completed, t.num_failed,
-                      "; the batch's last" if last else "", extra={"batch_id": shard.batch_id})
+                 "; the batch's last" if last else "", extra={"batch_id": shard.batch_id})
         if last:
             self.wake()
 

@@ -15,10 +15,12 @@ default pool that is every sequence running at once), the mean CPU ms per step a
 its split: scheduler.schedule, the instant runner, scheduler.on_step_done, the loop's post-processing
 (take samples, detokenize, stop checks, emit) and the num_wanted() + stats() that serve() calls
 after every step; "step (no runner)" is their sum, the CPU time a GPU step would wait on. Also
-the CPU seconds of the whole workload (adds, every step, the instant runner included). --profile N
-adds a cProfile top-20 over N steady decode steps; --digest a hash of every plan and output (equal
-before and after a change that should not change behaviour); --num-pages 50000 makes TA
-memory-bound (the queue waits for pages, so admission is tried every step).
+the CPU seconds of the whole workload (adds, every step, the instant runner included), and the CPU
+of the steps in which sequences finish (the wave ends, where a GPU would idle). --profile N adds a
+cProfile top-20 over N steady decode steps, --profile-finishing one over the finishing steps;
+--digest a hash of every plan and output (equal before and after a change that should not change
+behaviour); --num-pages 50000 makes TA memory-bound (the queue waits for pages, so admission is
+tried every step).
 
     .venv/bin/python -m benchmarks.step_overhead                     # both workloads
     .venv/bin/python -m benchmarks.step_overhead --workload TB --profile 20
@@ -72,6 +74,64 @@ class Timed:
             self.seconds += time.thread_time() - t
 
 
+class Recorder:
+    """What one workload's steps cost: the steady decode steps' split, the finishing steps' CPU, the
+    profiles asked for, the digest."""
+
+    def __init__(self, args: argparse.Namespace, parts: dict[str, Timed]) -> None:
+        self.args, self.parts = args, parts
+        self.steady: list[dict[str, float]] = []
+        self.finishing: list[tuple[float, int]] = []     # (CPU s, sequences finished) of each step where some finish
+        self.profiler = cProfile.Profile() if args.profile else None
+        self.finish_stats: pstats.Stats | None = None
+        self.digest = hashlib.sha256() if args.digest else None
+        self.num_profiled = self.num_done = self.num_tokens = 0
+        self.was_steady = False
+
+    def step(self, loop: EngineLoop) -> None:
+        for t in self.parts.values():
+            t.seconds, t.last = 0.0, None
+        # Profile the steps after a steady one until N steady ones were profiled.
+        profiling = self.profiler is not None and self.was_steady and self.num_profiled < self.args.profile
+        profilers = ([self.profiler] if profiling else []) + ([cProfile.Profile()] if self.args.profile_finishing
+                                                               else [])
+        t0 = time.thread_time()
+        for p in profilers:
+            p.enable()
+        items = loop.step()
+        t1 = time.thread_time()
+        loop.num_wanted()        # what serve() asks after every step (engine/loop_protocol.py)
+        loop.stats()
+        t2 = time.thread_time()
+        for p in profilers:
+            p.disable()
+        total = t2 - t0
+        outputs = [item for item in items if isinstance(item, GenerationOutput)]
+        self.num_done += len(outputs)
+        self.num_tokens += sum(o.num_completion_tokens for o in outputs)
+        if self.digest is not None:
+            for o in outputs:
+                self.digest.update(repr((o.request_id, [(c.token_ids, c.text) for c in o.choices])).encode())
+        if outputs:
+            self.finishing.append((total - self.parts["runner"].seconds, sum(len(o.choices) for o in outputs)))
+            if self.args.profile_finishing:
+                stats = self.finish_stats
+                self.finish_stats = pstats.Stats(profilers[-1]) if stats is None else stats.add(profilers[-1])
+        plan = self.parts["schedule"].last
+        if self.digest is not None and plan is not None:
+            self.digest.update(repr(plan).encode())
+        # Steady decode: nothing prefills, nothing finishes (with the default pool: everyone decodes).
+        self.was_steady = plan is not None and bool(plan.decodes) and not plan.prefills and not outputs
+        if self.was_steady:
+            self.num_profiled += profiling
+            split = {k: t.seconds for k, t in self.parts.items()}
+            split["num_wanted+stats"] = t2 - t1
+            split["post-processing"] = total - sum(split.values())
+            split["step (no runner)"] = total - split["runner"]
+            split["decodes"] = len(plan.decodes) / 1000   # (printed as a mean count, not ms)
+            self.steady.append(split)
+
+
 def run(name: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
     w = WORKLOADS[name]
     rng = random.Random(0)
@@ -83,80 +143,51 @@ def run(name: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]
              "on_step_done": Timed(sched.on_step_done)}
     sched.schedule, sched.on_step_done = parts["schedule"], parts["on_step_done"]
     runner.launch = parts["runner"]
-    num_seqs = w.num_requests * w.n
-    steady: list[dict[str, float]] = []
-    profiler = cProfile.Profile() if args.profile else None
-    num_profiled = 0
-    was_steady = False
-    digest = hashlib.sha256() if args.digest else None
+    recorder = Recorder(args, parts)
     cpu0 = time.process_time()
     for i, prompt in enumerate(prompts):
         loop.add(GenerationRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling=params, n=w.n))
-    num_done = num_tokens = 0
     while loop.has_work():
-        for t in parts.values():
-            t.seconds, t.last = 0.0, None
-        # Profile the steps after a steady one until N steady ones were profiled.
-        profiling = profiler is not None and was_steady and num_profiled < args.profile
-        t0 = time.thread_time()
-        if profiling:
-            profiler.enable()
-        items = loop.step()
-        t1 = time.thread_time()
-        loop.num_wanted()        # what serve() asks after every step (engine/loop_protocol.py)
-        loop.stats()
-        t2 = time.thread_time()
-        if profiling:
-            profiler.disable()
-        total = t2 - t0
-        num_finished = 0
-        for item in items:
-            if isinstance(item, GenerationOutput):
-                num_finished += 1
-                num_tokens += item.num_completion_tokens
-                if digest is not None:
-                    digest.update(repr((item.request_id, [(c.token_ids, c.text) for c in item.choices])).encode())
-        num_done += num_finished
-        plan = parts["schedule"].last
-        if digest is not None and plan is not None:
-            digest.update(repr(plan).encode())
-        # Steady decode: nothing prefills, nothing finishes (with the default pool: everyone decodes).
-        was_steady = plan is not None and bool(plan.decodes) and not plan.prefills and num_finished == 0
-        if was_steady:
-            num_profiled += profiling
-            split = {k: t.seconds for k, t in parts.items()}
-            split["num_wanted+stats"] = t2 - t1
-            split["post-processing"] = total - sum(split.values())
-            split["step (no runner)"] = total - split["runner"]
-            split["decodes"] = len(plan.decodes) / 1000   # (printed as a mean count, not ms)
-            steady.append(split)
+        recorder.step(loop)
     cpu = time.process_time() - cpu0
-    if num_done != w.num_requests or num_tokens != num_seqs * w.output_len:
-        raise SystemExit(f"{name}: {num_done} requests, {num_tokens} tokens: the workload did not complete")
-    return report(name, loop, steady, cpu, digest, profiler, num_profiled)
+    if recorder.num_done != w.num_requests or recorder.num_tokens != w.num_requests * w.n * w.output_len:
+        raise SystemExit(f"{name}: {recorder.num_done} requests, {recorder.num_tokens} tokens: the workload did "
+                         "not complete")
+    return report(name, loop, recorder, cpu)
 
 
-def report(name: str, loop: EngineLoop, steady: list[dict[str, float]], cpu: float, digest: Any,
-           profiler: cProfile.Profile | None, num_profiled: int) -> dict[str, float]:
-    """Print one workload's means (and profile), return them for the table."""
+def report(name: str, loop: EngineLoop, recorder: Recorder, cpu: float) -> dict[str, float]:
+    """Print one workload's means (and profiles), return them for the table."""
+    steady = recorder.steady
     if not steady:
         raise SystemExit(f"{name}: no steady decode step was seen")
     w = WORKLOADS[name]
     num_seqs = w.num_requests * w.n
     mean = {k: 1000 * sum(s[k] for s in steady) / len(steady) for k in steady[0]}
-    if digest is not None:
-        print(f"\n{name}: digest of every plan and output: {digest.hexdigest()[:16]}")
+    if recorder.digest is not None:
+        print(f"\n{name}: digest of every plan and output: {recorder.digest.hexdigest()[:16]}")
     print(f"\n{name}: {num_seqs} sequences, {loop._stats.num_steps} steps, {len(steady)} steady decode steps "
           f"of {mean['decodes']:.0f} decodes on average, {loop._stats.num_preemptions} preemptions, "
           f"workload CPU {cpu:.1f} s")
     for k in ("schedule", "on_step_done", "post-processing", "num_wanted+stats", "step (no runner)", "runner"):
         print(f"  {k:<18} {mean[k]:8.2f} ms/step")
-    if profiler is not None:
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(20)
-        print(f"  cProfile over {num_profiled} steady decode steps (by own time):")
-        print("\n".join("    " + line for line in out.getvalue().splitlines()[4:] if line.strip()))
-    return {"steady_ms": mean["step (no runner)"], "cpu_s": cpu, **mean}
+    if recorder.profiler is not None:
+        _print_top(pstats.Stats(recorder.profiler), 20, f"cProfile over {recorder.num_profiled} steady decode steps")
+    seconds, seqs = sum(f[0] for f in recorder.finishing), sum(f[1] for f in recorder.finishing)
+    print(f"  finishing steps: {len(recorder.finishing)}, {1000 * seconds:.1f} ms of CPU (no runner) for {seqs} "
+          f"sequences ({1e6 * seconds / max(1, seqs):.1f} us each)")
+    if recorder.finish_stats is not None:
+        _print_top(recorder.finish_stats, 25, "cProfile over the finishing steps")
+    return {"steady_ms": mean["step (no runner)"], "cpu_s": cpu, "finish_ms": 1000 * seconds,
+            "finish_us": 1e6 * seconds / max(1, seqs), **mean}
+
+
+def _print_top(stats: pstats.Stats, count: int, title: str) -> None:
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(count)
+    print(f"  {title} (by own time):")
+    print("\n".join("    " + line for line in out.getvalue().splitlines()[4:] if line.strip()))
 
 
 def main() -> None:
@@ -168,17 +199,19 @@ def main() -> None:
     ap.add_argument("--digest", action="store_true",
                     help="print a hash of every plan and output (equal before and after a change: same behaviour)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile N steady decode steps")
+    ap.add_argument("--profile-finishing", action="store_true",
+                    help="cProfile the steps in which sequences finish (the wave ends)")
     args = ap.parse_args()
     tok = tokenizer()
     rows = {name: run(name, tok, args) for name in (WORKLOADS if args.workload == "all" else [args.workload])}
     print("\n| workload | sequences | steady decode ms/step (CPU, no runner) | schedule | on_step_done | post "
-          "| num_wanted+stats | workload CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| num_wanted+stats | finishing steps ms (us per sequence) | workload CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         w = WORKLOADS[name]
         print(f"| {name} | {w.num_requests * w.n} | {r['steady_ms']:.2f} | {r['schedule']:.2f} "
-              f"| {r['on_step_done']:.2f} "
-              f"| {r['post-processing']:.2f} | {r['num_wanted+stats']:.2f} | {r['cpu_s']:.1f} |")
+              f"| {r['on_step_done']:.2f} | {r['post-processing']:.2f} | {r['num_wanted+stats']:.2f} "
+              f"| {r['finish_ms']:.0f} ({r['finish_us']:.0f}) | {r['cpu_s']:.1f} |")
 
 
 if __name__ == "__main__":

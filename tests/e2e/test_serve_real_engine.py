@@ -44,13 +44,13 @@ def free_port() -> int:
 class Server:
     """`python -m tokabatch serve` in its own process group (so kill -9 reaches the engine child too)."""
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, *flags: str) -> None:
         self.port = free_port()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokabatch", "serve", "--model", "demo", "--port", str(self.port),
-             "--data-dir", str(data_dir)], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+             "--data-dir", str(data_dir), *flags], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="EMPTY", max_retries=0)
         deadline = time.monotonic() + 180
@@ -124,7 +124,8 @@ def torch_mapped(pid: int) -> bool:
 def test_kill_9_mid_batch_resumes_without_rerunning_written_lines(tmp_path):
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
     lines = chat_lines(16, tokens_step=6)              # 4 .. 94 tokens: lines finish one after another
-    server = Server(data_dir, log)
+    lease = ("--lease", "5")                           # the restart takes over once the dead claim lapses
+    server = Server(data_dir, log, *lease)
     try:
         batch_id = submit(server.client, lines)
         output = data_dir / "work" / batch_id / "output.jsonl"
@@ -139,7 +140,7 @@ def test_kill_9_mid_batch_resumes_without_rerunning_written_lines(tmp_path):
     assert 4 <= len(before) < len(lines), f"killed too late: {len(before)} lines written"
     first_lines = {x["custom_id"]: x for x in map(json.loads, output.read_text().splitlines()[:len(before)])}
 
-    server = Server(data_dir, log)
+    server = Server(data_dir, log, *lease)
     try:
         batch = wait_terminal(server.client, batch_id, timeout_s=300)   # after the dead worker's lease lapses
         assert batch.status == "completed" and batch.error_file_id is None

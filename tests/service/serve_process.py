@@ -34,7 +34,8 @@ def read_batch(db_url: str, batch_id: str):
 
 class ServeProcess:
     def __init__(self, data: Path, log: Path, *flags: str, engine: str = SLOW_ENGINE,
-                 db_url: str | None = None) -> None:
+                 db_url: str | None = None, wait: bool = True) -> None:
+        """`wait`: return once it listens (`.port` set); else at once (`.port` is None)."""
         self.log = log
         self.db_url = db_url or f"sqlite+aiosqlite:///{data / 'tokabatch.db'}"
         db_flags = ["--db", db_url] if db_url else []
@@ -43,7 +44,7 @@ class ServeProcess:
              "--log-format", "text", "--engine-factory", engine, *db_flags, *flags],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True)         # its own process group, as under a service manager
-        self.port = self._wait_for_port()
+        self.port = self._wait_for_port() if wait else None
 
     def _wait_for_port(self, timeout_s: float = 120.0) -> int:
         deadline = time.monotonic() + timeout_s

@@ -223,3 +223,28 @@ async def test_the_next_shard_runs_during_the_tail_of_the_last(db, blobs, clock,
         await engine.close()
     assert (None, "completed") in seen, seen
     assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
+
+
+async def test_the_lanes_poll_and_do_not_spin(db, blobs, clock, tok, tmp_path, monkeypatch):
+    """While a batch's feed is done and its lines finish, the second lane looks for a shard once per
+    poll (a lane that woke itself looked ~700 times a second and took a core from the engine)."""
+    calls = []
+    claim_shard = shard_store.claim_shard
+
+    async def counted(*args, **kwargs):
+        calls.append(1)
+        return await claim_shard(*args, **kwargs)
+
+    monkeypatch.setattr(shard_store, "claim_shard", counted)
+    engine = await fake_engine(token_interval_s=0.05, max_running=16, max_waiting=16)
+    try:
+        batch_id = await new_batch(db, blobs, lines_of(16, max_tokens=30, ignore_eos=True), clock)
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path,
+                             config=dataclasses.replace(FAST, poll_interval_s=0.2))
+        began = asyncio.get_running_loop().time()
+        row = await run_to_terminal(runner, db, batch_id)
+        seconds = asyncio.get_running_loop().time() - began
+    finally:
+        await engine.close()
+    assert row.status == "completed" and seconds > 1.0
+    assert len(calls) <= 4 + 2 * seconds / 0.2, (len(calls), seconds)

@@ -131,14 +131,14 @@ class BatchRunner(ShardedRuns):
                 await self._idle(self._retry_after_s(num_failed_turns))
                 continue
             finally:
-                self._fed(token)
+                self._feeding.discard(token)   # (no wake-up: the other lane polls; waking itself here would spin)
                 self._num_claims -= 1
             num_failed_turns, self._problem = 0, self._disk_full
             if not worked:
                 await self._idle(self.config.poll_interval_s)
 
     def _fed(self, token: object) -> None:
-        """A claim has no line left to feed: the other lane may claim now."""
+        """A claim's feed has no line left to feed: the other lane may claim now (it is woken)."""
         if token in self._feeding:
             self._feeding.discard(token)
             self._woken.set()

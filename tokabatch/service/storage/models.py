@@ -48,7 +48,41 @@ class File(Base):
     )
 
 
-class Batch(Base):
+class Counted:
+    """The lines written so far and their usage: a batch's (contract §3.5 request_counts and usage), or
+    a shard's part of it (summed into its batch)."""
+
+    request_completed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    request_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Claimed:
+    """A row runners claim: a batch, or a shard of one (repo.claim_batch, shards.claim_shard)."""
+
+    # The runner's claim: who works on it and until when (a float Unix time; heartbeats extend it).
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    num_claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # Claims that ended badly: an unexpected error (capped: the batch then fails with it), or lines
+    # the engine failed (retried; the last attempt writes them as error lines). Either puts the
+    # batch out of reach of claims until `not_before` (a back-off), so it cannot stall the queue.
+    num_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    num_engine_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    # While it runs (the runner writes them with the progress): output tokens per second over the
+    # last minute, and the seconds left at that pace. Null before the first finished line and once terminal.
+    throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Batch(Counted, Claimed, Base):
     """One batch job; `status` changes only through repo.transition_batch (states.TRANSITIONS)."""
 
     __tablename__ = "batches"
@@ -80,32 +114,9 @@ class Batch(Base):
     cancelled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     request_total: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    request_completed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    request_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-
-    # The runner's claim: who works on it and until when (a float Unix time; heartbeats extend it).
-    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    num_claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    # Claims that ended badly: an unexpected error (capped: the batch then fails with it), or lines
-    # the engine failed (retried; the last attempt writes them as error lines). Either puts the
-    # batch out of reach of claims until `not_before` (a back-off), so it cannot stall the queue.
-    num_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
-    num_engine_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
-    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     # A retry's child batch names the batch whose failed lines it holds (POST /v1/batches/{id}/retry).
     parent_batch_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # While it runs (the runner writes them with the progress): output tokens per second over the
-    # last minute, and the seconds left at that pace. Null before the first finished line and once terminal.
-    throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
-    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     # A batch split at validation into shards (RunnerConfig.shard_lines) runs as its Shard rows, each
     # claimed on its own; 0 is a batch that runs whole under the batch's own claim.
     num_shards: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
@@ -122,7 +133,7 @@ class Batch(Base):
         return is_terminal(self.status)
 
 
-class Shard(Base):
+class Shard(Counted, Claimed, Base):
     """A part of a sharded batch: the lines at positions [first, end) of the batch's feed order
     (ordering.py's file-level order, rebuilt the same from the file by any worker), claimed like a
     batch (lease, heartbeat, back-off, failure counts) and checkpointed in a work folder of its own.
@@ -138,24 +149,6 @@ class Shard(Base):
     first: Mapped[int] = mapped_column(Integer, nullable=False)
     end: Mapped[int] = mapped_column(Integer, nullable=False)
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
-
-    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    num_claims: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    num_failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    num_engine_retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    throughput: Mapped[float | None] = mapped_column(Float, nullable=True)
-    eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-    request_completed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    request_failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
 
     __table_args__ = (
         UniqueConstraint("batch_id", "index"),

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420),
               pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"needs PostgreSQL ({PG_ENV})")]
 NUM_LINES = 3000
 NUM_KILLS = 5
-COUNTING = "tests.cli.fake_loops:counting"          # 12 lines at a time per engine, ~0.24 s each
+COUNTING = "tests.cli.fake_loops:counting"          # 16 lines at a time per engine, ~0.16 s each
 
 
 def _written_lines(data: Path) -> dict[str, str]:
@@ -86,7 +86,7 @@ def test_three_workers_five_kills_one_batch(store, tmp_path, monkeypatch, reques
                 time.sleep(0.2)
             seen_written: dict[str, str] = {}
             while len(kills) < NUM_KILLS:
-                time.sleep(rng.uniform(1.5, 3.0))
+                time.sleep(rng.uniform(0.8, 1.5))
                 b = client.batches.retrieve(batch.id)
                 assert b.status == "in_progress", (b.status, f"only {len(kills)} kills before the end")
                 victim = rng.randrange(len(workers))
@@ -117,7 +117,7 @@ def test_three_workers_five_kills_one_batch(store, tmp_path, monkeypatch, reques
     print(f"\n[{store}] 3,000 lines, 3 workers, {NUM_KILLS} kill -9s at (s, lines completed) {kills}: completed in "
           f"{elapsed_s:.0f} s; the engines finished {sum(finished.values())} requests, {twice} lines twice "
           f"(in flight at a kill); {len(seen_written)} lines seen written before the kills, all unchanged")
-    # In flight at a kill: at most an engine's 24 held requests (finished, not yet written by its worker).
-    assert twice <= NUM_KILLS * 24, twice
+    # In flight at a kill: at most an engine's 32 held requests (finished, not yet written by its worker).
+    assert twice <= NUM_KILLS * 32, twice
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(1, started + 1)]
     assert sum("shard " in log and " claimed (" in log for log in logs) >= 4

@@ -164,3 +164,27 @@ async def test_engine_death_leaves_lines_for_a_retry(db, blobs, clock, tok, tmp_
         assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
     finally:
         await engine2.close()
+
+
+async def test_a_stop_during_a_cancel_ends_the_batch_cancelled_without_draining(db, blobs, clock, tok, tmp_path):
+    """SIGTERM right after a cancel: the cancel wins. The batch ends cancelled at once (its lines in
+    flight are not drained for the grace period, and the batch is not left cancelling for a later claim)."""
+    engine = await fake_engine(token_interval_s=0.02, max_running=2, max_waiting=0)
+    try:
+        lines = [chat_line(i, max_tokens=500, ignore_eos=True) for i in range(4)]     # ~10 s a line
+        batch_id = await new_batch(db, blobs, lines, clock)
+        runner = make_runner(db, blobs, engine, tok, clock, tmp_path)
+        task = asyncio.create_task(runner.run_forever())
+        await wait_for(db, batch_id, lambda r: r.status == "in_progress")
+        await asyncio.sleep(0.3)                                  # two lines are in the engine
+        await repo.cancel_batch(db, batch_id, owner="owner-a", now_s=int(clock()))
+        began = asyncio.get_running_loop().time()
+        await runner.stop()
+        await task
+        assert asyncio.get_running_loop().time() - began < 5.0
+        row = await repo.get_batch(db, batch_id, owner=None)
+        assert row.status == "cancelled"
+        _, err = assert_exactly_once(blobs, row, [x["custom_id"] for x in lines])
+        assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
+    finally:
+        await engine.close()

@@ -192,7 +192,7 @@ class BatchRunner(ShardedRuns, Setbacks):
                 return False
         table = type(unit)
         batch_id = unit.batch_id if isinstance(unit, Shard) else unit.id
-        log.info("%s %s claimed (%s)", table.__tablename__[:-1], unit.id,
+        log.info("%s %s claimed (%s)", "shard" if isinstance(unit, Shard) else "batch", unit.id,
                  f"of batch {batch_id}" if isinstance(unit, Shard) else unit.status,
                  extra={"batch_id": batch_id, "worker_id": self.worker_id})
         try:
@@ -392,17 +392,24 @@ class BatchRunner(ShardedRuns, Setbacks):
                     await task
 
     async def _interruption(self, job: Job) -> Interruption | None:
-        if self._stopping.is_set():
-            return STOP
-        row = await repo.get_batch(self.db, job.batch.id, owner=None)
-        holder = row.worker_id if row is not None and job.shard is None else None
-        if job.shard is not None:
-            shard = await shard_store.get_shard(self.db, job.shard.id)
-            holder = shard.worker_id if shard is not None else None
+        """Why the claim's work should stop now, if it should. A cancel wins over a stop (a
+        cancelled batch is ended, not drained and released) and over expiry (cancelling cannot expire)."""
+        try:
+            row = await repo.get_batch(self.db, job.batch.id, owner=None)
+            holder = row.worker_id if row is not None and job.shard is None else None
+            if job.shard is not None:
+                shard = await shard_store.get_shard(self.db, job.shard.id)
+                holder = shard.worker_id if shard is not None else None
+        except Exception:
+            if self._stopping.is_set():            # the database is away: stopping needs no row
+                return STOP
+            raise
         if row is None or holder != self.worker_id:
             return LOST
-        if row.status == S.CANCELLING.value:       # cancel wins over expiry (cancelling cannot expire)
+        if row.status == S.CANCELLING.value:
             return CANCEL
+        if self._stopping.is_set():
+            return STOP
         if job.batch.expires_at is not None and self.clock() >= job.batch.expires_at:
             return EXPIRE
         return None

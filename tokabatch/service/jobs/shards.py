@@ -65,14 +65,12 @@ class FeedOrders:
 
 
 def publish(blobs: BlobStore, job: Job) -> None:
-    """The shard's written files as blobs (the work folder closed first). Idempotent: a blob already
-    there is kept. Blocking."""
+    """The shard's written files as blobs (the work folder closed first), under this claim's ids
+    (part_id: one publication per claim, so nothing to look up first). Blocking."""
     assert job.shard is not None
     job.writer.close()
     for name in PARTS:
         blob_id = part_id(job.shard, name)
-        if blobs.exists(blob_id):
-            continue
         source, temp = job.writer.work_dir / name, blobs.temp_path(blob_id)
         if source.exists():
             link_or_copy(source, temp)       # the file is not written again: the shard is done

@@ -3,6 +3,7 @@ the same output lengths.
 
     python -m benchmarks.structured                          # CPU: the demo model, 64 prompts
     python -m benchmarks.structured --model FOLDER --prompts 1024 --max-tokens 256
+    python3 scripts/bench.py --workload JSON --tokenizer-from FOLDER   # the GPU: a random Llama-3.2-1B
 
 The constrained run gives every prompt the same 8-field schema (docs/structured-outputs.md) and
 records each sequence's output length; the unconstrained run then asks each prompt for exactly
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from tokabatch.config import load_config
-from tokabatch.engine.api import GenerationOutput, GenerationRequest, Priority, SamplingParams
+from tokabatch.engine.api import ChoiceOutput, FinishReason, GenerationOutput, GenerationRequest, Priority, SamplingParams
 from tokabatch.engine.runtime.factory import build_loop
 from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.service.jobs.structured import json_schema_grammar
@@ -79,20 +80,61 @@ class MaskClock:
                 "mask_rows_per_step": round(self.rows / max(1, self.steps), 1)}
 
 
-def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[int]]:
-    """Seconds to finish every prompt, and each one's output length."""
+def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[ChoiceOutput]]:
+    """Seconds to finish every prompt, and each one's choice."""
     began = time.perf_counter()
     for i, (ids, p) in enumerate(zip(prompts, params)):
         loop.add(GenerationRequest(f"r{i}", tuple(ids), p, priority=Priority.BATCH))
-    lengths = [0] * len(prompts)
+    choices: list[ChoiceOutput | None] = [None] * len(prompts)
     done = 0
     while done < len(prompts):
         for item in loop.step():
             if isinstance(item, GenerationOutput):
                 assert item.ok, item.error
-                lengths[int(item.request_id[1:])] = item.num_completion_tokens
+                choices[int(item.request_id[1:])] = item.choices[0]
                 done += 1
-    return time.perf_counter() - began, lengths
+    return time.perf_counter() - began, choices
+
+
+def valid_outputs(choices: list[ChoiceOutput]) -> dict:
+    """How many ended with `stop`, and how many of those parse and validate against SCHEMA."""
+    import jsonschema  # noqa: PLC0415 (a service dependency, not the engine's)
+
+    stopped = [c for c in choices if c.finish_reason == FinishReason.STOP]
+    valid = 0
+    for c in stopped:
+        try:
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    return {"stopped": len(stopped), "stopped_valid": valid}
+
+
+def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) -> dict:
+    """The constrained run, then the unconstrained one on the same output lengths, on one engine loop."""
+    loop = build_loop(load_config(env={}, model={"path": model}).engine)
+    rng = random.Random(0)
+    vocab = min(loop.info.vocab_size, 32_000)
+    # Each run has prompts of its own: the prefix cache must not serve the second run's prefills.
+    warm_up, constrained_prompts, free_prompts = (
+        [[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(count)] for count in (2, prompts, prompts))
+    grammar = json_schema_grammar(SCHEMA)
+    constrained = [SamplingParams(max_tokens=max_tokens, temperature=1.0, grammar=grammar)] * prompts
+    run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
+    clock = MaskClock()
+    seconds_c, choices = run(loop, constrained_prompts, constrained)
+    lengths = [len(c.token_ids) for c in choices]
+    free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
+    seconds_u, free_choices = run(loop, free_prompts, free)
+    lengths_u = [len(c.token_ids) for c in free_choices]
+    tokens = sum(lengths)
+    assert sum(lengths_u) == sum(max(1, n) for n in lengths)
+    per_c, per_u = seconds_c / tokens, seconds_u / sum(lengths_u)
+    return {"prompts": prompts, "output_tokens": tokens, "constrained_s": round(seconds_c, 2),
+            "unconstrained_s": round(seconds_u, 2), "ratio_per_token": round(per_c / per_u, 3),
+            "constrained_tok_s": round(tokens / seconds_c), "unconstrained_tok_s": round(sum(lengths_u) / seconds_u),
+            **valid_outputs(choices), **clock.report(), "device": loop.info.device}
 
 
 def main() -> None:
@@ -105,25 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokenizer_from is not None:
         adopt_tokenizer(Path(args.model), args.tokenizer_from)
-    loop = build_loop(load_config(env={}, model={"path": args.model}).engine)
-    rng = random.Random(0)
-    vocab = min(loop.info.vocab_size, 32_000)
-    # Each run has prompts of its own: the prefix cache must not serve the second run's prefills.
-    warm_up, prompts, others = ([[rng.randrange(100, vocab) for _ in range(args.prompt_len)] for _ in range(count)]
-                                for count in (2, args.prompts, args.prompts))
-    grammar = json_schema_grammar(SCHEMA)
-    constrained = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, grammar=grammar)] * args.prompts
-    run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
-    clock = MaskClock()
-    seconds_c, lengths = run(loop, prompts, constrained)
-    free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
-    seconds_u, lengths_u = run(loop, others, free)
-    tokens = sum(lengths)
-    assert sum(lengths_u) == sum(max(1, n) for n in lengths)
-    per_c, per_u = seconds_c / tokens, seconds_u / sum(lengths_u)
-    print(json.dumps({"prompts": args.prompts, "output_tokens": tokens, "constrained_s": round(seconds_c, 2),
-                      "unconstrained_s": round(seconds_u, 2), "ratio_per_token": round(per_c / per_u, 3),
-                      **clock.report(), "device": loop.info.device}))
+    print(json.dumps(measure(args.model, args.prompts, args.max_tokens, args.prompt_len)))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ WORKLOADS = {
     "TB-cpu": Workload(DEMO, 4, 320, 32, 1.0, 0, n=16),
 }
 WARM_UP_PROMPTS = 32
+# Structured outputs: one 8-field JSON schema on every prompt, outputs up to 256 tokens, against the same
+# engine unconstrained on the same output lengths (benchmarks/structured.py; needs --tokenizer-from).
+JSON_WORKLOAD = Workload("Llama-3.2-1B", 1024, 128, 256, 1.0, 0)
 SIMULATED = "tokabatch.engine.simulated:build_simulated_loop"
 VIAS = ("engine", "batch", "batch-lines", "online")
 
@@ -317,7 +320,10 @@ def print_row(name: str, w: Workload, row: dict) -> None:
 
 def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, help="a workload, or several of one model: TA,TB")
+    ap.add_argument("--workload", required=True, help="a workload, or several of one model: TA,TB; or JSON "
+                                                      "(a schema's cost per token, with --tokenizer-from)")
+    ap.add_argument("--tokenizer-from", type=Path, help="JSON: a byte-level tokenizer's folder (the demo model's) "
+                                                         "for the random model (the grammar needs real tokens)")
     ap.add_argument("--via", default="engine",
                     help=f"comma-separated ways in, of {', '.join(VIAS)}: engine (in this process), batch (the "
                          "batch API of `tokabatch serve`, a line per prompt), batch-lines (each sample its own "
@@ -391,6 +397,8 @@ def _hf_row(folder: Path, name: str) -> dict | None:
 def main() -> None:
     args = _arguments()
     names = args.workload.split(",")
+    if names[0].removesuffix("-quick") == "JSON":
+        return _json_row(names[0], args)
     vias = args.via.split(",")
     if not set(vias) <= set(VIAS):
         raise SystemExit(f"--via takes {', '.join(VIAS)}, not {args.via!r}")
@@ -420,6 +428,28 @@ def main() -> None:
         print_table(runs, rows, ["engine", *[v for v in VIAS if v in vias and v != "engine"]])
     else:
         _print_engine_rows(runs, rows, hf_row)
+
+
+def _json_row(name: str, args: argparse.Namespace) -> None:
+    """A schema's cost per output token on the engine in this process (benchmarks/structured.py)."""
+    if args.tokenizer_from is None and not args.folder:
+        raise SystemExit("--workload JSON needs --tokenizer-from: a byte-level tokenizer's folder (JSON punctuation "
+                         "must be tokens; the random models' t0..tN vocabulary has none), or a --folder that has one")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # benchmarks/ is beside scripts/
+    from benchmarks.structured import adopt_tokenizer, measure  # noqa: PLC0415 (imports the engine)
+
+    w = JSON_WORKLOAD if name == "JSON" else replace(JSON_WORKLOAD, num_prompts=JSON_WORKLOAD.num_prompts // 4)
+    with tempfile.TemporaryDirectory(prefix="tokabatch-bench-") as tmp:
+        folder = _model_folder(w.model, args, Path(tmp))
+        if not args.folder:
+            adopt_tokenizer(folder, args.tokenizer_from)
+        row = measure(str(folder), w.num_prompts, w.output_len, w.prompt_len)
+    print(f"{name} detail: {json.dumps(row)}")
+    print("| workload | output tokens | constrained s | unconstrained s | constrained / unconstrained per token "
+          "| mask ms per step |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {name} | {row['output_tokens']} | {row['constrained_s']} | {row['unconstrained_s']} "
+          f"| {row['ratio_per_token']:.3f} | {row['mask_ms_per_step']} |")
 
 
 def _print_engine_rows(runs: list[tuple[str, Workload, list[list[int]]]], rows: dict, hf_row: dict | None) -> None:

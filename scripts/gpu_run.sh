@@ -26,7 +26,7 @@ if [ "${GPU_TEST_TIMEOUT:-240}" != 0 ]; then
   grep -iE "relative error|agree|replays|saved|passed|failed|^E " "$OUT/pytest.txt" | head -40
 fi
 for spec in "$@"; do
-  name=$(echo "$spec" | tr ' ' '_' | tr -d '-')
+  name=$(echo "$spec" | tr ' /' '__' | tr -d '-')
   # shellcheck disable=SC2086  # the spec is a workload plus flags
   timeout "${BENCH_TIMEOUT:-120}" python3 scripts/bench.py --workload $spec > "$OUT/bench-$name.txt" 2>&1
   echo "== $spec (rc $?)"

@@ -18,8 +18,8 @@ after every step; "step (no runner)" is their sum, the CPU time a GPU step would
 the CPU seconds of the whole workload (adds, every step, the instant runner included), and the CPU
 of the steps in which sequences finish (the wave ends, where a GPU would idle). --profile N adds a
 cProfile top-20 over N steady decode steps, --profile-finishing one over the finishing steps;
---digest a hash of every plan and output (equal before and after a change that should not change
-behaviour); --num-pages 50000 makes TA memory-bound (the queue waits for pages, so admission is
+--digest a hash of every plan in order and every output whatever step emitted it (equal before and
+after a change that should not change behaviour); --num-pages 50000 makes TA memory-bound (the queue waits for pages, so admission is
 tried every step).
 
     .venv/bin/python -m benchmarks.step_overhead                     # both workloads
@@ -82,9 +82,11 @@ class Recorder:
         self.args, self.parts = args, parts
         self.steady: list[dict[str, float]] = []
         self.finishing: list[tuple[float, int]] = []     # (CPU s, sequences finished) of each step where some finish
+        self.step_cpu: list[float] = []                   # every step's CPU s (no runner)
         self.profiler = cProfile.Profile() if args.profile else None
         self.finish_stats: pstats.Stats | None = None
         self.digest = hashlib.sha256() if args.digest else None
+        self.outputs: dict[str, str] = {}        # the digest's outputs, hashed in request order at the end
         self.num_profiled = self.num_done = self.num_tokens = 0
         self.was_steady = False
 
@@ -107,11 +109,12 @@ class Recorder:
             p.disable()
         total = t2 - t0
         outputs = [item for item in items if isinstance(item, GenerationOutput)]
+        self.step_cpu.append(total - self.parts["runner"].seconds)
         self.num_done += len(outputs)
         self.num_tokens += sum(o.num_completion_tokens for o in outputs)
         if self.digest is not None:
             for o in outputs:
-                self.digest.update(repr((o.request_id, [(c.token_ids, c.text) for c in o.choices])).encode())
+                self.outputs[o.request_id] = repr([(c.token_ids, c.text) for c in o.choices])
         if outputs:
             self.finishing.append((total - self.parts["runner"].seconds, sum(len(o.choices) for o in outputs)))
             if self.args.profile_finishing:
@@ -137,7 +140,7 @@ def run(name: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]
     rng = random.Random(0)
     prompts = [tuple(rng.choices(range(VOCAB), k=w.prompt_len)) for _ in range(w.num_requests)]
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
-    loop = build_loop(tok, num_pages=args.num_pages, max_seqs=4096, hydragen=not args.no_hydragen)
+    loop = build_loop(tok, num_pages=args.num_pages, max_seqs=args.max_seqs, hydragen=not args.no_hydragen)
     sched, runner = loop.scheduler, loop.runner
     parts = {"schedule": Timed(sched.schedule), "runner": Timed(runner.launch),
              "on_step_done": Timed(sched.on_step_done)}
@@ -165,6 +168,8 @@ def report(name: str, loop: EngineLoop, recorder: Recorder, cpu: float) -> dict[
     num_seqs = w.num_requests * w.n
     mean = {k: 1000 * sum(s[k] for s in steady) / len(steady) for k in steady[0]}
     if recorder.digest is not None:
+        for request_id in sorted(recorder.outputs):     # whichever step emitted it
+            recorder.digest.update(f"{request_id}{recorder.outputs[request_id]}".encode())
         print(f"\n{name}: digest of every plan and output: {recorder.digest.hexdigest()[:16]}")
     print(f"\n{name}: {num_seqs} sequences, {loop._stats.num_steps} steps, {len(steady)} steady decode steps "
           f"of {mean['decodes']:.0f} decodes on average, {loop._stats.num_preemptions} preemptions, "
@@ -176,9 +181,11 @@ def report(name: str, loop: EngineLoop, recorder: Recorder, cpu: float) -> dict[
     seconds, seqs = sum(f[0] for f in recorder.finishing), sum(f[1] for f in recorder.finishing)
     print(f"  finishing steps: {len(recorder.finishing)}, {1000 * seconds:.1f} ms of CPU (no runner) for {seqs} "
           f"sequences ({1e6 * seconds / max(1, seqs):.1f} us each)")
+    longest = sorted(recorder.step_cpu, reverse=True)[:3]
+    print(f"  longest steps (CPU, no runner): {', '.join(f'{1000 * t:.1f}' for t in longest)} ms")
     if recorder.finish_stats is not None:
         _print_top(recorder.finish_stats, 25, "cProfile over the finishing steps")
-    return {"steady_ms": mean["step (no runner)"], "cpu_s": cpu, "finish_ms": 1000 * seconds,
+    return {"longest_ms": 1000 * longest[0], "steady_ms": mean["step (no runner)"], "cpu_s": cpu, "finish_ms": 1000 * seconds,
             "finish_us": 1e6 * seconds / max(1, seqs), **mean}
 
 
@@ -196,6 +203,8 @@ def main() -> None:
     ap.add_argument("--num-pages", type=int, default=400_000,
                     help="KV pages of 16 tokens; fewer (e.g. 50000 for TA) make admission memory-bound")
     ap.add_argument("--no-hydragen", action="store_true")
+    ap.add_argument("--max-seqs", type=int, default=4096,
+                    help="sequences running at once (1024, one pipelined half's on the H200: TB in waves)")
     ap.add_argument("--digest", action="store_true",
                     help="print a hash of every plan and output (equal before and after a change: same behaviour)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile N steady decode steps")
@@ -205,13 +214,13 @@ def main() -> None:
     tok = tokenizer()
     rows = {name: run(name, tok, args) for name in (WORKLOADS if args.workload == "all" else [args.workload])}
     print("\n| workload | sequences | steady decode ms/step (CPU, no runner) | schedule | on_step_done | post "
-          "| num_wanted+stats | finishing steps ms (us per sequence) | workload CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| num_wanted+stats | finishing steps ms (us per sequence) | longest step ms | workload CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         w = WORKLOADS[name]
         print(f"| {name} | {w.num_requests * w.n} | {r['steady_ms']:.2f} | {r['schedule']:.2f} "
               f"| {r['on_step_done']:.2f} | {r['post-processing']:.2f} | {r['num_wanted+stats']:.2f} "
-              f"| {r['finish_ms']:.0f} ({r['finish_us']:.0f}) | {r['cpu_s']:.1f} |")
+              f"| {r['finish_ms']:.0f} ({r['finish_us']:.0f}) | {r['longest_ms']:.0f} | {r['cpu_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ class PagePool:
             self._num_used += 1
         self._refcount[page_id] += 1
 
+    def incref_all(self, page_ids: Iterable[int]) -> None:
+        """incref of each page in turn (a prefix-cache hit's pages: most are held by other sequences
+        already, and those only count up)."""
+        refcount = self._refcount
+        for page_id in page_ids:
+            count = refcount[page_id]
+            if count > 0:
+                refcount[page_id] = count + 1
+            else:
+                self.incref(page_id)
+
     def decref(self, page_id: int) -> None:
         if self._refcount[page_id] <= 0:
             raise AssertionError(f"decref of unreferenced page {page_id}")

@@ -261,8 +261,7 @@ class Scheduler:
     def _start(self, seq: Sequence, hit_pages: list[int], keys: list[int]) -> None:
         self._waiting.remove(seq)             # (before ever_admitted changes: it is part of its place)
         self._inflight.register(seq.seq_id, keys[len(hit_pages):], len(hit_pages))
-        for page in hit_pages:
-            self.pool.incref(page)
+        self.pool.incref_all(hit_pages)
         seq.page_ids = tuple(hit_pages)
         seq.num_computed = seq.num_published_pages = len(hit_pages)
         seq.num_computed *= self.page_size

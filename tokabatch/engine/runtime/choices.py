@@ -36,8 +36,10 @@ class Choice:
     stop_on: frozenset[int] = frozenset()   # stop_token_ids, plus EOS unless ignore_eos
     max_output: int = 0                  # LENGTH at this many tokens (max_tokens, context, max_len)
     # No stop strings and no streaming: nothing reads the text before the end, so it is made then,
-    # by one push_all of the ids the pushes would have seen (the same text, a tighter loop).
+    # by one push_all of the ids the pushes would have seen (the same text, a tighter loop), after
+    # the choice ended (write_text_at_end): how it ends cannot depend on it.
     text_at_end: bool = False
+    text_tokens: int = -1                # ended, text not yet made: the ids it is made of (-1: none pending)
     # An array, not a list: a full garbage collection walks every slot of a list (4096 of them
     # growing to thousands of ints each were a large part of its time).
     token_ids: array = field(default_factory=lambda: array("q"))
@@ -79,14 +81,23 @@ def add_text(choice: Choice, new_text: str) -> str | None:
     return matched
 
 
-def end_text(choice: Choice, *, flush: bool = True, num_text_tokens: int | None = None) -> str | None:
-    """A choice's last text: made now when it was left to the end (of the ids before a stop token:
-    `num_text_tokens`), and, with `flush`, the detokenizer's and the matcher's held-back text
+def write_text_at_end(choice: Choice) -> int:
+    """The whole text of an ended text_at_end choice (its first `text_tokens` ids: a stop token is
+    not in the text); returns how many ids it took (0 when none was pending)."""
+    num = choice.text_tokens
+    if num < 0:
+        return 0
+    choice.text_tokens = -1
+    choice.pieces.append(choice.detokenizer.push_all(choice.token_ids[:num] if num < len(choice.token_ids)
+                                                     else choice.token_ids))
+    end_text(choice)
+    return num
+
+
+def end_text(choice: Choice, *, flush: bool = True) -> str | None:
+    """A choice's last text: with `flush`, the detokenizer's and the matcher's held-back text
     released. Returns the stop string that released text completed (it, not the caller's reason,
     ends the choice), else None."""
-    if choice.text_at_end and choice.finish_reason is None:
-        ids = choice.token_ids if num_text_tokens is None else choice.token_ids[:num_text_tokens]
-        choice.pieces.append(choice.detokenizer.push_all(ids))
     if not flush:
         return None
     matched = add_text(choice, choice.detokenizer.flush())
@@ -135,4 +146,5 @@ def empty_output(request: GenerationRequest) -> GenerationOutput:
                             num_completion_tokens=0)
 
 
-__all__ = ["Choice", "RequestState", "add_text", "delta", "empty_output", "end_text", "final_output"]
+__all__ = ["Choice", "RequestState", "add_text", "delta", "empty_output", "end_text", "final_output",
+           "write_text_at_end"]

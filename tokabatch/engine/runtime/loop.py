@@ -14,6 +14,7 @@ Runs inside the engine process (it imports torch through the runner); nothing of
 from __future__ import annotations
 
 import gc
+from collections import deque
 from operator import attrgetter
 from typing import Iterable, Protocol, Sequence
 
@@ -39,6 +40,7 @@ from tokabatch.engine.runtime.choices import (
     empty_output,
     end_text,
     final_output,
+    write_text_at_end,
 )
 from tokabatch.text import StopStringMatcher, Tokenizer
 
@@ -86,6 +88,12 @@ Launched = tuple[StepPlan, PendingStep | None]      # begin_step's step for end_
 class EngineLoop:
     """The StepLoop over a real model. Not thread-safe: serve() owns it."""
 
+    # The texts of ended requests made per step while the scheduler has work, in ids (~2 ms of CPU on
+    # the H200's host): a wave of 1,000 sequences ending together would otherwise hold the one CPU
+    # thread for one long step while the GPU runs dry (docs/benchmarks.md, the wave ends); their
+    # outputs follow a few steps later instead. With nothing left to schedule every text is made at once.
+    TEXT_TOKENS_PER_STEP = 8192
+
     def __init__(self, *, scheduler: Scheduler, runner: StepRunner, sampler: SequenceSampler, tokenizer: Tokenizer,
                  info: ModelInfo, check_invariants: bool = False) -> None:
         self.info = info
@@ -95,6 +103,7 @@ class EngineLoop:
         self._requests: dict[str, RequestState] = {}
         self._by_seq: dict[int, tuple[RequestState, Choice]] = {}
         self._ready: list[Item] = []
+        self._unwritten: deque[RequestState] = deque()   # done; a choice's text still to make
         self._stats = EngineStats(num_pages=info.num_pages)
         raise_gc_threshold()
 
@@ -151,7 +160,7 @@ class EngineLoop:
         self._ready.append(final_output(state, aborted=True))
 
     def has_work(self) -> bool:
-        return bool(self._ready) or self.scheduler.has_work()
+        return bool(self._ready) or bool(self._unwritten) or self.scheduler.has_work()
 
     def num_wanted(self) -> int:
         return self.scheduler.num_wanted()
@@ -196,8 +205,22 @@ class EngineLoop:
                     self._emit(state)
             if self.check_invariants:
                 self.scheduler.check_invariants()
+        if self._unwritten:
+            self._write_texts(self.TEXT_TOKENS_PER_STEP if self.scheduler.has_work() else None)
         out, self._ready = self._ready, []
         return out
+
+    def _write_texts(self, budget: int | None) -> None:
+        """The outputs of ended requests whose text was left to the end, oldest first, until `budget`
+        ids were detokenized (None: all of them)."""
+        while self._unwritten and (budget is None or budget > 0):
+            state = self._unwritten.popleft()
+            for choice in state.choices:
+                num = write_text_at_end(choice)
+                if budget is not None:
+                    budget -= num
+            self._stats.num_requests_finished += 1
+            self._ready.append(final_output(state))
 
     def _count_decode_reads(self, plan: StepPlan) -> None:
         """Hydragen sharing for /metrics: the KV-token reads of this step's decodes without grouping
@@ -283,8 +306,14 @@ class EngineLoop:
     def _finish(self, choice: Choice, reason: FinishReason, stop_reason: str | int | None, *,
                 flush: bool = True, num_text_tokens: int | None = None) -> None:
         """End a choice. A stop token is in token_ids but not in the text (num_text_tokens: the ids
-        before it); held-back text is released."""
-        matched = end_text(choice, flush=flush, num_text_tokens=num_text_tokens)
+        before it); held-back text is released, or, when the text is made at the end, the text is
+        left to `_write_texts`."""
+        matched = None
+        if choice.text_at_end:
+            if choice.finish_reason is None:
+                choice.text_tokens = len(choice.token_ids) if num_text_tokens is None else num_text_tokens
+        else:
+            matched = end_text(choice, flush=flush)
         if matched is not None:
             reason, stop_reason = FinishReason.STOP, matched
         if choice.finish_reason is None:
@@ -321,8 +350,11 @@ class EngineLoop:
         if state.done:
             self._forget(request.request_id, [c.seq_id for c in state.choices])
             self.scheduler.forget_request(request.request_id)
-            self._stats.num_requests_finished += 1
-            self._ready.append(final_output(state))
+            if any(c.text_tokens >= 0 for c in state.choices):
+                self._unwritten.append(state)
+            else:
+                self._stats.num_requests_finished += 1
+                self._ready.append(final_output(state))
 
 
 _start_pos = attrgetter("start_pos")

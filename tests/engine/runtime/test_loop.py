@@ -122,6 +122,31 @@ def test_greedy_batch_equals_hf_generate(tiny) -> None:
     assert stats.num_forward_tokens > 0 and stats.num_steps > 0
 
 
+def test_texts_of_a_wave_of_ended_requests_follow_over_later_steps(tiny, monkeypatch) -> None:
+    # Requests ending in one step while others still run: their pages and sequences are released at
+    # once, their texts made a budget of ids per step (here 1: one request per step), the same texts.
+    _, folder = tiny
+    short = [greedy(f"s{i}", prompt(i, 8), 6, ignore_eos=True) for i in range(5)]
+    long = greedy("long", prompt(9, 8), 40, ignore_eos=True)
+    texts = {rid: out.choices[0].text for rid, out in run(make_loop(folder), [*short, long]).items()}
+    monkeypatch.setattr(EngineLoop, "TEXT_TOKENS_PER_STEP", 1)
+    loop = make_loop(folder)
+    for r in [*short, long]:
+        loop.add(r)
+    seen: dict[str, int] = {}
+    step = 0
+    while loop.has_work():
+        step += 1
+        for item in loop.step():
+            if isinstance(item, GenerationOutput):
+                seen[item.request_id] = step
+                assert item.choices[0].text == texts[item.request_id], item.request_id
+        if step == 8:
+            assert loop.scheduler.num_running == 1       # the short ones ended together, their text still to come
+    assert sorted(seen[r.request_id] for r in short) == list(range(seen["s0"], seen["s0"] + 5))
+    assert seen["long"] > seen["s4"] and loop.stats().num_requests_finished == 6
+
+
 def test_eos_ends_a_choice_like_hf(hf_checkpoint) -> None:
     # With this seed, greedy decoding of prompt(5, 1) emits token 118 as its 7th token: make it EOS.
     model, folder = hf_checkpoint("llama", seed=3, eos_token_id=118)

@@ -143,11 +143,13 @@ class _EngineBench:
             scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
             enable_cuda_graphs=not args.no_cuda_graphs,
             enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
+            fused_kernels=args.fused_kernels == "on",
             **({"kv_memory_fraction": args.kv_memory_fraction} if args.kv_memory_fraction else {}))
         self.loop = loop = build_loop(config)
         info, graphs = loop.info, loop.runner.graphs
         print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
               f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
+              f"layer kernels {getattr(getattr(getattr(loop.runner, 'model', None), 'kernels', None), 'name', '-')}, "
               f"{'two pipelined halves' if hasattr(loop, 'halves') else 'one loop'}, CUDA graphs "
               f"{f'up to {graphs.max_batch} ({len(graphs.sizes)} sizes)' if graphs else 'off'}, "
               f"built in {time.perf_counter() - self.began:.1f} s", flush=True)
@@ -345,6 +347,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
+    ap.add_argument("--fused-kernels", choices=("on", "off"), default="off",
+                    help="flashinfer's fused rotary, residual + RMSNorm, SwiGLU and sampler draw (off: torch's)")
     ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
                     help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "
                          "CUDA-core kernel where it exists for the GQA group)")

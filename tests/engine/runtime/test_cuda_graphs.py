@@ -5,7 +5,8 @@
   batch that pads up to its ladder size; the padded rows write only the scratch page.
 - Whole engine, graphs on vs off: greedy outputs of 200 requests x 64 tokens agree on >= 99% of
   tokens, every first divergence is at a near-tie (top-2 logit gap < 0.05), and the graphs-on run
-  replayed graphs for its decode steps.
+  replayed graphs for its decode steps. The same with flashinfer's fused layer kernels and draw
+  (flashinfer_kernels.py) on and off.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_graph_step_matches_eager_step(config: dict) -> None:
 
 
 def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: bool = False,
-             max_tokens: int = 64) -> tuple[list[list[int]], list, object, object]:
+             max_tokens: int = 64, fused: bool = True) -> tuple[list[list[int]], list, object, object]:
     """Greedy outputs (tokens, logprobs with top 2) of every prompt through a fresh engine loop,
     plus its runners (two with the default pipelined loop on CUDA) and final stats."""
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
@@ -90,7 +91,8 @@ def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: boo
 
     config = EngineConfig(model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
                           scheduler=SchedulerConfig(max_seqs=256, max_tokens_per_step=8192),
-                          kv_cache_tokens=131072, enable_cuda_graphs=graphs, enable_hydragen=hydragen)
+                          kv_cache_tokens=131072, enable_cuda_graphs=graphs, enable_hydragen=hydragen,
+                          fused_kernels=fused)
     loop = build_loop(config)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     for i, ids in enumerate(prompts):
@@ -165,6 +167,20 @@ def test_greedy_outputs_agree_with_graphs_on_and_off(tmp_path: Path) -> None:
     assert graph_steps >= 50, f"only {graph_steps} graph replays ({eager_steps} eager steps)"
     print(f"graph steps {graph_steps}, eager {eager_steps}")
     assert_agree(on, off, off_logprobs, 64, "graphs on/off")
+
+
+def test_greedy_outputs_agree_with_fused_kernels_on_and_off(tmp_path: Path) -> None:
+    folder = tmp_path / "llama"
+    walk_model(folder)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(128256) for _ in range(rng.randrange(20, 300))] for _ in range(200)]
+    on, _, on_runners, _ = run_loop(folder, prompts, graphs=True, fused=True)
+    assert on_runners[0].model.kernels.name == "flashinfer"
+    del on_runners
+    torch.cuda.empty_cache()
+    off, off_logprobs, off_runners, _ = run_loop(folder, prompts, graphs=True, fused=False)
+    assert off_runners[0].model.kernels.name == "torch"
+    assert_agree(on, off, off_logprobs, 64, "fused kernels on/off")
 
 
 def assert_agree(a_runs: list[list[int]], b_runs: list[list[int]], b_logprobs: list, length: int,

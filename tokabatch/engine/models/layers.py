@@ -1,9 +1,9 @@
 """Building blocks shared by the model families: RMSNorm, rotary embeddings (incl. llama3 scaling), SwiGLU MLP.
 
 Plain torch. Must not import anything from engine/runtime (attention reaches a model only through
-the `AttentionFn` protocol below) nor any serving code. The arithmetic mirrors HF transformers'
-(float32 RMSNorm, float32 rotary angles cast to the activation dtype) so float32 logits match
-theirs to ~1e-6.
+the `AttentionFn` protocol below, fused kernels through `LayerKernels`) nor any serving code. The
+arithmetic mirrors HF transformers' (float32 RMSNorm, float32 rotary angles cast to the activation
+dtype) so float32 logits match theirs to ~1e-6.
 """
 
 from __future__ import annotations
@@ -25,6 +25,37 @@ class AttentionFn(Protocol):
     """
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class LayerKernels:
+    """The elementwise work of a decoder layer, in plain torch with HF's arithmetic: the rotary
+    embedding of q and k, residual add + RMSNorm, SwiGLU's gate. A model calls these and nothing
+    else for that work, so the runtime can hand it fused GPU kernels with the same meaning
+    (runtime/flashinfer_kernels.py) through `LlamaForCausalLM.use_kernels`."""
+
+    name = "torch"
+
+    def __init__(self, rotary: "RotaryEmbedding") -> None:
+        self.rotary = rotary
+
+    def rotary_state(self, positions: Tensor, dtype: torch.dtype) -> object:
+        """Whatever `rotate_qk` needs for this step's positions, computed once per forward."""
+        return self.rotary(positions, dtype)
+
+    def rotate_qk(self, qk: Tensor, num_q_heads: int, state: object) -> Tensor:
+        """qk: [tokens, q heads + kv heads, head_dim] (q's heads first) -> rotated (may be in place)."""
+        cos, sin = state
+        return apply_rotary(qk, cos, sin)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, norm: "RMSNorm") -> tuple[Tensor, Tensor]:
+        """residual += x (residual None: x starts it), then (norm(residual), residual). `x` may be overwritten."""
+        residual = x if residual is None else residual + x
+        return norm(residual), residual
+
+    def silu_mul(self, gate_up: Tensor) -> Tensor:
+        """[..., 2 * inter] (gate first) -> silu(gate) * up, [..., inter]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +168,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = fused.requires_grad_(False)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kernels: LayerKernels) -> Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

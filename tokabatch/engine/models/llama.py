@@ -18,10 +18,10 @@ from tokabatch.engine.models.layers import (
     SUPPORTED_ROPE_TYPES,
     AttentionFn,
     GatedMLP,
+    LayerKernels,
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
-    apply_rotary,
 )
 from tokabatch.errors import ModelLoadError
 
@@ -123,17 +123,18 @@ class Attention(nn.Module):
         self.qkv_proj = fused.requires_grad_(False)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionFn) -> Tensor:
+    def forward(self, x: Tensor, rotary: object, attn: AttentionFn, kernels: LayerKernels) -> Tensor:
         n = x.shape[0]
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(n, hq + 2 * hk, d)
-            qk = apply_rotary(qkv[:, :hq + hk], cos, sin)
-            q, k, v = qk[:, :hq], qk[:, hq:], qkv[:, hq + hk:]
+            qk = kernels.rotate_qk(qkv[:, :hq + hk], hq, rotary)
+            v = qkv[:, hq + hk:]
         else:
-            q = apply_rotary(self.q_proj(x).view(n, hq, d), cos, sin)
-            k = apply_rotary(self.k_proj(x).view(n, hk, d), cos, sin)
+            qk = kernels.rotate_qk(torch.cat([self.q_proj(x).view(n, hq, d), self.k_proj(x).view(n, hk, d)], dim=1),
+                                   hq, rotary)
             v = self.v_proj(x).view(n, hk, d)
+        q, k = qk[:, :hq], qk[:, hq:]
         out = attn(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(n, hq * d))
 
@@ -146,9 +147,14 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionFn) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: Tensor, residual: Tensor | None, rotary: object, attn: AttentionFn,
+                kernels: LayerKernels) -> tuple[Tensor, Tensor]:
+        """x: the previous layer's output (its MLP's), residual: the stream before it (None before the
+        first layer, where x is the embedding) -> this layer's (MLP output, residual stream): the
+        sum of the two is the hidden state after this layer (HF's x + attn(..) then + mlp(..))."""
+        h, residual = kernels.add_rms_norm(x, residual, self.attn_norm)
+        h, residual = kernels.add_rms_norm(self.attn(h, rotary, attn, kernels), residual, self.mlp_norm)
+        return self.mlp(h, kernels), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -170,6 +176,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.kernels = LayerKernels(self.rotary)
+
+    def use_kernels(self, kernels: LayerKernels) -> None:
+        """Run the layers' elementwise work with `kernels` (same meaning, e.g. fused GPU kernels)."""
+        self.kernels = kernels
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "LlamaForCausalLM":
@@ -178,10 +189,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, attn: AttentionFn) -> Tensor:
         """input_ids, positions: [num_tokens] int64 -> hidden [num_tokens, hidden_size] (not normed)."""
         x = self.embed(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        kernels = self.kernels
+        rotary = kernels.rotary_state(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return x
+            x, residual = layer(x, residual, rotary, attn, kernels)
+        return x if residual is None else x + residual
 
     def fuse(self) -> None:
         """After loading: fused q/k/v and gate/up projections (fewer, larger matrix products; the

@@ -49,7 +49,7 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
         kv_cache_tokens=engine_config.kv_cache_tokens, kv_memory_fraction=engine_config.kv_memory_fraction,
         seed=engine_config.seed, cuda_graphs=engine_config.enable_cuda_graphs,
         max_decode_batch=max(1, min(sched_cfg.max_seqs, sched_cfg.max_tokens_per_step)), parts=parts,
-        grouped_graphs=bool(hydragen))
+        grouped_graphs=bool(hydragen), fused_kernels=engine_config.fused_kernels)
     spec = runners[0].spec
     grouping = None
     if hydragen:

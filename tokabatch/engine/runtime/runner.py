@@ -172,10 +172,20 @@ class PendingStep:
         return self._done
 
 
-def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
-    """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise.
+def _flashinfer_device(spec: ModelSpec) -> bool:
+    """CUDA in bf16/fp16 with flashinfer importable (imported only here and only for CUDA, so CPU
+    installs never need it)."""
+    if spec.device.type != "cuda" or spec.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    The flashinfer module is imported only here and only for CUDA, so CPU installs never need it."""
+
+def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
+    """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise."""
     if cache.device.type == "cuda" and cache.dtype in (torch.bfloat16, torch.float16):
         try:
             from tokabatch.engine.runtime.flashinfer_backend import FlashInferBackend
@@ -188,15 +198,22 @@ def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
 def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                   kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
                   seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256,
-                  parts: int = 1, grouped_graphs: bool = False) -> list[ModelRunner]:
+                  parts: int = 1, grouped_graphs: bool = False, fused_kernels: bool = True) -> list[ModelRunner]:
     """Model folder -> `parts` ready ModelRunners over one copy of the weights, each with its own
     slice of the KV cache (its `kv_cache.num_pages` is what its scheduler's pool must be sized to),
     sampler, `select_backend`'s backend and CUDA graphs. GPU sizing uses free memory after loading.
 
     On CUDA with flashinfer: a warm-up step compiles the attention kernels, then (with `cuda_graphs`)
     decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs, per runner, and with
-    `grouped_graphs` their Hydragen twins (hydragen_graphs.py)."""
+    `grouped_graphs` their Hydragen twins (hydragen_graphs.py); with `fused_kernels` the model's
+    elementwise work and the samplers' draw run on flashinfer's fused kernels (flashinfer_kernels.py)."""
     model, spec = load_model(path, dtype=dtype, device=device)
+    draw = None
+    if fused_kernels and _flashinfer_device(spec):
+        from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels, draw_from_logits
+
+        model.use_kernels(FlashInferLayerKernels(model.rotary, spec.max_position_embeddings, spec.device))
+        draw = draw_from_logits
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
     if parts == 1:
         caches = [KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)]
@@ -204,7 +221,8 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
         caches = KVCache(spec, num_pages=num_pages, page_size=page_size).split(parts)
     runners = []
     for i, cache in enumerate(caches):
-        sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=None if seed is None else seed + i)
+        sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=None if seed is None else seed + i,
+                          draw=draw)
         backend = select_backend(cache, spec.num_heads)
         runner = ModelRunner(model, spec, cache, backend, sampler)
         if getattr(backend, "name", "") == "flashinfer":

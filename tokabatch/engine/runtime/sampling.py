@@ -97,9 +97,13 @@ class Sampler:
     """
 
     def __init__(self, vocab_size: int, device: torch.device | str, eos_token_ids: tuple[int, ...],
-                 *, seed: int | None = None) -> None:
-        """`seed` seeds the generator shared by unseeded rows (None: from the OS)."""
+                 *, seed: int | None = None, draw: Callable[[Tensor, Tensor | float, torch.Generator], Tensor] | None = None
+                 ) -> None:
+        """`seed` seeds the generator shared by unseeded rows (None: from the OS). `draw` replaces
+        sampling_ops.draw_from_logits for the rows that draw from the raw logits with the shared
+        generator: (logits, inv_temperature, generator) -> tokens (flashinfer_kernels.draw_from_logits)."""
         self.vocab_size = vocab_size
+        self._draw = draw
         self.device = torch.device(device)
         self.eos_token_ids = tuple(eos_token_ids)
         self._shared = torch.Generator(device=self.device)
@@ -334,10 +338,12 @@ class Sampler:
         if fast_kind == "draw" or all(not s.params.greedy and s.generator is None for s in states):
             params = [s.params for s in states]
             if fast_kind == "draw" or not any(self._filtered(p) for p in params):
-                noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
                 temperatures = {p.temperature for p in params}
                 inv_t = 1.0 / temperatures.pop() if len(temperatures) == 1 else \
                     self._float([1.0 / p.temperature for p in params])
+                if self._draw is not None:
+                    return self._draw(logits, inv_t, self._shared)
+                noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
                 return ops.draw_from_logits(logits, inv_t, noise.exponential_(generator=self._shared))
             probs = self._filtered_probs(logits.float(), params)
             noise = torch.empty_like(probs).exponential_(generator=self._shared)

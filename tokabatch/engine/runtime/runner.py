@@ -198,7 +198,7 @@ def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
 def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                   kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
                   seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256,
-                  parts: int = 1, grouped_graphs: bool = False, fused_kernels: bool = True) -> list[ModelRunner]:
+                  parts: int = 1, grouped_graphs: bool = False, fused_kernels: bool = False) -> list[ModelRunner]:
     """Model folder -> `parts` ready ModelRunners over one copy of the weights, each with its own
     slice of the KV cache (its `kv_cache.num_pages` is what its scheduler's pool must be sized to),
     sampler, `select_backend`'s backend and CUDA graphs. GPU sizing uses free memory after loading.

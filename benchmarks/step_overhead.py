@@ -19,8 +19,8 @@ the CPU seconds of the whole workload (adds, every step, the instant runner incl
 of the steps in which sequences finish (the wave ends, where a GPU would idle). --profile N adds a
 cProfile top-20 over N steady decode steps, --profile-finishing one over the finishing steps;
 --digest a hash of every plan in order and every output whatever step emitted it (equal before and
-after a change that should not change behaviour); --num-pages 50000 makes TA memory-bound (the queue waits for pages, so admission is
-tried every step).
+after a change that should not change behaviour); --num-pages 50000 makes TA memory-bound (the queue
+waits for pages, so admission is tried every step); --max-seqs 1024 runs TB in waves.
 
     .venv/bin/python -m benchmarks.step_overhead                     # both workloads
     .venv/bin/python -m benchmarks.step_overhead --workload TB --profile 20
@@ -185,8 +185,8 @@ def report(name: str, loop: EngineLoop, recorder: Recorder, cpu: float) -> dict[
     print(f"  longest steps (CPU, no runner): {', '.join(f'{1000 * t:.1f}' for t in longest)} ms")
     if recorder.finish_stats is not None:
         _print_top(recorder.finish_stats, 25, "cProfile over the finishing steps")
-    return {"longest_ms": 1000 * longest[0], "steady_ms": mean["step (no runner)"], "cpu_s": cpu, "finish_ms": 1000 * seconds,
-            "finish_us": 1e6 * seconds / max(1, seqs), **mean}
+    return {"longest_ms": 1000 * longest[0], "steady_ms": mean["step (no runner)"], "cpu_s": cpu,
+            "finish_ms": 1000 * seconds, "finish_us": 1e6 * seconds / max(1, seqs), **mean}
 
 
 def _print_top(stats: pstats.Stats, count: int, title: str) -> None:

@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 from tokabatch.config import load_config
-from tokabatch.engine.api import ChoiceOutput, FinishReason, GenerationOutput, GenerationRequest, Priority, SamplingParams
+from tokabatch.engine.api import (
+    ChoiceOutput,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    Priority,
+    SamplingParams,
+)
 from tokabatch.engine.runtime.factory import build_loop
 from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.service.jobs.structured import json_schema_grammar
@@ -117,8 +124,8 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
     rng = random.Random(0)
     vocab = min(loop.info.vocab_size, 32_000)
     # Each run has prompts of its own: the prefix cache must not serve the second run's prefills.
-    warm_up, constrained_prompts, free_prompts = (
-        [[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(count)] for count in (2, prompts, prompts))
+    warm_up, constrained_prompts, free_prompts = ([[rng.randrange(100, vocab) for _ in range(prompt_len)]
+                                                   for _ in range(count)] for count in (2, prompts, prompts))
     grammar = json_schema_grammar(SCHEMA)
     constrained = [SamplingParams(max_tokens=max_tokens, temperature=1.0, grammar=grammar)] * prompts
     run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built

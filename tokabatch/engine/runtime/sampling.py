@@ -42,6 +42,7 @@ from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.errors import InvalidRequest
 
 _MASK64 = (1 << 64) - 1
+Draw = Callable[[Tensor, "Tensor | float", torch.Generator], Tensor]   # (logits, 1 / temperature, generator) -> tokens
 
 
 def choice_seed(seed: int, choice_index: int) -> int:
@@ -97,8 +98,7 @@ class Sampler:
     """
 
     def __init__(self, vocab_size: int, device: torch.device | str, eos_token_ids: tuple[int, ...],
-                 *, seed: int | None = None, draw: Callable[[Tensor, Tensor | float, torch.Generator], Tensor] | None = None
-                 ) -> None:
+                 *, seed: int | None = None, draw: Draw | None = None) -> None:
         """`seed` seeds the generator shared by unseeded rows (None: from the OS). `draw` replaces
         sampling_ops.draw_from_logits for the rows that draw from the raw logits with the shared
         generator: (logits, inv_temperature, generator) -> tokens (flashinfer_kernels.draw_from_logits)."""

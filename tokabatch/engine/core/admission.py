@@ -205,14 +205,19 @@ def fits_with(fc: Forecast, pool: PagePool, candidates: list[tuple[Sequence, lis
         backlog += remaining
         curve = fc.curve(g, predicted_len(seq), backlog, len(hit_pages))
         e = curve.last_step
-        for page in hit_pages:
-            if page not in shared and pool.refcount(page) == 1:
-                # Held by one running sequence as its own page: move it out of that curve into the
-                # shared table, so it is counted once, until the later of the two finishes.
-                idx = _owners(fc, pool)[page]
-                curves[idx].num_shared_pages += 1
-                shared[page] = fc.curves[idx].last_step
-            shared[page] = max(shared.get(page, 0), e)
+        for page in hit_pages:                # (one pass per page: thousands of candidates share them)
+            end = shared.get(page)
+            if end is None:
+                end = 0
+                if pool.refcount(page) == 1:
+                    # Held by one running sequence as its own page: move it out of that curve into the
+                    # shared table, so it is counted once, until the later of the two finishes.
+                    idx = _owners(fc, pool)[page]
+                    curves[idx].num_shared_pages += 1
+                    end = fc.curves[idx].last_step
+            if e > end:
+                end = e
+            shared[page] = end
         curves.append(curve)
     peak = peak_page_use(curves, shared.values(), fc.page_size)
     return peak <= pool.num_pages, peak

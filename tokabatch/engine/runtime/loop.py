@@ -88,10 +88,10 @@ Launched = tuple[StepPlan, PendingStep | None]      # begin_step's step for end_
 class EngineLoop:
     """The StepLoop over a real model. Not thread-safe: serve() owns it."""
 
-    # The texts of ended requests made per step while the scheduler has work, in ids (~2 ms of CPU on
-    # the H200's host): a wave of 1,000 sequences ending together would otherwise hold the one CPU
-    # thread for one long step while the GPU runs dry (docs/benchmarks.md, the wave ends); their
-    # outputs follow a few steps later instead. With nothing left to schedule every text is made at once.
+    # The texts of ended requests made per step, in ids (~2 ms of CPU on the H200's host): a wave of
+    # 1,000 sequences ending together would otherwise hold the one CPU thread for one long step while
+    # the GPU runs dry (docs/benchmarks.md, the wave ends); their outputs follow a few steps later
+    # instead. Also with nothing left to schedule: the other pipelined half may still be running.
     TEXT_TOKENS_PER_STEP = 8192
 
     def __init__(self, *, scheduler: Scheduler, runner: StepRunner, sampler: SequenceSampler, tokenizer: Tokenizer,
@@ -206,19 +206,20 @@ class EngineLoop:
             if self.check_invariants:
                 self.scheduler.check_invariants()
         if self._unwritten:
-            self._write_texts(self.TEXT_TOKENS_PER_STEP if self.scheduler.has_work() else None)
+            self._write_texts(self.TEXT_TOKENS_PER_STEP)
         out, self._ready = self._ready, []
         return out
 
-    def _write_texts(self, budget: int | None) -> None:
+    def _write_texts(self, budget: int) -> None:
         """The outputs of ended requests whose text was left to the end, oldest first, until `budget`
-        ids were detokenized (None: all of them)."""
-        while self._unwritten and (budget is None or budget > 0):
-            state = self._unwritten.popleft()
-            for choice in state.choices:
-                num = write_text_at_end(choice)
-                if budget is not None:
-                    budget -= num
+        ids were detokenized; a request of n choices may take several steps."""
+        while self._unwritten:
+            state = self._unwritten[0]
+            for choice in state.choices:          # (a choice already written takes 0 ids)
+                if budget <= 0:
+                    return
+                budget -= write_text_at_end(choice)
+            self._unwritten.popleft()
             self._stats.num_requests_finished += 1
             self._ready.append(final_output(state))
 

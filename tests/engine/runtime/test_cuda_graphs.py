@@ -82,9 +82,10 @@ def test_graph_step_matches_eager_step(config: dict) -> None:
 
 
 def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: bool = False,
-             max_tokens: int = 64, fused: bool = True) -> tuple[list[list[int]], list, object, object]:
+             max_tokens: int = 64, fused: bool | None = None) -> tuple[list[list[int]], list, object, object]:
     """Greedy outputs (tokens, logprobs with top 2) of every prompt through a fresh engine loop,
-    plus its runners (two with the default pipelined loop on CUDA) and final stats."""
+    plus its runners (two with the default pipelined loop on CUDA) and final stats. `fused`: the
+    layer kernels and draw (None: EngineConfig's default)."""
     from tokabatch.config import EngineConfig, ModelConfig, SchedulerConfig
     from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
     from tokabatch.engine.runtime.factory import build_loop
@@ -92,7 +93,7 @@ def run_loop(folder: Path, prompts: list[list[int]], graphs: bool, hydragen: boo
     config = EngineConfig(model=ModelConfig(path=str(folder), dtype="bfloat16", device="cuda"),
                           scheduler=SchedulerConfig(max_seqs=256, max_tokens_per_step=8192),
                           kv_cache_tokens=131072, enable_cuda_graphs=graphs, enable_hydragen=hydragen,
-                          fused_kernels=fused)
+                          **({} if fused is None else {"fused_kernels": fused}))
     loop = build_loop(config)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     for i, ids in enumerate(prompts):

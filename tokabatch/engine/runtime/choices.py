@@ -88,8 +88,7 @@ def write_text_at_end(choice: Choice) -> int:
     if num < 0:
         return 0
     choice.text_tokens = -1
-    choice.pieces.append(choice.detokenizer.push_all(choice.token_ids[:num] if num < len(choice.token_ids)
-                                                     else choice.token_ids))
+    choice.pieces.append(choice.detokenizer.push_all(choice.token_ids[:num]))
     end_text(choice)
     return num
 

@@ -88,10 +88,10 @@ Launched = tuple[StepPlan, PendingStep | None]      # begin_step's step for end_
 class EngineLoop:
     """The StepLoop over a real model. Not thread-safe: serve() owns it."""
 
-    # The texts of ended requests made per step, in ids (~2 ms of CPU on the H200's host): a wave of
-    # 1,000 sequences ending together would otherwise hold the one CPU thread for one long step while
-    # the GPU runs dry (docs/benchmarks.md, the wave ends); their outputs follow a few steps later
-    # instead. Also with nothing left to schedule: the other pipelined half may still be running.
+    # The texts of ended requests made per step, in ids (docs/benchmarks.md, the wave ends): a wave of
+    # sequences ending together would otherwise hold the one CPU thread for one long step while the
+    # GPU runs dry; their outputs follow a few steps later instead. Also with nothing left to
+    # schedule: the other pipelined half may still be running.
     TEXT_TOKENS_PER_STEP = 8192
 
     def __init__(self, *, scheduler: Scheduler, runner: StepRunner, sampler: SequenceSampler, tokenizer: Tokenizer,

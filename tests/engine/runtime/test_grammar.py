@@ -81,3 +81,36 @@ def test_a_grammar_the_matcher_refuses_is_the_requests_400(tokenizer, grammars):
     bare = Sampler(49152, "cpu", tokenizer.eos_token_ids)                     # no grammars: cannot constrain
     with pytest.raises(InvalidRequest):
         bare.register(0, SamplingParams(grammar=llguidance.grammar_from("regex", "a")), [1])
+
+
+@pytest.mark.parametrize("kind", ["all-draw", "all-greedy", "mixed-and-adjusted"])
+def test_every_row_constrained_however_it_samples(tokenizer, grammars, kind):
+    """All rows of a step constrained (the mask covers the whole step), drawing from the shared
+    generator, greedy, or mixed with seeds and steps 1-3's other adjustments on the same rows."""
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids, seed=7)
+    sampler.grammars = grammars
+    regex = llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")
+    if kind == "all-draw":
+        rows = [SamplingParams(max_tokens=60, temperature=t, grammar=regex) for t in (0.7, 1.0, 1.3)]
+    elif kind == "all-greedy":
+        rows = [SamplingParams(max_tokens=60, temperature=0.0, grammar=regex)] * 3
+    else:
+        rows = [SamplingParams(max_tokens=60, temperature=0.0, grammar=regex),
+                SamplingParams(max_tokens=60, seed=5, top_p=0.9, grammar=regex),
+                SamplingParams(max_tokens=60, presence_penalty=1.5, grammar=regex),
+                SamplingParams(max_tokens=60, min_tokens=4, grammar=regex),
+                SamplingParams(max_tokens=60, logit_bias=((tokenizer.eos_token_ids[0], 100.0),), grammar=regex)]
+    texts, ended = _run(sampler, tokenizer, rows)
+    assert all(ended), texts
+    assert all(re.fullmatch("[a-c]{3}-[0-9]{2}", t) for t in texts), texts
+
+
+def test_a_matcher_in_error_lets_its_row_end(tokenizer, grammars):
+    """A token the grammar refuses (appended from outside, e.g. a resumed prefix) leaves the matcher
+    in its error state; the row is then allowed EOS only, instead of drawing from all -inf."""
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids, seed=1)
+    sampler.grammars = grammars
+    sampler.register(0, SamplingParams(max_tokens=8, grammar=llguidance.grammar_from("regex", "[0-9]+")), [1])
+    sampler.append_output(0, tokenizer.encode("x")[0])
+    token = sampler.sample([0], torch.randn(1, 49152))[0].token_id
+    assert token in tokenizer.eos_token_ids

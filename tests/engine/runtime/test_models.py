@@ -126,6 +126,18 @@ def test_spec_and_tied_head(hf_checkpoint):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_compute_logits_into_a_given_buffer(hf_checkpoint):
+    """The CUDA graphs' path: logits written into the first rows of one shared buffer."""
+    _, folder = hf_checkpoint("qwen2", tie_word_embeddings=True)
+    model, spec = load_model(folder, dtype="float32", device="cpu")
+    hidden = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    buffer = torch.full((5, spec.vocab_size), float("nan"))
+    got = model.compute_logits(hidden, out=buffer[:3])
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer[:3], model.compute_logits(hidden))
+    assert buffer[3:].isnan().all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_load(hf_checkpoint, device):
     hf, folder = hf_checkpoint("llama")

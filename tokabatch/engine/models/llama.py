@@ -203,9 +203,13 @@ class LlamaForCausalLM(nn.Module):
             layer.attn.fuse()
             layer.mlp.fuse()
 
-    def compute_logits(self, hidden_rows: Tensor) -> Tensor:
-        """hidden_rows: [rows, hidden_size] from forward -> logits [rows, vocab_size] (model dtype)."""
-        return self.lm_head(self.norm(hidden_rows))
+    def compute_logits(self, hidden_rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """hidden_rows: [rows, hidden_size] from forward -> logits [rows, vocab_size] (model dtype),
+        written into `out` when given (CUDA graphs of every batch size share one output buffer)."""
+        normed = self.norm(hidden_rows)
+        if out is None:
+            return self.lm_head(normed)
+        return torch.mm(normed, self.lm_head.weight.t(), out=out)
 
     def hf_name_map(self) -> dict[str, str]:
         """HF checkpoint tensor name -> our parameter name, for every weight the checkpoint must hold.

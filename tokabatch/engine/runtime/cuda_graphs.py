@@ -100,9 +100,13 @@ class DecodeGraphs:
         if workspace_bytes is None:
             workspace_bytes = graph_workspace_bytes(num_heads, self.num_kv_heads, self.head_dim, self.max_batch)
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=dev)
+        # Every size's graph (and the grouped twins') writes its logits into the first rows of this
+        # one buffer: a tensor per size would hold ~11k rows x vocab (2.8 GB for Llama's 128k vocab
+        # in bf16, twice with the twins) that the KV cache sizing does not see.
+        head = model.lm_head.weight
+        self.logits = torch.empty(self.max_batch, head.shape[0], dtype=head.dtype, device=dev)
         self._wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, Tensor] = {}
         self.num_replays = 0
 
     # ---- start-up ------------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class DecodeGraphs:
                                      paged_kv_last_page_len_buffer=self.last_page_len[:bs])
             self._wrappers[bs] = wrapper
             self._plan_padding_only(bs)
-            self._graphs[bs], self._logits[bs] = capture_graph(lambda bs=bs: self._forward(bs), pool)
+            self._graphs[bs], _ = capture_graph(lambda bs=bs: self._forward(bs), pool)
         torch.cuda.synchronize()
 
     def _plan_padding_only(self, bs: int) -> None:
@@ -127,7 +131,7 @@ class DecodeGraphs:
                    torch.ones(bs, dtype=torch.int32))
 
     def _forward(self, bs: int) -> Tensor:
-        """The captured computation: logits [bs, vocab] from the static buffers."""
+        """The captured computation: logits [bs, vocab] (into `self.logits`) from the static buffers."""
         ps = self.cache.page_size
         indptr = self.kv_indptr[:bs + 1].long()
         last_len = self.last_page_len[:bs].long()
@@ -136,7 +140,7 @@ class DecodeGraphs:
         positions = (indptr[1:] - indptr[:-1] - 1) * ps + last_len - 1
         attn = self._fi.FlashInferAttentionContext(self.cache, slots, self._wrappers[bs], bs, None)
         hidden = self.model(self.input_ids[:bs], positions, attn)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits[:bs])
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -150,8 +154,8 @@ class DecodeGraphs:
     def run(self, token_ids: Sequence[int], kv_lens: Sequence[int],
             page_tables: Sequence[Sequence[int]]) -> Tensor | None:
         """One decode step: row i feeds token_ids[i] at position kv_lens[i] - 1 (its KV goes there)
-        and attends over page_tables[i]. Returns logits [rows, vocab] (a view of the graph's output,
-        valid until the next replay), or None when the step does not fit (run it eagerly)."""
+        and attends over page_tables[i]. Returns logits [rows, vocab] (a view of the graphs' shared output,
+        valid until the next replay of any size), or None when the step does not fit (run it eagerly)."""
         rows = len(token_ids)
         bs = self.bucket(rows)
         if bs is None or rows == 0:
@@ -167,7 +171,7 @@ class DecodeGraphs:
         self._plan(bs, indptr, indices.pin_memory().to(self.cache.device, non_blocking=True), last)
         self._graphs[bs].replay()
         self.num_replays += 1
-        return self._logits[bs][:rows]
+        return self.logits[:rows]
 
     def _plan(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
         dtype = self.cache.dtype

@@ -22,8 +22,6 @@ from torch import Tensor
 
 from tokabatch.errors import InvalidRequest
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
 
 class Grammars:
     """Makes matchers for grammars and the masks of a step's constrained rows."""
@@ -34,6 +32,7 @@ class Grammars:
         self._eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer = None
         self._executor = None
+        self._shifts: dict[torch.device, Tensor] = {}
 
     def _tokenizer(self):
         import llguidance
@@ -56,16 +55,28 @@ class Grammars:
 
     def allowed(self, matchers: list, device: torch.device) -> Tensor:
         """[rows, vocab] bool on `device`: the tokens each matcher accepts next (EOS once it may end).
-        The packed mask (a bit per token) goes to the device, which unpacks it. On a GPU it is written
-        into pinned memory: a copy from pageable memory would first wait for the step the GPU is
-        running, and the CPU could not queue the other half's step meanwhile."""
+        The packed mask (a bit per token) goes to the device, which unpacks it. Nothing here waits
+        for the device: on a GPU the mask is written into pinned memory (a copy from pageable memory
+        would first wait for the step the GPU is running) and the bit shifts live on the device, so
+        the CPU computes the masks while the GPU runs the step's forward."""
         words = (self.vocab_size + 31) // 32
         bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                words * 4, len(matchers))
         packed = bitmask.to(device, non_blocking=True)
-        bits = (packed.unsqueeze(-1) >> _BITS.to(device)) & 1        # [rows, words, 32]: bit j of word w, token 32w+j
+        bits = (packed.unsqueeze(-1) >> self._bit_shifts(device)) & 1     # [rows, words, 32]: token 32w+j
         return bits.reshape(len(matchers), words * 32)[:, :self.vocab_size].bool()
+
+    def _bit_shifts(self, device: torch.device) -> Tensor:
+        shifts = self._shifts.get(device)
+        if shifts is None:
+            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+        return shifts
+
+    def consume(self, matchers: list, tokens: list[int]) -> None:
+        """Advance each matcher by its row's sampled token (llguidance's threads, in parallel). A token
+        the grammar refuses leaves its matcher in the error state, whose next mask lets the row end."""
+        self._executor.consume_token_par(list(zip(matchers, tokens)))
 
 
 __all__ = ["Grammars"]

@@ -92,7 +92,6 @@ class GroupedDecodeGraphs:
         # flashinfer_backend picks another kernel for Hydragen own parts; then one more over them.
         self.own_wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, Tensor] = {}
         self.num_replays = 0
         # The group half of the last planned step and its key (bs, seq_ids, groups): while a step has
         # the same key, its group buffers and the group wrapper's plan are still in place (they are
@@ -137,14 +136,14 @@ class GroupedDecodeGraphs:
                            torch.ones(bs, dtype=torch.int32))
             self._plan_groups(bs, qo, torch.arange(g + 1, dtype=torch.int32),
                               torch.full((g,), scratch, dtype=torch.int32), torch.ones(g, dtype=torch.int32))
-            self._graphs[bs], self._logits[bs] = capture_graph(lambda bs=bs: self._forward(bs), pool)
+            self._graphs[bs], _ = capture_graph(lambda bs=bs: self._forward(bs), pool)
         self._groups_key = None
         torch.cuda.synchronize()
 
     def _forward(self, bs: int) -> Tensor:
         model = self.graphs.model
         hidden = model(self.graphs.input_ids[:bs], self.positions[:bs], _GroupedAttention(self, bs))
-        return model.compute_logits(hidden)
+        return model.compute_logits(hidden, out=self.graphs.logits[:bs])   # the plain graphs' buffer
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -189,7 +188,7 @@ class GroupedDecodeGraphs:
             self._groups_key = key
         self._graphs[bs].replay()
         self.num_replays += 1
-        return self._logits[bs][:rows]
+        return self.graphs.logits[:rows]
 
     def _plan_own(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
         g = self.graphs

@@ -84,6 +84,13 @@ class _SeqState:
         return self.bias_ids is None and not self.penalized and not self.min_tokens_pending and self.matcher is None
 
     @property
+    def only_grammar(self) -> bool:
+        """A constrained row that nothing else of steps 1-3 adjusts: its mask can be applied on the
+        device without waiting for it (Sampler.sample_async)."""
+        return self.matcher is not None and self.bias_ids is None and not self.penalized and \
+            not self.min_tokens_pending
+
+    @property
     def min_tokens_pending(self) -> bool:
         return bool(self.blocked_ids) and len(self.output_ids) < self.params.min_tokens
 
@@ -211,8 +218,12 @@ class Sampler:
         states = [self._state(s) for s in seq_ids]
         kinds = {s.fast_kind for s in states}
         fast = kinds.pop() if len(kinds) == 1 else ""
-        if fast or (all(s.unadjusted for s in states) and all(s.params.logprobs is None for s in states)):
-            tokens = self._choose_unadjusted(logits, states, fast)
+        if fast or (all(s.unadjusted or s.only_grammar for s in states)
+                    and all(s.params.logprobs is None for s in states)):
+            constrained = [] if fast else [i for i, s in enumerate(states) if s.matcher is not None]
+            # The masks are made on the CPU while the GPU still runs the step that made the logits.
+            x = self._mask_grammar(logits, states, constrained) if constrained else logits
+            tokens = self._choose_unadjusted(x, states, fast)
             if tokens.device.type == "cuda":
                 host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
                 host.copy_(tokens, non_blocking=True)
@@ -227,11 +238,18 @@ class Sampler:
                 token_list = host.tolist()
                 for state, token in zip(states, token_list):
                     state.output_ids.append(token)
+                self._consume(states, token_list, constrained)
                 return sampled_tokens(seq_ids, token_list)
 
             return finish
         result = self._sample_now(seq_ids, logits, states)
         return lambda: result
+
+    def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
+        """Advance the matchers of the `constrained` rows by their sampled tokens."""
+        if constrained:
+            assert self.grammars is not None
+            self.grammars.consume([states[i].matcher for i in constrained], [tokens[i] for i in constrained])
 
     def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> list[SampledToken]:
         if all(s.unadjusted for s in states):
@@ -245,8 +263,7 @@ class Sampler:
         token_list = tokens.tolist()
         for state, token in zip(states, token_list):
             state.output_ids.append(token)
-            if state.matcher is not None:
-                state.matcher.consume_token(token)
+        self._consume(states, token_list, [i for i, s in enumerate(states) if s.matcher is not None])
         return [SampledToken(seq_id=s, token_id=t, logprob=lp)
                 for s, t, lp in zip(seq_ids, token_list, logprobs)]
 
@@ -285,15 +302,23 @@ class Sampler:
             ids_list = [t for i in pending for t in states[i].blocked_ids]
             x[self._long(rows_list), self._long(ids_list)] = float("-inf")
         constrained = [i for i, s in enumerate(states) if s.matcher is not None]
-        if constrained:
-            assert self.grammars is not None
-            allowed = self.grammars.allowed([states[i].matcher for i in constrained], x.device)
-            # A matcher that allows nothing (an error state) lets the sequence end instead of drawing from -inf.
-            dead = (~allowed.any(dim=-1)).nonzero().flatten()
-            for eos in self.eos_token_ids:
-                allowed[dead, eos] = True
-            rows = self._long(constrained)
-            x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
+        return self._mask_grammar(x, states, constrained, in_place=True) if constrained else x
+
+    def _mask_grammar(self, x: Tensor, states: list[_SeqState], constrained: list[int],
+                      in_place: bool = False) -> Tensor:
+        """Step 3's grammar half: each row in `constrained` keeps only the tokens its matcher allows
+        next (a copy of `x` unless `in_place`). Queues device work only, never waits for it."""
+        assert self.grammars is not None
+        allowed = self.grammars.allowed([states[i].matcher for i in constrained], x.device)
+        # A matcher that allows nothing (an error state) lets the sequence end instead of drawing from -inf.
+        dead = ~allowed.any(dim=-1)
+        for eos in self.eos_token_ids:
+            allowed[:, eos] |= dead
+        if len(constrained) == x.shape[0]:
+            return x.masked_fill_(~allowed, float("-inf")) if in_place else x.masked_fill(~allowed, float("-inf"))
+        rows = self._long(constrained)
+        x = x if in_place else x.clone()
+        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
         return x
 
     def _penalize(self, x: Tensor, states: list[_SeqState]) -> Tensor:

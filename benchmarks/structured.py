@@ -60,31 +60,16 @@ def adopt_tokenizer(model: Path, source: Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-class MaskClock:
-    """Wraps Grammars.allowed: the CPU seconds spent making the masks of the constrained rows and how
-    many steps had any. Set against the run's seconds, it says how much of the step the masks cost."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.steps = 0
-        self.rows = 0
-        self._allowed = Grammars.allowed
-
-        def allowed(grammars, matchers, device):
-            began = time.perf_counter()
-            try:
-                return self._allowed(grammars, matchers, device)
-            finally:
-                self.seconds += time.perf_counter() - began
-                self.steps += 1
-                self.rows += len(matchers)
-
-        Grammars.allowed = allowed
-
-    def report(self) -> dict:
-        return {"mask_s": round(self.seconds, 3), "mask_steps": self.steps,
-                "mask_ms_per_step": round(1e3 * self.seconds / max(1, self.steps), 3),
-                "mask_rows_per_step": round(self.rows / max(1, self.steps), 1)}
+def mask_report(grammars: Grammars, steps_before: int, rows_before: int, seconds_before: float,
+                waited_before: float) -> dict:
+    """The masks of one run from the Grammars counters: seconds on the grammar thread, per step and
+    rows per step, and the seconds the engine thread waited for them (the part the GPU step did not hide)."""
+    steps, rows = grammars.mask_calls - steps_before, grammars.mask_rows - rows_before
+    seconds = grammars.mask_seconds - seconds_before
+    return {"mask_s": round(seconds, 3), "mask_steps": steps,
+            "mask_ms_per_step": round(1e3 * seconds / max(1, steps), 3),
+            "mask_rows_per_step": round(rows / max(1, steps), 1),
+            "mask_waited_s": round(grammars.wait_seconds - waited_before, 3)}
 
 
 def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[ChoiceOutput]]:
@@ -129,8 +114,10 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
     grammar = json_schema_grammar(SCHEMA)
     constrained = [SamplingParams(max_tokens=max_tokens, temperature=1.0, grammar=grammar)] * prompts
     run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
-    clock = MaskClock()
+    grammars = loop.runner.sampler.grammars                                   # one for both halves
+    before = (grammars.mask_calls, grammars.mask_rows, grammars.mask_seconds, grammars.wait_seconds)
     seconds_c, choices = run(loop, constrained_prompts, constrained)
+    masks = mask_report(grammars, *before)
     lengths = [len(c.token_ids) for c in choices]
     free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
     seconds_u, free_choices = run(loop, free_prompts, free)
@@ -141,7 +128,7 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
     return {"prompts": prompts, "output_tokens": tokens, "constrained_s": round(seconds_c, 2),
             "unconstrained_s": round(seconds_u, 2), "ratio_per_token": round(per_c / per_u, 3),
             "constrained_tok_s": round(tokens / seconds_c), "unconstrained_tok_s": round(sum(lengths_u) / seconds_u),
-            **valid_outputs(choices), **clock.report(), "device": loop.info.device}
+            **valid_outputs(choices), **masks, "device": loop.info.device}
 
 
 def main() -> None:

@@ -347,7 +347,7 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--hydragen", choices=("auto", "on", "off"), default="auto",
                     help="Hydragen prefix groups (auto: EngineConfig's default, on)")
     ap.add_argument("--no-pipeline", action="store_true", help="one engine loop instead of two in turn")
-    ap.add_argument("--fused-kernels", choices=("on", "off"), default="off",
+    ap.add_argument("--fused-kernels", choices=("on", "off"), default="on",
                     help="flashinfer's fused rotary, residual + RMSNorm, SwiGLU and sampler draw (off: torch's)")
     ap.add_argument("--decode-tensor-cores", choices=("auto", "on", "off"), default="auto",
                     help="flashinfer's tensor-core decode kernel (auto: the engine's default, on; off: the "

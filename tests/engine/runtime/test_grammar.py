@@ -114,3 +114,28 @@ def test_a_matcher_in_error_lets_its_row_end(tokenizer, grammars):
     sampler.append_output(0, tokenizer.encode("x")[0])
     token = sampler.sample([0], torch.randn(1, 49152))[0].token_id
     assert token in tokenizer.eos_token_ids
+
+
+def test_rows_joining_leaving_and_reordered_between_steps(tokenizer, grammars):
+    """The masks started after a step (for the rows that go on) serve the next step whatever its rows:
+    a row that joined gets its mask made then, and the order of the rows may change."""
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids, seed=2)
+    sampler.grammars = grammars
+    regex = llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")
+    eos = set(tokenizer.eos_token_ids)
+    outputs: dict[int, list[int]] = {}
+    gen = torch.Generator().manual_seed(4)
+    for step in range(80):
+        if step % 3 == 0 and len(outputs) < 6:                  # a row joins every third step
+            sampler.register(len(outputs), SamplingParams(max_tokens=60, grammar=regex), [1])
+            outputs[len(outputs)] = []
+        live = [r for r, out in outputs.items() if not out or out[-1] not in eos]
+        if not live:
+            break
+        live = live[::-1] if step % 2 else live                   # the row order changes between steps
+        for row, token in zip(live, sampler.sample(live, torch.randn(len(live), 49152, generator=gen) * 3)):
+            outputs[row].append(token.token_id)
+    assert len(outputs) == 6
+    for out in outputs.values():
+        assert out and out[-1] in eos
+        assert re.fullmatch("[a-c]{3}-[0-9]{2}", tokenizer.decode(out[:-1]))

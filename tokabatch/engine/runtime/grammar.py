@@ -2,19 +2,24 @@
 
 Owns the grammar matchers of the sequences whose SamplingParams carry a `grammar` (llguidance's
 grammar text, built by the service from a JSON schema, a regex, a choice list or an EBNF grammar:
-tokabatch/grammars.py) and turns their states into one boolean mask per step. llguidance was
+service/jobs/structured.py) and turns their states into the masks of a step's constrained rows. llguidance was
 chosen over xgrammar for two reasons that matter here: it needs no torch (the service compiles and
 checks every line's grammar at validation without loading torch), and it computes a row's mask
 in microseconds from the tokenizer's byte trie, with no per-schema precompilation to cache.
 
 The tokenizer llguidance needs is built once, on the first constrained request, from the model's
 tokenizer.json (about a second for a 50k vocabulary). The masks are computed on the CPU for the
-constrained rows only (llguidance's executor spreads the rows over threads), sent to the device,
-and applied there; unconstrained rows never pay for them. Torch + llguidance only.
+constrained rows only, on one grammar thread (llguidance's executor spreads the rows over its own
+threads and releases the GIL), sent to the device packed, and unpacked and applied there;
+unconstrained rows never pay for them. The sampler starts a row's next mask as soon as its token
+is known, so the mask is made while the engine thread schedules and launches the next step.
+Torch + llguidance only.
 """
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -32,7 +37,12 @@ class Grammars:
         self._eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer = None
         self._executor = None
-        self._shifts: dict[torch.device, Tensor] = {}
+        self._thread: ThreadPoolExecutor | None = None
+        # Counters (benchmarks/structured.py): masks made, their rows and seconds on the grammar
+        # thread, and the seconds the engine thread waited for them.
+        self.mask_calls = self.mask_rows = 0
+        self.mask_seconds = self.wait_seconds = 0.0
+        self._bits: dict[torch.device, Tensor] = {}
 
     def _tokenizer(self):
         import llguidance
@@ -53,29 +63,50 @@ class Grammars:
                                  param="response_format", code="invalid_value")
         return matcher
 
-    def allowed(self, matchers: list, device: torch.device) -> Tensor:
-        """[rows, vocab] bool on `device`: the tokens each matcher accepts next (EOS once it may end).
-        The packed mask (a bit per token) goes to the device, which unpacks it. Nothing here waits
-        for the device: on a GPU the mask is written into pinned memory (a copy from pageable memory
-        would first wait for the step the GPU is running) and the bit shifts live on the device, so
-        the CPU computes the masks while the GPU runs the step's forward."""
+    def masks_async(self, matchers: list, pinned: bool) -> Future:
+        """Start computing the packed masks of `matchers` (bit j of word w of row i: token 32w+j is
+        allowed) on the grammar thread; its result is an int32 [rows, words] CPU tensor, in pinned
+        memory when `pinned` (a GPU's copy from pageable memory would wait for the step it runs).
+        llguidance lets go of the GIL while it works, so the engine's thread goes on meanwhile.
+        Do not advance these matchers until the result is in."""
+        if self._thread is None:
+            self._tokenizer()
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokabatch-grammar")
+        return self._thread.submit(self._masks, list(matchers), pinned)
+
+    def wait(self, masks: Future) -> Tensor:
+        """The result of `masks_async`, counting the seconds spent waiting for it."""
+        began = time.perf_counter()
+        try:
+            return masks.result()
+        finally:
+            self.wait_seconds += time.perf_counter() - began
+
+    def _masks(self, matchers: list, pinned: bool) -> Tensor:
+        began = time.perf_counter()
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=pinned)
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
                                                words * 4, len(matchers))
-        packed = bitmask.to(device, non_blocking=True)
-        bits = (packed.unsqueeze(-1) >> self._bit_shifts(device)) & 1     # [rows, words, 32]: token 32w+j
-        return bits.reshape(len(matchers), words * 32)[:, :self.vocab_size].bool()
+        self.mask_calls += 1
+        self.mask_rows += len(matchers)
+        self.mask_seconds += time.perf_counter() - began
+        return bitmask
 
-    def _bit_shifts(self, device: torch.device) -> Tensor:
-        shifts = self._shifts.get(device)
-        if shifts is None:
-            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
-        return shifts
+    def blocked(self, packed: Tensor) -> Tensor:
+        """Packed masks (int32 [rows, words], on the device that will use them) -> [rows, vocab] bool:
+        True where the token is NOT allowed. One elementwise pass on the device; nothing waits."""
+        bits = self._bits.get(packed.device)
+        if bits is None:                            # 1 << j as int32 (bit 31 is the sign bit)
+            bits = self._bits[packed.device] = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)],
+                                                            dtype=torch.int32).to(packed.device)
+        rows, words = packed.shape
+        return ((packed.unsqueeze(-1) & bits) == 0).reshape(rows, words * 32)[:, :self.vocab_size]
 
     def consume(self, matchers: list, tokens: list[int]) -> None:
         """Advance each matcher by its row's sampled token (llguidance's threads, in parallel). A token
         the grammar refuses leaves its matcher in the error state, whose next mask lets the row end."""
+        self._tokenizer()
         self._executor.consume_token_par(list(zip(matchers, tokens)))
 
 

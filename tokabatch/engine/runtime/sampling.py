@@ -29,6 +29,7 @@ Unseeded rows share one generator.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -120,6 +121,8 @@ class Sampler:
             self._shared.manual_seed(seed & _MASK64)
         self._states: dict[int, _SeqState] = {}
         self.grammars: Grammars | None = None     # set by the factory, which knows the tokenizer
+        # The masks being made for the constrained rows' next step: (future, matchers, id -> row).
+        self._next_masks: tuple[Future, list, dict[int, int]] | None = None
 
     # -- per-sequence state ---------------------------------------------------------------------
 
@@ -174,6 +177,7 @@ class Sampler:
         state = self._state(seq_id)
         state.output_ids.append(token_id)
         if state.matcher is not None:
+            self._drop_next_masks()
             state.matcher.consume_token(token_id)
 
     def num_outputs(self, seq_id: int) -> int:
@@ -246,10 +250,49 @@ class Sampler:
         return lambda: result
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
-        """Advance the matchers of the `constrained` rows by their sampled tokens."""
-        if constrained:
-            assert self.grammars is not None
-            self.grammars.consume([states[i].matcher for i in constrained], [tokens[i] for i in constrained])
+        """Advance the matchers of the `constrained` rows by their sampled tokens, and start making
+        the masks of those that go on (the next step's, most likely) on the grammar thread."""
+        if not constrained:
+            return
+        assert self.grammars is not None
+        self._drop_next_masks()
+        matchers = [states[i].matcher for i in constrained]
+        self.grammars.consume(matchers, [tokens[i] for i in constrained])
+        going_on = [m for m in matchers if not m.is_stopped()]
+        if going_on:
+            self._next_masks = (self.grammars.masks_async(going_on, pinned=self.device.type == "cuda"), going_on,
+                                {id(m): row for row, m in enumerate(going_on)})
+
+    def _drop_next_masks(self) -> None:
+        """Forget the masks being made (after waiting for them: their matchers must not move meanwhile)."""
+        if self._next_masks is not None:
+            self.grammars.wait(self._next_masks[0])
+            self._next_masks = None
+
+    def _blocked(self, matchers: list) -> Tensor:
+        """[rows, vocab] bool on the device: the tokens each matcher does NOT allow next. Rows whose
+        masks `_consume` started are taken from there; the others are made now."""
+        assert self.grammars is not None
+        pinned = self.device.type == "cuda"
+        made, self._next_masks = self._next_masks, None
+        rows = [None] * len(matchers) if made is None else [made[2].get(id(m)) for m in matchers]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        fresh = self.grammars.masks_async([matchers[i] for i in missing], pinned) if missing else None
+        if made is None:
+            assert fresh is not None
+            return self.grammars.blocked(self.grammars.wait(fresh).to(self.device, non_blocking=True))
+        packed = self.grammars.wait(made[0]).to(self.device, non_blocking=True)
+        if rows != list(range(len(made[1]))):                       # not exactly the rows made, in order
+            if fresh is None:
+                packed = packed.index_select(0, self._long(rows))
+            else:
+                merged = torch.empty((len(matchers), packed.shape[1]), dtype=packed.dtype, device=self.device)
+                have = [i for i, r in enumerate(rows) if r is not None]
+                if have:
+                    merged[self._long(have)] = packed.index_select(0, self._long([rows[i] for i in have]))
+                merged[self._long(missing)] = self.grammars.wait(fresh).to(self.device, non_blocking=True)
+                packed = merged
+        return self.grammars.blocked(packed)
 
     def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> list[SampledToken]:
         if all(s.unadjusted for s in states):
@@ -308,17 +351,16 @@ class Sampler:
                       in_place: bool = False) -> Tensor:
         """Step 3's grammar half: each row in `constrained` keeps only the tokens its matcher allows
         next (a copy of `x` unless `in_place`). Queues device work only, never waits for it."""
-        assert self.grammars is not None
-        allowed = self.grammars.allowed([states[i].matcher for i in constrained], x.device)
+        blocked = self._blocked([states[i].matcher for i in constrained])
         # A matcher that allows nothing (an error state) lets the sequence end instead of drawing from -inf.
-        dead = ~allowed.any(dim=-1)
+        alive = ~blocked.all(dim=-1)
         for eos in self.eos_token_ids:
-            allowed[:, eos] |= dead
+            blocked[:, eos] &= alive
         if len(constrained) == x.shape[0]:
-            return x.masked_fill_(~allowed, float("-inf")) if in_place else x.masked_fill(~allowed, float("-inf"))
+            return x.masked_fill_(blocked, float("-inf")) if in_place else x.masked_fill(blocked, float("-inf"))
         rows = self._long(constrained)
         x = x if in_place else x.clone()
-        x[rows] = x[rows].masked_fill(~allowed, float("-inf"))
+        x[rows] = x[rows].masked_fill(blocked, float("-inf"))
         return x
 
     def _penalize(self, x: Tensor, states: list[_SeqState]) -> Tensor:

@@ -121,7 +121,6 @@ class Sampler:
             self._shared.manual_seed(seed & _MASK64)
         self._states: dict[int, _SeqState] = {}
         self.grammars: Grammars | None = None     # set by the factory, which knows the tokenizer
-        self._side: torch.cuda.Stream | None = None   # CUDA: where constrained steps are drawn (_sample_later)
         # The masks being made for the constrained rows' next step: (future, matchers, id -> row).
         self._next_masks: tuple[Future, list, dict[int, int]] | None = None
 
@@ -216,13 +215,7 @@ class Sampler:
         this returns at once, so the caller can do CPU work while the GPU finishes; calling the
         result waits for the copy and records the tokens (call it before this sampler's next
         `sample*`: penalties and min_tokens read the recorded tokens). Rows that want logprobs
-        are computed synchronously (their top-k needs the host).
-
-        A step with constrained rows (whose only adjustment is their grammar) is sampled when the
-        result is called, not now: their masks are still being made on the grammar thread, and
-        waiting for them here would hold the caller's next launch. On CUDA that later draw runs on
-        this sampler's side stream, after the logits' step, so it does not queue behind the steps
-        launched meanwhile (the pipelined loop's other half)."""
+        are computed synchronously (their top-k needs the host)."""
         self._check_logits(logits, len(seq_ids))
         if not seq_ids:
             return list
@@ -232,58 +225,29 @@ class Sampler:
         if fast or (all(s.unadjusted or s.only_grammar for s in states)
                     and all(s.params.logprobs is None for s in states)):
             constrained = [] if fast else [i for i, s in enumerate(states) if s.matcher is not None]
-            if constrained:
-                return self._sample_later(seq_ids, logits, states, constrained)
-            return self._tokens_when_done(seq_ids, states, self._choose_unadjusted(logits, states, fast), [])
+            # The masks are made on the CPU while the GPU still runs the step that made the logits.
+            x = self._mask_grammar(logits, states, constrained) if constrained else logits
+            tokens = self._choose_unadjusted(x, states, fast)
+            if tokens.device.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                host, done = tokens, None
+
+            def finish() -> list[SampledToken]:
+                if done is not None:
+                    done.synchronize()
+                token_list = host.tolist()
+                for state, token in zip(states, token_list):
+                    state.output_ids.append(token)
+                self._consume(states, token_list, constrained)
+                return sampled_tokens(seq_ids, token_list)
+
+            return finish
         result = self._sample_now(seq_ids, logits, states)
         return lambda: result
-
-    def _tokens_when_done(self, seq_ids: list[int], states: list[_SeqState], tokens: Tensor,
-                          constrained: list[int]) -> Callable[[], list[SampledToken]]:
-        """Queue the copy of `tokens` to the host; the callable waits for it and records the tokens."""
-        if tokens.device.type == "cuda":
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, done = tokens, None
-
-        def finish() -> list[SampledToken]:
-            if done is not None:
-                done.synchronize()
-            token_list = host.tolist()
-            for state, token in zip(states, token_list):
-                state.output_ids.append(token)
-            self._consume(states, token_list, constrained)
-            return sampled_tokens(seq_ids, token_list)
-
-        return finish
-
-    def _sample_later(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState],
-                      constrained: list[int]) -> Callable[[], list[SampledToken]]:
-        """sample_async for a step with constrained rows: mask, draw and copy when the result is called."""
-        if logits.device.type != "cuda":
-            return lambda: self._tokens_when_done(seq_ids, states, self._draw_masked(logits, states, constrained),
-                                                  constrained)()
-        made = torch.cuda.Event()
-        made.record()                          # the logits are complete once the work queued so far is
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        side = self._side
-
-        def finish() -> list[SampledToken]:
-            with torch.cuda.stream(side):
-                side.wait_event(made)
-                logits.record_stream(side)     # an eager step's logits: not reused before this draw is done
-                tokens = self._draw_masked(logits, states, constrained)
-                result = self._tokens_when_done(seq_ids, states, tokens, constrained)
-            return result()
-
-        return finish
-
-    def _draw_masked(self, logits: Tensor, states: list[_SeqState], constrained: list[int]) -> Tensor:
-        return self._choose_unadjusted(self._mask_grammar(logits, states, constrained), states)
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
         """Advance the matchers of the `constrained` rows by their sampled tokens, and start making

@@ -139,3 +139,23 @@ def test_rows_joining_leaving_and_reordered_between_steps(tokenizer, grammars):
     for out in outputs.values():
         assert out and out[-1] in eos
         assert re.fullmatch("[a-c]{3}-[0-9]{2}", tokenizer.decode(out[:-1]))
+
+
+def test_matchers_of_one_grammar_are_copies_that_move_alone(tokenizer, grammars, monkeypatch):
+    """The second matcher of a grammar is a copy of the kept first one: advancing one leaves the other
+    (and later copies) at the start; the kept matchers are bounded; a refused grammar is never kept."""
+    from tokabatch.engine.runtime import grammar as grammar_module
+
+    regex = llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")
+    a, b = grammars.matcher(regex), grammars.matcher(regex)
+    assert a.consume_tokens(tokenizer.encode("abc")) and not a.is_error()
+    assert b.consume_tokens(tokenizer.encode("cab-12")) and b.is_accepting()
+    c = grammars.matcher(regex)
+    assert not c.is_accepting() and c.consume_tokens(tokenizer.encode("bbb-00")) and c.is_accepting()
+    monkeypatch.setattr(grammar_module, "CACHED_GRAMMARS", 2)
+    for letters in ("[a-c]", "[d-f]", "[g-i]"):
+        grammars.matcher(llguidance.grammar_from("regex", letters + "{2}"))
+    assert len(grammars._first_matchers) == 2
+    with pytest.raises(InvalidRequest):
+        grammars.matcher("this is not a grammar %%%")
+    assert "this is not a grammar %%%" not in grammars._first_matchers

@@ -72,8 +72,8 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85     # of the free GPU memory after loading (the rest: CUDA graphs, activations)
     enable_cuda_graphs: bool = True
     # CUDA with flashinfer: its fused rotary, residual + RMSNorm, SwiGLU and sampler draw instead of
-    # torch's elementwise kernels (runtime/flashinfer_kernels.py): TB 19% faster, greedy outputs the
-    # same (docs/benchmarks.md). Off: torch's kernels, the reference the GPU tests compare against.
+    # torch's elementwise kernels (runtime/flashinfer_kernels.py): faster, greedy outputs the same
+    # (docs/benchmarks.md). Off: torch's kernels, the reference the GPU tests compare against.
     fused_kernels: bool = True
     pipelined: bool = True               # CUDA: two engine loops in turn, so CPU work overlaps GPU work
     # Hydragen prefix groups: on by default (None is the same as True). On CUDA with graphs the grouped

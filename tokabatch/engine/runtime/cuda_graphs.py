@@ -101,8 +101,8 @@ class DecodeGraphs:
             workspace_bytes = graph_workspace_bytes(num_heads, self.num_kv_heads, self.head_dim, self.max_batch)
         self.workspace = torch.zeros(workspace_bytes, dtype=torch.uint8, device=dev)
         # Every size's graph (and the grouped twins') writes its logits into the first rows of this
-        # one buffer: a tensor per size would hold ~11k rows x vocab (2.8 GB for Llama's 128k vocab
-        # in bf16, twice with the twins) that the KV cache sizing does not see.
+        # one buffer: a tensor per size would hold the sum of the ladder's sizes in rows of the
+        # vocabulary (twice with the twins), memory the KV cache sizing does not see.
         head = model.lm_head.weight
         self.logits = torch.empty(self.max_batch, head.shape[0], dtype=head.dtype, device=dev)
         self._wrappers: dict[int, Any] = {}

@@ -62,9 +62,9 @@ class Grammars:
         """A fresh matcher at the grammar's start; InvalidRequest for a grammar llguidance refuses.
 
         A copy of the grammar's first matcher (kept, never advanced, for the last CACHED_GRAMMARS
-        grammars): building one from the text costs ~0.5 ms (the schema is compiled again), a copy
-        ~4 us and ~1.7 KB instead of ~120 KB, and copies share the lexer states they build, so their
-        masks cost about half (docs/benchmarks.md: the demo tokenizer at a 128k vocabulary)."""
+        grammars): building one from the text compiles the grammar again, a copy does not, takes a
+        fraction of the memory, and shares the lexer states the other copies built, so masks cost
+        less (docs/benchmarks.md, "matchers as copies")."""
         import llguidance
 
         first = self._first_matchers.get(grammar)
@@ -86,8 +86,7 @@ class Grammars:
         memory when `pinned` (a GPU's copy from pageable memory would wait for the step it runs).
         llguidance lets go of the GIL while it works, so the engine's thread goes on meanwhile.
         Do not advance these matchers until the result is in."""
-        if self._thread is None:
-            self._tokenizer()
+        if self._thread is None:                    # (matchers exist, so the executor does)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokabatch-grammar")
         return self._thread.submit(self._masks, list(matchers), pinned)
 
@@ -123,7 +122,6 @@ class Grammars:
     def consume(self, matchers: list, tokens: list[int]) -> None:
         """Advance each matcher by its row's sampled token (llguidance's threads, in parallel). A token
         the grammar refuses leaves its matcher in the error state, whose next mask lets the row end."""
-        self._tokenizer()
         self._executor.consume_token_par(list(zip(matchers, tokens)))
 
 

@@ -273,25 +273,23 @@ class Sampler:
         """[rows, vocab] bool on the device: the tokens each matcher does NOT allow next. Rows whose
         masks `_consume` started are taken from there; the others are made now."""
         assert self.grammars is not None
-        pinned = self.device.type == "cuda"
         made, self._next_masks = self._next_masks, None
         rows = [None] * len(matchers) if made is None else [made[2].get(id(m)) for m in matchers]
         missing = [i for i, r in enumerate(rows) if r is None]
-        fresh = self.grammars.masks_async([matchers[i] for i in missing], pinned) if missing else None
-        if made is None:
-            assert fresh is not None
-            return self.grammars.blocked(self.grammars.wait(fresh).to(self.device, non_blocking=True))
-        packed = self.grammars.wait(made[0]).to(self.device, non_blocking=True)
-        if rows != list(range(len(made[1]))):                       # not exactly the rows made, in order
-            if fresh is None:
-                packed = packed.index_select(0, self._long(rows))
-            else:
-                merged = torch.empty((len(matchers), packed.shape[1]), dtype=packed.dtype, device=self.device)
-                have = [i for i, r in enumerate(rows) if r is not None]
-                if have:
-                    merged[self._long(have)] = packed.index_select(0, self._long([rows[i] for i in have]))
-                merged[self._long(missing)] = self.grammars.wait(fresh).to(self.device, non_blocking=True)
-                packed = merged
+        fresh = self.grammars.masks_async([matchers[i] for i in missing], self.device.type == "cuda") \
+            if missing else None
+        # Always waited for when started: its matchers must not move while it runs.
+        made_packed = None if made is None else self.grammars.wait(made[0]).to(self.device, non_blocking=True)
+        if made is not None and rows == list(range(len(made[1]))):
+            return self.grammars.blocked(made_packed)         # exactly the rows made, in order: most steps
+        fresh_packed = None if fresh is None else self.grammars.wait(fresh).to(self.device, non_blocking=True)
+        if len(missing) == len(matchers):
+            return self.grammars.blocked(fresh_packed)
+        have = [i for i, r in enumerate(rows) if r is not None]
+        packed = torch.empty((len(matchers), made_packed.shape[1]), dtype=made_packed.dtype, device=self.device)
+        packed[self._long(have)] = made_packed.index_select(0, self._long([rows[i] for i in have]))
+        if missing:
+            packed[self._long(missing)] = fresh_packed
         return self.grammars.blocked(packed)
 
     def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> list[SampledToken]:

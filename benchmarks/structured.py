@@ -1,9 +1,12 @@
 """What a JSON schema costs per output token: the engine in-process, constrained, then unconstrained on
-the same output lengths.
+the same output lengths. `--masks-only` times llguidance alone: rows of matchers walk the schema by
+random allowed tokens, and each step's masks are made on N threads (what the engine's grammar
+thread costs per row, without the engine).
 
     python -m benchmarks.structured                          # CPU: the demo model, 64 prompts
     python -m benchmarks.structured --model FOLDER --prompts 1024 --max-tokens 256
     python3 scripts/bench.py --workload JSON --tokenizer-from FOLDER   # the GPU: a random Llama-3.2-1B
+    python -m benchmarks.structured --masks-only --tokenizer-from FOLDER --threads 1,4,12 [--fresh]
 
 The constrained run gives every prompt the same 8-field schema (docs/structured-outputs.md) and
 records each sequence's output length; the unconstrained run then asks each prompt for exactly
@@ -131,6 +134,42 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
             **valid_outputs(choices), **masks, "device": loop.info.device}
 
 
+def mask_scaling(tokenizer: Path, threads: list[int], rows: int, steps: int, vocab_size: int,
+                 fresh: bool = False) -> list[dict]:
+    """Microseconds per row of a step's masks on each thread count: `rows` matchers of SCHEMA walk
+    `steps` steps, each by a random allowed token (the same walk for every thread count). `fresh`
+    builds every matcher from the grammar text instead of copying the first (Grammars.matcher)."""
+    import llguidance  # noqa: PLC0415 (the engine's dependency)
+    import numpy as np  # noqa: PLC0415
+
+    tokenizer_json = (tokenizer / "tokenizer.json").read_text()
+    grammar = json_schema_grammar(SCHEMA)
+    results = []
+    for count in threads:
+        grammars = Grammars(tokenizer_json, vocab_size, Tokenizer.from_folder(tokenizer).eos_token_ids)
+        matchers = [llguidance.LLMatcher(grammars._tokenizer(), grammar, log_level=0) if fresh
+                    else grammars.matcher(grammar) for _ in range(rows)]
+        executor = llguidance.LLExecutor(num_threads=count)
+        rng = np.random.default_rng(0)
+        words = (vocab_size + 31) // 32
+        bitmask = np.zeros((rows, words), dtype=np.int32)
+        seconds, masks = 0.0, 0
+        for _ in range(steps):
+            live = [(m, i) for i, m in enumerate(matchers) if not m.is_stopped()]
+            if not live:
+                break
+            began = time.perf_counter()
+            executor.unsafe_compute_mask_ptr(live, bitmask.ctypes.data, words * 4, rows)
+            seconds += time.perf_counter() - began
+            masks += len(live)
+            for m, i in live:
+                allowed = np.flatnonzero(np.unpackbits(bitmask[i].view(np.uint8), bitorder="little")[:vocab_size])
+                m.consume_token(int(rng.choice(allowed)))
+        results.append({"threads": count, "rows": rows, "masks": masks, "fresh": fresh,
+                        "us_per_row": round(1e6 * seconds / max(1, masks), 1)})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
@@ -138,7 +177,20 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--masks-only", action="store_true", help="time llguidance's masks alone (--tokenizer-from)")
+    parser.add_argument("--threads", default="1,4,12", help="--masks-only: thread counts, comma-separated")
+    parser.add_argument("--rows", type=int, default=384, help="--masks-only: matchers per step")
+    parser.add_argument("--steps", type=int, default=40, help="--masks-only: steps of the walk")
+    parser.add_argument("--vocab-size", type=int, default=128_256, help="--masks-only: the model's vocabulary")
+    parser.add_argument("--fresh", action="store_true", help="--masks-only: a matcher per row from the text")
     args = parser.parse_args()
+    if args.masks_only:
+        if args.tokenizer_from is None:
+            raise SystemExit("--masks-only needs --tokenizer-from: a byte-level tokenizer's folder")
+        for row in mask_scaling(args.tokenizer_from, [int(t) for t in args.threads.split(",")], args.rows,
+                                args.steps, args.vocab_size, args.fresh):
+            print(json.dumps(row))
+        return
     if args.tokenizer_from is not None:
         adopt_tokenizer(Path(args.model), args.tokenizer_from)
     print(json.dumps(measure(args.model, args.prompts, args.max_tokens, args.prompt_len)))

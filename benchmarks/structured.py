@@ -63,16 +63,18 @@ def adopt_tokenizer(model: Path, source: Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-def mask_report(grammars: Grammars, steps_before: int, rows_before: int, seconds_before: float,
-                waited_before: float) -> dict:
-    """The masks of one run from the Grammars counters: seconds on the grammar thread, per step and
-    rows per step, and the seconds the engine thread waited for them (the part the GPU step did not hide)."""
-    steps, rows = grammars.mask_calls - steps_before, grammars.mask_rows - rows_before
-    seconds = grammars.mask_seconds - seconds_before
+COUNTERS = ("mask_calls", "mask_rows", "mask_seconds", "consume_seconds", "wait_seconds")
+
+
+def mask_report(grammars: Grammars, before: tuple) -> dict:
+    """The masks of one run from the Grammars counters (`before`: their COUNTERS at its start):
+    seconds on the grammar thread making masks, per step and rows per step, advancing the matchers,
+    and the seconds the engine thread waited for both (the part the GPU step did not hide)."""
+    steps, rows, seconds, consumed, waited = (getattr(grammars, name) - b for name, b in zip(COUNTERS, before))
     return {"mask_s": round(seconds, 3), "mask_steps": steps,
             "mask_ms_per_step": round(1e3 * seconds / max(1, steps), 3),
-            "mask_rows_per_step": round(rows / max(1, steps), 1),
-            "mask_waited_s": round(grammars.wait_seconds - waited_before, 3)}
+            "mask_rows_per_step": round(rows / max(1, steps), 1), "consume_s": round(consumed, 3),
+            "mask_waited_s": round(waited, 3)}
 
 
 def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[ChoiceOutput]]:
@@ -118,9 +120,9 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
     constrained = [SamplingParams(max_tokens=max_tokens, temperature=1.0, grammar=grammar)] * prompts
     run(loop, warm_up, constrained[:2])                                       # the grammar tokenizer is built
     grammars = loop.runner.sampler.grammars                                   # one for both halves
-    before = (grammars.mask_calls, grammars.mask_rows, grammars.mask_seconds, grammars.wait_seconds)
+    before = tuple(getattr(grammars, name) for name in COUNTERS)
     seconds_c, choices = run(loop, constrained_prompts, constrained)
-    masks = mask_report(grammars, *before)
+    masks = mask_report(grammars, before)
     lengths = [len(c.token_ids) for c in choices]
     free = [SamplingParams(max_tokens=max(1, n), temperature=1.0, ignore_eos=True) for n in lengths]
     seconds_u, free_choices = run(loop, free_prompts, free)

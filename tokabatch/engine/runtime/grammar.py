@@ -12,8 +12,9 @@ The tokenizer llguidance needs is built once, on the first constrained request, 
 tokenizer.json (about a second for a 50k vocabulary). The masks are computed on the CPU for the
 constrained rows only, on one grammar thread (llguidance's executor spreads the rows over its own
 threads and releases the GIL), sent to the device packed, and unpacked and applied there;
-unconstrained rows never pay for them. The sampler starts a row's next mask as soon as its token
-is known, so the mask is made while the engine thread schedules and launches the next step.
+unconstrained rows never pay for them. As soon as a step's tokens are known the sampler hands them
+to the grammar thread, which advances the matchers and makes their next masks while the engine
+thread schedules and launches the next step.
 Torch + llguidance only.
 """
 
@@ -44,9 +45,9 @@ class Grammars:
         self._thread: ThreadPoolExecutor | None = None
         self._first_matchers: OrderedDict[str, object] = OrderedDict()     # grammar text -> its first matcher
         # Counters (benchmarks/structured.py): masks made, their rows and seconds on the grammar
-        # thread, and the seconds the engine thread waited for them.
+        # thread, its seconds advancing matchers, and the seconds the engine thread waited for both.
         self.mask_calls = self.mask_rows = 0
-        self.mask_seconds = self.wait_seconds = 0.0
+        self.mask_seconds = self.consume_seconds = self.wait_seconds = 0.0
         self._bits: dict[torch.device, Tensor] = {}
 
     def _tokenizer(self):
@@ -85,18 +86,36 @@ class Grammars:
         allowed) on the grammar thread; its result is an int32 [rows, words] CPU tensor, in pinned
         memory when `pinned` (a GPU's copy from pageable memory would wait for the step it runs).
         llguidance lets go of the GIL while it works, so the engine's thread goes on meanwhile.
-        Do not advance these matchers until the result is in."""
-        if self._thread is None:                    # (matchers exist, so the executor does)
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokabatch-grammar")
-        return self._thread.submit(self._masks, list(matchers), pinned)
+        Do not touch these matchers until the result is in."""
+        return self._submit(self._masks, list(matchers), pinned)
 
-    def wait(self, masks: Future) -> Tensor:
-        """The result of `masks_async`, counting the seconds spent waiting for it."""
+    def advance_async(self, matchers: list, tokens: list[int], pinned: bool) -> Future:
+        """Advance each matcher by its row's sampled token, then make the masks of those not stopped,
+        all on the grammar thread (the engine thread only queues it). The result: (the matchers
+        going on, their packed masks as masks_async makes them, or None when none goes on). A token
+        the grammar refuses leaves its matcher in the error state, whose next mask lets the row end.
+        Do not touch these matchers until the result is in."""
+        return self._submit(self._advance, list(matchers), list(tokens), pinned)
+
+    def wait(self, job: Future):
+        """The result of `masks_async` or `advance_async`, counting the seconds spent waiting for it."""
         began = time.perf_counter()
         try:
-            return masks.result()
+            return job.result()
         finally:
             self.wait_seconds += time.perf_counter() - began
+
+    def _submit(self, fn, *args) -> Future:
+        if self._thread is None:                    # (matchers exist, so the executor does)
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokabatch-grammar")
+        return self._thread.submit(fn, *args)
+
+    def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> tuple[list, Tensor | None]:
+        began = time.perf_counter()
+        self._executor.consume_token_par(list(zip(matchers, tokens)))
+        self.consume_seconds += time.perf_counter() - began
+        going_on = [m for m in matchers if not m.is_stopped()]
+        return going_on, self._masks(going_on, pinned) if going_on else None
 
     def _masks(self, matchers: list, pinned: bool) -> Tensor:
         began = time.perf_counter()
@@ -118,11 +137,6 @@ class Grammars:
                                                             dtype=torch.int32).to(packed.device)
         rows, words = packed.shape
         return ((packed.unsqueeze(-1) & bits) == 0).reshape(rows, words * 32)[:, :self.vocab_size]
-
-    def consume(self, matchers: list, tokens: list[int]) -> None:
-        """Advance each matcher by its row's sampled token (llguidance's threads, in parallel). A token
-        the grammar refuses leaves its matcher in the error state, whose next mask lets the row end."""
-        self._executor.consume_token_par(list(zip(matchers, tokens)))
 
 
 __all__ = ["Grammars"]

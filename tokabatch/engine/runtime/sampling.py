@@ -121,8 +121,9 @@ class Sampler:
             self._shared.manual_seed(seed & _MASK64)
         self._states: dict[int, _SeqState] = {}
         self.grammars: Grammars | None = None     # set by the factory, which knows the tokenizer
-        # The masks being made for the constrained rows' next step: (future, matchers, id -> row).
-        self._next_masks: tuple[Future, list, dict[int, int]] | None = None
+        # The grammar thread's job for the constrained rows' next step: their matchers advanced by
+        # the last tokens, then the masks of those going on (Grammars.advance_async).
+        self._next_masks: Future | None = None
 
     # -- per-sequence state ---------------------------------------------------------------------
 
@@ -250,39 +251,37 @@ class Sampler:
         return lambda: result
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
-        """Advance the matchers of the `constrained` rows by their sampled tokens, and start making
-        the masks of those that go on (the next step's, most likely) on the grammar thread."""
+        """Hand the `constrained` rows' sampled tokens to the grammar thread, which advances their
+        matchers and makes the masks of those that go on (the next step's, most likely)."""
         if not constrained:
             return
         assert self.grammars is not None
         self._drop_next_masks()
-        matchers = [states[i].matcher for i in constrained]
-        self.grammars.consume(matchers, [tokens[i] for i in constrained])
-        going_on = [m for m in matchers if not m.is_stopped()]
-        if going_on:
-            self._next_masks = (self.grammars.masks_async(going_on, pinned=self.device.type == "cuda"), going_on,
-                                {id(m): row for row, m in enumerate(going_on)})
+        self._next_masks = self.grammars.advance_async([states[i].matcher for i in constrained],
+                                                       [tokens[i] for i in constrained], self.device.type == "cuda")
 
     def _drop_next_masks(self) -> None:
         """Forget the masks being made (after waiting for them: their matchers must not move meanwhile)."""
         if self._next_masks is not None:
-            self.grammars.wait(self._next_masks[0])
+            self.grammars.wait(self._next_masks)
             self._next_masks = None
 
     def _blocked(self, matchers: list) -> Tensor:
         """[rows, vocab] bool on the device: the tokens each matcher does NOT allow next. Rows whose
         masks `_consume` started are taken from there; the others are made now."""
         assert self.grammars is not None
+        pinned = self.device.type == "cuda"
         made, self._next_masks = self._next_masks, None
-        rows = [None] * len(matchers) if made is None else [made[2].get(id(m)) for m in matchers]
+        going_on, made_packed = self.grammars.wait(made) if made is not None else ([], None)
+        if made_packed is not None:
+            made_packed = made_packed.to(self.device, non_blocking=True)
+            if len(going_on) == len(matchers) and all(a is b for a, b in zip(going_on, matchers)):
+                return self.grammars.blocked(made_packed)         # exactly the rows made, in order: most steps
+        index = {id(m): row for row, m in enumerate(going_on)}
+        rows = [index.get(id(m)) for m in matchers]
         missing = [i for i, r in enumerate(rows) if r is None]
-        fresh = self.grammars.masks_async([matchers[i] for i in missing], self.device.type == "cuda") \
-            if missing else None
-        # Always waited for when started: its matchers must not move while it runs.
-        made_packed = None if made is None else self.grammars.wait(made[0]).to(self.device, non_blocking=True)
-        if made is not None and rows == list(range(len(made[1]))):
-            return self.grammars.blocked(made_packed)         # exactly the rows made, in order: most steps
-        fresh_packed = None if fresh is None else self.grammars.wait(fresh).to(self.device, non_blocking=True)
+        fresh_packed = self.grammars.wait(self.grammars.masks_async([matchers[i] for i in missing], pinned)) \
+            .to(self.device, non_blocking=True) if missing else None
         if len(missing) == len(matchers):
             return self.grammars.blocked(fresh_packed)
         have = [i for i, r in enumerate(rows) if r is not None]

@@ -127,6 +127,22 @@ def test_online_request_admitted_before_batch_backlog() -> None:
     assert sched.sequence(online).output_ids == d.expected_output(sched.sequence(online))
 
 
+def test_online_prompt_prefills_before_batch_prompts_already_running() -> None:
+    """Batch prompts longer than a step's budget prefill chunk by chunk; an online request admitted
+    meanwhile gets its whole prompt into the next step first, and the batch chunks take what is left."""
+    sched = make_scheduler(num_pages=256, max_seqs=8, max_tokens_per_step=16)
+    d = Driver(sched)
+    batch = [d.add(request(f"b{i}", [i % 3] * 40, max_tokens=2), 2)[0] for i in range(3)]
+    first = d.step()
+    assert [w.seq_id for w in first.prefills] == [batch[0]]         # 16 of b0's 40 tokens
+    [online] = d.add(request("o", [2, 1, 0, 1, 2, 0], max_tokens=2, priority=Priority.ONLINE), 2)
+    second = d.step()
+    assert [(w.seq_id, w.num_tokens) for w in second.prefills] == [(online, 6), (batch[0], 10)]
+    run_until_done(d)
+    for seq_id in (online, *batch):
+        assert sched.sequence(seq_id).output_ids == d.expected_output(sched.sequence(seq_id))
+
+
 def test_online_sequence_is_preempted_last() -> None:
     # 8 pages of 2 tokens; three long-running sequences cannot all fit, so someone is preempted.
     sched = make_scheduler(num_pages=8, max_seqs=3)

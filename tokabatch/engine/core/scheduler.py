@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Protocol
 
 from tokabatch.engine.api import GenerationRequest, RequestError, RequestRejected, context_length_exceeded
@@ -149,9 +150,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Every decode (pages grown, preempting the newest when they run out), then admission,
-        then FIFO prefill chunks within the token budget. The decode loop runs over every running
-        sequence every step, so it reads each sequence's fields once and builds its SeqWork on the
-        spot (benchmarks/step_overhead.py measures it)."""
+        then prefill chunks within the token budget (online prompts first, then admission order).
+        The decode loop runs over every running sequence every step, so it reads each sequence's
+        fields once and builds its SeqWork on the spot (benchmarks/step_overhead.py measures it)."""
         self._step_idx += 1
         preempted_before = self.num_preemptions
         ps = self.page_size
@@ -177,7 +178,27 @@ class Scheduler:
         if self.num_preemptions == preempted_before:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
             prefilling.extend(self._admit())   # admitted last, so they prefill after the others
-        budget = self.config.max_tokens_per_step - len(decodes)
+        chunks = self._prefill_chunks(prefilling, self.config.max_tokens_per_step - len(decodes))
+        if self.num_preemptions != preempted_before:
+            # A sequence preempted after it was planned (to make room for a later one) drops out.
+            # (Its page table changed only then, so the works of the others stand.)
+            kept = [i for i, seq in enumerate(decodes) if seq.status is running]
+            decodes = [decodes[i] for i in kept]
+            decode_works = [decode_works[i] for i in kept]
+        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is running)
+        works = tuple(decode_works)
+        groups = self._groups.groups(works, self.pool.refcount) if self._groups else ()
+        plan = StepPlan(step_idx=self._step_idx, decodes=works, prefills=prefill_works, prefix_groups=groups)
+        self._planned = (plan, decodes)
+        return plan
+
+    def _prefill_chunks(self, prefilling: list[Sequence], budget: int) -> list[tuple[Sequence, int, int]]:
+        """(sequence, start, end) of the prompt chunks that fit `budget` tokens, pages grown for them,
+        in admission order within a priority: an online request's prompt goes before the batch
+        prompts still prefilling (a stable sort)."""
+        if len(prefilling) > 1 and len({seq.priority for seq in prefilling}) > 1:
+            prefilling = sorted(prefilling, key=attrgetter("priority"))
+        running = SeqStatus.RUNNING
         chunks: list[tuple[Sequence, int, int]] = []
         for seq in prefilling:
             if budget <= 0:
@@ -191,18 +212,7 @@ class Scheduler:
             if end is not None:
                 chunks.append((seq, start, end))
                 budget -= end - start
-        if self.num_preemptions != preempted_before:
-            # A sequence preempted after it was planned (to make room for a later one) drops out.
-            # (Its page table changed only then, so the works of the others stand.)
-            kept = [i for i, seq in enumerate(decodes) if seq.status is running]
-            decodes = [decodes[i] for i in kept]
-            decode_works = [decode_works[i] for i in kept]
-        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is running)
-        works = tuple(decode_works)
-        groups = self._groups.groups(works, self.pool.refcount) if self._groups else ()
-        plan = StepPlan(step_idx=self._step_idx, decodes=works, prefills=prefill_works, prefix_groups=groups)
-        self._planned = (plan, decodes)
-        return plan
+        return chunks
 
     def on_step_done(self, plan: StepPlan, result: StepResult) -> None:
         """Advance every sequence of `plan` past the tokens it ran, append its sampled token and

@@ -161,7 +161,10 @@ def test_kill_9_mid_batch_resumes_without_rerunning_written_lines(tmp_path):
 def test_online_request_while_a_batch_runs(tmp_path):
     server = Server(tmp_path / "data", tmp_path / "server.log")
     try:
-        batch_id = submit(server.client, chat_lines(64, tokens_step=2))   # up to 130 tokens a line
+        # 16 lines of up to 124 tokens: the batch runs for tens of seconds on the demo model, and each
+        # engine step (all the batch's rows, plus the online one) costs what the 2-core VM gives a
+        # 16-row step; with 64 rows a 2-core VM at half speed took 12 s though nothing was starved.
+        batch_id = submit(server.client, chat_lines(16, tokens_step=8))
         deadline = time.monotonic() + 120
         while server.client.batches.retrieve(batch_id).status != "in_progress":
             assert time.monotonic() < deadline

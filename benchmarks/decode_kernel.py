@@ -21,7 +21,8 @@ def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, i
     import flashinfer
     import torch
 
-    from tokabatch.engine.runtime.flashinfer_backend import CUDA_CORE_DECODE_GROUP_SIZES, WORKSPACE_BYTES
+    from tokabatch.engine.runtime.flashinfer_ops import CUDA_CORE_DECODE_GROUP_SIZES
+    from tokabatch.engine.runtime.graph_sizes import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES
 
     ps = 16
     dev = torch.device("cuda")

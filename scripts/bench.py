@@ -135,8 +135,6 @@ class _EngineBench:
 
             from tokabatch.engine.runtime.factory import build_loop
             self.torch = torch if torch.cuda.is_available() else None
-        if self.torch is not None:
-            _set_kernel_choices(args)
         self.began = time.perf_counter()
         config = EngineConfig(
             model=ModelConfig(path=str(folder)),
@@ -145,7 +143,8 @@ class _EngineBench:
             enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
             fused_kernels=args.fused_kernels == "on",
             **({"kv_memory_fraction": args.kv_memory_fraction} if args.kv_memory_fraction else {}))
-        self.loop = loop = build_loop(config)
+        real = {} if args.engine == "simulated" else {"attention": _attention_config(args)}
+        self.loop = loop = build_loop(config, **real)
         info, graphs = loop.info, loop.runner.graphs
         print(f"engine: {info.num_pages} pages x {info.page_size} = {info.num_pages * info.page_size} KV tokens, "
               f"max_seqs {info.max_seqs}, backend {loop.runner.backend.name}, "
@@ -225,18 +224,19 @@ def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: floa
         print("detail (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timers.items() if "(in " in k), flush=True)
 
 
-def _set_kernel_choices(args: argparse.Namespace) -> None:
-    from tokabatch.engine.runtime import flashinfer_backend
+def _attention_config(args: argparse.Namespace) -> Any:
+    """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores and
+    --flashinfer-builtin-max (attention.AttentionConfig; "auto" keeps its default)."""
+    from tokabatch.engine.runtime.attention import AttentionConfig
 
-    flashinfer_backend.DECODE_TENSOR_CORES = {"auto": None, "on": True, "off": False}[args.decode_tensor_cores]
-    flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES = {"auto": flashinfer_backend.HYDRAGEN_OWN_TENSOR_CORES,
-                                                    "on": True, "off": False, "as-decode": None}[
-        args.hydragen_own_tensor_cores]
-    if args.flashinfer_builtin_max:           # undo flashinfer_plan_speedup (for a before/after in one call)
-        import builtins
-
-        for module in flashinfer_backend.PLAN_MODULES:
-            module.max = builtins.max
+    default = AttentionConfig()
+    choice = {"on": True, "off": False, "as-decode": None}
+    return AttentionConfig(
+        decode_tensor_cores=default.decode_tensor_cores if args.decode_tensor_cores == "auto"
+        else choice[args.decode_tensor_cores],
+        own_tensor_cores=default.own_tensor_cores if args.hydragen_own_tensor_cores == "auto"
+        else choice[args.hydragen_own_tensor_cores],
+        fast_planning=not args.flashinfer_builtin_max)
 
 
 def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:
@@ -356,8 +356,8 @@ def _arguments() -> argparse.Namespace:
                     default="auto", help="the same choice for the own parts of Hydragen steps (auto: the "
                                          "engine's default, off; as-decode: as --decode-tensor-cores)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
-                    help="flashinfer's plan() with Python's max over host tensors, as shipped (the engine "
-                         "installs a one-reduction max: flashinfer_plan_speedup.py)")
+                    help="flashinfer's decode plan() with Python's max over host tensors, as shipped (the "
+                         "engine installs a one-reduction max: flashinfer_ops.speed_up_planning)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
     ap.add_argument("--phase-detail", action="store_true",
                     help="also time parts of the phases (the grouped step's own-part layout and plans, the "

@@ -1,7 +1,7 @@
 """The CUDA-graph batch-size ladder and the graphs' flashinfer scratch size (pure Python: runs in
 CI; the graphs themselves are GPU tests)."""
 
-from tokabatch.engine.runtime.cuda_graphs import (
+from tokabatch.engine.runtime.graph_sizes import (
     MIN_WORKSPACE_BYTES,
     batch_ladder,
     graph_workspace_bytes,

@@ -145,26 +145,41 @@ def test_select_backend_picks_flashinfer_on_cuda_bf16() -> None:
 
 
 def test_flashinfer_plans_take_the_one_reduction_max() -> None:
-    """Importing the backend installs flashinfer_plan_speedup.tensor_max where flashinfer's plan()
-    looks `max` up; a 1,024-row tensor-core decode plan still finds the longest KV (and prints its time)."""
+    """A FlashInferBackend puts flashinfer_plan_speedup.tensor_max where flashinfer's decode plan()
+    looks `max` up (this flashinfer is the release it was written for), and off puts Python's back;
+    a 1,024-row tensor-core decode plan still finds the longest KV (and prints its time). The prefill
+    planner is given its maxima (flashinfer_ops.plan_prefill): the same as it would find itself."""
+    import builtins
     import time
 
     import flashinfer.decode
-    import flashinfer.prefill
 
-    from tokabatch.engine.runtime.flashinfer_backend import WORKSPACE_BYTES, decode_wrapper
+    from tokabatch.engine.runtime.attention import AttentionConfig
+    from tokabatch.engine.runtime.flashinfer_ops import PagedShape, decode_wrapper, plan_decode, plan_prefill
     from tokabatch.engine.runtime.flashinfer_plan_speedup import tensor_max
+    from tokabatch.engine.runtime.graph_sizes import MIN_WORKSPACE_BYTES
 
-    assert flashinfer.decode.max is tensor_max and flashinfer.prefill.max is tensor_max
+    _, spec = random_model(LLAMA_1B, num_layers=1)        # head_dim 64: the kernels the other GPU tests build
+    cache = KVCache(spec, num_pages=4, page_size=PAGE)
+    FlashInferBackend(cache, spec.num_heads, AttentionConfig(fast_planning=False))
+    assert flashinfer.decode.max is builtins.max
+    backend = FlashInferBackend(cache, spec.num_heads)
+    assert flashinfer.decode.max is tensor_max
     rows = 1024
-    wrapper = decode_wrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEV), 32, 8)
+    shape = PagedShape(32, 8, 64, PAGE, torch.bfloat16)
+    wrapper = decode_wrapper(torch.empty(MIN_WORKSPACE_BYTES, dtype=torch.uint8, device=DEV), shape, AttentionConfig())
     indptr = torch.arange(0, rows * 64 + 1, 64, dtype=torch.int32)
     indices = torch.arange(rows * 64, dtype=torch.int32)
     last = torch.full((rows,), 5, dtype=torch.int32)
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        wrapper.plan(indptr, indices, last, 32, 8, 64, PAGE, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        plan_decode(wrapper, shape, indptr, indices, last)
         times.append(time.perf_counter() - start)
     assert wrapper._max_kv_len == 63 * PAGE + 5
     print(f"1,024-row decode plan: {min(times) * 1e3:.3f} ms")
+    qo = torch.tensor([0, 3, 10, 11], dtype=torch.int32)
+    kv = torch.tensor([0, 1, 3, 4], dtype=torch.int32)
+    plan_prefill(backend.prefill, PagedShape.of(cache, spec.num_heads), qo, kv, torch.arange(4, dtype=torch.int32),
+                 torch.tensor([3, 9, 16], dtype=torch.int32), causal=True)
+    assert (backend.prefill._max_q_len, backend.prefill._max_kv_len) == (7, PAGE + 9)

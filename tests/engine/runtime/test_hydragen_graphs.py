@@ -11,6 +11,7 @@ The fixed-shape layout itself is checked on the CPU (test_hydragen_plan.py).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ pytest.importorskip("flashinfer")
 from tests.engine.runtime.test_cuda_graphs import QWEN_05B, TOL, assert_agree, shared_prefix_on_off  # noqa: E402
 from tests.engine.runtime.test_flashinfer import LLAMA_1B, PAGE, random_model  # noqa: E402
 from tokabatch.engine.core.plan import PrefixGroup  # noqa: E402
-from tokabatch.engine.runtime.attention import SeqAttn  # noqa: E402
+from tokabatch.engine.runtime.attention import AttentionConfig, SeqAttn  # noqa: E402
 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs  # noqa: E402
 from tokabatch.engine.runtime.flashinfer_backend import FlashInferBackend  # noqa: E402
 from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs  # noqa: E402
@@ -34,14 +35,11 @@ from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 @pytest.mark.parametrize("own_tensor_cores", [False, None], ids=["own-cuda-cores", "own-as-decode"])
 @pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 @torch.inference_mode()
-def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: bool | None,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: bool | None) -> None:
     """(own-cuda-cores, the default: the own parts on the CUDA-core decode kernel, the plain decode
     on the tensor-core one, so the grouped graphs get decode wrappers of their own over the same
     buffers; own-as-decode: both on tensor cores, the grouped graphs reuse the plain ones' wrappers.)"""
-    from tokabatch.engine.runtime import flashinfer_backend
-
-    monkeypatch.setattr(flashinfer_backend, "HYDRAGEN_OWN_TENSOR_CORES", own_tensor_cores)
+    attention = AttentionConfig(own_tensor_cores=own_tensor_cores)
     model, spec = random_model(config)
     rng = random.Random(2)
     system = list(range(0, 6))                  # 6 pages shared by rows 0..15
@@ -67,11 +65,11 @@ def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: 
     tokens = [rng.randrange(spec.vocab_size) for _ in lens]
     dec = [SeqAttn(q_start=i, q_len=1, start_pos=n - 1, page_ids=tables[i], seq_id=i) for i, n in enumerate(lens)]
     ids, pos = torch.tensor(tokens, device=dev), torch.tensor([n - 1 for n in lens], device=dev)
-    backend = FlashInferBackend(cache, spec.num_heads)
+    backend = FlashInferBackend(cache, spec.num_heads, attention)
     plain = model.compute_logits(model(ids, pos, backend.begin_step(dec, len(dec)))).float()
-    backend.use_hydragen = True
-    grouped_eager = model.compute_logits(model(ids, pos, backend.begin_step(dec, len(dec), groups))).float()
-    graphs = DecodeGraphs(model, cache, spec.num_heads, max_batch=32, sizes=[8, 32])
+    grouping = FlashInferBackend(cache, spec.num_heads, replace(attention, hydragen=True))
+    grouped_eager = model.compute_logits(model(ids, pos, grouping.begin_step(dec, len(dec), groups))).float()
+    graphs = DecodeGraphs(model, cache, spec.num_heads, max_batch=32, sizes=[8, 32], config=attention)
     graphs.capture()
     grouped = GroupedDecodeGraphs(graphs, max_groups=4, max_states=3)
     grouped.capture()

@@ -84,6 +84,41 @@ def csr_indptr(lengths: Sequence[int] | Tensor) -> Tensor:
     return out
 
 
+def longest_lengths(qo_indptr: Tensor, kv_indptr: Tensor, last_page_len: Tensor, page_size: int) -> tuple[int, int]:
+    """The longest query and KV length of a paged CSR layout (host tensors of >= 1 request): what
+    flashinfer's prefill planner finds itself (its get_seq_lens counts a request with no page as
+    last_page_len long) with Python's max over the rows, here one reduction each."""
+    pages = torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0)
+    return int((qo_indptr[1:] - qo_indptr[:-1]).max()), int((pages * page_size + last_page_len).max())
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """How a step's attention runs, fixed when the runners are built (factory.py from EngineConfig;
+    scripts/bench.py varies the kernels): every backend, graph and grouped graph reads its choice
+    from here, nothing at module level.
+
+    hydragen: decode rows with prefix groups are attended by parts (shared pages read once per group).
+    cuda_graphs: pure decode steps replay captured graphs (CUDA with flashinfer), and with hydragen
+    the grouped steps their grouped twins.
+    decode_tensor_cores: flashinfer's decode kernel. None: tensor cores for every GQA group (faster
+    on the H200 at the workloads' contexts: benchmarks/decode_kernel.py); False: the CUDA-core
+    kernel where it exists for the group; True: tensor cores always.
+    own_tensor_cores: the same for Hydragen's own parts (a sample's own tokens: short contexts over
+    many rows, where the CUDA-core kernel is faster: docs/benchmarks.md). None: as decode_tensor_cores.
+    fast_planning: flashinfer's decode planner takes one reduction for its longest KV, not Python's
+    max over a tensor (flashinfer_ops.speed_up_planning; off only for a before/after)."""
+
+    hydragen: bool = False
+    cuda_graphs: bool = True
+    decode_tensor_cores: bool | None = None
+    own_tensor_cores: bool | None = False
+    fast_planning: bool = True
+
+
+DEFAULT_ATTENTION = AttentionConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class SeqAttn:
     """One sequence's part of a step: rows q_start..q_start+q_len-1 of the step's tokens, at

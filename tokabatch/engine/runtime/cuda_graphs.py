@@ -17,8 +17,9 @@ its pool); each size is run once eagerly before capture, which also compiles its
 Only decode steps use graphs (prefill shapes vary too much); prefix-grouped (Hydragen) decode steps
 replay the grouped twins of these graphs (hydragen_graphs.py); the runner runs eagerly mixed steps
 and a step with more rows than the largest size or more page indices than the static buffer holds.
-flashinfer (through flashinfer_backend) is imported when DecodeGraphs is built, so `batch_ladder`
-can be used and tested anywhere. Must not import the service or engine/core scheduling code.
+The ladder and the scratch size are graph_sizes.py's (pure Python); the captured attention is the
+eager backend's context over the graph's wrapper (flashinfer_backend.FlashInferAttentionContext).
+CUDA only. Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
@@ -28,17 +29,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig
+from tokabatch.engine.runtime.flashinfer_backend import FlashInferAttentionContext
+from tokabatch.engine.runtime.flashinfer_ops import PagedShape, decode_wrapper, plan_decode
+from tokabatch.engine.runtime.graph_sizes import batch_ladder, graph_workspace_bytes
 from tokabatch.engine.runtime.kv_cache import KVCache
 from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout
-
-
-def batch_ladder(max_batch: int) -> list[int]:
-    """Graph batch sizes up to `max_batch`, padding a batch by at most a quarter (at most 8 rows
-    below 32, 12.5% above 1024); the last size is `max_batch` itself."""
-    sizes = [1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128]
-    sizes += list(range(160, 513, 32)) + list(range(576, 1025, 64)) + list(range(1152, max_batch + 1, 128))
-    out = sorted({s for s in sizes if s < max_batch} | {max_batch})
-    return out
 
 
 def capture_graph(forward: Callable[[], Tensor], pool: Any) -> tuple[torch.cuda.CUDAGraph, Tensor]:
@@ -55,36 +51,20 @@ def capture_graph(forward: Callable[[], Tensor], pool: Any) -> tuple[torch.cuda.
     return graph, out
 
 
-MIN_WORKSPACE_BYTES = 256 * 1024 * 1024   # flashinfer's split-k scratch (128 MiB is its usual minimum)
-
-
-def graph_workspace_bytes(num_heads: int, num_kv_heads: int, head_dim: int, max_rows: int) -> int:
-    """flashinfer's float scratch for CUDA-graph decode wrappers of up to `max_rows` rows. Planned for
-    CUDA graphs, the tensor-core decode reserves its split-KV partial outputs for the worst case
-    (flashinfer 0.6, scheduler.cuh): per query head, ceil(rows * group / tile) + rows - 1 tiles of
-    `tile` (16) rows x (head_dim + 1) floats. Llama-3.1-8B at 1024 rows: 335 MB, above the
-    MIN_WORKSPACE_BYTES the eager backend's scratch has. At least that, plus 64 MiB of margin."""
-    group = max(1, num_heads // num_kv_heads)
-    tile = 16 if group <= 16 else 128
-    tiles = -(-max_rows * group // tile) + max_rows - 1
-    return max(MIN_WORKSPACE_BYTES, num_heads * tiles * tile * (head_dim + 1) * 4 + (64 << 20))
-
-
 class DecodeGraphs:
     """Captured decode steps for every ladder size up to `max_batch` rows."""
 
     def __init__(self, model: nn.Module, cache: KVCache, num_heads: int, max_batch: int,
                  sizes: Sequence[int] | None = None, workspace_bytes: int | None = None,
-                 max_indices: int | None = None) -> None:
+                 max_indices: int | None = None, config: AttentionConfig = DEFAULT_ATTENTION) -> None:
         """`workspace_bytes`: flashinfer's float scratch, shared by every size's wrappers (they run one
-        at a time); None: graph_workspace_bytes for the largest size."""
-        from tokabatch.engine.runtime import flashinfer_backend   # CUDA + flashinfer only
-
-        self._fi = flashinfer_backend
+        at a time); None: graph_workspace_bytes for the largest size. `config` picks the decode kernel
+        (and the grouped twins' own-part kernel: hydragen_graphs.py)."""
         if cache.scratch_page is None:
             raise ValueError("CUDA graphs need a KV cache with a scratch page (reserved_pages=1)")
-        self.model, self.cache, self.num_heads = model, cache, num_heads
-        self.num_kv_heads, self.head_dim = cache.k[0].shape[2], cache.k[0].shape[3]
+        self.model, self.cache, self.num_heads, self.config = model, cache, num_heads, config
+        self.shape = PagedShape.of(cache, num_heads)
+        self.num_kv_heads, self.head_dim = self.shape.num_kv_heads, self.shape.head_dim
         self.sizes = sorted(sizes) if sizes else batch_ladder(max_batch)
         self.max_batch = self.sizes[-1]
         dev = cache.device
@@ -116,14 +96,17 @@ class DecodeGraphs:
         """Capture every ladder size (largest first, one shared memory pool)."""
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
-            wrapper = self._fi.decode_wrapper(self.workspace, self.num_heads, self.num_kv_heads, use_cuda_graph=True,
-                                     paged_kv_indptr_buffer=self.kv_indptr[:bs + 1],
-                                     paged_kv_indices_buffer=self.kv_indices,
-                                     paged_kv_last_page_len_buffer=self.last_page_len[:bs])
-            self._wrappers[bs] = wrapper
+            self._wrappers[bs] = self.graph_decode_wrapper(bs)
             self._plan_padding_only(bs)
             self._graphs[bs], _ = capture_graph(lambda bs=bs: self._forward(bs), pool)
         torch.cuda.synchronize()
+
+    def graph_decode_wrapper(self, bs: int, own_parts: bool = False) -> Any:
+        """A cuda-graph decode wrapper of `bs` rows over the static CSR buffers (with `own_parts`: on
+        the kernel the config picks for Hydragen own parts)."""
+        return decode_wrapper(self.workspace, self.shape, self.config, own_parts, use_cuda_graph=True,
+                              paged_kv_indptr_buffer=self.kv_indptr[:bs + 1], paged_kv_indices_buffer=self.kv_indices,
+                              paged_kv_last_page_len_buffer=self.last_page_len[:bs])
 
     def _plan_padding_only(self, bs: int) -> None:
         scratch = self.cache.scratch_page
@@ -138,7 +121,7 @@ class DecodeGraphs:
         last_page = self.kv_indices.long()[indptr[1:] - 1]
         slots = last_page * ps + last_len - 1
         positions = (indptr[1:] - indptr[:-1] - 1) * ps + last_len - 1
-        attn = self._fi.FlashInferAttentionContext(self.cache, slots, self._wrappers[bs], bs, None)
+        attn = FlashInferAttentionContext(self.cache, slots, self._wrappers[bs], bs, None)
         hidden = self.model(self.input_ids[:bs], positions, attn)
         return self.model.compute_logits(hidden, out=self.logits[:bs])
 
@@ -174,8 +157,5 @@ class DecodeGraphs:
         return self.logits[:rows]
 
     def _plan(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
-        dtype = self.cache.dtype
-        self._wrappers[bs].plan(indptr, indices, last_page_len, self.num_heads, self.num_kv_heads,
-                                self.head_dim, self.cache.page_size, pos_encoding_mode="NONE",
-                                q_data_type=dtype, kv_data_type=dtype)
+        plan_decode(self._wrappers[bs], self.shape, indptr, indices, last_page_len)
 

@@ -16,6 +16,7 @@ from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
 from tokabatch.engine.core.scheduler import Scheduler
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig
 from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
@@ -27,12 +28,14 @@ from tokabatch.text import Tokenizer
 log = logging.getLogger(__name__)
 
 
-def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
-               parts: int | None = None) -> EngineLoop | PipelinedLoop:
+def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False, parts: int | None = None,
+               attention: AttentionConfig = DEFAULT_ATTENTION) -> EngineLoop | PipelinedLoop:
     """A ready StepLoop: one EngineLoop, or on CUDA with `pipelined` a PipelinedLoop of two over one
     model (each half gets half of max_seqs, max_tokens_per_step and the KV cache; unset sizes are
-    the device's, config.DEVICE_STEP_SIZES); `parts` (tests:
-    1 or 2) overrides that choice. Raises ModelLoadError / ModelFetchError / ConfigError for a bad setup."""
+    the device's, config.DEVICE_STEP_SIZES); `parts` (tests: 1 or 2) overrides that choice.
+    `attention`: the attention kernels (scripts/bench.py varies them); whether steps are grouped
+    (Hydragen) and captured (CUDA graphs) comes from engine_config. Raises ModelLoadError /
+    ModelFetchError / ConfigError for a bad setup."""
     model_cfg = engine_config.model
     folder = resolve_model_path(model_cfg.path)
     tokenizer = Tokenizer.from_folder(folder)
@@ -44,12 +47,13 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
         sched_cfg = replace(sched_cfg, max_seqs=-(-sched_cfg.max_seqs // parts),
                             max_tokens_per_step=max(1, sched_cfg.max_tokens_per_step // parts))
     hydragen = engine_config.enable_hydragen is not False     # None: the default, on (see EngineConfig)
+    attention = replace(attention, hydragen=hydragen, cuda_graphs=engine_config.enable_cuda_graphs)
     runners = build_runners(
         folder, dtype=model_cfg.dtype, device=model_cfg.device, page_size=sched_cfg.page_size,
         kv_cache_tokens=engine_config.kv_cache_tokens, kv_memory_fraction=engine_config.kv_memory_fraction,
-        seed=engine_config.seed, cuda_graphs=engine_config.enable_cuda_graphs,
+        seed=engine_config.seed, attention=attention,
         max_decode_batch=max(1, min(sched_cfg.max_seqs, sched_cfg.max_tokens_per_step)), parts=parts,
-        grouped_graphs=bool(hydragen), fused_kernels=engine_config.fused_kernels)
+        fused_kernels=engine_config.fused_kernels)
     spec = runners[0].spec
     grouping = None
     if hydragen:
@@ -57,8 +61,6 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False,
                                   min_group=engine_config.hydragen_min_group)
     schedulers = []
     for runner in runners:
-        if grouping is not None and hasattr(runner.backend, "use_hydragen"):
-            runner.backend.use_hydragen = True     # backends default to reading every page themselves
         schedulers.append(Scheduler(sched_cfg, runner.kv_cache.num_pages, max_model_len=spec.max_position_embeddings,
                                     hydragen=grouping))
     num_pages = sum(r.kv_cache.num_pages for r in runners)

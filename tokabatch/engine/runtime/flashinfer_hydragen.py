@@ -5,8 +5,8 @@ part outputs with flashinfer.merge_states, per layer.
 
 The caller appends the step's K/V to the cache before `run` (as FlashInferAttentionContext does):
 the own part includes the current token. flashinfer's lse is base 2, never mixed with
-attention.py's natural-log values. CUDA only; flashinfer is imported when the class is built.
-Must not import the service or engine/core scheduling code.
+attention.py's natural-log values. CUDA only (wrappers and plans: flashinfer_ops.py). Must not
+import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
@@ -14,6 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig
+from tokabatch.engine.runtime.flashinfer_ops import (
+    PagedShape,
+    decode_wrapper,
+    merge_states,
+    plan_decode,
+    plan_prefill,
+    prefill_wrapper,
+)
 from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, HydragenPlan
 from tokabatch.engine.runtime.kv_cache import KVCache
 
@@ -48,22 +57,19 @@ class FlashInferHydragenAttention:
     step's K/V is appended to the cache, `run(layer_idx, q)` with q [B, heads, dim] in row order.
     `workspace` is flashinfer's float scratch (>= 128 MiB); both wrappers share it (they run one
     after the other on one stream), and it may be the one the FlashInferBackend's wrappers use.
-    `max_rows` sizes the reused device buffers up front (they grow if a step needs more)."""
+    `config` picks the own parts' decode kernel. `max_rows` sizes the reused device buffers up
+    front (they grow if a step needs more)."""
 
-    def __init__(self, cache: KVCache, num_heads: int, workspace: Tensor, max_rows: int = 512) -> None:
-        import flashinfer
-
+    def __init__(self, cache: KVCache, num_heads: int, workspace: Tensor,
+                 config: AttentionConfig = DEFAULT_ATTENTION, max_rows: int = 512) -> None:
         if cache.device.type != "cuda":
             raise ValueError("FlashInferHydragenAttention needs a CUDA KV cache")
-        self._fi = flashinfer
         self.cache = cache
-        self.num_heads = num_heads
-        self.num_kv_heads, self.head_dim = cache.k[0].shape[2], cache.k[0].shape[3]
+        self.shape = PagedShape.of(cache, num_heads)
+        self.num_heads, self.head_dim = num_heads, self.shape.head_dim
         dev = cache.device
-        self.group_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
-        from tokabatch.engine.runtime.flashinfer_backend import decode_wrapper   # CUDA only
-
-        self.own_wrapper = decode_wrapper(workspace, num_heads, self.num_kv_heads, own_parts=True)
+        self.group_wrapper = prefill_wrapper(workspace)
+        self.own_wrapper = decode_wrapper(workspace, self.shape, config, own_parts=True)
         pages_guess = max_rows * 64
         self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
         self._own_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)
@@ -80,17 +86,13 @@ class FlashInferHydragenAttention:
         """Plan the step: copy the indices to the device and plan both wrappers (once per step)."""
         if hplan.page_size != self.cache.page_size:
             raise ValueError(f"plan for page size {hplan.page_size}, cache has {self.cache.page_size}")
-        dtype, ps = self.cache.dtype, self.cache.page_size
-        heads = (self.num_heads, self.num_kv_heads, self.head_dim, ps)
         if hplan.num_groups:
-            self.group_wrapper.plan(hplan.group_qo_indptr, hplan.group_kv_indptr,
-                                    self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len,
-                                    *heads, causal=False, q_data_type=dtype, kv_data_type=dtype)
+            plan_prefill(self.group_wrapper, self.shape, hplan.group_qo_indptr, hplan.group_kv_indptr,
+                         self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len, causal=False)
             self.group_rows = self._group_rows.load(hplan.group_rows)
         if hplan.num_own:
-            own_indices = self._own_indices.load(hplan.own_kv_indices)
-            self.own_wrapper.plan(hplan.own_kv_indptr, own_indices, hplan.own_last_page_len, *heads,
-                                  pos_encoding_mode="NONE", q_data_type=dtype, kv_data_type=dtype)
+            plan_decode(self.own_wrapper, self.shape, hplan.own_kv_indptr,
+                        self._own_indices.load(hplan.own_kv_indices), hplan.own_last_page_len)
             self.own_rows = self._own_rows.load(hplan.own_rows)
         if not hplan.own_only:
             self.state_index = self._state_index.load(hplan.state_index.reshape(-1))
@@ -127,5 +129,5 @@ class FlashInferHydragenAttention:
         b, s = hp.num_rows, hp.num_states
         states_out = part_out.index_select(0, self.state_index).view(b, s, self.num_heads, self.head_dim)
         states_lse = part_lse.index_select(0, self.state_index).view(b, s, self.num_heads)
-        out, _ = self._fi.merge_states(states_out, states_lse)
+        out, _ = merge_states(states_out, states_lse)
         return out

@@ -1,8 +1,8 @@
 """A one-reduction `max` for flashinfer's planning code: its plan() takes builtins.max of 1-D tensors.
 
-flashinfer 0.6.18's wrappers compute the longest KV (and query) length while planning with
-`max(kv_lens_arr_host).item()` (decode.py, tensor-core branch; prefill.py, when max_sequence_kv /
-max_token_per_sequence are not given), where the argument is a host torch tensor. Python's max
+flashinfer 0.6.18's decode wrappers compute the longest KV length while planning with
+`max(kv_lens_arr_host).item()` (decode.py, tensor-core branch), where the argument is a host torch
+tensor (the prefill planner takes the maxima as arguments instead: flashinfer_ops.plan_prefill). Python's max
 iterates it element by element, each element a 0-d tensor and each comparison a torch call, a
 thousand times slower than `tensor.max()`. The engine plans a decode of up to 1,024 rows per
 half-step (and the Hydragen own parts), on a CPU the grouped decode steps wait for
@@ -10,7 +10,8 @@ half-step (and the Hydragen own parts), on a CPU the grouped decode steps wait f
 
 `install` puts `tensor_max` into those modules' globals, where their unqualified `max` finds it before
 the builtin: the same value for a 1-D tensor (as a 0-d tensor, so `.item()` still works), and
-builtins.max for anything else. Torch only; flashinfer_backend installs it when it imports flashinfer.
+builtins.max for anything else. Torch only; flashinfer_ops.speed_up_planning installs it, on the
+flashinfer release it was written for.
 """
 
 from __future__ import annotations

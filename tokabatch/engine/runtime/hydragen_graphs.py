@@ -3,9 +3,10 @@
 Owns `GroupedDecodeGraphs`: for every ladder size of a DecodeGraphs, one more captured decode step
 whose attention is by parts (hydragen_plan.py's parts) in fixed shapes: the own part is one
 decode request per row (DecodeGraphs' cuda-graph decode wrapper of that size and its buffers, or
-one more over the same buffers when flashinfer_backend picks another kernel for own parts), the
+one more over the same buffers when the AttentionConfig picks another kernel for own parts), the
 group parts are `max_groups` requests of one cuda-graph prefill wrapper (non-causal) over at most
-`(max_states - 1) * bs` gathered queries, and `merge_states` folds `max_states` parts per row.
+`(max_states - 1) * bs` gathered queries, and `merge_states` folds `max_states` parts per row. The
+parts write their outputs and log-sum-exps straight into one buffer pair (flashinfer's out=/lse=).
 A step's parts are laid into those shapes by `plan_hydragen_padded` (tested on the CPU against
 full attention); a step that does not fit (too many groups, levels or queries) runs eagerly.
 
@@ -17,8 +18,8 @@ tables, gathered query rows, merge states) and the group wrapper's flashinfer pl
 the step's seq_ids and groups are the same as the last grouped step's, so a steady step lays out
 and plans only its own parts (pad_own). Built whenever Hydragen is on with CUDA graphs (the
 default); tests/engine/runtime/test_hydragen_graphs.py checks it on the GPU (a replay equals the
-eager grouped step exactly, and 300 shared-prefix requests agree 100% with grouping off). flashinfer is
-imported only when this is built. Must not import the service or engine/core scheduling code.
+eager grouped step exactly, and 300 shared-prefix requests agree 100% with grouping off). CUDA only
+(wrappers and plans: flashinfer_ops.py). Must not import the service or engine/core scheduling code.
 """
 
 from __future__ import annotations
@@ -31,45 +32,43 @@ from torch import Tensor
 from tokabatch.engine.core.plan import PrefixGroup
 from tokabatch.engine.runtime.attention import SeqAttn
 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs, capture_graph
+from tokabatch.engine.runtime.flashinfer_ops import (
+    PagedStepAttention,
+    merge_states,
+    plan_decode,
+    plan_prefill,
+    prefill_wrapper,
+    tensor_cores,
+)
 from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
 from tokabatch.engine.runtime.page_indices import PageIndexCache
 
 
-class _GroupedAttention:
+class _GroupedAttention(PagedStepAttention):
     """Per-layer attention of a grouped graph step (everything in fixed shapes of one size)."""
 
     def __init__(self, owner: "GroupedDecodeGraphs", bs: int) -> None:
+        super().__init__(owner.cache, owner.slots[:bs])
         self.o, self.bs = owner, bs
 
-    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         o, bs = self.o, self.bs
-        cache = o.cache
-        k_flat, v_flat = cache.flat(layer_idx)
-        slots = o.slots[:bs]
-        k_flat.index_copy_(0, slots, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, slots, v.to(v_flat.dtype))
-        kv = (cache.k[layer_idx], cache.v[layer_idx])
-        q = q.contiguous()
-        own_out, own_lse = o.own_wrappers[bs].run(q, kv, return_lse=True)
         m = o.max_queries(bs)
-        group_q = q.index_select(0, o.group_rows[:m])
-        group_out, group_lse = o.group_wrappers[bs].run(group_q, kv, return_lse=True)
-        part_out = torch.cat([own_out, group_out.to(own_out.dtype), o.empty_out])
-        part_lse = torch.cat([own_lse, group_lse, o.empty_lse])
+        part_out, part_lse = o.part_out[:bs + m + 1], o.part_lse[:bs + m + 1]    # own, group, empty state
+        o.own_wrappers[bs].run(q, kv, out=part_out[:bs], lse=part_lse[:bs], return_lse=True)
+        o.group_wrappers[bs].run(q.index_select(0, o.group_rows[:m]), kv, out=part_out[bs:bs + m],
+                                 lse=part_lse[bs:bs + m], return_lse=True)
         index = o.state_index[:bs * o.max_states]
         states_out = part_out.index_select(0, index).view(bs, o.max_states, *q.shape[1:])
         states_lse = part_lse.index_select(0, index).view(bs, o.max_states, q.shape[1])
-        out, _ = o.flashinfer.merge_states(states_out, states_lse)
-        return out.to(q.dtype)
+        out, _ = merge_states(states_out, states_lse)
+        return out
 
 
 class GroupedDecodeGraphs:
     """Grouped decode steps captured for every size of `graphs` (a captured DecodeGraphs)."""
 
     def __init__(self, graphs: DecodeGraphs, max_groups: int = 128, max_states: int = 3) -> None:
-        import flashinfer
-
-        self.flashinfer = flashinfer
         self.graphs = graphs
         self.cache = graphs.cache
         self.max_groups, self.max_states = max_groups, max_states
@@ -85,11 +84,14 @@ class GroupedDecodeGraphs:
                                            device=dev)
         self.group_rows = torch.zeros(self.max_queries(max_bs), dtype=torch.long, device=dev)
         self.state_index = torch.zeros(max_bs * max_states, dtype=torch.long, device=dev)
-        self.empty_out = torch.zeros(1, heads, dim, dtype=self.cache.dtype, device=dev)
-        self.empty_lse = torch.full((1, heads), EMPTY_LSE, dtype=torch.float32, device=dev)
+        # The parts' outputs, written by flashinfer in place (no concatenation per layer): a step of bs
+        # rows uses rows [own 0..bs-1; group queries; the empty state at bs + max_queries(bs)].
+        parts = max_bs + self.max_queries(max_bs) + 1
+        self.part_out = torch.zeros(parts, heads, dim, dtype=self.cache.dtype, device=dev)
+        self.part_lse = torch.full((parts, heads), EMPTY_LSE, dtype=torch.float32, device=dev)
         self.group_wrappers: dict[int, Any] = {}
-        # The own parts' decode wrapper per size: the plain graphs' own (same buffers), unless
-        # flashinfer_backend picks another kernel for Hydragen own parts; then one more over them.
+        # The own parts' decode wrapper per size: the plain graphs' own (same buffers), unless the
+        # config picks another kernel for Hydragen own parts; then one more over them.
         self.own_wrappers: dict[int, Any] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
@@ -111,23 +113,18 @@ class GroupedDecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture a grouped step for every size (largest first, one shared memory pool)."""
-        from tokabatch.engine.runtime import flashinfer_backend as fb
-
         pool = torch.cuda.graph_pool_handle()
         scratch = self.cache.scratch_page
         g = self.max_groups
         gr = self.graphs
-        own_kernel_differs = fb.decode_tensor_cores(gr.num_heads, gr.num_kv_heads, own_parts=True) != \
-            fb.decode_tensor_cores(gr.num_heads, gr.num_kv_heads)
+        own_kernel_differs = tensor_cores(gr.config, gr.shape, own_parts=True) != tensor_cores(gr.config, gr.shape)
         for bs in reversed(self.graphs.sizes):
-            self.own_wrappers[bs] = gr._wrappers[bs] if not own_kernel_differs else fb.decode_wrapper(
-                gr.workspace, gr.num_heads, gr.num_kv_heads, own_parts=True, use_cuda_graph=True,
-                paged_kv_indptr_buffer=gr.kv_indptr[:bs + 1], paged_kv_indices_buffer=gr.kv_indices,
-                paged_kv_last_page_len_buffer=gr.last_page_len[:bs])
-            self.group_wrappers[bs] = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self.graphs.workspace, kv_layout="NHD", use_cuda_graph=True,
-                qo_indptr_buf=self.group_qo_indptr, paged_kv_indptr_buf=self.group_kv_indptr,
-                paged_kv_indices_buf=self.group_kv_indices, paged_kv_last_page_len_buf=self.group_last_page_len)
+            self.own_wrappers[bs] = gr.graph_decode_wrapper(bs, own_parts=True) if own_kernel_differs \
+                else gr._wrappers[bs]
+            self.group_wrappers[bs] = prefill_wrapper(
+                gr.workspace, use_cuda_graph=True, qo_indptr_buf=self.group_qo_indptr,
+                paged_kv_indptr_buf=self.group_kv_indptr, paged_kv_indices_buf=self.group_kv_indices,
+                paged_kv_last_page_len_buf=self.group_last_page_len)
             # The first plan fixes the largest query count: all of it in group 0, the rest empty.
             m = self.max_queries(bs)
             qo = torch.full((g + 1,), m, dtype=torch.int32)
@@ -142,6 +139,9 @@ class GroupedDecodeGraphs:
 
     def _forward(self, bs: int) -> Tensor:
         model = self.graphs.model
+        empty = bs + self.max_queries(bs)            # a larger size's parts may have written this row
+        self.part_out[empty].zero_()
+        self.part_lse[empty].fill_(EMPTY_LSE)
         hidden = model(self.graphs.input_ids[:bs], self.positions[:bs], _GroupedAttention(self, bs))
         return model.compute_logits(hidden, out=self.graphs.logits[:bs])   # the plain graphs' buffer
 
@@ -191,13 +191,8 @@ class GroupedDecodeGraphs:
         return self.graphs.logits[:rows]
 
     def _plan_own(self, bs: int, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
-        g = self.graphs
-        self.own_wrappers[bs].plan(indptr, indices, last_page_len, g.num_heads, g.num_kv_heads, g.head_dim,
-                                   self.cache.page_size, pos_encoding_mode="NONE", q_data_type=self.cache.dtype,
-                                   kv_data_type=self.cache.dtype)
+        plan_decode(self.own_wrappers[bs], self.graphs.shape, indptr, indices, last_page_len)
 
     def _plan_groups(self, bs: int, qo_indptr: Tensor, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
-        g = self.graphs
-        self.group_wrappers[bs].plan(qo_indptr, indptr, indices, last_page_len, g.num_heads, g.num_kv_heads,
-                                     g.head_dim, self.cache.page_size, causal=False, q_data_type=self.cache.dtype,
-                                     kv_data_type=self.cache.dtype)
+        plan_prefill(self.group_wrappers[bs], self.graphs.shape, qo_indptr, indptr, indices, last_page_len,
+                     causal=False)

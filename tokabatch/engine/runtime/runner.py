@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tokabatch.engine.api import TokenLogprob
 from tokabatch.engine.core.plan import PrefixGroup, SampledToken, SeqWork, StepPlan, StepResult
 from tokabatch.engine.models.layers import AttentionFn
-from tokabatch.engine.runtime.attention import SeqAttn, TorchBackend
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
 from tokabatch.engine.runtime.sampling import Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
@@ -38,6 +38,8 @@ if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
 
 class AttentionBackend(Protocol):
     """What the runner needs of an attention backend (TorchBackend, FlashInferBackend)."""
+
+    use_hydragen: bool                   # prefix groups are attended by parts (AttentionConfig.hydragen)
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> AttentionFn: ...
@@ -93,7 +95,7 @@ class ModelRunner:
             return None
         if not all(w.sample and w.prompt_logprobs is None for w in plan.decodes):
             return None
-        if plan.prefix_groups and getattr(self.backend, "use_hydragen", False):
+        if plan.prefix_groups and self.backend.use_hydragen:
             return "grouped" if self.grouped_graphs is not None else None
         return "plain"
 
@@ -184,28 +186,30 @@ def _flashinfer_device(spec: ModelSpec) -> bool:
     return True
 
 
-def select_backend(cache: KVCache, num_heads: int) -> AttentionBackend:
-    """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise."""
+def select_backend(cache: KVCache, num_heads: int, config: AttentionConfig = DEFAULT_ATTENTION) -> AttentionBackend:
+    """FlashInfer on a CUDA cache in bf16/fp16 when flashinfer imports; the torch reference otherwise.
+    Either attends prefix groups by parts when config.hydragen says so."""
     if cache.device.type == "cuda" and cache.dtype in (torch.bfloat16, torch.float16):
         try:
             from tokabatch.engine.runtime.flashinfer_backend import FlashInferBackend
         except ImportError:
-            return TorchBackend(cache)
-        return FlashInferBackend(cache, num_heads)
-    return TorchBackend(cache)
+            return TorchBackend(cache, use_hydragen=config.hydragen)
+        return FlashInferBackend(cache, num_heads, config)
+    return TorchBackend(cache, use_hydragen=config.hydragen)
 
 
 def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                   kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
-                  seed: int | None = None, cuda_graphs: bool = True, max_decode_batch: int = 256,
-                  parts: int = 1, grouped_graphs: bool = False, fused_kernels: bool = False) -> list[ModelRunner]:
+                  seed: int | None = None, attention: AttentionConfig = DEFAULT_ATTENTION,
+                  max_decode_batch: int = 256, parts: int = 1, fused_kernels: bool = False) -> list[ModelRunner]:
     """Model folder -> `parts` ready ModelRunners over one copy of the weights, each with its own
     slice of the KV cache (its `kv_cache.num_pages` is what its scheduler's pool must be sized to),
     sampler, `select_backend`'s backend and CUDA graphs. GPU sizing uses free memory after loading.
 
-    On CUDA with flashinfer: a warm-up step compiles the attention kernels, then (with `cuda_graphs`)
-    decode steps of 1..`max_decode_batch` rows are captured as CUDA graphs, per runner, and with
-    `grouped_graphs` their Hydragen twins (hydragen_graphs.py); with `fused_kernels` the model's
+    `attention` fixes how steps attend (attention.AttentionConfig). On CUDA with flashinfer: a warm-up
+    step compiles the attention kernels, then (with attention.cuda_graphs) decode steps of
+    1..`max_decode_batch` rows are captured as CUDA graphs, per runner, and with attention.hydragen
+    their grouped twins (hydragen_graphs.py); with `fused_kernels` the model's
     elementwise work and the samplers' draw run on flashinfer's fused kernels (flashinfer_kernels.py)."""
     model, spec = load_model(path, dtype=dtype, device=device)
     draw = None
@@ -223,15 +227,15 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
     for i, cache in enumerate(caches):
         sampler = Sampler(spec.vocab_size, spec.device, spec.eos_token_ids, seed=None if seed is None else seed + i,
                           draw=draw)
-        backend = select_backend(cache, spec.num_heads)
+        backend = select_backend(cache, spec.num_heads, attention)
         runner = ModelRunner(model, spec, cache, backend, sampler)
         if getattr(backend, "name", "") == "flashinfer":
             runner.warm_up()
-            if cuda_graphs:
+            if attention.cuda_graphs:
                 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs   # CUDA + flashinfer only
-                runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch)
+                runner.graphs = DecodeGraphs(model, cache, spec.num_heads, max_decode_batch, config=attention)
                 runner.graphs.capture()
-                if grouped_graphs:
+                if attention.hydragen:
                     from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
 
                     runner.grouped_graphs = GroupedDecodeGraphs(runner.graphs)

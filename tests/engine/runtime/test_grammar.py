@@ -31,7 +31,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def grammars(tokenizer):
-    return Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids)
+    """Two mask threads (also on a one-core machine), so every test below splits its rows."""
+    return Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids, threads=2)
 
 
 def _run(sampler, tokenizer, params_by_row, steps=60, seed=0):
@@ -159,3 +160,35 @@ def test_matchers_of_one_grammar_are_copies_that_move_alone(tokenizer, grammars,
     with pytest.raises(InvalidRequest):
         grammars.matcher("this is not a grammar %%%")
     assert "this is not a grammar %%%" not in grammars._first_matchers
+
+
+def test_rows_split_over_mask_threads_get_their_own_masks(tokenizer):
+    """Matchers go to the mask threads in turn, each copied from its thread's first matcher of the
+    grammar; a step's rows, computed on their threads at once, land at their own rows: the masks and
+    the advanced matchers equal one thread's. A released sequence's matcher is forgotten."""
+    schema = json_schema_grammar({"type": "object", "required": ["name", "n"],
+                                  "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}}})
+    regex = llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")
+    rows = [(schema, '{"n": 12, "name": "ab'), (regex, "ab"), (schema, '{"n'), (schema, ""), (regex, "abc-1"),
+            (schema, '{"n": 1'), (regex, "")]             # (keys in sorted order: the canonical schema's)
+    results = []
+    for threads in (1, 3):
+        g = Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids, threads=threads)
+        matchers = [g.matcher(grammar) for grammar, _ in rows]
+        for m, (_, text) in zip(matchers, rows):
+            assert m.consume_tokens(tokenizer.encode(text)) if text else True
+        assert sorted(g._thread_of[id(m)] for m in matchers) == sorted(i % threads for i in range(len(rows)))
+        masks = g.wait(g.masks_async(matchers, pinned=False))
+        first_allowed = [int(torch.nonzero(g.blocked(masks[i:i + 1])[0] == 0)[0]) for i in range(len(rows))]
+        going_on, after = g.wait(g.advance_async(matchers, first_allowed, pinned=False))
+        results.append((masks, [matchers.index(m) for m in going_on], after))
+        sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids)
+        sampler.grammars = g
+        sampler.register(0, SamplingParams(grammar=regex), [1])
+        made = sampler._states[0].matcher
+        assert id(made) in g._thread_of
+        sampler.release(0)
+        assert id(made) not in g._thread_of
+    (one_masks, one_going, one_after), (three_masks, three_going, three_after) = results
+    assert torch.equal(one_masks, three_masks) and one_going == three_going and torch.equal(one_after, three_after)
+    assert bool((one_masks != one_masks[0]).any())        # the rows' masks differ: a mix-up would show

@@ -6,20 +6,28 @@ service/jobs/structured.py) and turns their states into the masks of a step's co
 chosen over xgrammar for two reasons that matter here: it needs no torch (the service compiles and
 checks every line's grammar at validation without loading torch), and it computes a row's mask
 in microseconds from the tokenizer's byte trie, with no per-schema precompilation (the engine
-keeps each grammar's first matcher and hands out copies of it: `matcher`).
+keeps first matchers of each grammar and hands out copies of them: `matcher`).
 
 The tokenizer llguidance needs is built once, on the first constrained request, from the model's
 tokenizer.json (about a second for a 50k vocabulary). The masks are computed on the CPU for the
-constrained rows only, on one grammar thread (llguidance's executor spreads the rows over its own
-threads and releases the GIL), sent to the device packed, and unpacked and applied there;
-unconstrained rows never pay for them. As soon as a step's tokens are known the sampler hands them
-to the grammar thread, which advances the matchers and makes their next masks while the engine
-thread schedules and launches the next step.
+constrained rows only, sent to the device packed, and unpacked and applied there; unconstrained
+rows never pay for them. As soon as a step's tokens are known the sampler hands them to the grammar
+thread, which advances the matchers and makes their next masks while the engine thread schedules
+and launches the next step.
+
+Threads. The copies of one first matcher share the lexer states it builds, and two threads working
+on copies of one first matcher at once take turns (dev VM, 2 x 128 rows of the JSON
+schema: 30 us per row each at once against 12-13 alone, or on two first matchers). So each
+grammar keeps one first matcher per mask thread (made when a copy is first wanted on that
+thread), a copy stays on the thread of its first matcher (handed out round-robin), and a step's
+rows run on their threads at once: the grammar thread takes one share, helper threads the others,
+each through a one-thread llguidance executor, which releases the GIL.
 Torch + llguidance only.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,17 +41,28 @@ from tokabatch.errors import InvalidRequest
 CACHED_GRAMMARS = 256
 
 
+def default_threads() -> int:
+    """llguidance's own default for its executor: 80% of the cores, at least 1, at most 32."""
+    return min(32, max(1, (os.cpu_count() or 1) * 4 // 5))
+
+
 class Grammars:
     """Makes matchers for grammars and the masks of a step's constrained rows."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int],
+                 threads: int | None = None) -> None:
         self.vocab_size = vocab_size
+        self.threads = threads or default_threads()
         self._tokenizer_json = tokenizer_json
         self._eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer = None
-        self._executor = None
-        self._thread: ThreadPoolExecutor | None = None
-        self._first_matchers: OrderedDict[str, object] = OrderedDict()     # grammar text -> its first matcher
+        self._executors: list = []                  # one single-thread llguidance executor per mask thread
+        self._thread: ThreadPoolExecutor | None = None     # the grammar thread
+        self._helpers: ThreadPoolExecutor | None = None    # the other mask threads
+        # grammar text -> its first matchers by mask thread (made on demand, never advanced)
+        self._first_matchers: OrderedDict[str, dict[int, object]] = OrderedDict()
+        self._thread_of: dict[int, int] = {}        # id(matcher handed out) -> its mask thread
+        self._handed_out = 0
         # Counters (benchmarks/structured.py): masks made, their rows and seconds on the grammar
         # thread, its seconds advancing matchers, and the seconds the engine thread waited for both.
         self.mask_calls = self.mask_rows = 0
@@ -56,34 +75,47 @@ class Grammars:
         if self._ll_tokenizer is None:
             self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
                                                         eos_token=self._eos_token_ids or None)
-            self._executor = llguidance.LLExecutor()
+            self._executors = [llguidance.LLExecutor(num_threads=1) for _ in range(self.threads)]
         return self._ll_tokenizer
 
     def matcher(self, grammar: str):
         """A fresh matcher at the grammar's start; InvalidRequest for a grammar llguidance refuses.
 
-        A copy of the grammar's first matcher (kept, never advanced, for the last CACHED_GRAMMARS
-        grammars): building one from the text compiles the grammar again, a copy does not, takes a
-        fraction of the memory, and shares the lexer states the other copies built, so masks cost
-        less (docs/benchmarks.md, "matchers as copies")."""
+        A copy of a kept first matcher of the grammar (never advanced; kept for the last
+        CACHED_GRAMMARS grammars): building one from the text compiles the grammar again, a copy
+        does not, takes a fraction of the memory, and shares the lexer states the other copies of
+        that first matcher built, so masks cost less (docs/benchmarks.md, "matchers as copies").
+        Matchers go to the mask threads in turn, each copied from its thread's first matcher."""
         import llguidance
 
-        first = self._first_matchers.get(grammar)
-        if first is None:
+        firsts = self._first_matchers.get(grammar)
+        if firsts is None:
             first = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
             if first.is_error():
                 raise InvalidRequest(f"The output format cannot be used: {first.get_error()}",
                                      param="response_format", code="invalid_value")
-            self._first_matchers[grammar] = first
+            firsts = self._first_matchers[grammar] = {}
             while len(self._first_matchers) > CACHED_GRAMMARS:
                 self._first_matchers.popitem(last=False)
         else:
+            first = None
             self._first_matchers.move_to_end(grammar)
-        return first.deep_copy()
+        thread = self._handed_out % self.threads
+        self._handed_out += 1
+        if thread not in firsts:
+            firsts[thread] = first if first is not None else \
+                llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
+        copy = firsts[thread].deep_copy()
+        self._thread_of[id(copy)] = thread
+        return copy
+
+    def release(self, matcher) -> None:
+        """Forget a matcher `matcher()` made (its sequence ended)."""
+        self._thread_of.pop(id(matcher), None)
 
     def masks_async(self, matchers: list, pinned: bool) -> Future:
         """Start computing the packed masks of `matchers` (bit j of word w of row i: token 32w+j is
-        allowed) on the grammar thread; its result is an int32 [rows, words] CPU tensor, in pinned
+        allowed) on the mask threads; its result is an int32 [rows, words] CPU tensor, in pinned
         memory when `pinned` (a GPU's copy from pageable memory would wait for the step it runs).
         llguidance lets go of the GIL while it works, so the engine's thread goes on meanwhile.
         Do not touch these matchers until the result is in."""
@@ -91,7 +123,7 @@ class Grammars:
 
     def advance_async(self, matchers: list, tokens: list[int], pinned: bool) -> Future:
         """Advance each matcher by its row's sampled token, then make the masks of those not stopped,
-        all on the grammar thread (the engine thread only queues it). The result: (the matchers
+        all on the mask threads (the engine thread only queues it). The result: (the matchers
         going on, their packed masks as masks_async makes them, or None when none goes on). A token
         the grammar refuses leaves its matcher in the error state, whose next mask lets the row end.
         Do not touch these matchers until the result is in."""
@@ -106,13 +138,30 @@ class Grammars:
             self.wait_seconds += time.perf_counter() - began
 
     def _submit(self, fn, *args) -> Future:
-        if self._thread is None:                    # (matchers exist, so the executor does)
+        if self._thread is None:                    # (matchers exist, so the executors do)
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="tokabatch-grammar")
         return self._thread.submit(fn, *args)
 
+    def _on_threads(self, work, items: list) -> None:
+        """Call work(executor, share) for each mask thread's share of `items` (matcher, value) pairs,
+        the threads at once: a matcher's share is its thread's (a matcher this object did not hand
+        out goes to any)."""
+        shares: list[list] = [[] for _ in range(self.threads)]
+        thread_of = self._thread_of
+        for i, item in enumerate(items):
+            shares[thread_of.get(id(item[0]), i % self.threads)].append(item)
+        jobs = [(ex, share) for ex, share in zip(self._executors, shares) if share]
+        if len(jobs) > 1 and self._helpers is None:
+            self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tokabatch-grammar-helper")
+        helped = [self._helpers.submit(work, ex, share) for ex, share in jobs[1:]]
+        if jobs:
+            work(*jobs[0])
+        for job in helped:
+            job.result()
+
     def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> tuple[list, Tensor | None]:
         began = time.perf_counter()
-        self._executor.consume_token_par(list(zip(matchers, tokens)))
+        self._on_threads(lambda ex, share: ex.consume_token_par(share), list(zip(matchers, tokens)))
         self.consume_seconds += time.perf_counter() - began
         going_on = [m for m in matchers if not m.is_stopped()]
         return going_on, self._masks(going_on, pinned) if going_on else None
@@ -120,11 +169,13 @@ class Grammars:
     def _masks(self, matchers: list, pinned: bool) -> Tensor:
         began = time.perf_counter()
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32, pin_memory=pinned)
-        self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                               words * 4, len(matchers))
+        rows = len(matchers)
+        bitmask = torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned)   # every row written
+        ptr = bitmask.data_ptr()
+        self._on_threads(lambda ex, share: ex.unsafe_compute_mask_ptr(share, ptr, words * 4, rows),
+                         [(m, i) for i, m in enumerate(matchers)])
         self.mask_calls += 1
-        self.mask_rows += len(matchers)
+        self.mask_rows += rows
         self.mask_seconds += time.perf_counter() - began
         return bitmask
 
@@ -139,4 +190,4 @@ class Grammars:
         return ((packed.unsqueeze(-1) & bits) == 0).reshape(rows, words * 32)[:, :self.vocab_size]
 
 
-__all__ = ["Grammars"]
+__all__ = ["Grammars", "default_threads"]

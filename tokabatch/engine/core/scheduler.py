@@ -65,6 +65,7 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}
         self._requests: dict[str, list[int]] = {}
         self._running: dict[int, Sequence] = {}               # admission order == prefill order
+        self._running_avg_pages: float | None = None          # num_wanted's average; None: to compute
         self._finished_requests: OrderedDict[str, None] = OrderedDict()
         self._inflight = InflightPages()     # full pages running sequences are computing (prefix cache on)
         self._waiting = WaitingQueue(self.pool, self._inflight, enable_prefix_cache=config.enable_prefix_cache)
@@ -226,6 +227,7 @@ class Scheduler:
 
     def _predicted_len(self, seq: Sequence) -> int:
         seq.predicted_len = min(seq.num_prompt_tokens + self.predictor.predict(seq), seq.max_len)
+        self._running_avg_pages = None
         return seq.predicted_len
 
     def forecast(self) -> Forecast:
@@ -277,6 +279,7 @@ class Scheduler:
         seq.num_computed *= self.page_size
         seq.status = SeqStatus.RUNNING
         self._running[seq.seq_id] = seq
+        self._running_avg_pages = None
         if not seq.ever_admitted:
             seq.ever_admitted = True
             seq.num_cached_tokens = seq.num_computed
@@ -321,6 +324,7 @@ class Scheduler:
         self._waiting.push(seq)               # ahead of new ones (see waiting.py)
 
     def _release(self, seq: Sequence) -> None:
+        self._running_avg_pages = None
         self._inflight.drop(seq.seq_id)
         self.pool.decref_all(reversed(seq.page_ids))
         seq.page_ids = ()
@@ -376,11 +380,15 @@ class Scheduler:
 
     def num_wanted(self) -> int:
         """How many more requests to add now: enough waiting sequences to refill every slot the
-        pool could hold (by the running sequences' average predicted size), minus those waiting."""
+        pool could hold (by the running sequences' average predicted size), minus those waiting.
+        The average is kept until the running set or a prediction changes (not recomputed over
+        thousands of sequences after every step)."""
         target = self.max_running
         if self._running:
-            avg_pages = sum(pages_for(s.predicted_len or s.max_len, self.page_size)
-                            for s in self._running.values()) / len(self._running)
+            avg_pages = self._running_avg_pages
+            if avg_pages is None:
+                avg_pages = self._running_avg_pages = sum(pages_for(s.predicted_len or s.max_len, self.page_size)
+                                                          for s in self._running.values()) / len(self._running)
             target = min(target, max(1, int(self.pool.num_pages / max(1.0, avg_pages)) + 1))
         return max(0, target - len(self._waiting))
 

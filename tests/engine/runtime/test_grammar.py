@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import llguidance
 import pytest
@@ -192,3 +193,20 @@ def test_rows_split_over_mask_threads_get_their_own_masks(tokenizer):
     (one_masks, one_going, one_after), (three_masks, three_going, three_after) = results
     assert torch.equal(one_masks, three_masks) and one_going == three_going and torch.equal(one_after, three_after)
     assert bool((one_masks != one_masks[0]).any())        # the rows' masks differ: a mix-up would show
+
+
+def test_a_failing_share_is_raised_once_the_other_shares_are_done(tokenizer):
+    """The shares write into one buffer: an error in one is raised only after the others finished."""
+    g = Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids, threads=3)
+    g._tokenizer()
+    done = []
+
+    def work(executor, share):
+        if executor is g._executors[0]:                    # the share run on the calling thread
+            raise ValueError("boom")
+        time.sleep(0.05)
+        done.append(len(share))
+
+    with pytest.raises(ValueError, match="boom"):
+        g._on_threads(work, [(object(), i) for i in range(6)])
+    assert done == [2, 2]

@@ -145,7 +145,8 @@ class Grammars:
     def _on_threads(self, work, items: list) -> None:
         """Call work(executor, share) for each mask thread's share of `items` (matcher, value) pairs,
         the threads at once: a matcher's share is its thread's (a matcher this object did not hand
-        out goes to any)."""
+        out goes to any). Returns, or raises the first error, only when every share is done (they
+        write into the caller's buffer)."""
         shares: list[list] = [[] for _ in range(self.threads)]
         thread_of = self._thread_of
         for i, item in enumerate(items):
@@ -154,10 +155,17 @@ class Grammars:
         if len(jobs) > 1 and self._helpers is None:
             self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="tokabatch-grammar-helper")
         helped = [self._helpers.submit(work, ex, share) for ex, share in jobs[1:]]
-        if jobs:
-            work(*jobs[0])
+        error = None
+        try:
+            if jobs:
+                work(*jobs[0])
+        except Exception as exc:  # noqa: BLE001 (raised below, once the helpers are done)
+            error = exc
         for job in helped:
-            job.result()
+            failed = job.exception()              # (waits for it)
+            error = error or failed
+        if error is not None:
+            raise error
 
     def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> tuple[list, Tensor | None]:
         began = time.perf_counter()

@@ -36,8 +36,8 @@ def reference_logprobs(folder, ids: list[int]):
     return torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("max_tokens", [1, 0])
-def test_echo_logprobs_match_hf_log_softmax(tmp_path, demo_model_path, max_tokens):
+def test_echo_logprobs_match_hf_log_softmax(tmp_path, demo_model_path):
+    """max_tokens 1 and 0 (lm-eval sends either), on one server."""
     from tokabatch.text import Tokenizer
 
     tokenizer = Tokenizer.from_folder(demo_model_path)
@@ -46,17 +46,23 @@ def test_echo_logprobs_match_hf_log_softmax(tmp_path, demo_model_path, max_token
     ids = context + continuation
     server = Server(tmp_path / "data", tmp_path / "server.log")
     try:
-        body = post(server.port, {"model": "demo", "prompt": [ids], "echo": True, "logprobs": 1,
-                                  "max_tokens": max_tokens, "temperature": 0})
+        bodies = {max_tokens: post(server.port, {"model": "demo", "prompt": [ids], "echo": True, "logprobs": 1,
+                                                 "max_tokens": max_tokens, "temperature": 0})
+                  for max_tokens in (1, 0)}
     finally:
         server.stop()
+    ref = reference_logprobs(demo_model_path, ids)
+    for max_tokens, body in bodies.items():
+        check_scores(body, ids, len(context), max_tokens, ref, tokenizer)
+
+
+def check_scores(body: dict, ids: list[int], ctxlen: int, max_tokens: int, ref, tokenizer) -> None:
     choice = body["choices"][0]
     logprobs = choice["logprobs"]
     assert logprobs["tokens"][:len(ids)] == [tokenizer.token_text(t) for t in ids]
     assert logprobs["token_logprobs"][0] is None          # the first token has no context
     assert len(logprobs["token_logprobs"]) == len(ids) + max_tokens
 
-    ref = reference_logprobs(demo_model_path, ids)
     for pos in range(1, len(ids)):
         expected = ref[pos - 1, ids[pos]].item()
         assert abs(logprobs["token_logprobs"][pos] - expected) < 1e-4, pos
@@ -66,7 +72,6 @@ def test_echo_logprobs_match_hf_log_softmax(tmp_path, demo_model_path, max_token
         assert abs(top_logprob - ref[pos - 1, best].item()) < 1e-4
 
     # What lm-eval computes: the continuation's summed logprob and whether it is the greedy choice.
-    ctxlen = len(context)
     scored = logprobs["token_logprobs"][ctxlen:len(ids)]
     expected_sum = sum(ref[p - 1, ids[p]].item() for p in range(ctxlen, len(ids)))
     assert abs(sum(scored) - expected_sum) < 1e-3

@@ -21,7 +21,7 @@ def bench_shape(heads: int, kv_heads: int, dim: int, batch: int, context: int, i
     import flashinfer
     import torch
 
-    from tokabatch.engine.runtime.flashinfer_ops import CUDA_CORE_DECODE_GROUP_SIZES
+    from tokabatch.engine.runtime.attention import CUDA_CORE_DECODE_GROUP_SIZES
     from tokabatch.engine.runtime.graph_sizes import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES
 
     ps = 16

@@ -92,6 +92,9 @@ def longest_lengths(qo_indptr: Tensor, kv_indptr: Tensor, last_page_len: Tensor,
     return int((qo_indptr[1:] - qo_indptr[:-1]).max()), int((pages * page_size + last_page_len).max())
 
 
+CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)     # GQA groups flashinfer's CUDA-core decode kernel has
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionConfig:
     """How a step's attention runs, fixed when the runners are built (factory.py from EngineConfig;
@@ -114,6 +117,14 @@ class AttentionConfig:
     decode_tensor_cores: bool | None = None
     own_tensor_cores: bool | None = False
     fast_planning: bool = True
+
+    def tensor_cores(self, num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
+        """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core
+        kernel: as the setting says, and always where flashinfer has no CUDA-core kernel for the group."""
+        setting = self.decode_tensor_cores
+        if own_parts and self.own_tensor_cores is not None:
+            setting = self.own_tensor_cores
+        return setting is not False or num_heads // num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
 
 
 DEFAULT_ATTENTION = AttentionConfig()

@@ -26,7 +26,6 @@ from tokabatch.engine.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)     # GQA groups flashinfer's CUDA-core decode kernel has
 # The flashinfer release whose decode planner speed_up_planning was written for: its plan() takes
 # Python's max over the host tensor of KV lengths (decode.py, tensor-core branch).
 PLANNER_PATCHED_FOR = "0.6.18"
@@ -51,10 +50,7 @@ class PagedShape:
 
 def tensor_cores(config: AttentionConfig, shape: PagedShape, own_parts: bool = False) -> bool:
     """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core kernel."""
-    setting = config.decode_tensor_cores
-    if own_parts and config.own_tensor_cores is not None:
-        setting = config.own_tensor_cores
-    return setting is not False or shape.num_heads // shape.num_kv_heads not in CUDA_CORE_DECODE_GROUP_SIZES
+    return config.tensor_cores(shape.num_heads, shape.num_kv_heads, own_parts)
 
 
 def decode_wrapper(workspace: Tensor, shape: PagedShape, config: AttentionConfig, own_parts: bool = False,
@@ -128,6 +124,6 @@ class PagedStepAttention:
         raise NotImplementedError
 
 
-__all__ = ["CUDA_CORE_DECODE_GROUP_SIZES", "PLANNER_PATCHED_FOR", "PagedShape", "PagedStepAttention",
+__all__ = ["PLANNER_PATCHED_FOR", "PagedShape", "PagedStepAttention",
            "decode_wrapper", "merge_states", "plan_decode", "plan_prefill", "prefill_wrapper", "speed_up_planning",
            "tensor_cores"]

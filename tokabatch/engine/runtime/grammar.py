@@ -89,23 +89,22 @@ class Grammars:
         import llguidance
 
         firsts = self._first_matchers.get(grammar)
-        if firsts is None:
+        if firsts is not None:
+            self._first_matchers.move_to_end(grammar)
+        thread = self._handed_out % self.threads
+        first = firsts.get(thread) if firsts is not None else None
+        if first is None:
             first = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
             if first.is_error():
                 raise InvalidRequest(f"The output format cannot be used: {first.get_error()}",
                                      param="response_format", code="invalid_value")
-            firsts = self._first_matchers[grammar] = {}
-            while len(self._first_matchers) > CACHED_GRAMMARS:
-                self._first_matchers.popitem(last=False)
-        else:
-            first = None
-            self._first_matchers.move_to_end(grammar)
-        thread = self._handed_out % self.threads
+            if firsts is None:
+                firsts = self._first_matchers[grammar] = {}
+                while len(self._first_matchers) > CACHED_GRAMMARS:
+                    self._first_matchers.popitem(last=False)
+            firsts[thread] = first
         self._handed_out += 1
-        if thread not in firsts:
-            firsts[thread] = first if first is not None else \
-                llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
-        copy = firsts[thread].deep_copy()
+        copy = first.deep_copy()
         self._thread_of[id(copy)] = thread
         return copy
 

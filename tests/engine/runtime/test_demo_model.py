@@ -84,8 +84,8 @@ def check(outputs: dict[str, GenerationOutput], cases, eos_ids: tuple[int, ...],
 
 
 def test_demo_model_alone_equals_hf(demo_model_path: Path, cases) -> None:
-    """One request at a time: the three shortest answers (all eight run together in the next test;
-    one at a time they took 22 s of the suite)."""
+    """One request at a time: the three shortest answers (all eight run together in the next test,
+    which is where the suite's time for this model goes)."""
     loop = make_loop(demo_model_path)
     shortest = sorted(cases, key=lambda case: len(case[1]))[:3]
     outputs: dict[str, GenerationOutput] = {}

@@ -16,8 +16,7 @@ thread, which advances the matchers and makes their next masks while the engine 
 and launches the next step.
 
 Threads. The copies of one first matcher share the lexer states it builds, and two threads working
-on copies of one first matcher at once take turns (dev VM, 2 x 128 rows of the JSON
-schema: 30 us per row each at once against 12-13 alone, or on two first matchers). So each
+on copies of one first matcher at once take turns (docs/benchmarks.md, "Mask threads"). So each
 grammar keeps one first matcher per mask thread (made when a copy is first wanted on that
 thread), a copy stays on the thread of its first matcher (handed out round-robin), and a step's
 rows run on their threads at once: the grammar thread takes one share, helper threads the others,

@@ -145,14 +145,16 @@ def test_select_backend_picks_flashinfer_on_cuda_bf16() -> None:
 
 
 def test_flashinfer_plans_take_the_one_reduction_max() -> None:
-    """A FlashInferBackend puts flashinfer_plan_speedup.tensor_max where flashinfer's decode plan()
-    looks `max` up (this flashinfer is the release it was written for), and off puts Python's back;
-    a 1,024-row tensor-core decode plan still finds the longest KV (and prints its time). The prefill
-    planner is given its maxima (flashinfer_ops.plan_prefill): the same as it would find itself."""
+    """A FlashInferBackend puts flashinfer_plan_speedup.tensor_max where flashinfer's decode and
+    prefill plan() look `max` up (this flashinfer is the release it was written for), and off puts
+    Python's back; a 1,024-row tensor-core decode plan still finds the longest KV (and prints its
+    time). The prefill planner, given the longest query (flashinfer_ops.plan_prefill), finds the same
+    maxima as it would itself."""
     import builtins
     import time
 
     import flashinfer.decode
+    import flashinfer.prefill
 
     from tokabatch.engine.runtime.attention import AttentionConfig
     from tokabatch.engine.runtime.flashinfer_ops import PagedShape, decode_wrapper, plan_decode, plan_prefill
@@ -162,9 +164,9 @@ def test_flashinfer_plans_take_the_one_reduction_max() -> None:
     _, spec = random_model(LLAMA_1B, num_layers=1)        # head_dim 64: the kernels the other GPU tests build
     cache = KVCache(spec, num_pages=4, page_size=PAGE)
     FlashInferBackend(cache, spec.num_heads, AttentionConfig(fast_planning=False))
-    assert flashinfer.decode.max is builtins.max
+    assert flashinfer.decode.max is builtins.max and flashinfer.prefill.max is builtins.max
     backend = FlashInferBackend(cache, spec.num_heads)
-    assert flashinfer.decode.max is tensor_max
+    assert flashinfer.decode.max is tensor_max and flashinfer.prefill.max is tensor_max
     rows = 1024
     shape = PagedShape(32, 8, 64, PAGE, torch.bfloat16)
     wrapper = decode_wrapper(torch.empty(MIN_WORKSPACE_BYTES, dtype=torch.uint8, device=DEV), shape, AttentionConfig())

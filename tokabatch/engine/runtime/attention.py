@@ -84,14 +84,6 @@ def csr_indptr(lengths: Sequence[int] | Tensor) -> Tensor:
     return out
 
 
-def longest_lengths(qo_indptr: Tensor, kv_indptr: Tensor, last_page_len: Tensor, page_size: int) -> tuple[int, int]:
-    """The longest query and KV length of a paged CSR layout (host tensors of >= 1 request): what
-    flashinfer's prefill planner finds itself (its get_seq_lens counts a request with no page as
-    last_page_len long) with Python's max over the rows, here one reduction each."""
-    pages = torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0)
-    return int((qo_indptr[1:] - qo_indptr[:-1]).max()), int((pages * page_size + last_page_len).max())
-
-
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)     # GQA groups flashinfer's CUDA-core decode kernel has
 
 

@@ -17,17 +17,18 @@ from typing import Any
 
 import flashinfer
 import flashinfer.decode
+import flashinfer.prefill
 import torch
 from torch import Tensor
 
-from tokabatch.engine.runtime.attention import AttentionConfig, longest_lengths
+from tokabatch.engine.runtime.attention import AttentionConfig
 from tokabatch.engine.runtime.flashinfer_plan_speedup import install
 from tokabatch.engine.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
-# The flashinfer release whose decode planner speed_up_planning was written for: its plan() takes
-# Python's max over the host tensor of KV lengths (decode.py, tensor-core branch).
+# The flashinfer release whose planners speed_up_planning was written for: their plan() takes Python's
+# max over the host tensor of KV lengths (decode.py, tensor-core branch; prefill.py).
 PLANNER_PATCHED_FOR = "0.6.18"
 
 merge_states = flashinfer.merge_states
@@ -77,28 +78,29 @@ def plan_decode(wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper, shape: P
 def plan_prefill(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, shape: PagedShape, qo_indptr: Tensor,
                  kv_indptr: Tensor, kv_indices: Tensor, last_page_len: Tensor, *, causal: bool) -> None:
     """Plan one prefill call (query rows qo_indptr[i]:qo_indptr[i+1] for request i, pages as in
-    plan_decode). The longest query and KV lengths are given to the planner, found with one
-    reduction each: without them it takes Python's max over host tensors (one torch call per row)."""
-    max_q, max_kv = longest_lengths(qo_indptr, kv_indptr, last_page_len, shape.page_size) \
-        if qo_indptr.numel() > 1 else (None, None)
+    plan_decode). The longest query is given to the planner, found with one reduction (without it,
+    plan() takes Python's max over the host rows). The longest KV is not: in flashinfer 0.6.18 a
+    given `max_sequence_kv` skips the host copy of the page indptr that its fa2 planner then reads
+    (UnboundLocalError on the GPU), so the planner finds it itself, through speed_up_planning's max."""
+    max_q = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else None
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, shape.num_heads, shape.num_kv_heads,
                  shape.head_dim, shape.page_size, causal=causal, q_data_type=shape.dtype, kv_data_type=shape.dtype,
-                 max_token_per_sequence=max_q, max_sequence_kv=max_kv)
+                 max_token_per_sequence=max_q)
 
 
 def speed_up_planning(on: bool = True) -> bool:
-    """Make the decode planner's `max` one reduction (flashinfer_plan_speedup.tensor_max: the same
-    value), only on the flashinfer release it was written for; `on=False` puts Python's back.
+    """Make the decode and prefill planners' `max` one reduction (flashinfer_plan_speedup.tensor_max:
+    the same value), only on the flashinfer release it was written for; `on=False` puts Python's back.
     Returns whether the fast max is in place."""
     version = getattr(flashinfer, "__version__", "")
     if on and not version.startswith(PLANNER_PATCHED_FOR):
-        log.warning("flashinfer %s: its decode planner is left as it is (the one-reduction max was written "
+        log.warning("flashinfer %s: its planners are left as it is (the one-reduction max was written "
                     "for %s)", version, PLANNER_PATCHED_FOR)
         on = False
     if on:
-        install([flashinfer.decode])
+        install([flashinfer.decode, flashinfer.prefill])
     else:
-        flashinfer.decode.max = builtins.max
+        flashinfer.decode.max = flashinfer.prefill.max = builtins.max
     return on
 
 

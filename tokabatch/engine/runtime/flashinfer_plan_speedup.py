@@ -1,8 +1,9 @@
 """A one-reduction `max` for flashinfer's planning code: its plan() takes builtins.max of 1-D tensors.
 
-flashinfer 0.6.18's decode wrappers compute the longest KV length while planning with
-`max(kv_lens_arr_host).item()` (decode.py, tensor-core branch), where the argument is a host torch
-tensor (the prefill planner takes the maxima as arguments instead: flashinfer_ops.plan_prefill). Python's max
+flashinfer 0.6.18's decode and prefill wrappers compute the longest KV length while planning with
+`max(kv_lens_arr_host).item()` (decode.py, tensor-core branch; prefill.py), where the argument is a
+host torch tensor (the prefill planner is given the longest query: flashinfer_ops.plan_prefill; its
+`max_sequence_kv` argument breaks its fa2 path in that release). Python's max
 iterates it element by element, each element a 0-d tensor and each comparison a torch call, a
 thousand times slower than `tensor.max()`. The engine plans a decode of up to 1,024 rows per
 half-step (and the Hydragen own parts), on a CPU the grouped decode steps wait for

@@ -1,12 +1,12 @@
 """What a JSON schema costs per output token: the engine in-process, constrained, then unconstrained on
 the same output lengths. `--masks-only` times llguidance alone: rows of matchers walk the schema by
-random allowed tokens, and each step's masks are made on N threads (what the engine's grammar
-thread costs per row, without the engine).
+random allowed tokens, and each step's advance and masks are made on N threads (what the engine's
+grammar thread costs per row, without the engine).
 
     python -m benchmarks.structured                          # CPU: the demo model, 64 prompts
     python -m benchmarks.structured --model FOLDER --prompts 1024 --max-tokens 256
     python3 scripts/bench.py --workload JSON --tokenizer-from FOLDER   # the GPU: a random Llama-3.2-1B
-    python -m benchmarks.structured --masks-only --tokenizer-from FOLDER --threads 1,4,12 [--fresh]
+    python -m benchmarks.structured --masks-only --tokenizer-from FOLDER --threads 1,4,12 [--fresh] [--busy]
 
 The constrained run gives every prompt the same 8-field schema (docs/structured-outputs.md) and
 records each sequence's output length; the unconstrained run then asks each prompt for exactly
@@ -63,18 +63,17 @@ def adopt_tokenizer(model: Path, source: Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-COUNTERS = ("mask_calls", "mask_rows", "mask_seconds", "consume_seconds", "wait_seconds")
+COUNTERS = ("mask_calls", "mask_rows", "mask_seconds", "wait_seconds")
 
 
 def mask_report(grammars: Grammars, before: tuple) -> dict:
     """The masks of one run from the Grammars counters (`before`: their COUNTERS at its start):
-    seconds on the grammar thread making masks, per step and rows per step, advancing the matchers,
-    and the seconds the engine thread waited for both (the part the GPU step did not hide)."""
-    steps, rows, seconds, consumed, waited = (getattr(grammars, name) - b for name, b in zip(COUNTERS, before))
+    seconds on the grammar thread advancing the matchers and making their masks, per step and rows
+    per step, and the seconds the engine thread waited for them (the part the GPU step did not hide)."""
+    steps, rows, seconds, waited = (getattr(grammars, name) - b for name, b in zip(COUNTERS, before))
     return {"mask_s": round(seconds, 3), "mask_steps": steps,
             "mask_ms_per_step": round(1e3 * seconds / max(1, steps), 3),
-            "mask_rows_per_step": round(rows / max(1, steps), 1), "consume_s": round(consumed, 3),
-            "mask_waited_s": round(waited, 3)}
+            "mask_rows_per_step": round(rows / max(1, steps), 1), "mask_waited_s": round(waited, 3)}
 
 
 def run(loop, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, list[ChoiceOutput]]:
@@ -137,11 +136,15 @@ def measure(model: str, prompts: int, max_tokens: int, prompt_len: int = 128) ->
 
 
 def mask_scaling(tokenizer: Path, threads: list[int], rows: int, steps: int, vocab_size: int,
-                 fresh: bool = False) -> list[dict]:
-    """Microseconds per row of a step's masks, made as the engine makes them (Grammars.masks_async)
-    on each thread count: `rows` matchers of SCHEMA walk `steps` steps, each by a random allowed
-    token (the same walk for every thread count). `fresh` builds every matcher from the grammar
-    text instead of copying a first one (Grammars.matcher)."""
+                 fresh: bool = False, busy: bool = False) -> list[dict]:
+    """Microseconds per row of a step's grammar work, done as the engine does it
+    (Grammars.advance_async: each row consumes its token, then makes its next mask) on each thread
+    count: `rows` matchers of SCHEMA walk `steps` steps, each by a random allowed token (the same
+    walk for every thread count). `fresh` builds every matcher from the grammar text instead of
+    copying a first one (Grammars.matcher); `busy` runs a Python thread beside the walk, as the
+    engine thread runs Python while the masks are made (docs/benchmarks.md, "The GIL")."""
+    import threading  # noqa: PLC0415
+
     import llguidance  # noqa: PLC0415 (the engine's dependency)
     import numpy as np  # noqa: PLC0415
 
@@ -150,24 +153,39 @@ def mask_scaling(tokenizer: Path, threads: list[int], rows: int, steps: int, voc
     results = []
     for count in threads:
         grammars = Grammars(tokenizer_json, vocab_size, Tokenizer.from_folder(tokenizer).eos_token_ids, threads=count)
-        matchers = [llguidance.LLMatcher(grammars._tokenizer(), grammar, log_level=0) if fresh
-                    else grammars.matcher(grammar) for _ in range(rows)]
+        live = [llguidance.LLMatcher(grammars._tokenizer(), grammar, log_level=0) if fresh
+                else grammars.matcher(grammar) for _ in range(rows)]
+        packed = grammars.wait(grammars.masks_async(live, pinned=False)).numpy()
         rng = np.random.default_rng(0)
-        seconds, masks = 0.0, 0
+        stop = threading.Event()
+        spinner = threading.Thread(target=_spin, args=(stop,), daemon=True)
+        if busy:
+            spinner.start()
+        seconds, done = 0.0, 0
         for _ in range(steps):
-            live = [m for m in matchers if not m.is_stopped()]
-            if not live:
-                break
+            allowed = (np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab_size])
+                       for bits in packed)
+            tokens = [int(rng.choice(ids)) for ids in allowed]
             began = time.perf_counter()
-            packed = grammars.wait(grammars.masks_async(live, pinned=False)).numpy()
+            packed = grammars.wait(grammars.advance_async(live, tokens, pinned=False)).numpy()
             seconds += time.perf_counter() - began
-            masks += len(live)
-            for m, bits in zip(live, packed):
-                allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab_size])
-                m.consume_token(int(rng.choice(allowed)))
-        results.append({"threads": count, "rows": rows, "masks": masks, "fresh": fresh,
-                        "us_per_row": round(1e6 * seconds / max(1, masks), 1)})
+            done += len(live)
+            keep = [i for i, m in enumerate(live) if not m.is_stopped()]
+            if not keep:
+                break
+            live, packed = [live[i] for i in keep], packed[keep]
+        stop.set()
+        results.append({"threads": count, "rows": rows, "rows_done": done, "fresh": fresh, "busy": busy,
+                        "us_per_row": round(1e6 * seconds / max(1, done), 1)})
     return results
+
+
+def _spin(stop) -> None:
+    """Python work until `stop` is set (holds the GIL as an engine thread between its waits)."""
+    total = 0
+    while not stop.is_set():
+        for i in range(1000):
+            total += i
 
 
 def main() -> None:
@@ -183,12 +201,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="--masks-only: steps of the walk")
     parser.add_argument("--vocab-size", type=int, default=128_256, help="--masks-only: the model's vocabulary")
     parser.add_argument("--fresh", action="store_true", help="--masks-only: a matcher per row from the text")
+    parser.add_argument("--busy", action="store_true", help="--masks-only: a Python thread spins beside the masks")
     args = parser.parse_args()
     if args.masks_only:
         if args.tokenizer_from is None:
             raise SystemExit("--masks-only needs --tokenizer-from: a byte-level tokenizer's folder")
         for row in mask_scaling(args.tokenizer_from, [int(t) for t in args.threads.split(",")], args.rows,
-                                args.steps, args.vocab_size, args.fresh):
+                                args.steps, args.vocab_size, args.fresh, args.busy):
             print(json.dumps(row))
         return
     if args.tokenizer_from is not None:

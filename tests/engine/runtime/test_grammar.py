@@ -166,7 +166,8 @@ def test_matchers_of_one_grammar_are_copies_that_move_alone(tokenizer, grammars,
 def test_rows_split_over_mask_threads_get_their_own_masks(tokenizer):
     """Matchers go to the mask threads in turn, each copied from its thread's first matcher of the
     grammar; a step's rows, computed on their threads at once, land at their own rows: the masks and
-    the advanced matchers equal one thread's. A released sequence's matcher is forgotten."""
+    the advanced matchers equal one thread's, an advance's masks equal masks made after it, and a
+    stopped matcher's row allows only EOS. A released sequence's matcher is forgotten."""
     schema = json_schema_grammar({"type": "object", "required": ["name", "n"],
                                   "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}}})
     regex = llguidance.grammar_from("regex", "[a-c]{3}-[0-9]{2}")
@@ -181,8 +182,13 @@ def test_rows_split_over_mask_threads_get_their_own_masks(tokenizer):
         assert sorted(g._thread_of[id(m)] for m in matchers) == sorted(i % threads for i in range(len(rows)))
         masks = g.wait(g.masks_async(matchers, pinned=False))
         first_allowed = [int(torch.nonzero(g.blocked(masks[i:i + 1])[0] == 0)[0]) for i in range(len(rows))]
-        going_on, after = g.wait(g.advance_async(matchers, first_allowed, pinned=False))
-        results.append((masks, [matchers.index(m) for m in going_on], after))
+        after = g.wait(g.advance_async(matchers, first_allowed, pinned=False))
+        assert torch.equal(after, g.wait(g.masks_async(matchers, pinned=False)))   # as if made after the advance
+        stopped = [m.is_stopped() for m in matchers]
+        for row in (i for i, s in enumerate(stopped) if s):          # a stopped row may only end
+            assert torch.nonzero(g.blocked(after[row:row + 1])[0] == 0).flatten().tolist() == \
+                sorted(tokenizer.eos_token_ids)
+        results.append((masks, stopped, after))
         sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids)
         sampler.grammars = g
         sampler.register(0, SamplingParams(grammar=regex), [1])
@@ -190,8 +196,9 @@ def test_rows_split_over_mask_threads_get_their_own_masks(tokenizer):
         assert id(made) in g._thread_of
         sampler.release(0)
         assert id(made) not in g._thread_of
-    (one_masks, one_going, one_after), (three_masks, three_going, three_after) = results
-    assert torch.equal(one_masks, three_masks) and one_going == three_going and torch.equal(one_after, three_after)
+    (one_masks, one_stopped, one_after), (three_masks, three_stopped, three_after) = results
+    assert torch.equal(one_masks, three_masks) and one_stopped == three_stopped and torch.equal(one_after, three_after)
+    assert any(one_stopped) and not all(one_stopped)      # "abc-1" + a digit completes its regex
     assert bool((one_masks != one_masks[0]).any())        # the rows' masks differ: a mix-up would show
 
 

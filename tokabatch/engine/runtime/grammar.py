@@ -20,13 +20,17 @@ on copies of one first matcher at once take turns (docs/benchmarks.md, "Mask thr
 grammar keeps one first matcher per mask thread (made when a copy is first wanted on that
 thread), a copy stays on the thread of its first matcher (handed out round-robin), and a step's
 rows run on their threads at once: the grammar thread takes one share, helper threads the others,
-each through a one-thread llguidance executor, which releases the GIL.
+each through a one-thread llguidance executor, which releases the GIL. Advancing a row and making
+its next mask happen in one share, so a step's rows cost each thread one start and one return,
+and the process's GIL switch interval is shortened (GIL_SWITCH_INTERVAL_S) so that those do not
+wait behind the engine thread's Python.
 Torch + llguidance only.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +42,10 @@ from torch import Tensor
 from tokabatch.errors import InvalidRequest
 
 CACHED_GRAMMARS = 256
+# The engine process's GIL switch interval once masks are made (Python's default: 5 ms). Each mask
+# thread takes the GIL to start its share and to return; while the engine thread runs Python
+# (scheduling, launching), each of those waits up to one interval (docs/benchmarks.md, "The GIL").
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 def default_threads() -> int:
@@ -62,10 +70,10 @@ class Grammars:
         self._first_matchers: OrderedDict[str, dict[int, object]] = OrderedDict()
         self._thread_of: dict[int, int] = {}        # id(matcher handed out) -> its mask thread
         self._handed_out = 0
-        # Counters (benchmarks/structured.py): masks made, their rows and seconds on the grammar
-        # thread, its seconds advancing matchers, and the seconds the engine thread waited for both.
+        # Counters (benchmarks/structured.py): masks made, their rows and the grammar thread's
+        # seconds making them (with the advance before them), and the seconds the engine waited.
         self.mask_calls = self.mask_rows = 0
-        self.mask_seconds = self.consume_seconds = self.wait_seconds = 0.0
+        self.mask_seconds = self.wait_seconds = 0.0
         self._bits: dict[torch.device, Tensor] = {}
 
     def _tokenizer(self):
@@ -75,6 +83,8 @@ class Grammars:
             self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
                                                         eos_token=self._eos_token_ids or None)
             self._executors = [llguidance.LLExecutor(num_threads=1) for _ in range(self.threads)]
+            if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+                sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         return self._ll_tokenizer
 
     def matcher(self, grammar: str):
@@ -120,10 +130,10 @@ class Grammars:
         return self._submit(self._masks, list(matchers), pinned)
 
     def advance_async(self, matchers: list, tokens: list[int], pinned: bool) -> Future:
-        """Advance each matcher by its row's sampled token, then make the masks of those not stopped,
-        all on the mask threads (the engine thread only queues it). The result: (the matchers
-        going on, their packed masks as masks_async makes them, or None when none goes on). A token
-        the grammar refuses leaves its matcher in the error state, whose next mask lets the row end.
+        """Advance each matcher by its row's sampled token, then make its next mask, all on the mask
+        threads (the engine thread only queues it): the result is as masks_async's, one row per
+        matcher. A stopped matcher's mask allows only EOS; a token the grammar refuses leaves its
+        matcher in the error state, whose mask does the same, so the row can end.
         Do not touch these matchers until the result is in."""
         return self._submit(self._advance, list(matchers), list(tokens), pinned)
 
@@ -165,21 +175,24 @@ class Grammars:
         if error is not None:
             raise error
 
-    def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> tuple[list, Tensor | None]:
-        began = time.perf_counter()
-        self._on_threads(lambda ex, share: ex.consume_token_par(share), list(zip(matchers, tokens)))
-        self.consume_seconds += time.perf_counter() - began
-        going_on = [m for m in matchers if not m.is_stopped()]
-        return going_on, self._masks(going_on, pinned) if going_on else None
+    def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> Tensor:
+        return self._masks(matchers, pinned, tokens)
 
-    def _masks(self, matchers: list, pinned: bool) -> Tensor:
+    def _masks(self, matchers: list, pinned: bool, tokens: list[int] | None = None) -> Tensor:
+        """One packed mask row per matcher, in order; with `tokens`, each matcher consumes its row's
+        token first, on the same thread in the same share (no barrier between the two)."""
         began = time.perf_counter()
         words = (self.vocab_size + 31) // 32
         rows = len(matchers)
         bitmask = torch.empty((rows, words), dtype=torch.int32, pin_memory=pinned)   # every row written
         ptr = bitmask.data_ptr()
-        self._on_threads(lambda ex, share: ex.unsafe_compute_mask_ptr(share, ptr, words * 4, rows),
-                         [(m, i) for i, m in enumerate(matchers)])
+
+        def work(ex, share: list) -> None:          # share: [(matcher, (row, token))]
+            if tokens is not None:
+                ex.consume_token_par([(m, token) for m, (_, token) in share])
+            ex.unsafe_compute_mask_ptr([(m, row) for m, (row, _) in share], ptr, words * 4, rows)
+
+        self._on_threads(work, [(m, (i, tokens[i] if tokens is not None else None)) for i, m in enumerate(matchers)])
         self.mask_calls += 1
         self.mask_rows += rows
         self.mask_seconds += time.perf_counter() - began

@@ -121,9 +121,9 @@ class Sampler:
             self._shared.manual_seed(seed & _MASK64)
         self._states: dict[int, _SeqState] = {}
         self.grammars: Grammars | None = None     # set by the factory, which knows the tokenizer
-        # The grammar thread's job for the constrained rows' next step: their matchers advanced by
-        # the last tokens, then the masks of those going on (Grammars.advance_async).
-        self._next_masks: Future | None = None
+        # The grammar thread's job for the constrained rows' next step: those rows' matchers, being
+        # advanced by the last tokens and then making their masks (Grammars.advance_async).
+        self._next_masks: tuple[list, Future] | None = None
 
     # -- per-sequence state ---------------------------------------------------------------------
 
@@ -254,18 +254,19 @@ class Sampler:
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
         """Hand the `constrained` rows' sampled tokens to the grammar thread, which advances their
-        matchers and makes the masks of those that go on (the next step's, most likely)."""
+        matchers and makes their next masks (the next step's, most likely)."""
         if not constrained:
             return
         assert self.grammars is not None
         self._drop_next_masks()
-        self._next_masks = self.grammars.advance_async([states[i].matcher for i in constrained],
-                                                       [tokens[i] for i in constrained], self.device.type == "cuda")
+        matchers = [states[i].matcher for i in constrained]
+        self._next_masks = matchers, self.grammars.advance_async(matchers, [tokens[i] for i in constrained],
+                                                                 self.device.type == "cuda")
 
     def _drop_next_masks(self) -> None:
         """Forget the masks being made (after waiting for them: their matchers must not move meanwhile)."""
         if self._next_masks is not None:
-            self.grammars.wait(self._next_masks)
+            self.grammars.wait(self._next_masks[1])
             self._next_masks = None
 
     def _blocked(self, matchers: list) -> Tensor:
@@ -274,12 +275,12 @@ class Sampler:
         assert self.grammars is not None
         pinned = self.device.type == "cuda"
         made, self._next_masks = self._next_masks, None
-        going_on, made_packed = self.grammars.wait(made) if made is not None else ([], None)
+        made_for, made_packed = (made[0], self.grammars.wait(made[1])) if made is not None else ([], None)
         if made_packed is not None:
             made_packed = made_packed.to(self.device, non_blocking=True)
-            if len(going_on) == len(matchers) and all(a is b for a, b in zip(going_on, matchers)):
+            if len(made_for) == len(matchers) and all(a is b for a, b in zip(made_for, matchers)):
                 return self.grammars.blocked(made_packed)         # exactly the rows made, in order: most steps
-        index = {id(m): row for row, m in enumerate(going_on)}
+        index = {id(m): row for row, m in enumerate(made_for)}
         rows = [index.get(id(m)) for m in matchers]
         missing = [i for i, r in enumerate(rows) if r is None]
         fresh_packed = self.grammars.wait(self.grammars.masks_async([matchers[i] for i in missing], pinned)) \

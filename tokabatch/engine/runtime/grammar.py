@@ -45,7 +45,7 @@ CACHED_GRAMMARS = 256
 # The engine process's GIL switch interval once masks are made (Python's default: 5 ms). Each mask
 # thread takes the GIL to start its share and to return; while the engine thread runs Python
 # (scheduling, launching), each of those waits up to one interval (docs/benchmarks.md, "The GIL").
-GIL_SWITCH_INTERVAL_S = 0.0002
+GIL_SWITCH_INTERVAL_S = 0.00005
 
 
 def default_threads() -> int:

@@ -73,6 +73,9 @@ class _Pending:
     def __init__(self, result: StepResult, ready_at: float) -> None:
         self._result, self._ready_at = result, ready_at
 
+    def draw(self) -> None:
+        """Nothing is held back here."""
+
     def result(self) -> StepResult:
         wait = self._ready_at - time.monotonic()
         if wait > 0:

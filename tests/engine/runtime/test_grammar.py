@@ -217,3 +217,26 @@ def test_a_failing_share_is_raised_once_the_other_shares_are_done(tokenizer):
     with pytest.raises(ValueError, match="boom"):
         g._on_threads(work, [(object(), i) for i in range(6)])
     assert done == [2, 2]
+
+
+def test_a_constrained_draw_is_held_back_until_asked(tokenizer):
+    """sample_async launches an unconstrained step's draw at once, and a step with constrained rows
+    only at draw() or the call (its masks may still be in the making: pipelined_loop.py)."""
+    g = Grammars(tokenizer.to_json(), 49152, tokenizer.eos_token_ids, threads=1)
+    sampler = Sampler(49152, "cpu", tokenizer.eos_token_ids, seed=1)
+    sampler.grammars = g
+    sampler.register(0, SamplingParams(grammar=llguidance.grammar_from("regex", "[a-c]{3}")), [1])
+    sampler.register(1, SamplingParams(temperature=1.0), [1])
+    logits = torch.randn(1, 49152)
+    before = sampler._shared.get_state()
+    free = sampler.sample_async([1], logits)
+    assert not torch.equal(before, sampler._shared.get_state())         # drawn already
+    pending = sampler.sample_async([0], logits)
+    assert g.mask_calls == 0
+    pending.draw()
+    pending.draw()                                                        # once
+    assert g.mask_calls == 1
+    (token,) = pending()
+    text = tokenizer.decode([token.token_id])
+    assert 1 <= len(text) <= 3 and set(text) <= set("abc")
+    assert len(free()) == 1

@@ -134,3 +134,46 @@ def test_the_affinity_table_is_bounded() -> None:
     for i in range(50):
         loop.add(greedy(f"k{i}", (i,) * 4, 10))
     assert len(loop._affinity) == 10 and (49,) * 4 in loop._affinity and (0,) * 4 not in loop._affinity
+
+
+class _Pending:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log, self.read = name, log, False
+
+    def draw(self) -> None:
+        self.log.append(f"draw {self.name}")
+
+    def result(self):                  # read once, as runner.PendingStep
+        if not self.read:
+            self.read = True
+            self.log.append(f"tokens {self.name}")
+
+
+class _TimedHalf:
+    """Logs when its steps launch, draw and give their tokens."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log, self.steps = name, log, 0
+
+    def begin_step(self):
+        self.steps += 1
+        self.log.append(f"launch {self.name}{self.steps}")
+        return ("plan", _Pending(f"{self.name}{self.steps}", self.log))
+
+    def end_step(self, launched):
+        if launched is not None:
+            launched[1].result()
+            self.log.append(f"end {launched[1].name}")
+        return []
+
+
+def test_the_other_half_tokens_are_read_before_this_half_draws() -> None:
+    """A held-back draw (constrained rows) waits for its masks; the other half's tokens are read
+    first, so its grammar job queues behind this half's instead of after the wait."""
+    log: list[str] = []
+    loop = PipelinedLoop([_TimedHalf("a", log), _TimedHalf("b", log)], None)
+    for _ in range(3):
+        loop.step()
+    assert log == ["launch a1", "draw a1",
+                   "launch b1", "tokens a1", "draw b1", "end a1",
+                   "launch a2", "tokens b1", "draw a2", "end b1"]

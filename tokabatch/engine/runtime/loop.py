@@ -62,7 +62,10 @@ def raise_gc_threshold() -> None:
 
 
 class PendingStep(Protocol):
-    """A launched step: `result()` waits for its sampled tokens."""
+    """A launched step: `result()` waits for its sampled tokens. `draw()` launches its sampling if
+    the runner held it back (a draw with constrained rows waits for their masks); `result()` does too."""
+
+    def draw(self) -> None: ...
 
     def result(self) -> StepResult: ...
 

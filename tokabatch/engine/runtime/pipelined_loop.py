@@ -99,11 +99,21 @@ class PipelinedLoop:
         return EngineStats(**merged, extra={**a.extra, **b.extra})
 
     def step(self) -> list[Item]:
-        """Launch this turn's half, then finish the other half's step that ran before it."""
+        """Launch this turn's half, then finish the other half's step that ran before it.
+
+        The other half's tokens are read before this half's draw is launched: a draw with
+        constrained rows waits for their masks (held back by the sampler), and reading the other
+        half's tokens first queues its grammar job behind this one's, so the grammar thread goes
+        from one to the next instead of waiting for the engine thread in between."""
         i, j = self._turn, 1 - self._turn
         self._turn = j
         launched = self.halves[i].begin_step()
-        out = self.halves[j].end_step(self._pending[j])
+        before = self._pending[j]
+        if before is not None and before[1] is not None:
+            before[1].result()
+        if launched is not None and launched[1] is not None:
+            launched[1].draw()
+        out = self.halves[j].end_step(before)
         self._pending[j] = None
         self._pending[i] = launched
         for item in out:

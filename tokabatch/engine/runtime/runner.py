@@ -18,17 +18,17 @@ Must not import the scheduler or the service.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from tokabatch.engine.api import TokenLogprob
-from tokabatch.engine.core.plan import PrefixGroup, SampledToken, SeqWork, StepPlan, StepResult
+from tokabatch.engine.core.plan import PrefixGroup, SeqWork, StepPlan, StepResult
 from tokabatch.engine.models.layers import AttentionFn
 from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
-from tokabatch.engine.runtime.sampling import Sampler
+from tokabatch.engine.runtime.sampling import PendingSample, Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
 if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
@@ -128,10 +128,10 @@ class ModelRunner:
         return self._long(ids), self._long(positions), seqs
 
     def _sample(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn],
-                hidden: Tensor) -> Callable[[], list[SampledToken]]:
+                hidden: Tensor) -> PendingSample:
         picked = [(w.seq_id, s.q_start + s.q_len - 1) for w, s in zip(works, seqs) if w.sample]
         if not picked:
-            return list
+            return PendingSample(list)
         rows = self._long([row for _, row in picked])
         logits = self.model.compute_logits(hidden.index_select(0, rows))   # [num_sampled, vocab]
         return self.sampler.sample_async([seq_id for seq_id, _ in picked], logits)
@@ -162,9 +162,14 @@ class PendingStep:
     """A launched step: `result()` waits for its sampled tokens (once) and returns the StepResult."""
 
     def __init__(self, done: StepResult | None, plan: StepPlan | None = None,
-                 finish: Callable[[], list[SampledToken]] | None = None,
+                 finish: PendingSample | None = None,
                  prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]], ...] = ()) -> None:
         self._done, self._plan, self._finish, self._prompt_logprobs = done, plan, finish, prompt_logprobs
+
+    def draw(self) -> None:
+        """Launch the step's draw if the sampler held it back (its constrained rows' masks)."""
+        if self._finish is not None:
+            self._finish.draw()
 
     def result(self) -> StepResult:
         if self._done is None:

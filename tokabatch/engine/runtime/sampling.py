@@ -96,6 +96,23 @@ class _SeqState:
         return bool(self.blocked_ids) and len(self.output_ids) < self.params.min_tokens
 
 
+class PendingSample:
+    """Sampler.sample_async's draw: `draw()` launches it if it was held back (its constrained rows'
+    masks were not waited for yet); calling it waits for the tokens (drawing first if needed)."""
+
+    __slots__ = ("_finish", "_draw")
+
+    def __init__(self, finish: Callable[[], list[SampledToken]], draw: Callable[[], None] | None = None) -> None:
+        self._finish, self._draw = finish, draw
+
+    def draw(self) -> None:
+        if self._draw is not None:
+            self._draw()
+
+    def __call__(self) -> list[SampledToken]:
+        return self._finish()
+
+
 class Sampler:
     """Samples one token per row of a step's logits, remembering what penalties need.
 
@@ -211,35 +228,46 @@ class Sampler:
         """
         return self.sample_async(seq_ids, logits)()
 
-    def sample_async(self, seq_ids: list[int], logits: Tensor) -> Callable[[], list[SampledToken]]:
+    def sample_async(self, seq_ids: list[int], logits: Tensor) -> PendingSample:
         """`sample` in two halves: launch the draw now, get the tokens from the returned callable.
 
         On CUDA the draw's kernels and the copy of the tokens to pinned host memory are queued and
         this returns at once, so the caller can do CPU work while the GPU finishes; calling the
         result waits for the copy and records the tokens (call it before this sampler's next
-        `sample*`: penalties and min_tokens read the recorded tokens). Rows that want logprobs
-        are computed synchronously (their top-k needs the host)."""
+        `sample*`: penalties and min_tokens read the recorded tokens). A step with constrained
+        rows holds its draw back until the result's `draw()` (or the call): the draw waits for
+        their masks, and the caller may first read another sampler's tokens so that their grammar
+        job queues behind this one's (pipelined_loop.py). Rows that want logprobs are computed
+        synchronously (their top-k needs the host)."""
         self._check_logits(logits, len(seq_ids))
         if not seq_ids:
-            return list
+            return PendingSample(list)
         states = [self._state(s) for s in seq_ids]
         kinds = {s.fast_kind for s in states}
         fast = kinds.pop() if len(kinds) == 1 else ""
         if fast or (all(s.unadjusted or s.only_grammar for s in states)
                     and all(s.params.logprobs is None for s in states)):
             constrained = [] if fast else [i for i, s in enumerate(states) if s.matcher is not None]
-            # The masks are made on the CPU while the GPU still runs the step that made the logits.
-            x = self._mask_grammar(logits, states, constrained) if constrained else logits
-            tokens = self._choose_unadjusted(x, states, fast)
-            if tokens.device.type == "cuda":
-                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                host.copy_(tokens, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                host, done = tokens, None
+            drawn: list[tuple[Tensor, torch.cuda.Event | None]] = []
+
+            def draw() -> None:
+                if drawn:
+                    return
+                # The masks are made on the CPU while the GPU still runs the step that made the logits.
+                x = self._mask_grammar(logits, states, constrained) if constrained else logits
+                tokens = self._choose_unadjusted(x, states, fast)
+                if tokens.device.type == "cuda":
+                    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                    host.copy_(tokens, non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                    drawn.append((host, done))
+                else:
+                    drawn.append((tokens, None))
 
             def finish() -> list[SampledToken]:
+                draw()
+                host, done = drawn[0]
                 if done is not None:
                     done.synchronize()
                 token_list = host.tolist()
@@ -248,9 +276,11 @@ class Sampler:
                 self._consume(states, token_list, constrained)
                 return sampled_tokens(seq_ids, token_list)
 
-            return finish
+            if not constrained:
+                draw()
+            return PendingSample(finish, draw)
         result = self._sample_now(seq_ids, logits, states)
-        return lambda: result
+        return PendingSample(lambda: result)
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
         """Hand the `constrained` rows' sampled tokens to the grammar thread, which advances their

@@ -42,9 +42,10 @@ from torch import Tensor
 from tokabatch.errors import InvalidRequest
 
 CACHED_GRAMMARS = 256
-# The engine process's GIL switch interval once masks are made (Python's default: 5 ms). Each mask
-# thread takes the GIL to start its share and to return; while the engine thread runs Python
-# (scheduling, launching), each of those waits up to one interval (docs/benchmarks.md, "The GIL").
+# The engine process's GIL switch interval once masks are made (Python's default: 5 ms; the whole
+# process's where the engine runs in-process, as in `tokabatch run`). Each mask thread takes the
+# GIL to start its share and to return; while the engine thread runs Python (scheduling,
+# launching), each of those waits up to one interval (docs/benchmarks.md, "The GIL").
 GIL_SWITCH_INTERVAL_S = 0.00005
 
 

@@ -94,7 +94,7 @@ def speed_up_planning(on: bool = True) -> bool:
     Returns whether the fast max is in place."""
     version = getattr(flashinfer, "__version__", "")
     if on and not version.startswith(PLANNER_PATCHED_FOR):
-        log.warning("flashinfer %s: its planners are left as it is (the one-reduction max was written "
+        log.warning("flashinfer %s: its planners are left as they are (the one-reduction max was written "
                     "for %s)", version, PLANNER_PATCHED_FOR)
         on = False
     if on:

@@ -177,3 +177,26 @@ def test_the_other_half_tokens_are_read_before_this_half_draws() -> None:
     assert log == ["launch a1", "draw a1",
                    "launch b1", "tokens a1", "draw b1", "end a1",
                    "launch a2", "tokens b1", "draw a2", "end b1"]
+
+
+def test_constrained_and_free_rows_give_the_same_outputs_in_two_halves(tiny) -> None:  # noqa: F811
+    """Constrained rows (their draws held back while the other half's tokens are read first) mixed
+    with free ones: two halves give one loop's tokens, and every constrained output matches."""
+    import re
+
+    import llguidance
+
+    _, folder = tiny
+    pattern = "[a-c]{2,6}-[0-9]{1,3}"
+    grammar = llguidance.grammar_from("regex", pattern)
+    requests = [greedy(f"g{i}", prompt(200 + i, 6 + 5 * i % 30), 12, grammar=grammar if i % 3 else None,
+                       n=1 + i % 2) for i in range(12)]
+    single = run(make(folder, 1), requests)
+    piped = run(make(folder, 2), requests)
+    assert piped.keys() == single.keys()
+    for rid, out in single.items():
+        assert [c.token_ids for c in piped[rid].choices] == [c.token_ids for c in out.choices], rid
+    constrained = [r.request_id for i, r in enumerate(requests) if i % 3]
+    for rid in constrained:
+        for choice in piped[rid].choices:
+            assert re.fullmatch(pattern, choice.text) and choice.finish_reason == "stop", choice   # (<= 10 tokens)

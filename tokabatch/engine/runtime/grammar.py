@@ -136,7 +136,7 @@ class Grammars:
         matcher. A stopped matcher's mask allows only EOS; a token the grammar refuses leaves its
         matcher in the error state, whose mask does the same, so the row can end.
         Do not touch these matchers until the result is in."""
-        return self._submit(self._advance, list(matchers), list(tokens), pinned)
+        return self._submit(self._masks, list(matchers), pinned, list(tokens))
 
     def wait(self, job: Future):
         """The result of `masks_async` or `advance_async`, counting the seconds spent waiting for it."""
@@ -175,9 +175,6 @@ class Grammars:
             error = error or failed
         if error is not None:
             raise error
-
-    def _advance(self, matchers: list, tokens: list[int], pinned: bool) -> Tensor:
-        return self._masks(matchers, pinned, tokens)
 
     def _masks(self, matchers: list, pinned: bool, tokens: list[int] | None = None) -> Tensor:
         """One packed mask row per matcher, in order; with `tokens`, each matcher consumes its row's

@@ -119,10 +119,14 @@ class PagedStepAttention:
         k_flat.index_copy_(0, self.slots, k.to(k_flat.dtype))
         v_flat.index_copy_(0, self.slots, v.to(v_flat.dtype))
         kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
-        return self.attend(layer_idx, q.contiguous(), kv).to(q.dtype)
+        # flashinfer's decode and prefill kernels (fa2, fa3) read q through its row and head strides,
+        # so q stays a view of the model's qkv output: a copy per layer was 6% of a grouped decode
+        # step's GPU time (docs/benchmarks.md, "The batch-2048 profile").
+        return self.attend(layer_idx, q if q.stride(-1) == 1 else q.contiguous(), kv).to(q.dtype)
 
     def attend(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
-        """q (contiguous) against the layer's paged K/V, the step's own K/V already in place."""
+        """q (its last dimension contiguous; rows and heads may be strided, as a view of the
+        projections) against the layer's paged K/V, the step's own K/V already in place."""
         raise NotImplementedError
 
 

@@ -31,6 +31,12 @@ from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
 from tokabatch.engine.runtime.sampling import PendingSample, Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
+# torch's CPU threads in a CUDA engine: its host tensors are small (a step's indices and lengths), and
+# with the default (one per core) the idle OpenMP threads spin between ops: on the 16-core H100 host a
+# W8-quick run used 92 s of CPU in 14.9 s of wall with the default, 14.6 s with one thread, at the same
+# output rate (docs/benchmarks.md, "Where TB's time goes now").
+CUDA_HOST_THREADS = 1
+
 if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
     from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs
     from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
@@ -217,6 +223,8 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
     their grouped twins (hydragen_graphs.py); with `fused_kernels` the model's
     elementwise work and the samplers' draw run on flashinfer's fused kernels (flashinfer_kernels.py)."""
     model, spec = load_model(path, dtype=dtype, device=device)
+    if spec.device.type == "cuda":
+        torch.set_num_threads(CUDA_HOST_THREADS)
     draw = None
     if fused_kernels and _flashinfer_device(spec):
         from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels, draw_from_logits

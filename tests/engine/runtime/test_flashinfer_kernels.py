@@ -3,8 +3,9 @@
 GPU machine only (marked `gpu`; skipped without CUDA or flashinfer). Each kernel on the shapes of
 Llama-3.2-1B (llama3 rotary scaling, positions up to 100k) and Qwen2.5-0.5B, within bf16 rounding of
 torch's LayerKernels; a two-layer model's logits with either set within the backends' tolerance;
-the fused draw's token frequencies against the softmax at three temperatures, and seeded
-reproduction through the sampler's shared generator.
+the fused draws' token frequencies against the softmax at three temperatures, and seeded
+reproduction through the sampler's shared generator: flashinfer's and the one-pass Triton draw
+(triton_draw.py, where triton imports).
 """
 
 from __future__ import annotations
@@ -24,11 +25,24 @@ from tests.engine.runtime.test_flashinfer import LLAMA_1B, PAGE, Driver, random_
 from tokabatch.engine.api import SamplingParams  # noqa: E402
 from tokabatch.engine.models.layers import LayerKernels  # noqa: E402
 from tokabatch.engine.runtime.flashinfer_backend import FlashInferBackend  # noqa: E402
-from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels, draw_from_logits  # noqa: E402
+from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels  # noqa: E402
+from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits as flashinfer_draw  # noqa: E402
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 from tokabatch.engine.runtime.sampling import Sampler  # noqa: E402
 
 DEV = torch.device("cuda")
+
+
+def _draws() -> list:
+    draws = [pytest.param(flashinfer_draw, id="flashinfer")]
+    try:
+        from tokabatch.engine.runtime.triton_draw import draw_from_logits as triton_draw
+    except ImportError:
+        return draws
+    return draws + [pytest.param(triton_draw, id="triton")]
+
+
+DRAWS = pytest.mark.parametrize("draw_from_logits", _draws())
 CONFIGS = pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 
 
@@ -84,8 +98,9 @@ def test_model_logits_match_with_either_kernel_set(config: dict) -> None:
         assert rel < 2e-2, f"step {step}: max relative error {rel:.3g}"
 
 
+@DRAWS
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
-def test_fused_draw_follows_the_softmax(temperature: float) -> None:
+def test_fused_draw_follows_the_softmax(temperature: float, draw_from_logits) -> None:
     logits = [2.0, 1.5, 1.2, 0.9, 0.3, -0.2, -1.0, 0.5]
     num = 40_000
     sampler = Sampler(len(logits), DEV, (7,), seed=1, draw=draw_from_logits)
@@ -99,7 +114,8 @@ def test_fused_draw_follows_the_softmax(temperature: float) -> None:
     assert max(abs(o - e) for o, e in zip(observed, expected)) < 0.01, (observed, expected)
 
 
-def test_fused_draw_reproduces_from_the_sampler_seed_and_mixes_temperatures() -> None:
+@DRAWS
+def test_fused_draw_reproduces_from_the_sampler_seed_and_mixes_temperatures(draw_from_logits) -> None:
     gen = torch.Generator(device=DEV).manual_seed(3)
     logits = torch.randn(64, 128256, generator=gen, device=DEV).to(torch.bfloat16)
 

@@ -28,7 +28,7 @@ from tokabatch.engine.core.plan import PrefixGroup, SeqWork, StepPlan, StepResul
 from tokabatch.engine.models.layers import AttentionFn
 from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
-from tokabatch.engine.runtime.sampling import PendingSample, Sampler
+from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
 # torch's CPU threads in a CUDA engine: its host tensors are small (a step's indices and lengths), and
@@ -107,8 +107,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One eager step over the scratch page (a prefill chunk of one page and a decode row), so the
-        attention kernels are compiled and loaded before the first request. Needs a scratch page."""
+        """One eager step over the scratch page (a prefill chunk of one page and a decode row) and a
+        draw from its logits, so the attention and draw kernels are compiled and loaded before the
+        first request. Needs a scratch page."""
         scratch = self.kv_cache.scratch_page
         if scratch is None:
             return
@@ -117,7 +118,7 @@ class ModelRunner:
                 SeqAttn(q_start=1, q_len=ps, start_pos=0, page_ids=(scratch,))]
         attn = self.backend.begin_step(seqs, ps + 1)
         hidden = self.model(self._long([0] * (ps + 1)), self._long([0] + list(range(ps))), attn)
-        self.model.compute_logits(hidden[[0, ps]])
+        self.sampler.warm_up(self.model.compute_logits(hidden[[0, ps]]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -209,6 +210,16 @@ def select_backend(cache: KVCache, num_heads: int, config: AttentionConfig = DEF
     return TorchBackend(cache, use_hydragen=config.hydragen)
 
 
+def _fused_draw() -> Draw:
+    """The sampler's fused draw: the one-pass Triton draw (triton_draw.py) where triton imports,
+    else flashinfer's (flashinfer_kernels.py), which converts the logits to float32 first."""
+    try:
+        from tokabatch.engine.runtime.triton_draw import draw_from_logits
+    except ImportError:
+        from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits
+    return draw_from_logits
+
+
 def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto", page_size: int = 16,
                   kv_cache_tokens: int | None = None, kv_memory_fraction: float = 0.9,
                   seed: int | None = None, attention: AttentionConfig = DEFAULT_ATTENTION,
@@ -221,16 +232,17 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
     step compiles the attention kernels, then (with attention.cuda_graphs) decode steps of
     1..`max_decode_batch` rows are captured as CUDA graphs, per runner, and with attention.hydragen
     their grouped twins (hydragen_graphs.py); with `fused_kernels` the model's
-    elementwise work and the samplers' draw run on flashinfer's fused kernels (flashinfer_kernels.py)."""
+    elementwise work runs on flashinfer's fused kernels (flashinfer_kernels.py) and the samplers' draw on
+    `_fused_draw`'s."""
     model, spec = load_model(path, dtype=dtype, device=device)
     if spec.device.type == "cuda":
         torch.set_num_threads(CUDA_HOST_THREADS)
     draw = None
     if fused_kernels and _flashinfer_device(spec):
-        from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels, draw_from_logits
+        from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels
 
         model.use_kernels(FlashInferLayerKernels(model.rotary, spec.max_position_embeddings, spec.device))
-        draw = draw_from_logits
+        draw = _fused_draw()
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
     if parts == 1:
         caches = [KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)]

@@ -144,6 +144,15 @@ class Sampler:
 
     # -- per-sequence state ---------------------------------------------------------------------
 
+    def warm_up(self, logits: Tensor) -> None:
+        """Run the replacement draw once per temperature form (one float, one per row) on a throwaway
+        generator, so a draw compiled at first use (triton_draw.py) is ready before the first request."""
+        if self._draw is None:
+            return
+        generator = torch.Generator(device=self.device)
+        self._draw(logits, 1.0, generator)
+        self._draw(logits, self._float([1.0] * len(logits)), generator)
+
     def register(self, seq_id: int, params: SamplingParams, prompt_ids: Sequence[int],
                  *, choice_index: int = 0) -> None:
         """Start tracking a sequence. `choice_index` (0..n-1) separates the n choices of one seeded request.

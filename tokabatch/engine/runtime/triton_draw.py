@@ -2,17 +2,16 @@
 with the shared generator, as flashinfer_kernels.draw_from_logits does, reading each row once.
 
 flashinfer's `sampling_from_logits` converts the logits to float32 before it draws: on a 1,024-row
-step over a 128,256-token vocabulary that copy took 0.41 ms and the draw 0.37 ms of a 6.84 ms step
-(H100 profile, docs/benchmarks.md, "Where TB's time goes now"). Here one program per row reads the
-row in its own dtype, scales it by the row's inverse temperature in float32, adds Gumbel noise and
-keeps the running argmax: argmax(x / T + G), G = -log(-log U), is a draw from softmax(x / T). U
-comes from Philox keyed by the generator's seed, at counters from its offset, which then advances by
-rows x vocab (rounded up to 4), as flashinfer advances it; a token masked to -inf is never drawn.
-Not yet the engine's draw: written after the session's last GPU call, it has run only under
-Triton's CPU interpreter (token frequencies within 0.0035 of the softmax at 20,000 draws for T = 0.5
-and 1, 0.011 at 5,000 for T = 1.7; a planted token drawn across three blocks; -inf never drawn). The
-GPU tests (test_flashinfer_kernels.py) run both draws; runner.build_runners takes this one once
-they pass and a TB run against flashinfer's draw shows the gain. Needs CUDA and triton.
+step over a 128,256-token vocabulary that copy took 0.41 ms and the draw 0.37 ms of a 6.84 ms step.
+Here one program per row reads the row in its own dtype, scales it by the row's inverse temperature
+in float32, adds Gumbel noise and keeps the running argmax: argmax(x / T + G), G = -log(-log U), is
+a draw from softmax(x / T); a token masked to -inf is never drawn. U comes from Philox keyed by the
+generator's seed, four numbers per counter (one Philox call serves the same lane of a block's four
+quarters), at counters from the generator's offset, which then advances past the numbers used, as
+flashinfer advances it. On the same profile this kernel took 0.43 ms and the step 6.45 ms; TB went
+from 97.0k / 98.1k to 99.4k / 100.0k output tok/s (H100, docs/benchmarks.md, "The one-pass draw").
+A first version that took one number per Philox call took ~3 ms. Needs CUDA and triton; the
+runner's warm-up compiles it (Sampler.warm_up).
 """
 
 from __future__ import annotations
@@ -25,23 +24,35 @@ from torch import Tensor
 BLOCK = 4096
 
 
+@triton.jit
+def _keep_best(row_logits, cols, vocab, inv_t, bits, best, best_at):
+    """The running argmax of x / T + G over one quarter block; G = -log(-log U) from `bits`."""
+    x = tl.load(row_logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+    score = x * inv_t - tl.log(-tl.log(tl.random.uint_to_uniform_float(bits)))
+    better = score > best
+    return tl.where(better, score, best), tl.where(better, cols, best_at)
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _gumbel_max(logits, inv_temperature, out, vocab, row_stride, seed, offset,
+def _gumbel_max(logits, inv_temperature, out, vocab, padded_vocab, row_stride, seed, offset,
                 PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # One Philox call gives four 32-bit numbers: each counter serves the same lane of the block's
+    # four quarters, so a row uses padded_vocab / 4 counters (padded_vocab: vocab rounded up to BLOCK).
+    QUARTER: tl.constexpr = BLOCK // 4
     row = tl.program_id(0).to(tl.int64)
     inv_t = tl.load(inv_temperature + row) if PER_ROW else tl.load(inv_temperature)
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_at = tl.zeros([BLOCK], tl.int32)
+    row_logits = logits + row * row_stride
+    lanes = tl.arange(0, QUARTER)
+    first_counter = offset // 4 + row * (padded_vocab // 4)
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_at = tl.zeros([QUARTER], tl.int32)
     for start in range(0, vocab, BLOCK):
+        r0, r1, r2, r3 = tl.randint4x(seed, first_counter + start // 4 + lanes)
         cols = start + lanes
-        inside = cols < vocab
-        x = tl.load(logits + row * row_stride + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, offset + row * vocab + cols)
-        score = x * inv_t - tl.log(-tl.log(u))
-        better = score > best
-        best = tl.where(better, score, best)
-        best_at = tl.where(better, cols, best_at)
+        best, best_at = _keep_best(row_logits, cols, vocab, inv_t, r0, best, best_at)
+        best, best_at = _keep_best(row_logits, cols + QUARTER, vocab, inv_t, r1, best, best_at)
+        best, best_at = _keep_best(row_logits, cols + 2 * QUARTER, vocab, inv_t, r2, best, best_at)
+        best, best_at = _keep_best(row_logits, cols + 3 * QUARTER, vocab, inv_t, r3, best, best_at)
     top = tl.max(best, axis=0)
     tl.store(out + row, tl.min(tl.where(best == top, best_at, vocab), axis=0))
 
@@ -69,8 +80,9 @@ def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator:
         inv_t = inv_temperature.to(device=logits.device, dtype=torch.float32).contiguous()
     else:
         inv_t = torch.full((1,), float(inv_temperature), dtype=torch.float32, device=logits.device)
-    seed, offset = _seed_and_offset(generator, rows * vocab)
-    _gumbel_max[(rows,)](logits, inv_t, out, vocab, logits.stride(0), seed, offset,
+    padded_vocab = triton.cdiv(vocab, BLOCK) * BLOCK
+    seed, offset = _seed_and_offset(generator, rows * padded_vocab)
+    _gumbel_max[(rows,)](logits, inv_t, out, vocab, padded_vocab, logits.stride(0), seed, offset,
                          PER_ROW=per_row, BLOCK=BLOCK, num_warps=8)
     return out
 

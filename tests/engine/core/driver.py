@@ -46,6 +46,7 @@ class Driver:
     kv: dict[tuple[int, int], int] = field(default_factory=dict)       # (page, slot) -> prefix digest
     prompt_logprob_positions: dict[int, list[int]] = field(default_factory=dict)
     forward_tokens: int = 0
+    kv_cached_positions: int = 0                                       # rerun positions whose KV was cached
     steps: int = 0
     num_grouped_steps: int = 0                                         # steps whose plan had prefix groups
     finished: list[int] = field(default_factory=list)
@@ -73,7 +74,9 @@ class Driver:
         assert sched.pool.num_used <= sched.num_pages
         if sched._hydragen is not None:
             # The scheduler reuses the previous step's groups when they cannot differ: check that.
-            assert plan.prefix_groups == find_decode_groups(plan.decodes, sched.page_size, sched._hydragen), \
+            # (A whole-sequence hit's rerun of its last token is grouped as a decode is: SeqWork.kv_cached.)
+            grouped = plan.decodes + tuple(w for w in plan.prefills if w.kv_cached)
+            assert plan.prefix_groups == find_decode_groups(grouped, sched.page_size, sched._hydragen), \
                 f"step {plan.step_idx}: prefix groups differ from a fresh detection"
             self.num_grouped_steps += bool(plan.prefix_groups)
         sched.check_invariants()
@@ -111,8 +114,14 @@ class Driver:
         for pos in range(work.start_pos):          # attention reads: every earlier position's KV
             assert self.kv.get((work.page_ids[pos // ps], pos % ps)) == hash(tokens[:pos + 1]), \
                 f"sequence {seq.seq_id} reads wrong KV at position {pos}"
-        for pos in range(work.start_pos, end):     # writes: only into pages this sequence owns alone
+        for pos in range(work.start_pos, end):
             page = work.page_ids[pos // ps]
+            if work.kv_cached:                     # a whole-sequence hit: the KV is there, nothing written
+                assert self.kv.get((page, pos % ps)) == hash(tokens[:pos + 1]), \
+                    f"sequence {seq.seq_id}: position {pos} is marked cached but its KV is not in page {page}"
+                self.kv_cached_positions += 1
+                continue
+            # writes: only into pages this sequence owns alone
             assert sched.pool.refcount(page) == 1 and not sched.pool.in_tree(page), \
                 f"sequence {seq.seq_id} writes position {pos} into shared page {page}"
             self.kv[(page, pos % ps)] = hash(tokens[:pos + 1])

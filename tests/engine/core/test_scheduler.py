@@ -40,7 +40,7 @@ def test_second_request_prefills_only_unshared_tokens() -> None:
     assert sched.num_cached_tokens == 20 and sched.num_prompt_tokens == 48
 
 
-def test_fully_cached_prompt_still_runs_its_last_token() -> None:
+def test_fully_cached_prompt_reruns_only_its_last_token_without_writing_it() -> None:
     sched = make_scheduler(num_pages=64)
     d = Driver(sched)
     d.add(request("a", PREFIX, max_tokens=2), 2)
@@ -48,9 +48,11 @@ def test_fully_cached_prompt_still_runs_its_last_token() -> None:
     [b] = d.add(request("b", PREFIX, max_tokens=2), 2)
     plans = run_until_done(d)
     first = next(w for p in plans for w in p.prefills if w.seq_id == b)
-    # 20 tokens = 10 full pages, but the last token must run for its logits: 9 pages hit, 2 tokens run.
-    assert (first.start_pos, first.num_tokens, first.sample) == (18, 2, True)
-    assert sched.sequence(b).num_cached_tokens == 18
+    # 20 tokens = 10 full pages, all hits; the last token still runs for its logits, and its KV is
+    # in the tenth (shared) page already: the driver checks it is there and that nothing is written.
+    assert (first.start_pos, first.num_tokens, first.sample, first.kv_cached) == (19, 1, True, True)
+    assert len(first.page_ids) == 10 and d.kv_cached_positions == 1
+    assert sched.sequence(b).num_cached_tokens == 19
     assert sched.sequence(b).output_ids == d.expected_output(sched.sequence(b))
 
 
@@ -229,7 +231,7 @@ def test_num_wanted_backpressure() -> None:
     sched = make_scheduler(num_pages=64, max_seqs=4)
     assert sched.num_wanted() == 4
     for i in range(4):
-        sched.add_request(request(f"r{i}", [1, 2], max_tokens=4))
+        sched.add_request(request(f"r{i}", [i, 2], max_tokens=4))   # (distinct: none waits for another's page)
     assert sched.num_wanted() == 0
     sched.schedule()                          # admits them: the queue can take more again
     assert sched.num_waiting == 0 and sched.num_wanted() > 0
@@ -244,6 +246,26 @@ def test_hydragen_groups_in_plan() -> None:
     plans = run_until_done(d)
     grouped = [p for p in plans if p.prefix_groups]
     assert grouped and len(grouped[0].prefix_groups[0].seq_ids) == 3
+
+
+def test_samples_of_a_cached_prompt_start_in_one_group_writing_no_kv() -> None:
+    """n samples of a prompt of whole pages: choice 0 prefills it, the others wait for its pages,
+    then each reruns only its last token (KV not written), first among the prefills and grouped
+    with choice 0's decode, so their first step reads the shared prompt once."""
+    sched = make_scheduler(num_pages=200, max_seqs=8, hydragen=GroupingParams(
+        min_prefix_tokens=4, min_group=2, call_cost_tokens=0, merge_cost_tokens=0))
+    d = Driver(sched)
+    leader, *followers = d.add(request("r", PREFIX, max_tokens=4, n=4), 4)
+    plans = run_until_done(d)
+    [start] = [p for p in plans if any(w.kv_cached for w in p.prefills)]
+    assert [w.seq_id for w in start.prefills] == followers
+    assert all((w.start_pos, w.num_tokens, w.kv_cached) == (19, 1, True) for w in start.prefills)
+    assert [w.seq_id for w in start.decodes] == [leader]
+    assert [sorted(g.seq_ids) for g in start.prefix_groups] == [sorted([leader, *followers])]
+    assert d.forward_tokens == 20 + 3 + 4 * 3     # the prompt once, 3 reruns, the decodes
+    assert d.kv_cached_positions == 3
+    for seq_id in (leader, *followers):
+        assert sched.sequence(seq_id).output_ids == d.expected_output(sched.sequence(seq_id))
 
 
 def test_finished_request_id_can_be_submitted_again_but_not_a_live_one() -> None:

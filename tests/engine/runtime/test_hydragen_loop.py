@@ -101,3 +101,21 @@ def test_hydragen_settings_are_checked() -> None:
     assert (EngineConfig().hydragen_min_prefix_tokens, EngineConfig().hydragen_min_group) == (256, 16)
     with pytest.raises(ConfigError):
         load_config(env={}, engine={"hydragen_min_group": 0})
+
+
+@pytest.mark.parametrize("hydragen", [False, True])
+def test_samples_of_a_whole_page_prompt_rerun_one_token_each(tiny, hydragen: bool) -> None:
+    """n=12 greedy samples of a prompt of 72 whole pages: choice 0 prefills it, the other eleven take
+    every page from the cache and rerun only the last token (SeqWork.kv_cached), grouped with
+    choice 0's decode when grouping is on; all twelve continue as one greedy continuation."""
+    _, folder = tiny
+    loop = make_loop(folder, hydragen)
+    plans = record_plans(loop)
+    [out] = run(loop, [greedy("w", SHARED, 10, n=12, ignore_eos=True)]).values()
+    assert len({c.token_ids for c in out.choices}) == 1 and len(out.choices[0].token_ids) == 10
+    reruns = [w for p in plans for w in p.prefills if w.kv_cached]
+    assert len(reruns) == 11 and all((w.start_pos, w.num_tokens) == (287, 1) for w in reruns)
+    assert loop.stats().num_forward_tokens == len(SHARED) + 11 + 12 * 9
+    first = next(p for p in plans if any(w.kv_cached for w in p.prefills))
+    if hydragen:
+        assert any({w.seq_id for w in first.prefills} <= set(g.seq_ids) for g in first.prefix_groups)

@@ -157,3 +157,27 @@ def test_empty_plan_and_no_sampling(hf_checkpoint):
     result = runner.execute(StepPlan(1, (), (work,)))
     assert result.sampled == () and result.prompt_logprobs == () and result.num_forward_tokens == 20
     assert runner.kv_cache.k[0][2].abs().sum() > 0 and runner.kv_cache.k[0][1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kv_cached_rerun_reads_the_cached_page_and_writes_only_the_scratch_page(hf_checkpoint, device):
+    """A whole-prompt cache hit reruns its last token only to sample (SeqWork.kv_cached): it samples
+    what the prefill that cached its pages sampled, and its KV write goes to the scratch page, so
+    the shared pages other sequences read are never written."""
+    hf, folder = hf_checkpoint("llama")
+    runner = build_runner(folder, dtype="float32", device=device, kv_cache_tokens=64)
+    cache = runner.kv_cache
+    assert cache.page_size == 16 and cache.scratch_page is not None
+    ids = _prompt(32, 5)                               # two full pages: 2 and 0
+    for seq_id in (0, 1):
+        runner.sampler.register(seq_id, GREEDY, ids)
+    first = runner.execute(StepPlan(0, (), (SeqWork(0, tuple(ids), 0, (2, 0), sample=True),)))
+    layers = range(len(cache.k))
+    cached = [(cache.k[i][[2, 0]].clone(), cache.v[i][[2, 0]].clone()) for i in layers]
+    scratch = [cache.k[i][cache.scratch_page].clone() for i in layers]
+    rerun = SeqWork(1, (ids[-1],), 31, (2, 0), sample=True, kv_cached=True)
+    again = runner.execute(StepPlan(1, (), (rerun,)))
+    assert again.sampled[0].token_id == first.sampled[0].token_id == hf_greedy(hf, ids, 1)[0]
+    for i in layers:
+        assert torch.equal(cache.k[i][[2, 0]], cached[i][0]) and torch.equal(cache.v[i][[2, 0]], cached[i][1])
+    assert any(not torch.equal(cache.k[i][cache.scratch_page], scratch[i]) for i in layers)

@@ -201,7 +201,7 @@ def fits_with(fc: Forecast, pool: PagePool, candidates: list[tuple[Sequence, lis
     backlog = fc.prefill_backlog
     for seq, hit_pages in candidates:
         g = seq.num_tokens
-        remaining = g - len(hit_pages) * fc.page_size
+        remaining = max(1, g - len(hit_pages) * fc.page_size)   # a whole-sequence hit still runs its last token
         backlog += remaining
         curve = fc.curve(g, predicted_len(seq), backlog, len(hit_pages))
         e = curve.last_step

@@ -35,6 +35,10 @@ class SeqWork(NamedTuple):
     # (the prompt token that follows it); the tuple may be one shorter than token_ids at the prompt's end.
     prompt_logprobs: int | None = None   # None: not wanted; k: with the top k alternatives
     prompt_logprob_targets: tuple[int, ...] = ()
+    # The cache holds these tokens' KV already: a sequence whose every token was a prefix-cache hit
+    # reruns its last one only to sample from it, and the runner sends its KV write to the scratch
+    # page (the page it reads is shared, and holds the same token's KV at the same position).
+    kv_cached: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -48,12 +52,14 @@ def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[
     """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), built without the keyword
     handling of the generated __new__ (a NamedTuple built this way is the cheapest record Python
     makes). The scheduler builds one per running sequence per step."""
-    return _new_tuple(SeqWork, (seq_id, (token_id,), start_pos, page_ids, True, None, ()))
+    return _new_tuple(SeqWork, (seq_id, (token_id,), start_pos, page_ids, True, None, (), False))
 
 
 @dataclass(frozen=True, slots=True)
 class PrefixGroup:
-    """Decoding sequences that share pages start_page .. start_page+len(page_ids)-1 (Hydragen).
+    """Decoding sequences that share pages start_page .. start_page+len(page_ids)-1 (Hydragen). A
+    whole-sequence cache hit rerunning its last token (SeqWork.kv_cached, first among the prefills)
+    is grouped as a decode is.
 
     A top-level group starts at page 0; a nested group (a few-shot block shared by a subset of a
     system-prompt group) starts where its parent group ends, so each sequence's groups tile its

@@ -99,8 +99,9 @@ def chunk_end(seq: Sequence, start: int, end: int) -> int:
     return end
 
 
-def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
-    """Tokens [start, end) of prompt+output; sampled when the chunk reaches the last token.
+def prefill_work(seq: Sequence, start: int, end: int, page_size: int) -> SeqWork:
+    """Tokens [start, end) of prompt+output; sampled when the chunk reaches the last token; its KV
+    is cached already when its pages are published (a whole-sequence prefix-cache hit).
 
     With prompt logprobs, targets[i] is the prompt token after position start+i (so the tuple is
     one shorter than the chunk when the chunk ends the prompt)."""
@@ -110,7 +111,8 @@ def prefill_work(seq: Sequence, start: int, end: int) -> SeqWork:
         seq_id=seq.seq_id, token_ids=seq.token_slice(start, end), start_pos=start,
         page_ids=seq.page_ids, sample=end == seq.num_tokens,
         prompt_logprobs=seq.sampling.prompt_logprobs if want else None,
-        prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else ())
+        prompt_logprob_targets=seq.token_slice(start + 1, min(end + 1, num_prompt)) if want else (),
+        kv_cached=end <= seq.num_published_pages * page_size)
 
 
 __all__ = ["SeqStatus", "Sequence", "chunk_end", "pages_for", "prefill_work"]

@@ -186,9 +186,15 @@ class Scheduler:
             kept = [i for i, seq in enumerate(decodes) if seq.status is running]
             decodes = [decodes[i] for i in kept]
             decode_works = [decode_works[i] for i in kept]
-        prefill_works = tuple(prefill_work(s, a, b) for s, a, b in chunks if s.status is running)
+        prefill_works = tuple(prefill_work(s, a, b, ps) for s, a, b in chunks if s.status is running)
         works = tuple(decode_works)
-        groups = self._groups.groups(works, self.pool.refcount) if self._groups else ()
+        # A whole-sequence cache hit reruns one token, as a decode does: its work goes first among
+        # the prefills (with the decodes, the runner's single-token rows) and into the prefix
+        # groups, so a wave of n samples starting together reads its shared prompt once per group.
+        cached = tuple(w for w in prefill_works if w.kv_cached)
+        if cached:
+            prefill_works = cached + tuple(w for w in prefill_works if not w.kv_cached)
+        groups = self._groups.groups(works + cached, self.pool.refcount) if self._groups else ()
         plan = StepPlan(step_idx=self._step_idx, decodes=works, prefills=prefill_works, prefix_groups=groups)
         self._planned = (plan, decodes)
         return plan
@@ -275,8 +281,10 @@ class Scheduler:
         self._inflight.register(seq.seq_id, keys[len(hit_pages):], len(hit_pages))
         self.pool.incref_all(hit_pages)
         seq.page_ids = tuple(hit_pages)
-        seq.num_computed = seq.num_published_pages = len(hit_pages)
-        seq.num_computed *= self.page_size
+        seq.num_published_pages = len(hit_pages)
+        # Every token a hit (a prompt of whole pages, cached): the last one still runs, to sample,
+        # its KV write sent to the scratch page (request.prefill_work, SeqWork.kv_cached).
+        seq.num_computed = min(len(hit_pages) * self.page_size, seq.num_tokens - 1)
         seq.status = SeqStatus.RUNNING
         self._running[seq.seq_id] = seq
         self._running_avg_pages = None

@@ -28,6 +28,15 @@ from tokabatch.engine.core.pages import PagePool
 from tokabatch.engine.core.request import Sequence
 
 
+def _max_hit_tokens(seq: Sequence) -> int:
+    """How many of its leading tokens a sequence may take from the prefix cache: all of them (when
+    all are, the last still runs to sample: Scheduler._start), but with prompt logprobs only the
+    positions already delivered (every undelivered one runs)."""
+    if seq.wants_prompt_logprobs:
+        return min(seq.num_tokens - 1, seq.num_prompt_logprobs_done)
+    return seq.num_tokens
+
+
 def _entry(seq: Sequence) -> tuple[int, int, int, int]:
     # A sequence admitted before is waiting again because it was preempted: it goes first.
     return int(seq.priority), 0 if seq.ever_admitted else 1, seq.arrival, seq.seq_id
@@ -105,16 +114,14 @@ class WaitingQueue:
 
     def _deferred(self, seq: Sequence, keys: list[int], num_hits: int, planned: set[int]) -> bool:
         """Wait for its next full page rather than compute it: someone else is computing it."""
-        if seq.wants_prompt_logprobs or num_hits >= (seq.num_tokens - 1) // self.page_size:
+        if seq.wants_prompt_logprobs or num_hits >= _max_hit_tokens(seq) // self.page_size:
             return False                      # takes no hits / nothing more it could take
         return keys[num_hits] in self._inflight or keys[num_hits] in planned
 
     def _cache_hits(self, seq: Sequence, hits_of_prompt: dict[tuple[int, int], list[int]]) -> list[int]:
         if not self._prefix_cache:
             return []
-        max_tokens = seq.num_tokens - 1           # the last token always runs: its logits sample
-        if seq.wants_prompt_logprobs:
-            max_tokens = min(max_tokens, seq.num_prompt_logprobs_done)   # every undelivered position runs
+        max_tokens = _max_hit_tokens(seq)
         if seq.output_ids:
             return self.pool.match(seq.token_slice(0, max_tokens), max_tokens // self.page_size)
         key = (id(seq.prompt_ids), max_tokens)    # (every seq holds its prompt: ids are not reused)

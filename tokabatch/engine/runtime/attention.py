@@ -132,10 +132,18 @@ class SeqAttn:
     start_pos: int
     page_ids: tuple[int, ...]
     seq_id: int = -1                     # lets a Hydragen backend match PrefixGroup.seq_ids to rows
+    # The cache holds these rows' KV already (SeqWork.kv_cached): their writes go to the scratch
+    # page, or where there is none, over the same token's KV at the same position.
+    kv_cached: bool = False
 
     @property
     def kv_len(self) -> int:
         return self.start_pos + self.q_len
+
+
+def kv_cached_rows(seqs: Sequence[SeqAttn]) -> list[int]:
+    """The step rows whose KV the cache holds already (SeqAttn.kv_cached), in order."""
+    return [row for s in seqs if s.kv_cached for row in range(s.q_start, s.q_start + s.q_len)]
 
 
 def _slots(page_ids: Sequence[int], start: int, stop: int, page_size: int) -> list[int]:
@@ -192,6 +200,9 @@ class TorchAttentionContext:
                     rows=slice(s.q_start, s.q_start + s.q_len),
                     kv_slots=torch.tensor(_slots(s.page_ids, 0, s.kv_len, ps), device=dev),
                     mask=kv_pos[None, :] <= q_pos[:, None]))
+        if cache.scratch_page is not None:
+            for row in kv_cached_rows(seqs):
+                slot_mapping[row] = cache.scratch_page * ps
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
         # Single-token rows: one padded batch [B, max_kv]; padding slots point at slot 0, masked out.
         self.single_rows = torch.tensor([s.q_start for s in single], dtype=torch.long, device=dev)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, csr_indptr
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, csr_indptr, kv_cached_rows
 from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 from tokabatch.engine.runtime.flashinfer_ops import (
     PagedShape,
@@ -173,6 +173,10 @@ class FlashInferBackend:
                          layout.last_page_len[num_decode:], causal=True)
             prefill = self.prefill
         slot_mapping = slot_mapping_of(layout, kv_indices, ps, num_tokens, dev)
+        cached = kv_cached_rows(seqs)
+        if cached and self.cache.scratch_page is not None:
+            rows = torch.tensor(cached, dtype=torch.long).pin_memory().to(dev, non_blocking=True)
+            slot_mapping[rows] = self.cache.scratch_page * ps
         return FlashInferAttentionContext(self.cache, slot_mapping, decode, num_decode, prefill, hydragen)
 
 

@@ -129,7 +129,7 @@ class ModelRunner:
         seqs: list[SeqAttn] = []
         for w in works:
             seqs.append(SeqAttn(q_start=len(ids), q_len=w.num_tokens, start_pos=w.start_pos,
-                                page_ids=w.page_ids, seq_id=w.seq_id))
+                                page_ids=w.page_ids, seq_id=w.seq_id, kv_cached=w.kv_cached))
             ids.extend(w.token_ids)
             positions.extend(range(w.start_pos, w.start_pos + w.num_tokens))
         return self._long(ids), self._long(positions), seqs

@@ -1,13 +1,16 @@
-"""decode_layout (the CUDA-graph decode step's page layout) against a plain reference, and
-PageIndexCache's reuse of converted page tables from step to step. CPU only."""
+"""decode_layout (the CUDA-graph decode step's page layout) and paged_layout (an eager step's)
+against plain references, and PageIndexCache's reuse of converted page tables from step to step.
+CPU only."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
-from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout
+from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.page_indices import PageIndexCache, decode_layout, paged_layout
 
 
 def reference(kv_lens, tables, page_size, bs, scratch):
@@ -121,3 +124,49 @@ def test_an_unchanged_step_converts_nothing_and_a_grown_row_alone_is_converted()
     assert cache.join(tables, [3, 3, 4, 1]).tolist() == [1, 2, 3, 4, 5, 11, 6, 7, 8, 9, 10]
     assert cache.num_converted == converted + 1 and cache.num_rows_reused == 7
     assert cache.join(tables, [3, 3, 4, 1], [1, 0, 0, 0]).tolist() == [2, 3, 4, 5, 11, 6, 7, 8, 9, 10]
+
+
+def eager_reference(seqs, page_size):
+    """paged_layout's arrays, row by row (the per-row loop it replaced)."""
+    q_lens, kv_lens, qo, kv_indptr, indices, last = [], [], [0], [0], [], []
+    for s in seqs:
+        kv = s.start_pos + s.q_len
+        n = -(-kv // page_size)
+        q_lens.append(s.q_len)
+        kv_lens.append(kv)
+        qo.append(qo[-1] + s.q_len)
+        indices += list(s.page_ids[:n])
+        kv_indptr.append(len(indices))
+        last.append(kv - (n - 1) * page_size)
+    return q_lens, kv_lens, qo, kv_indptr, indices, last
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eager_layout_matches_the_reference_over_steps(seed: int) -> None:
+    """Decode rows, then prefill chunks of several tokens (some after cached positions); the same
+    rows again (the cache copies their ids), then one row gaining a page and the chunks moving on."""
+    rng = random.Random(seed)
+    page_size = rng.choice([1, 4, 16])
+    cache = PageIndexCache()
+    seqs = []
+    for i in range(rng.randint(1, 30)):
+        q_len = 1 if i < 20 else rng.randint(2, 40)
+        start = rng.randint(0, 150)
+        pages = -(-(start + q_len) // page_size) + rng.choice([0, 0, 1])
+        seqs.append(SeqAttn(q_start=0, q_len=q_len, start_pos=start, page_ids=tuple(rng.sample(range(10_000), pages))))
+    for step in range(3):
+        got = paged_layout(seqs, page_size, cache)
+        arrays = (got.q_lens, got.kv_lens, got.qo_indptr, got.kv_indptr, got.kv_indices, got.last_page_len)
+        assert all(t.dtype == torch.int32 for t in arrays)
+        assert [t.tolist() for t in arrays] == list(eager_reference(seqs, page_size)), step
+        if step == 1:
+            assert cache.num_rows_reused == len(seqs)     # the same rows: the last join, copied
+            s = seqs[0]
+            seqs[0] = SeqAttn(0, 1, len(s.page_ids) * page_size, s.page_ids + (20_000,))
+    assert paged_layout([], page_size).kv_indices.tolist() == []
+
+
+def test_eager_layout_rejects_a_short_table() -> None:
+    with pytest.raises(ValueError, match="cannot hold 33 positions"):
+        paged_layout([SeqAttn(0, 1, 32, (1, 2))], 16)
+

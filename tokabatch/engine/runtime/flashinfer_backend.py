@@ -1,8 +1,8 @@
 """FlashInfer paged attention on CUDA: the fast backend, checked against TorchBackend (the reference).
 
-Owns `FlashInferBackend`, its per-step `FlashInferAttentionContext` (also the attention of the
-captured decode steps: cuda_graphs.py), and `paged_layout` (a step's page tables as the CSR arrays
-flashinfer plans from). One step is planned once (`begin_step`), and every layer then only appends
+Owns `FlashInferBackend` and its per-step `FlashInferAttentionContext` (also the attention of the
+captured decode steps: cuda_graphs.py); a step's page tables become the CSR arrays flashinfer plans
+from in page_indices.paged_layout. One step is planned once (`begin_step`), and every layer then only appends
 its K/V into the paged cache and calls `run()` on each part.
 
 A step is split in two parts by row: the leading single-token rows (the plan's decodes come first)
@@ -21,9 +21,6 @@ engine/core scheduling code.
 
 from __future__ import annotations
 
-from array import array
-from dataclasses import dataclass
-from itertools import chain
 from typing import Sequence
 
 import flashinfer
@@ -31,7 +28,7 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, csr_indptr, kv_cached_rows
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, kv_cached_rows
 from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 from tokabatch.engine.runtime.flashinfer_ops import (
     PagedShape,
@@ -45,43 +42,7 @@ from tokabatch.engine.runtime.flashinfer_ops import (
 from tokabatch.engine.runtime.graph_sizes import MIN_WORKSPACE_BYTES as WORKSPACE_BYTES   # eager scratch
 from tokabatch.engine.runtime.hydragen_plan import plan_hydragen
 from tokabatch.engine.runtime.kv_cache import KVCache
-
-
-@dataclass(frozen=True, slots=True)
-class PagedLayout:
-    """Rows' page tables as host int32 CSR arrays (what flashinfer's plan() takes)."""
-
-    q_lens: Tensor             # [n]
-    kv_lens: Tensor            # [n]
-    qo_indptr: Tensor          # [n + 1]
-    kv_indptr: Tensor          # [n + 1], in pages
-    kv_indices: Tensor         # [kv_indptr[-1]] page ids
-    last_page_len: Tensor      # [n], 1..page_size
-
-
-def paged_layout(seqs: Sequence[SeqAttn], page_size: int) -> PagedLayout:
-    """CSR layout of `seqs` (each reads pages 0..ceil(kv_len / page_size)-1 of its table)."""
-    q_lens, kv_lens, pages_per_seq, last = array("i"), array("i"), array("i"), array("i")
-    tables = []
-    for s in seqs:
-        kv_len = s.kv_len
-        num_pages = -(-kv_len // page_size)
-        if len(s.page_ids) < num_pages:
-            raise ValueError(f"page table of {len(s.page_ids)} pages cannot hold {kv_len} positions")
-        q_lens.append(s.q_len)
-        kv_lens.append(kv_len)
-        pages_per_seq.append(num_pages)
-        last.append(kv_len - (num_pages - 1) * page_size)
-        tables.append(s.page_ids if len(s.page_ids) == num_pages else s.page_ids[:num_pages])
-    q_lens_t = _int32(q_lens)
-    pages_t = _int32(pages_per_seq)
-    return PagedLayout(q_lens=q_lens_t, kv_lens=_int32(kv_lens), qo_indptr=csr_indptr(q_lens_t),
-                       kv_indptr=csr_indptr(pages_t), kv_indices=_int32(array("i", chain.from_iterable(tables))),
-                       last_page_len=_int32(last))
-
-
-def _int32(values: array) -> Tensor:
-    return torch.frombuffer(values, dtype=torch.int32) if len(values) else torch.zeros(0, dtype=torch.int32)
+from tokabatch.engine.runtime.page_indices import PageIndexCache, PagedLayout, paged_layout
 
 
 class FlashInferAttentionContext(PagedStepAttention):
@@ -134,6 +95,7 @@ class FlashInferBackend:
         self.decode = decode_wrapper(self.workspace, self.shape, config)
         self.use_hydragen = config.hydragen
         self._hydragen: FlashInferHydragenAttention | None = None     # built on first use
+        self._page_index = PageIndexCache()   # the eager steps' page ids, joined from the last step's
 
     def begin_step(self, seqs: Sequence[SeqAttn], num_tokens: int,
                    prefix_groups: Sequence[PrefixGroup] = ()) -> FlashInferAttentionContext:
@@ -152,7 +114,7 @@ class FlashInferBackend:
         if expected_start != num_tokens:
             raise ValueError(f"sequences cover {expected_start} rows, the step has {num_tokens}")
         ps, dev = self.cache.page_size, self.cache.device
-        layout = paged_layout(seqs, ps)
+        layout = paged_layout(seqs, ps, self._page_index)
         kv_indices = layout.kv_indices.pin_memory().to(dev, non_blocking=True)
         decode = prefill = hydragen = None
         if num_decode and self.use_hydragen and prefix_groups:

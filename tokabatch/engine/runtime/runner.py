@@ -41,6 +41,8 @@ if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
     from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs
     from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
 
+_new_tuple = tuple.__new__   # builds a NamedTuple without its keyword handling (_flatten)
+
 
 class AttentionBackend(Protocol):
     """What the runner needs of an attention backend (TorchBackend, FlashInferBackend)."""
@@ -127,11 +129,16 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         seqs: list[SeqAttn] = []
-        for w in works:
-            seqs.append(SeqAttn(q_start=len(ids), q_len=w.num_tokens, start_pos=w.start_pos,
-                                page_ids=w.page_ids, seq_id=w.seq_id, kv_cached=w.kv_cached))
-            ids.extend(w.token_ids)
-            positions.extend(range(w.start_pos, w.start_pos + w.num_tokens))
+        for w in works:                       # (one row per decode: kept to tuple-level work)
+            token_ids, start = w.token_ids, w.start_pos
+            n = len(token_ids)
+            seqs.append(_new_tuple(SeqAttn, (len(ids), n, start, w.page_ids, w.seq_id, w.kv_cached)))
+            if n == 1:
+                ids.append(token_ids[0])
+                positions.append(start)
+            else:
+                ids.extend(token_ids)
+                positions.extend(range(start, start + n))
         return self._long(ids), self._long(positions), seqs
 
     def _sample(self, works: Sequence[SeqWork], seqs: Sequence[SeqAttn],

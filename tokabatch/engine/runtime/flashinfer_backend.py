@@ -1,9 +1,9 @@
 """FlashInfer paged attention on CUDA: the fast backend, checked against TorchBackend (the reference).
 
 Owns `FlashInferBackend` and its per-step `FlashInferAttentionContext` (also the attention of the
-captured decode steps: cuda_graphs.py); a step's page tables become the CSR arrays flashinfer plans
-from in page_indices.paged_layout. One step is planned once (`begin_step`), and every layer then only appends
-its K/V into the paged cache and calls `run()` on each part.
+captured decode steps: cuda_graphs.py); page_indices.paged_layout makes a step's page tables into
+the CSR arrays flashinfer plans from. One step is planned once (`begin_step`), and every layer then
+only appends its K/V into the paged cache and calls `run()` on each part.
 
 A step is split in two parts by row: the leading single-token rows (the plan's decodes come first)
 go through `BatchDecodeWithPagedKVCacheWrapper`, the rest (prefill chunks, chunked prefill after

@@ -181,3 +181,34 @@ def test_a_kv_cached_rerun_reads_the_cached_page_and_writes_only_the_scratch_pag
     for i in layers:
         assert torch.equal(cache.k[i][[2, 0]], cached[i][0]) and torch.equal(cache.v[i][[2, 0]], cached[i][1])
     assert any(not torch.equal(cache.k[i][cache.scratch_page], scratch[i]) for i in layers)
+
+
+def test_the_fused_draw_falls_back_to_flashinfers_where_the_triton_draw_fails(monkeypatch, caplog):
+    """runner._fused_draw tries the Triton draw once on the model's device (compiling it); where
+    triton is missing or its kernel fails there, the sampler draws with flashinfer's kernel."""
+    import sys
+    import types
+
+    from tokabatch.engine.runtime import runner as runner_module
+
+    def fake(name, draw):
+        module = types.ModuleType(name)
+        module.draw_from_logits = draw
+        monkeypatch.setitem(sys.modules, name, module)
+        return draw
+
+    flashinfer_draw = fake("tokabatch.engine.runtime.flashinfer_kernels", lambda *a: None)
+    tried = []
+    triton_draw = fake("tokabatch.engine.runtime.triton_draw", lambda logits, t, g: tried.append(logits.shape))
+    spec = types.SimpleNamespace(vocab_size=50, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert runner_module._fused_draw(spec) is triton_draw and tried == [(1, 50)]
+
+    def failing(logits, t, g):
+        raise RuntimeError("no compiler here")
+
+    fake("tokabatch.engine.runtime.triton_draw", failing)
+    with caplog.at_level("WARNING"):
+        assert runner_module._fused_draw(spec) is flashinfer_draw
+    assert "no compiler here" in caplog.text
+    monkeypatch.setitem(sys.modules, "tokabatch.engine.runtime.triton_draw", None)     # import fails
+    assert runner_module._fused_draw(spec) is flashinfer_draw

@@ -17,6 +17,7 @@ Must not import the scheduler or the service.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -40,6 +41,8 @@ CUDA_HOST_THREADS = 1
 if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
     from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs
     from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs
+
+log = logging.getLogger(__name__)
 
 _new_tuple = tuple.__new__   # builds a NamedTuple without its keyword handling (_flatten)
 
@@ -217,13 +220,19 @@ def select_backend(cache: KVCache, num_heads: int, config: AttentionConfig = DEF
     return TorchBackend(cache, use_hydragen=config.hydragen)
 
 
-def _fused_draw() -> Draw:
-    """The sampler's fused draw: the one-pass Triton draw (triton_draw.py) where triton imports,
-    else flashinfer's (flashinfer_kernels.py), which converts the logits to float32 first."""
+def _fused_draw(spec: ModelSpec) -> Draw:
+    """The sampler's fused draw: the one-pass Triton draw (triton_draw.py) where triton imports and
+    its kernel compiles and runs here (tried once on a row of zeros, which also compiles it), else
+    flashinfer's (flashinfer_kernels.py), which converts the logits to float32 first."""
+    from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits as flashinfer_draw
     try:
         from tokabatch.engine.runtime.triton_draw import draw_from_logits
-    except ImportError:
-        from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits
+        row = torch.zeros(1, spec.vocab_size, dtype=spec.dtype, device=spec.device)
+        draw_from_logits(row, 1.0, torch.Generator(device=spec.device))
+    except Exception as exc:              # (no triton, or its compiler failed on this machine)
+        log.warning("the sampler draws with flashinfer's kernel: the Triton draw is unavailable (%s: %s)",
+                    type(exc).__name__, exc)
+        return flashinfer_draw
     return draw_from_logits
 
 
@@ -249,7 +258,7 @@ def build_runners(path: str | Path, *, dtype: str = "auto", device: str = "auto"
         from tokabatch.engine.runtime.flashinfer_kernels import FlashInferLayerKernels
 
         model.use_kernels(FlashInferLayerKernels(model.rotary, spec.max_position_embeddings, spec.device))
-        draw = _fused_draw()
+        draw = _fused_draw(spec)
     num_pages = choose_num_pages(spec, page_size, kv_cache_tokens, kv_memory_fraction)
     if parts == 1:
         caches = [KVCache(spec, num_pages=num_pages, page_size=page_size, reserved_pages=1)]

@@ -18,6 +18,7 @@ Must not import the scheduler or the service.
 from __future__ import annotations
 
 import logging
+from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -129,8 +130,8 @@ class ModelRunner:
 
     def _flatten(self, works: Sequence[SeqWork]) -> tuple[Tensor, Tensor, list[SeqAttn]]:
         """Token ids and positions [num_tokens] (plan order) and each sequence's rows."""
-        ids: list[int] = []
-        positions: list[int] = []
+        ids = array("q")                      # (arrays: a step's ~9k ids become a tensor 3x faster than a list)
+        positions = array("q")
         seqs: list[SeqAttn] = []
         for w in works:                       # (one row per decode: kept to tuple-level work)
             token_ids, start = w.token_ids, w.start_pos
@@ -171,8 +172,14 @@ class ModelRunner:
             result.append((w.seq_id, scored))
         return tuple(result)
 
-    def _long(self, values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+    def _long(self, values: list[int] | array) -> Tensor:
+        """An int64 tensor on the device. From an array("q") it is made over the array's buffer
+        (0.33 ms for 9,000 ids against 1.0 ms for torch.tensor of a list; dev VM)."""
+        if not isinstance(values, array):
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        if not values:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return torch.frombuffer(values, dtype=torch.long).to(self.device, non_blocking=True)
 
 
 class PendingStep:

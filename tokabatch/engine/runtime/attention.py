@@ -126,8 +126,9 @@ class SeqAttn(NamedTuple):
     """One sequence's part of a step: rows q_start..q_start+q_len-1 of the step's tokens, at
     positions start_pos.., attending through page_ids (covering positions 0..start_pos+q_len-1).
 
-    A NamedTuple, as SeqWork is: an eager step makes one per row, and a frozen dataclass of these
-    six fields took 2.7 us to build against ~0.3 for the tuple (runner._flatten; dev VM)."""
+    A NamedTuple, as SeqWork is: an eager step makes one per row, and a frozen dataclass took
+    several times as long to build (runner._flatten; docs/benchmarks.md, "The eager step's per-row
+    Python")."""
 
     q_start: int
     q_len: int

@@ -120,9 +120,8 @@ class PagedStepAttention:
         v_flat.index_copy_(0, self.slots, v.to(v_flat.dtype))
         kv = (self.cache.k[layer_idx], self.cache.v[layer_idx])
         # flashinfer's decode and prefill kernels (fa2, fa3) read q through its row and head strides,
-        # so q stays a view of the model's qkv output instead of being copied every layer (a 26 us
-        # copy per layer in a 1,024-row grouped step's profile looked like that copy; TB's wall did
-        # not move measurably without it: docs/benchmarks.md, "Where TB's time goes now").
+        # so q stays a view of the model's qkv output instead of being copied every layer (measured
+        # in docs/benchmarks.md, "Where TB's time goes now").
         return self.attend(layer_idx, q if q.stride(-1) == 1 else q.contiguous(), kv).to(q.dtype)
 
     def attend(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:

@@ -168,10 +168,9 @@ _Q_LEN, _START_POS, _PAGE_IDS = (operator.attrgetter(name) for name in ("q_len",
 def paged_layout(seqs: Sequence["SeqAttn"], page_size: int, cache: PageIndexCache | None = None) -> PagedLayout:
     """CSR layout of an eager step's rows (each reads pages 0..ceil(kv_len / page_size)-1 of its
     table), by whole-array arithmetic: the only per-row Python is a few C-level map()s and the
-    table join, which `cache` makes from the last call's where the rows are the same. (The per-row
-    loop it replaced took 5.3 ms for 1,000 decode rows of 80 pages and 8 prefill chunks on the dev
-    VM, on every mixed prefill step of a large batch; docs/benchmarks.md.) Raises ValueError for a
-    table too short."""
+    table join, which `cache` makes from the last call's where the rows are the same (the per-row
+    loop it replaced cost milliseconds on every mixed prefill step of a large batch:
+    docs/benchmarks.md, "The eager step's per-row Python"). Raises ValueError for a table too short."""
     n = len(seqs)
     ps = page_size
     q_lens = np.fromiter(map(_Q_LEN, seqs), dtype=np.int64, count=n)

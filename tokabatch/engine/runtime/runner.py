@@ -34,9 +34,8 @@ from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
 # torch's CPU threads in a CUDA engine: its host tensors are small (a step's indices and lengths), and
-# with the default (one per core) the idle OpenMP threads spin between ops: on the 16-core H100 host a
-# W8-quick run used 92 s of CPU in 14.9 s of wall with the default, 14.6 s with one thread, at the same
-# output rate (docs/benchmarks.md, "Where TB's time goes now").
+# with the default (one per core) the idle OpenMP threads spin between ops, burning CPU for no gain
+# in output rate (docs/benchmarks.md, "Where TB's time goes now").
 CUDA_HOST_THREADS = 1
 
 if TYPE_CHECKING:     # CUDA-only modules, imported where graphs are built
@@ -130,7 +129,7 @@ class ModelRunner:
 
     def _flatten(self, works: Sequence[SeqWork]) -> tuple[Tensor, Tensor, list[SeqAttn]]:
         """Token ids and positions [num_tokens] (plan order) and each sequence's rows."""
-        ids = array("q")                      # (arrays: a step's ~9k ids become a tensor 3x faster than a list)
+        ids = array("q")                      # (an array becomes a tensor faster than a list: _long)
         positions = array("q")
         seqs: list[SeqAttn] = []
         for w in works:                       # (one row per decode: kept to tuple-level work)
@@ -173,8 +172,8 @@ class ModelRunner:
         return tuple(result)
 
     def _long(self, values: list[int] | array) -> Tensor:
-        """An int64 tensor on the device. From an array("q") it is made over the array's buffer
-        (0.33 ms for 9,000 ids against 1.0 ms for torch.tensor of a list; dev VM)."""
+        """An int64 tensor on the device. From an array("q") it is made over the array's buffer, a
+        fraction of torch.tensor's time on a list (docs/benchmarks.md, "The eager step's per-row Python")."""
         if not isinstance(values, array):
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
         if not values:

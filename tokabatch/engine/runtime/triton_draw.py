@@ -1,17 +1,15 @@
 """The sampler's draw in one pass over the logits (Triton): for rows that sample the raw logits
 with the shared generator, as flashinfer_kernels.draw_from_logits does, reading each row once.
 
-flashinfer's `sampling_from_logits` converts the logits to float32 before it draws: on a 1,024-row
-step over a 128,256-token vocabulary that copy took 0.41 ms and the draw 0.37 ms of a 6.84 ms step.
-Here one program per row reads the row in its own dtype, scales it by the row's inverse temperature
-in float32, adds Gumbel noise and keeps the running argmax: argmax(x / T + G), G = -log(-log U), is
-a draw from softmax(x / T); a token masked to -inf is never drawn. U comes from Philox keyed by the
-generator's seed, four numbers per counter (one Philox call serves the same lane of a block's four
-quarters), at counters from the generator's offset, which then advances past the numbers used, as
-flashinfer advances it. On the same profile this kernel took 0.43 ms and the step 6.45 ms; TB went
-from 97.0k / 98.1k to 99.4k / 100.0k output tok/s (H100, docs/benchmarks.md, "The one-pass draw").
-A first version that took one number per Philox call took ~3 ms. Needs CUDA and triton; the
-runner's warm-up compiles it (Sampler.warm_up).
+flashinfer's `sampling_from_logits` converts the logits to float32 before it draws, a second pass
+over [rows, vocab]. Here one program per row reads the row in its own dtype, scales it by the row's
+inverse temperature in float32, adds Gumbel noise and keeps the running argmax: argmax(x / T + G),
+G = -log(-log U), is a draw from softmax(x / T); a token masked to -inf is never drawn. U comes
+from Philox keyed by the generator's seed, four numbers per counter (one Philox call serves the
+same lane of a block's four quarters: Philox, not the logits' bytes, bounds this kernel), at
+counters from the generator's offset, which then advances past the numbers used, as flashinfer
+advances it. Measured against flashinfer's draw in docs/benchmarks.md, "The one-pass draw". Needs
+CUDA and triton; runner._fused_draw tries it once and falls back to flashinfer's.
 """
 
 from __future__ import annotations

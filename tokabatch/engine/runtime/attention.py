@@ -144,9 +144,16 @@ class SeqAttn(NamedTuple):
         return self.start_pos + self.q_len
 
 
-def kv_cached_rows(seqs: Sequence[SeqAttn]) -> list[int]:
-    """The step rows whose KV the cache holds already (SeqAttn.kv_cached), in order."""
-    return [row for s in seqs if s.kv_cached for row in range(s.q_start, s.q_start + s.q_len)]
+def send_cached_writes_to_scratch(slots: Tensor, seqs: Sequence[SeqAttn], cache: KVCache) -> None:
+    """Point the write slots of the rows whose KV the cache holds already (SeqAttn.kv_cached) at the
+    scratch page, in place (without a scratch page they rewrite the same KV where it is)."""
+    rows = [row for s in seqs if s.kv_cached for row in range(s.q_start, s.q_start + s.q_len)]
+    if not rows or cache.scratch_page is None:
+        return
+    index = torch.tensor(rows, dtype=torch.long)
+    if slots.is_cuda:                     # (pinned: the copy queues behind the step, no host wait)
+        index = index.pin_memory().to(slots.device, non_blocking=True)
+    slots[index] = cache.scratch_page * cache.page_size
 
 
 def _slots(page_ids: Sequence[int], start: int, stop: int, page_size: int) -> list[int]:
@@ -203,10 +210,8 @@ class TorchAttentionContext:
                     rows=slice(s.q_start, s.q_start + s.q_len),
                     kv_slots=torch.tensor(_slots(s.page_ids, 0, s.kv_len, ps), device=dev),
                     mask=kv_pos[None, :] <= q_pos[:, None]))
-        if cache.scratch_page is not None:
-            for row in kv_cached_rows(seqs):
-                slot_mapping[row] = cache.scratch_page * ps
         self.slot_mapping = torch.tensor(slot_mapping, dtype=torch.long, device=dev)
+        send_cached_writes_to_scratch(self.slot_mapping, seqs, cache)
         # Single-token rows: one padded batch [B, max_kv]; padding slots point at slot 0, masked out.
         self.single_rows = torch.tensor([s.q_start for s in single], dtype=torch.long, device=dev)
         # Hydragen: the groups' members are decodes, i.e. single-token rows; rows in no group get

@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, kv_cached_rows
+from tokabatch.engine.runtime.attention import (
+    DEFAULT_ATTENTION,
+    AttentionConfig,
+    SeqAttn,
+    send_cached_writes_to_scratch,
+)
 from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 from tokabatch.engine.runtime.flashinfer_ops import (
     PagedShape,
@@ -135,10 +140,7 @@ class FlashInferBackend:
                          layout.last_page_len[num_decode:], causal=True)
             prefill = self.prefill
         slot_mapping = slot_mapping_of(layout, kv_indices, ps, num_tokens, dev)
-        cached = kv_cached_rows(seqs)
-        if cached and self.cache.scratch_page is not None:
-            rows = torch.tensor(cached, dtype=torch.long).pin_memory().to(dev, non_blocking=True)
-            slot_mapping[rows] = self.cache.scratch_page * ps
+        send_cached_writes_to_scratch(slot_mapping, seqs, self.cache)
         return FlashInferAttentionContext(self.cache, slot_mapping, decode, num_decode, prefill, hydragen)
 
 

@@ -138,7 +138,8 @@ class _EngineBench:
         self.began = time.perf_counter()
         config = EngineConfig(
             model=ModelConfig(path=str(folder)),
-            scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step),
+            scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step,
+                                      **({"page_size": args.page_size} if args.page_size else {})),
             enable_cuda_graphs=not args.no_cuda_graphs,
             enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
             fused_kernels=args.fused_kernels == "on",
@@ -225,7 +226,7 @@ def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: floa
 
 
 def _attention_config(args: argparse.Namespace) -> Any:
-    """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores and
+    """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores, --hydragen-group-kernel and
     --flashinfer-builtin-max (attention.AttentionConfig; "auto" keeps its default)."""
     from tokabatch.engine.runtime.attention import AttentionConfig
 
@@ -236,7 +237,7 @@ def _attention_config(args: argparse.Namespace) -> Any:
         else choice[args.decode_tensor_cores],
         own_tensor_cores=default.own_tensor_cores if args.hydragen_own_tensor_cores == "auto"
         else choice[args.hydragen_own_tensor_cores],
-        fast_planning=not args.flashinfer_builtin_max)
+        fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel)
 
 
 def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:
@@ -337,6 +338,7 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--py-spy", metavar="PATH", help="sample the server and engine processes with this py-spy "
                                                      "during the service rows (collapsed stacks into --out-dir)")
     ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES)")
+    ap.add_argument("--page-size", type=int, help="KV cache tokens per page (default: the engine's)")
     ap.add_argument("--max-tokens-per-step", type=int, help="default: the engine's for the device")
     ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")
     ap.add_argument("--data-parallel", type=int, help="the service rows: engine processes under the one server "
@@ -355,6 +357,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--hydragen-own-tensor-cores", choices=("auto", "on", "off", "as-decode"),
                     default="auto", help="the same choice for the own parts of Hydragen steps (auto: the "
                                          "engine's default, off; as-decode: as --decode-tensor-cores)")
+    ap.add_argument("--hydragen-group-kernel", choices=("auto", "fa2", "fa3"), default="auto",
+                    help="flashinfer's prefill backend for Hydragen's shared-prefix parts")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's decode plan() with Python's max over host tensors, as shipped (the "
                          "engine installs a one-reduction max: flashinfer_ops.speed_up_planning)")

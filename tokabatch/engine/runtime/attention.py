@@ -102,13 +102,16 @@ class AttentionConfig:
     own_tensor_cores: the same for Hydragen's own parts (a sample's own tokens: short contexts over
     many rows, where the CUDA-core kernel is faster: docs/benchmarks.md). None: as decode_tensor_cores.
     fast_planning: flashinfer's decode planner takes one reduction for its longest KV, not Python's
-    max over a tensor (flashinfer_ops.speed_up_planning; off only for a before/after)."""
+    max over a tensor (flashinfer_ops.speed_up_planning; off only for a before/after).
+    group_kernel: flashinfer's prefill backend for Hydragen's group parts ("auto": FA3 on Hopper,
+    "fa2": the FA2 kernel, which splits a long shared prefix over more thread blocks)."""
 
     hydragen: bool = False
     cuda_graphs: bool = True
     decode_tensor_cores: bool | None = None
     own_tensor_cores: bool | None = False
     fast_planning: bool = True
+    group_kernel: str = "auto"
 
     def tensor_cores(self, num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
         """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core

@@ -68,7 +68,7 @@ class FlashInferHydragenAttention:
         self.shape = PagedShape.of(cache, num_heads)
         self.num_heads, self.head_dim = num_heads, self.shape.head_dim
         dev = cache.device
-        self.group_wrapper = prefill_wrapper(workspace)
+        self.group_wrapper = prefill_wrapper(workspace, config.group_kernel)
         self.own_wrapper = decode_wrapper(workspace, self.shape, config, own_parts=True)
         pages_guess = max_rows * 64
         self._group_indices = _DeviceBuffer((pages_guess,), torch.int32, dev)

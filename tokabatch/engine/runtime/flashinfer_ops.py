@@ -62,9 +62,12 @@ def decode_wrapper(workspace: Tensor, shape: PagedShape, config: AttentionConfig
         workspace, "NHD", use_tensor_cores=tensor_cores(config, shape, own_parts), **graph_buffers)
 
 
-def prefill_wrapper(workspace: Tensor, **graph_buffers: Any) -> flashinfer.BatchPrefillWithPagedKVCacheWrapper:
-    """A paged prefill wrapper over the cache's NHD layout (`graph_buffers` as for decode_wrapper)."""
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD", **graph_buffers)
+def prefill_wrapper(workspace: Tensor, backend: str = "auto",
+                    **graph_buffers: Any) -> flashinfer.BatchPrefillWithPagedKVCacheWrapper:
+    """A paged prefill wrapper over the cache's NHD layout on flashinfer's `backend` ("auto", "fa2",
+    "fa3"; `graph_buffers` as for decode_wrapper)."""
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD", backend=backend,
+                                                          **graph_buffers)
 
 
 def plan_decode(wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper, shape: PagedShape, kv_indptr: Tensor,

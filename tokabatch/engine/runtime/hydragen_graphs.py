@@ -122,7 +122,7 @@ class GroupedDecodeGraphs:
             self.own_wrappers[bs] = gr.graph_decode_wrapper(bs, own_parts=True) if own_kernel_differs \
                 else gr._wrappers[bs]
             self.group_wrappers[bs] = prefill_wrapper(
-                gr.workspace, use_cuda_graph=True, qo_indptr_buf=self.group_qo_indptr,
+                gr.workspace, gr.config.group_kernel, use_cuda_graph=True, qo_indptr_buf=self.group_qo_indptr,
                 paged_kv_indptr_buf=self.group_kv_indptr, paged_kv_indices_buf=self.group_kv_indices,
                 paged_kv_last_page_len_buf=self.group_last_page_len)
             # The first plan fixes the largest query count: all of it in group 0, the rest empty.

@@ -21,10 +21,10 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 archives=(.fi-cache/*.tar.xz)
 [ -f "${archives[0]}" ] && python3 scripts/kernel_cache.py restore "${archives[@]}"
 if [ "${GPU_TEST_TIMEOUT:-240}" != 0 ]; then
-  timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/engine/runtime} -p no:cacheprovider \
+  timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -m gpu ${GPU_TESTS:-tests/engine/runtime} -p no:cacheprovider --durations=8 \
     > "$OUT/pytest.txt" 2>&1
   rc=$?
-  grep -iE "relative error|agree|replays|saved|passed|failed|^E " "$OUT/pytest.txt" | head -40
+  grep -iE "relative error|agree|replays|saved|passed|failed|^E |^[0-9.]+s (call|setup)" "$OUT/pytest.txt" | head -48
   # Cut by the limit, pytest prints no summary: say so (docs/benchmarks.md, stop 36: the whole set may not fit).
   [ "$rc" = 124 ] && echo "gpu_run: the GPU tests were stopped at GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-240} s" \
     "(no summary; see $OUT/pytest.txt): run the rest with GPU_TESTS=<files>"

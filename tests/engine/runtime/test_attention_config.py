@@ -26,3 +26,10 @@ def test_each_setting_picks_its_kernel_where_one_exists(config, plain, own):
                                     AttentionConfig(own_tensor_cores=False)])
 def test_a_group_without_a_cuda_core_kernel_always_takes_tensor_cores(config):
     assert config.tensor_cores(*GROUP_16_HEADS) and config.tensor_cores(*GROUP_16_HEADS, own_parts=True)
+
+
+def test_the_group_kernel_is_one_flashinfer_has():
+    assert DEFAULT_ATTENTION.group_kernel == "auto"
+    assert AttentionConfig(group_kernel="fa2").group_kernel == "fa2"
+    with pytest.raises(ValueError, match="group_kernel must be one of auto, fa2, fa3, not 'fa4'"):
+        AttentionConfig(group_kernel="fa4")

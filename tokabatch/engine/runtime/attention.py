@@ -85,6 +85,7 @@ def csr_indptr(lengths: Sequence[int] | Tensor) -> Tensor:
 
 
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 6, 8)     # GQA groups flashinfer's CUDA-core decode kernel has
+GROUP_KERNELS = ("auto", "fa2", "fa3")   # flashinfer's prefill backends (AttentionConfig.group_kernel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,10 @@ class AttentionConfig:
     own_tensor_cores: bool | None = False
     fast_planning: bool = True
     group_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.group_kernel not in GROUP_KERNELS:
+            raise ValueError(f"group_kernel must be one of {', '.join(GROUP_KERNELS)}, not {self.group_kernel!r}")
 
     def tensor_cores(self, num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
         """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core

@@ -1,9 +1,9 @@
 """Hydragen's shared-prefix (group) attention call, timed per flashinfer kernel and KV layout.
 
 TB's grouped half-step attends each group's queries (n samples x the GQA group's heads) to the
-group's shared prompt with one non-causal paged prefill call, and its kernel profile has that call
-at ~127 TFLOPS (docs/benchmarks.md, "Where TB's time goes now"). This times the same call, as the
-engine makes it and as it could be made instead:
+group's shared prompt with one non-causal paged prefill call, which TB's kernel profile puts far
+below the card's tensor-core rate (docs/benchmarks.md, "Where TB's time goes now"). This times the
+same call, as the engine makes it and as it could be made instead:
 
 - paged, FA3 and FA2 (FA2 may split a long KV over more thread blocks; `--hydragen-group-kernel`
   picks it in scripts/bench.py), at page sizes 16 (the engine's) to 128;

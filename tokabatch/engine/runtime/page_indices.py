@@ -102,6 +102,16 @@ class PageIndexCache:
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
 
 
+def _pages_needed(kv_lens: np.ndarray, tables: Sequence[Sequence[int]], page_size: int) -> np.ndarray:
+    """Pages each row reads (ceil(kv_len / page_size)); ValueError for the first table too short."""
+    num_pages = (kv_lens + (page_size - 1)) // page_size
+    short = np.flatnonzero(np.fromiter(map(len, tables), dtype=np.int64, count=len(tables)) < num_pages)
+    if short.size:
+        i = int(short[0])
+        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {int(kv_lens[i])} positions")
+    return num_pages
+
+
 def decode_arrays(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_size: int, bs: int,
                   scratch_page: int, cache: PageIndexCache,
                   starts: Sequence[int] | None = None) -> tuple[np.ndarray, ...] | None:
@@ -114,11 +124,7 @@ def decode_arrays(kv_lens: Sequence[int], tables: Sequence[Sequence[int]], page_
     if pad < 0:
         raise ValueError(f"{n} rows do not fit a batch of {bs}")
     kv = np.fromiter(kv_lens, dtype=np.int64, count=n)
-    num_pages = (kv + (ps - 1)) // ps
-    short = np.flatnonzero(np.fromiter(map(len, tables), dtype=np.int64, count=n) < num_pages)
-    if short.size:
-        i = int(short[0])
-        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {kv_lens[i]} positions")
+    num_pages = _pages_needed(kv, tables, ps)
     start_pages = None if starts is None else np.fromiter(starts, dtype=np.int64, count=n)
     counts = num_pages if start_pages is None else num_pages - start_pages
     if start_pages is not None and (counts <= 0).any():
@@ -175,12 +181,8 @@ def paged_layout(seqs: Sequence["SeqAttn"], page_size: int, cache: PageIndexCach
     ps = page_size
     q_lens = np.fromiter(map(_Q_LEN, seqs), dtype=np.int64, count=n)
     kv_lens = np.fromiter(map(_START_POS, seqs), dtype=np.int64, count=n) + q_lens
-    num_pages = (kv_lens + (ps - 1)) // ps
     tables = list(map(_PAGE_IDS, seqs))
-    short = np.flatnonzero(np.fromiter(map(len, tables), dtype=np.int64, count=n) < num_pages)
-    if short.size:
-        i = int(short[0])
-        raise ValueError(f"page table of {len(tables[i])} pages cannot hold {int(kv_lens[i])} positions")
+    num_pages = _pages_needed(kv_lens, tables, ps)
     indices = (cache if cache is not None else PageIndexCache()).join(tables, num_pages)
     return PagedLayout(q_lens=_int32(q_lens), kv_lens=_int32(kv_lens), qo_indptr=_indptr(q_lens),
                        kv_indptr=_indptr(num_pages), kv_indices=torch.from_numpy(indices),

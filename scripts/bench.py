@@ -139,7 +139,7 @@ class _EngineBench:
         config = EngineConfig(
             model=ModelConfig(path=str(folder)),
             scheduler=SchedulerConfig(max_seqs=args.max_seqs, max_tokens_per_step=args.max_tokens_per_step,
-                                      **({"page_size": args.page_size} if args.page_size else {})),
+                                      **({} if args.page_size is None else {"page_size": args.page_size})),
             enable_cuda_graphs=not args.no_cuda_graphs,
             enable_hydragen={"auto": None, "on": True, "off": False}[args.hydragen], pipelined=not args.no_pipeline,
             fused_kernels=args.fused_kernels == "on",
@@ -321,6 +321,16 @@ def print_row(name: str, w: Workload, row: dict) -> None:
           f"| {frac} | {row['startup_s']:.1f} | {row['peak_gib']:.1f} GiB |", flush=True)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", required=True, help="a workload, or several of one model: TA,TB; or JSON "
@@ -338,7 +348,7 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--py-spy", metavar="PATH", help="sample the server and engine processes with this py-spy "
                                                      "during the service rows (collapsed stacks into --out-dir)")
     ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES)")
-    ap.add_argument("--page-size", type=int, help="KV cache tokens per page (default: the engine's)")
+    ap.add_argument("--page-size", type=_positive_int, help="KV cache tokens per page (default: the engine's)")
     ap.add_argument("--max-tokens-per-step", type=int, help="default: the engine's for the device")
     ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")
     ap.add_argument("--data-parallel", type=int, help="the service rows: engine processes under the one server "

@@ -237,7 +237,9 @@ def _attention_config(args: argparse.Namespace) -> Any:
         else choice[args.decode_tensor_cores],
         own_tensor_cores=default.own_tensor_cores if args.hydragen_own_tensor_cores == "auto"
         else choice[args.hydragen_own_tensor_cores],
-        fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel)
+        fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel,
+        fold_group_heads=default.fold_group_heads if args.hydragen_fold_heads == "auto"
+        else choice[args.hydragen_fold_heads])
 
 
 def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:
@@ -369,6 +371,8 @@ def _arguments() -> argparse.Namespace:
                                          "engine's default, off; as-decode: as --decode-tensor-cores)")
     ap.add_argument("--hydragen-group-kernel", choices=("auto", "fa2", "fa3"), default="auto",
                     help="flashinfer's prefill backend for Hydragen's shared-prefix parts")
+    ap.add_argument("--hydragen-fold-heads", choices=("auto", "on", "off"), default="auto",
+                    help="the shared-prefix parts' GQA query heads folded into query rows (auto: the engine's default)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's decode plan() with Python's max over host tensors, as shipped (the "
                          "engine installs a one-reduction max: flashinfer_ops.speed_up_planning)")

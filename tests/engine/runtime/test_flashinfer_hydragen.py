@@ -23,7 +23,12 @@ if not torch.cuda.is_available():
 pytest.importorskip("flashinfer")
 
 from tokabatch.engine.core.plan import PrefixGroup  # noqa: E402
-from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse  # noqa: E402
+from tokabatch.engine.runtime.attention import (  # noqa: E402
+    AttentionConfig,
+    SeqAttn,
+    attention_with_lse,
+    fold_query_heads,
+)
 from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention  # noqa: E402
 from tokabatch.engine.runtime.hydragen_plan import plan_hydragen  # noqa: E402
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
@@ -111,6 +116,8 @@ def timings(grouped: FlashInferHydragenAttention, plain: FlashInferHydragenAtten
     """run() per layer, grouped and not, and the grouped run's parts alone (the rest is gathers + merge)."""
     kv = grouped.cache.k, grouped.cache.v
     q_groups = q.index_select(0, grouped.group_rows)
+    if grouped.fold:
+        q_groups = fold_query_heads(q_groups, grouped.shape.num_kv_heads)
     own = cuda_us(lambda layer: grouped.own_wrapper.run(q, (kv[0][layer], kv[1][layer]), return_lse=True))
     group = cuda_us(lambda layer: grouped.group_wrapper.run(q_groups, (kv[0][layer], kv[1][layer]), return_lse=True))
     total, base = cuda_us(lambda layer: grouped.run(layer, q)), cuda_us(lambda layer: plain.run(layer, q))
@@ -118,13 +125,14 @@ def timings(grouped: FlashInferHydragenAttention, plain: FlashInferHydragenAtten
             f"ungrouped {base:.0f} us")
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["group-heads", "folded-group-heads"])
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_grouped_equals_plain_attention(shape: str) -> None:
+def test_grouped_equals_plain_attention(shape: str, fold: bool) -> None:
     num_heads, num_kv_heads, head_dim = SHAPES[shape]
     rows, groups = shared_prompt_batch(random.Random(0))
     cache = make_cache(num_heads, num_kv_heads, head_dim, NUM_PAGES, seed=1)
     workspace = torch.zeros(256 * 1024 * 1024, dtype=torch.uint8, device=DEV)
-    grouped = FlashInferHydragenAttention(cache, num_heads, workspace)
+    grouped = FlashInferHydragenAttention(cache, num_heads, workspace, AttentionConfig(fold_group_heads=fold))
     plain = FlashInferHydragenAttention(cache, num_heads, workspace)
     t0 = time.perf_counter()
     hp = plan_hydragen(rows, groups, PAGE)

@@ -15,7 +15,13 @@ import torch
 from tests.engine.runtime.test_hydragen_attention import random_batch
 from tokabatch.engine.core.hydragen import GroupingParams, find_prefix_groups
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import SeqAttn, attention_with_lse, merge_attention
+from tokabatch.engine.runtime.attention import (
+    SeqAttn,
+    attention_with_lse,
+    fold_query_heads,
+    merge_attention,
+    unfold_into,
+)
 from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, HydragenPlan, plan_hydragen, plan_hydragen_padded
 
 TOL = 1e-5
@@ -35,8 +41,10 @@ def request_slots(indptr: torch.Tensor, indices: torch.Tensor, last_page_len: to
     return slots[:(pages.numel() - 1) * page_size + int(last_page_len[i])]
 
 
-def emulate_run(hp: HydragenPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """FlashInferHydragenAttention.run in torch: own requests, group requests, then the merge."""
+def emulate_run(hp: HydragenPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                fold: bool = False) -> torch.Tensor:
+    """FlashInferHydragenAttention.run in torch: own requests, group requests (with `fold`, as
+    flashinfer_ops.run_group_parts makes them: query heads folded into rows), then the merge."""
     ps = hp.page_size
     k, v = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])
     outs, lses = [], []
@@ -45,10 +53,20 @@ def emulate_run(hp: HydragenPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cach
         o, lse = attention_with_lse(q[hp.own_rows[i]][None], k[s], v[s])
         outs.append(o)
         lses.append(lse)
-    for g in range(hp.num_groups):
-        s = request_slots(hp.group_kv_indptr, hp.group_kv_indices, hp.group_last_page_len, g, ps)
-        rows = hp.group_rows[hp.group_qo_indptr[g]:hp.group_qo_indptr[g + 1]]
-        o, lse = attention_with_lse(q[rows], k[s], v[s])         # non-causal: no mask
+    group_q, qo_indptr = q[hp.group_rows], hp.group_qo_indptr
+    if fold:
+        g = q.shape[1] // k.shape[1]
+        group_q, qo_indptr = fold_query_heads(group_q, k.shape[1]), qo_indptr * g
+    group_outs, group_lses = [], []
+    for i in range(hp.num_groups):
+        s = request_slots(hp.group_kv_indptr, hp.group_kv_indices, hp.group_last_page_len, i, ps)
+        o, lse = attention_with_lse(group_q[qo_indptr[i]:qo_indptr[i + 1]], k[s], v[s])   # non-causal: no mask
+        group_outs.append(o)
+        group_lses.append(lse)
+    if group_outs:
+        o, lse = torch.cat(group_outs), torch.cat(group_lses)
+        if fold:
+            o, lse = unfold(o, lse, q.shape[1])
         outs.append(o)
         lses.append(lse)
     outs.append(torch.zeros(1, *q.shape[1:]))
@@ -59,6 +77,13 @@ def emulate_run(hp: HydragenPlan, q: torch.Tensor, k_cache: torch.Tensor, v_cach
     for j in range(1, hp.num_states):
         out, lse = merge_attention(out, lse, part_out[hp.state_index[:, j]], part_lse[hp.state_index[:, j]])
     return out
+
+
+def unfold(out: torch.Tensor, lse: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = out.shape[0] * out.shape[1] // num_heads
+    unfolded = torch.empty(m, num_heads, out.shape[2]), torch.empty(m, num_heads)
+    unfold_into(out, lse, *unfolded)
+    return unfolded
 
 
 def full_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -112,8 +137,10 @@ def check(tables: list[tuple[int, ...]], lens: list[int], groups: tuple[PrefixGr
     k_cache = torch.randn(num_pages, page_size, kv_heads, 8, generator=gen)
     v_cache = torch.randn(num_pages, page_size, kv_heads, 8, generator=gen)
     q = torch.randn(len(rows), num_heads, 8, generator=gen)
-    got = emulate_run(hp, q, k_cache, v_cache)
-    assert (got - full_attention(q, k_cache, v_cache, rows, page_size)).abs().max().item() < TOL
+    want = full_attention(q, k_cache, v_cache, rows, page_size)
+    for fold in (False, True):
+        got = emulate_run(hp, q, k_cache, v_cache, fold=fold)
+        assert (got - want).abs().max().item() < TOL, f"fold={fold}"
     return hp
 
 

@@ -75,6 +75,26 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     return out.to(out_a.dtype), lse
 
 
+def fold_query_heads(q: Tensor, num_kv_heads: int) -> Tensor:
+    """q [m, heads, dim] -> [m * g, kv_heads, dim] (g = heads // kv_heads, a copy): the g query heads
+    that share a K/V head become g query rows of that head (row r's head h * g + j is folded row
+    r * g + j, head h). A non-causal call over one shared prefix (Hydragen's group parts) then fills
+    a kernel's query tiles with g times the rows; each folded row sees the same keys as before."""
+    m, heads, dim = q.shape
+    g = heads // num_kv_heads
+    return q.reshape(m, num_kv_heads, g, dim).transpose(1, 2).reshape(m * g, num_kv_heads, dim)
+
+
+def unfold_into(out_folded: Tensor, lse_folded: Tensor, out: Tensor, lse: Tensor) -> None:
+    """fold_query_heads undone on an attention call's results: out_folded [m * g, kv_heads, dim] and
+    lse_folded [m * g, kv_heads] written into out [m, heads, dim] and lse [m, heads] (contiguous)."""
+    m, heads, dim = out.shape
+    kv_heads = out_folded.shape[1]
+    g = heads // kv_heads
+    out.view(m, kv_heads, g, dim).copy_(out_folded.view(m, g, kv_heads, dim).transpose(1, 2))
+    lse.view(m, kv_heads, g).copy_(lse_folded.view(m, g, kv_heads).transpose(1, 2))
+
+
 def csr_indptr(lengths: Sequence[int] | Tensor) -> Tensor:
     """CSR offsets [len+1] int32 (host) of a lengths vector (the indptr arrays flashinfer plans from)."""
     lengths = torch.as_tensor(lengths, dtype=torch.int32)
@@ -105,7 +125,9 @@ class AttentionConfig:
     fast_planning: flashinfer's decode planner takes one reduction for its longest KV, not Python's
     max over a tensor (flashinfer_ops.speed_up_planning; off only for a before/after).
     group_kernel: flashinfer's prefill backend for Hydragen's group parts ("auto": FA3 on Hopper,
-    "fa2": the FA2 kernel, which splits a long shared prefix over more thread blocks)."""
+    "fa2": the FA2 kernel, which splits a long shared prefix over more thread blocks).
+    fold_group_heads: the group parts' queries go to that kernel with each K/V head's GQA query
+    heads folded into query rows (fold_query_heads), g times the rows per query tile."""
 
     hydragen: bool = False
     cuda_graphs: bool = True
@@ -113,6 +135,7 @@ class AttentionConfig:
     own_tensor_cores: bool | None = False
     fast_planning: bool = True
     group_kernel: str = "auto"
+    fold_group_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.group_kernel not in GROUP_KERNELS:

@@ -20,8 +20,9 @@ from tokabatch.engine.runtime.flashinfer_ops import (
     decode_wrapper,
     merge_states,
     plan_decode,
-    plan_prefill,
+    plan_group_parts,
     prefill_wrapper,
+    run_group_parts,
 )
 from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, HydragenPlan
 from tokabatch.engine.runtime.kv_cache import KVCache
@@ -78,6 +79,11 @@ class FlashInferHydragenAttention:
         self._state_index = _DeviceBuffer((2 * max_rows,), torch.long, dev)
         self._part_out = _DeviceBuffer((3 * max_rows, num_heads, self.head_dim), cache.dtype, dev)
         self._part_lse = _DeviceBuffer((3 * max_rows, num_heads), torch.float32, dev)
+        # The group parts' folded results (AttentionConfig.fold_group_heads), before they are unfolded.
+        self.fold = config.fold_group_heads
+        g = num_heads // self.shape.num_kv_heads
+        self._folded_out = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads, self.head_dim), cache.dtype, dev)
+        self._folded_lse = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads), torch.float32, dev)
         # The planned step's device gather indices (views into the buffers above).
         self.group_rows = self.own_rows = self.state_index = torch.empty(0, dtype=torch.long, device=dev)
         self.hplan: HydragenPlan | None = None
@@ -87,8 +93,9 @@ class FlashInferHydragenAttention:
         if hplan.page_size != self.cache.page_size:
             raise ValueError(f"plan for page size {hplan.page_size}, cache has {self.cache.page_size}")
         if hplan.num_groups:
-            plan_prefill(self.group_wrapper, self.shape, hplan.group_qo_indptr, hplan.group_kv_indptr,
-                         self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len, causal=False)
+            plan_group_parts(self.group_wrapper, self.shape, hplan.group_qo_indptr, hplan.group_kv_indptr,
+                             self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len,
+                             fold=self.fold)
             self.group_rows = self._group_rows.load(hplan.group_rows)
         if hplan.num_own:
             plan_decode(self.own_wrapper, self.shape, hplan.own_kv_indptr,
@@ -124,8 +131,10 @@ class FlashInferHydragenAttention:
             q_own = q if n_own == hp.num_rows else q.index_select(0, self.own_rows)
             self.own_wrapper.run(q_own, kv, out=part_out[:n_own], lse=part_lse[:n_own], return_lse=True)
         if n_grp:
-            self.group_wrapper.run(q.index_select(0, self.group_rows), kv, out=part_out[n_own:n_own + n_grp],
-                                   lse=part_lse[n_own:n_own + n_grp], return_lse=True)
+            n_folded = n_grp * (self.num_heads // self.shape.num_kv_heads)
+            folded = (self._folded_out.take(n_folded), self._folded_lse.take(n_folded)) if self.fold else None
+            run_group_parts(self.group_wrapper, q.index_select(0, self.group_rows), kv,
+                            part_out[n_own:n_own + n_grp], part_lse[n_own:n_own + n_grp], folded)
         b, s = hp.num_rows, hp.num_states
         states_out = part_out.index_select(0, self.state_index).view(b, s, self.num_heads, self.head_dim)
         states_lse = part_lse.index_select(0, self.state_index).view(b, s, self.num_heads)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import flashinfer
@@ -21,7 +21,7 @@ import flashinfer.prefill
 import torch
 from torch import Tensor
 
-from tokabatch.engine.runtime.attention import AttentionConfig
+from tokabatch.engine.runtime.attention import AttentionConfig, fold_query_heads, unfold_into
 from tokabatch.engine.runtime.flashinfer_plan_speedup import install
 from tokabatch.engine.runtime.kv_cache import KVCache
 
@@ -91,6 +91,33 @@ def plan_prefill(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, shape:
                  max_token_per_sequence=max_q)
 
 
+def plan_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, shape: PagedShape,
+                     qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor, last_page_len: Tensor,
+                     *, fold: bool) -> None:
+    """Plan Hydragen's group parts: one non-causal prefill call, group i's queries (rows
+    qo_indptr[i]:qo_indptr[i+1]) against its shared pages. With `fold`, as run_group_parts calls it
+    with folded queries: g rows of kv_heads heads per query row."""
+    if fold:
+        qo_indptr = qo_indptr * (shape.num_heads // shape.num_kv_heads)
+        shape = replace(shape, num_heads=shape.num_kv_heads)
+    plan_prefill(wrapper, shape, qo_indptr, kv_indptr, kv_indices, last_page_len, causal=False)
+
+
+def run_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, q: Tensor, kv: tuple[Tensor, Tensor],
+                    out: Tensor, lse: Tensor, folded: tuple[Tensor, Tensor] | None) -> None:
+    """Run the planned group parts on the gathered queries q [m, heads, dim], writing out [m, heads,
+    dim] and lse [m, heads]. `folded`: None when planned unfolded; else the scratch (out, lse) of at
+    least m * g rows of kv_heads heads that the folded call writes before it is unfolded into out/lse."""
+    if folded is None:
+        wrapper.run(q, kv, out=out, lse=lse, return_lse=True)
+        return
+    kv_heads = kv[0].shape[2]
+    n = q.shape[0] * (q.shape[1] // kv_heads)
+    folded_out, folded_lse = folded[0][:n], folded[1][:n]
+    wrapper.run(fold_query_heads(q, kv_heads), kv, out=folded_out, lse=folded_lse, return_lse=True)
+    unfold_into(folded_out, folded_lse, out, lse)
+
+
 def speed_up_planning(on: bool = True) -> bool:
     """Make the decode and prefill planners' `max` one reduction (flashinfer_plan_speedup.tensor_max:
     the same value), only on the flashinfer release it was written for; `on=False` puts Python's back.
@@ -134,5 +161,5 @@ class PagedStepAttention:
 
 
 __all__ = ["PLANNER_PATCHED_FOR", "PagedShape", "PagedStepAttention",
-           "decode_wrapper", "merge_states", "plan_decode", "plan_prefill", "prefill_wrapper", "speed_up_planning",
-           "tensor_cores"]
+           "decode_wrapper", "merge_states", "plan_decode", "plan_group_parts", "plan_prefill", "prefill_wrapper",
+           "run_group_parts", "speed_up_planning", "tensor_cores"]

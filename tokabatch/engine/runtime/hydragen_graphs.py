@@ -36,8 +36,9 @@ from tokabatch.engine.runtime.flashinfer_ops import (
     PagedStepAttention,
     merge_states,
     plan_decode,
-    plan_prefill,
+    plan_group_parts,
     prefill_wrapper,
+    run_group_parts,
     tensor_cores,
 )
 from tokabatch.engine.runtime.hydragen_plan import EMPTY_LSE, PaddedGroups, pad_groups, pad_own
@@ -56,8 +57,8 @@ class _GroupedAttention(PagedStepAttention):
         m = o.max_queries(bs)
         part_out, part_lse = o.part_out[:bs + m + 1], o.part_lse[:bs + m + 1]    # own, group, empty state
         o.own_wrappers[bs].run(q, kv, out=part_out[:bs], lse=part_lse[:bs], return_lse=True)
-        o.group_wrappers[bs].run(q.index_select(0, o.group_rows[:m]), kv, out=part_out[bs:bs + m],
-                                 lse=part_lse[bs:bs + m], return_lse=True)
+        run_group_parts(o.group_wrappers[bs], q.index_select(0, o.group_rows[:m]), kv, part_out[bs:bs + m],
+                        part_lse[bs:bs + m], o.folded)
         index = o.state_index[:bs * o.max_states]
         states_out = part_out.index_select(0, index).view(bs, o.max_states, *q.shape[1:])
         states_lse = part_lse.index_select(0, index).view(bs, o.max_states, q.shape[1])
@@ -89,6 +90,13 @@ class GroupedDecodeGraphs:
         parts = max_bs + self.max_queries(max_bs) + 1
         self.part_out = torch.zeros(parts, heads, dim, dtype=self.cache.dtype, device=dev)
         self.part_lse = torch.full((parts, heads), EMPTY_LSE, dtype=torch.float32, device=dev)
+        # The group parts' folded results, when the config folds their query heads (run_group_parts).
+        self.folded: tuple[Tensor, Tensor] | None = None
+        if graphs.config.fold_group_heads:
+            kv_heads = graphs.shape.num_kv_heads
+            rows = self.max_queries(max_bs) * (heads // kv_heads)
+            self.folded = (torch.zeros(rows, kv_heads, dim, dtype=self.cache.dtype, device=dev),
+                           torch.zeros(rows, kv_heads, dtype=torch.float32, device=dev))
         self.group_wrappers: dict[int, Any] = {}
         # The own parts' decode wrapper per size: the plain graphs' own (same buffers), unless the
         # config picks another kernel for Hydragen own parts; then one more over them.
@@ -194,5 +202,5 @@ class GroupedDecodeGraphs:
         plan_decode(self.own_wrappers[bs], self.graphs.shape, indptr, indices, last_page_len)
 
     def _plan_groups(self, bs: int, qo_indptr: Tensor, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
-        plan_prefill(self.group_wrappers[bs], self.graphs.shape, qo_indptr, indptr, indices, last_page_len,
-                     causal=False)
+        plan_group_parts(self.group_wrappers[bs], self.graphs.shape, qo_indptr, indptr, indices, last_page_len,
+                         fold=self.folded is not None)

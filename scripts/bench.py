@@ -239,7 +239,9 @@ def _attention_config(args: argparse.Namespace) -> Any:
         else choice[args.hydragen_own_tensor_cores],
         fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel,
         fold_group_heads=default.fold_group_heads if args.hydragen_fold_heads == "auto"
-        else choice[args.hydragen_fold_heads])
+        else choice[args.hydragen_fold_heads],
+        group_kv_split=default.group_kv_split if args.hydragen_group_kv_split == "auto"
+        else choice[args.hydragen_group_kv_split])
 
 
 def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:
@@ -371,6 +373,9 @@ def _arguments() -> argparse.Namespace:
                                          "engine's default, off; as-decode: as --decode-tensor-cores)")
     ap.add_argument("--hydragen-group-kernel", choices=("auto", "fa2", "fa3"), default="auto",
                     help="flashinfer's prefill backend for Hydragen's shared-prefix parts")
+    ap.add_argument("--hydragen-group-kv-split", choices=("auto", "on", "off"), default="auto",
+                    help="fa2 group kernel: may it split a shared prefix over more thread blocks (in CUDA graphs "
+                         "flashinfer always does unless off; auto: the engine's default)")
     ap.add_argument("--hydragen-fold-heads", choices=("auto", "on", "off"), default="auto",
                     help="the shared-prefix parts' GQA query heads folded into query rows (auto: the engine's default)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",

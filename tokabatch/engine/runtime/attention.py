@@ -127,7 +127,10 @@ class AttentionConfig:
     group_kernel: flashinfer's prefill backend for Hydragen's group parts ("auto": FA3 on Hopper,
     "fa2": the FA2 kernel, which splits a long shared prefix over more thread blocks).
     fold_group_heads: the group parts' queries go to that kernel with each K/V head's GQA query
-    heads folded into query rows (fold_query_heads), g times the rows per query tile."""
+    heads folded into query rows (fold_query_heads), g times the rows per query tile.
+    group_kv_split: FA2 only: whether the group call may split a long shared prefix over more
+    thread blocks and merge the pieces. flashinfer decides per plan in eager steps, but in CUDA
+    graphs it always splits (and merges) unless told not to."""
 
     hydragen: bool = False
     cuda_graphs: bool = True
@@ -136,6 +139,7 @@ class AttentionConfig:
     fast_planning: bool = True
     group_kernel: str = "auto"
     fold_group_heads: bool = False
+    group_kv_split: bool = True
 
     def __post_init__(self) -> None:
         if self.group_kernel not in GROUP_KERNELS:

@@ -80,7 +80,7 @@ class FlashInferHydragenAttention:
         self._part_out = _DeviceBuffer((3 * max_rows, num_heads, self.head_dim), cache.dtype, dev)
         self._part_lse = _DeviceBuffer((3 * max_rows, num_heads), torch.float32, dev)
         # The group parts' folded results (AttentionConfig.fold_group_heads), before they are unfolded.
-        self.fold = config.fold_group_heads
+        self.config, self.fold = config, config.fold_group_heads
         g = num_heads // self.shape.num_kv_heads
         self._folded_out = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads, self.head_dim), cache.dtype, dev)
         self._folded_lse = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads), torch.float32, dev)
@@ -95,7 +95,7 @@ class FlashInferHydragenAttention:
         if hplan.num_groups:
             plan_group_parts(self.group_wrapper, self.shape, hplan.group_qo_indptr, hplan.group_kv_indptr,
                              self._group_indices.load(hplan.group_kv_indices), hplan.group_last_page_len,
-                             fold=self.fold)
+                             self.config)
             self.group_rows = self._group_rows.load(hplan.group_rows)
         if hplan.num_own:
             plan_decode(self.own_wrapper, self.shape, hplan.own_kv_indptr,

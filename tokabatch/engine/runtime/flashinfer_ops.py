@@ -79,28 +79,32 @@ def plan_decode(wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper, shape: P
 
 
 def plan_prefill(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, shape: PagedShape, qo_indptr: Tensor,
-                 kv_indptr: Tensor, kv_indices: Tensor, last_page_len: Tensor, *, causal: bool) -> None:
+                 kv_indptr: Tensor, kv_indices: Tensor, last_page_len: Tensor, *, causal: bool,
+                 **options: Any) -> None:
     """Plan one prefill call (query rows qo_indptr[i]:qo_indptr[i+1] for request i, pages as in
     plan_decode). The longest query is given to the planner, found with one reduction (without it,
     plan() takes Python's max over the host rows). The longest KV is not: in flashinfer 0.6.18 a
     given `max_sequence_kv` skips the host copy of the page indptr that its fa2 planner then reads
-    (UnboundLocalError on the GPU), so the planner finds it itself, through speed_up_planning's max."""
+    (UnboundLocalError on the GPU), so the planner finds it itself, through speed_up_planning's max.
+    `options`: more of the wrapper's plan() arguments (disable_split_kv)."""
     max_q = int((qo_indptr[1:] - qo_indptr[:-1]).max()) if qo_indptr.numel() > 1 else None
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, shape.num_heads, shape.num_kv_heads,
                  shape.head_dim, shape.page_size, causal=causal, q_data_type=shape.dtype, kv_data_type=shape.dtype,
-                 max_token_per_sequence=max_q)
+                 max_token_per_sequence=max_q, **options)
 
 
 def plan_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, shape: PagedShape,
                      qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor, last_page_len: Tensor,
-                     *, fold: bool) -> None:
+                     config: AttentionConfig) -> None:
     """Plan Hydragen's group parts: one non-causal prefill call, group i's queries (rows
-    qo_indptr[i]:qo_indptr[i+1]) against its shared pages. With `fold`, as run_group_parts calls it
-    with folded queries: g rows of kv_heads heads per query row."""
-    if fold:
+    qo_indptr[i]:qo_indptr[i+1]) against its shared pages, as `config` says (fold_group_heads: as
+    run_group_parts calls it with folded queries, g rows of kv_heads heads per query row;
+    group_kv_split)."""
+    if config.fold_group_heads:
         qo_indptr = qo_indptr * (shape.num_heads // shape.num_kv_heads)
         shape = replace(shape, num_heads=shape.num_kv_heads)
-    plan_prefill(wrapper, shape, qo_indptr, kv_indptr, kv_indices, last_page_len, causal=False)
+    options = {} if config.group_kv_split else {"disable_split_kv": True}
+    plan_prefill(wrapper, shape, qo_indptr, kv_indptr, kv_indices, last_page_len, causal=False, **options)
 
 
 def run_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, q: Tensor, kv: tuple[Tensor, Tensor],

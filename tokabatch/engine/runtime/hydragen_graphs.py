@@ -203,4 +203,4 @@ class GroupedDecodeGraphs:
 
     def _plan_groups(self, bs: int, qo_indptr: Tensor, indptr: Tensor, indices: Tensor, last_page_len: Tensor) -> None:
         plan_group_parts(self.group_wrappers[bs], self.graphs.shape, qo_indptr, indptr, indices, last_page_len,
-                         fold=self.folded is not None)
+                         self.graphs.config)

@@ -32,16 +32,18 @@ from tokabatch.engine.runtime.hydragen_graphs import GroupedDecodeGraphs  # noqa
 from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 
 
-@pytest.mark.parametrize("own_tensor_cores, fold", [(False, False), (None, False), (False, True)],
-                         ids=["own-cuda-cores", "own-as-decode", "folded-group-heads"])
+@pytest.mark.parametrize("attention", [
+    AttentionConfig(own_tensor_cores=False), AttentionConfig(own_tensor_cores=None),
+    AttentionConfig(fold_group_heads=True), AttentionConfig(group_kernel="fa2", group_kv_split=False),
+], ids=["own-cuda-cores", "own-as-decode", "folded-group-heads", "fa2-groups-unsplit"])
 @pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 @torch.inference_mode()
-def test_grouped_graph_step_matches_eager_steps(config: dict, own_tensor_cores: bool | None, fold: bool) -> None:
+def test_grouped_graph_step_matches_eager_steps(config: dict, attention: AttentionConfig) -> None:
     """(own-cuda-cores, the default: the own parts on the CUDA-core decode kernel, the plain decode
     on the tensor-core one, so the grouped graphs get decode wrappers of their own over the same
     buffers; own-as-decode: both on tensor cores, the grouped graphs reuse the plain ones' wrappers;
-    folded-group-heads: the group parts' query heads folded into rows, eager and captured.)"""
-    attention = AttentionConfig(own_tensor_cores=own_tensor_cores, fold_group_heads=fold)
+    folded-group-heads: the group parts' query heads folded into rows, eager and captured;
+    fa2-groups-unsplit: the FA2 group kernel planned without its KV split.)"""
     model, spec = random_model(config)
     rng = random.Random(2)
     system = list(range(0, 6))                  # 6 pages shared by rows 0..15

@@ -81,9 +81,9 @@ class FlashInferHydragenAttention:
         self._part_lse = _DeviceBuffer((3 * max_rows, num_heads), torch.float32, dev)
         # The group parts' folded results (AttentionConfig.fold_group_heads), before they are unfolded.
         self.config, self.fold = config, config.fold_group_heads
-        g = num_heads // self.shape.num_kv_heads
-        self._folded_out = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads, self.head_dim), cache.dtype, dev)
-        self._folded_lse = _DeviceBuffer((2 * max_rows * g, self.shape.num_kv_heads), torch.float32, dev)
+        folded_rows = 2 * max_rows * (num_heads // self.shape.num_kv_heads) if self.fold else 0
+        self._folded_out = _DeviceBuffer((folded_rows, self.shape.num_kv_heads, self.head_dim), cache.dtype, dev)
+        self._folded_lse = _DeviceBuffer((folded_rows, self.shape.num_kv_heads), torch.float32, dev)
         # The planned step's device gather indices (views into the buffers above).
         self.group_rows = self.own_rows = self.state_index = torch.empty(0, dtype=torch.long, device=dev)
         self.hplan: HydragenPlan | None = None

@@ -226,22 +226,16 @@ def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: floa
 
 
 def _attention_config(args: argparse.Namespace) -> Any:
-    """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores, --hydragen-group-kernel and
-    --flashinfer-builtin-max (attention.AttentionConfig; "auto" keeps its default)."""
+    """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores, --hydragen-group-kernel,
+    --hydragen-group-kv-split, --hydragen-fold-heads and --flashinfer-builtin-max (attention.AttentionConfig;
+    "auto" keeps its default)."""
     from tokabatch.engine.runtime.attention import AttentionConfig
 
-    default = AttentionConfig()
     choice = {"on": True, "off": False, "as-decode": None}
-    return AttentionConfig(
-        decode_tensor_cores=default.decode_tensor_cores if args.decode_tensor_cores == "auto"
-        else choice[args.decode_tensor_cores],
-        own_tensor_cores=default.own_tensor_cores if args.hydragen_own_tensor_cores == "auto"
-        else choice[args.hydragen_own_tensor_cores],
-        fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel,
-        fold_group_heads=default.fold_group_heads if args.hydragen_fold_heads == "auto"
-        else choice[args.hydragen_fold_heads],
-        group_kv_split=default.group_kv_split if args.hydragen_group_kv_split == "auto"
-        else choice[args.hydragen_group_kv_split])
+    switches = {"decode_tensor_cores": args.decode_tensor_cores, "own_tensor_cores": args.hydragen_own_tensor_cores,
+                "fold_group_heads": args.hydragen_fold_heads, "group_kv_split": args.hydragen_group_kv_split}
+    return AttentionConfig(fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel,
+                           **{field: choice[flag] for field, flag in switches.items() if flag != "auto"})
 
 
 def _write_cpu_profile(profiler: cProfile.Profile, args: argparse.Namespace, name: str) -> None:

@@ -116,7 +116,7 @@ def timings(grouped: FlashInferHydragenAttention, plain: FlashInferHydragenAtten
     """run() per layer, grouped and not, and the grouped run's parts alone (the rest is gathers + merge)."""
     kv = grouped.cache.k, grouped.cache.v
     q_groups = q.index_select(0, grouped.group_rows)
-    if grouped.fold:
+    if grouped.config.fold_group_heads:
         q_groups = fold_query_heads(q_groups, grouped.shape.num_kv_heads)
     own = cuda_us(lambda layer: grouped.own_wrapper.run(q, (kv[0][layer], kv[1][layer]), return_lse=True))
     group = cuda_us(lambda layer: grouped.group_wrapper.run(q_groups, (kv[0][layer], kv[1][layer]), return_lse=True))

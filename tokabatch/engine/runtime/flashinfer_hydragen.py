@@ -80,8 +80,8 @@ class FlashInferHydragenAttention:
         self._part_out = _DeviceBuffer((3 * max_rows, num_heads, self.head_dim), cache.dtype, dev)
         self._part_lse = _DeviceBuffer((3 * max_rows, num_heads), torch.float32, dev)
         # The group parts' folded results (AttentionConfig.fold_group_heads), before they are unfolded.
-        self.config, self.fold = config, config.fold_group_heads
-        folded_rows = 2 * max_rows * (num_heads // self.shape.num_kv_heads) if self.fold else 0
+        self.config = config
+        folded_rows = 2 * max_rows * (num_heads // self.shape.num_kv_heads) if config.fold_group_heads else 0
         self._folded_out = _DeviceBuffer((folded_rows, self.shape.num_kv_heads, self.head_dim), cache.dtype, dev)
         self._folded_lse = _DeviceBuffer((folded_rows, self.shape.num_kv_heads), torch.float32, dev)
         # The planned step's device gather indices (views into the buffers above).
@@ -131,8 +131,10 @@ class FlashInferHydragenAttention:
             q_own = q if n_own == hp.num_rows else q.index_select(0, self.own_rows)
             self.own_wrapper.run(q_own, kv, out=part_out[:n_own], lse=part_lse[:n_own], return_lse=True)
         if n_grp:
-            n_folded = n_grp * (self.num_heads // self.shape.num_kv_heads)
-            folded = (self._folded_out.take(n_folded), self._folded_lse.take(n_folded)) if self.fold else None
+            folded = None
+            if self.config.fold_group_heads:
+                n_folded = n_grp * (self.num_heads // self.shape.num_kv_heads)
+                folded = self._folded_out.take(n_folded), self._folded_lse.take(n_folded)
             run_group_parts(self.group_wrapper, q.index_select(0, self.group_rows), kv,
                             part_out[n_own:n_own + n_grp], part_lse[n_own:n_own + n_grp], folded)
         b, s = hp.num_rows, hp.num_states

@@ -186,9 +186,24 @@ def send_cached_writes_to_scratch(slots: Tensor, seqs: Sequence[SeqAttn], cache:
     if not rows or cache.scratch_page is None:
         return
     index = torch.tensor(rows, dtype=torch.long)
-    if slots.is_cuda:                     # (pinned: the copy queues behind the step, no host wait)
-        index = index.pin_memory().to(slots.device, non_blocking=True)
+    if slots.is_cuda:
+        index = to_device(index, slots.device)
     slots[index] = cache.scratch_page * cache.page_size
+
+
+def pinned(host: Tensor) -> Tensor:
+    """A pinned copy of the CPU tensor `host`, for a device copy with non_blocking=True that queues
+    behind the stream's work instead of waiting for it. The block comes from torch's caching host
+    allocator, which keeps it until that copy has run. `torch.empty(pin_memory=True)` + `copy_`
+    rather than `host.pin_memory()`, whose `is_pinned` check asks the driver about the pointer on
+    every call."""
+    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    return staged.copy_(host)
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """`host` copied to `device` without waiting for the stream (through `pinned`)."""
+    return pinned(host).to(device, non_blocking=True)
 
 
 def _slots(page_ids: Sequence[int], start: int, stop: int, page_size: int) -> list[int]:

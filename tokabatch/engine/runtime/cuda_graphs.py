@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, to_device
 from tokabatch.engine.runtime.flashinfer_backend import FlashInferAttentionContext
 from tokabatch.engine.runtime.flashinfer_ops import PagedShape, decode_wrapper, plan_decode
 from tokabatch.engine.runtime.graph_sizes import batch_ladder, graph_workspace_bytes
@@ -151,7 +151,7 @@ class DecodeGraphs:
         ids[:rows] = torch.as_tensor(token_ids, dtype=torch.long)
         ids[rows:] = 0
         self.input_ids[:bs].copy_(ids, non_blocking=True)
-        self._plan(bs, indptr, indices.pin_memory().to(self.cache.device, non_blocking=True), last)
+        self._plan(bs, indptr, to_device(indices, self.cache.device), last)
         self._graphs[bs].replay()
         self.num_replays += 1
         return self.logits[:rows]

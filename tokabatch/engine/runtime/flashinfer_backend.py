@@ -33,6 +33,7 @@ from tokabatch.engine.runtime.attention import (
     AttentionConfig,
     SeqAttn,
     send_cached_writes_to_scratch,
+    to_device,
 )
 from tokabatch.engine.runtime.flashinfer_hydragen import FlashInferHydragenAttention
 from tokabatch.engine.runtime.flashinfer_ops import (
@@ -120,7 +121,7 @@ class FlashInferBackend:
             raise ValueError(f"sequences cover {expected_start} rows, the step has {num_tokens}")
         ps, dev = self.cache.page_size, self.cache.device
         layout = paged_layout(seqs, ps, self._page_index)
-        kv_indices = layout.kv_indices.pin_memory().to(dev, non_blocking=True)
+        kv_indices = to_device(layout.kv_indices, dev)
         decode = prefill = hydragen = None
         if num_decode and self.use_hydragen and prefix_groups:
             if self._hydragen is None:

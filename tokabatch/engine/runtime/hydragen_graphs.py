@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.core.plan import PrefixGroup
-from tokabatch.engine.runtime.attention import SeqAttn
+from tokabatch.engine.runtime.attention import SeqAttn, pinned, to_device
 from tokabatch.engine.runtime.cuda_graphs import DecodeGraphs, capture_graph
 from tokabatch.engine.runtime.flashinfer_ops import (
     PagedStepAttention,
@@ -186,13 +186,11 @@ class GroupedDecodeGraphs:
             copies += [(self.group_rows, padded.groups.group_rows),
                        (self.state_index, padded.groups.state_index.reshape(-1))]
         for buffer, host in copies:
-            buffer[:host.numel()].copy_(host.pin_memory(), non_blocking=True)
-        self._plan_own(bs, padded.own_kv_indptr, padded.own_kv_indices.pin_memory().to(dev, non_blocking=True),
-                       padded.own_last_page_len)
+            buffer[:host.numel()].copy_(pinned(host), non_blocking=True)
+        self._plan_own(bs, padded.own_kv_indptr, to_device(padded.own_kv_indices, dev), padded.own_last_page_len)
         if not reuse:
             self._plan_groups(bs, padded.groups.group_qo_indptr, padded.groups.group_kv_indptr,
-                              padded.groups.group_kv_indices.pin_memory().to(dev, non_blocking=True),
-                              padded.groups.group_last_page_len)
+                              to_device(padded.groups.group_kv_indices, dev), padded.groups.group_last_page_len)
             self._groups_key = key
         self._graphs[bs].replay()
         self.num_replays += 1

@@ -144,6 +144,8 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         if self.group_kernel not in GROUP_KERNELS:
             raise ValueError(f"group_kernel must be one of {', '.join(GROUP_KERNELS)}, not {self.group_kernel!r}")
+        if not self.group_kv_split and self.group_kernel == "fa3":
+            raise ValueError("group_kv_split=False applies to the FA2 group kernel; FA3 never splits the KV")
 
     def tensor_cores(self, num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
         """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core

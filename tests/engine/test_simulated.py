@@ -14,6 +14,7 @@ from tests.subprocess_util import run_python
 from tokabatch.config import EngineConfig, ModelConfig
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
 from tokabatch.engine.client import EngineClient
+from tokabatch.engine.core.plan import StepPlan
 from tokabatch.engine.random_models import build_folder
 from tokabatch.engine.simulated import SimulatedGpu, StepCosts, build_simulated_loop
 
@@ -47,10 +48,8 @@ def test_a_shared_prompt_workload_runs_to_the_end_with_groups(folder):
 def test_the_device_queue_runs_one_step_after_another():
     gpu = SimulatedGpu(StepCosts(step_s=0.5, prefill_token_s=0.0, decode_row_s=0.0, kv_token_s=0.0))
 
-    class Plan:
-        decodes, prefills, prefix_groups = (), (), ()
-
-    first, second = gpu.enqueue(Plan()), gpu.enqueue(Plan())
+    plan = StepPlan(0, (), ())
+    first, second = gpu.enqueue(plan), gpu.enqueue(plan)
     assert second - first == pytest.approx(0.5) and gpu.busy_s == pytest.approx(1.0)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
@@ -61,7 +62,7 @@ class SimulatedGpu:
     def enqueue(self, plan: StepPlan) -> float:
         """Queue `plan`; returns the monotonic time its tokens are ready."""
         c = self.costs
-        kv_reads = sum(w.start_pos + 1 for w in plan.decodes) - kv_reads_saved(plan.prefix_groups)
+        kv_reads = sum(plan.decodes.start_pos) + len(plan.decodes) - kv_reads_saved(plan.prefix_groups)
         seconds = (c.step_s + c.prefill_token_s * sum(len(w.token_ids) for w in plan.prefills)
                    + c.decode_row_s * len(plan.decodes) + c.kv_token_s * kv_reads)
         self.busy_until = max(time.monotonic(), self.busy_until) + seconds
@@ -120,7 +121,8 @@ class SimulatedRunner:
 
     def launch(self, plan: StepPlan) -> _Pending:
         step, vocab = plan.step_idx, self.vocab_size
-        sampled = tuple(SampledToken(w.seq_id, (w.seq_id * 7919 + step) % vocab) for w in plan.works if w.sample)
+        sampled = tuple(SampledToken(s, (s * 7919 + step) % vocab)
+                        for s in chain(plan.decodes.seq_ids, (w.seq_id for w in plan.prefills if w.sample)))
         if plan.prefills:
             self.num_eager_steps += 1
         else:

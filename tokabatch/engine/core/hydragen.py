@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import Callable, Iterable, Mapping, Sequence
 
-from tokabatch.engine.core.plan import PrefixGroup, SeqWork
+from tokabatch.engine.core.plan import DecodeWorks, PrefixGroup, SeqWork
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,14 +241,20 @@ class DecodeGroupCache:
         self._groups: tuple[PrefixGroup, ...] = ()
         self.num_recomputed = 0
 
-    def groups(self, decodes: Sequence[SeqWork], refcount: Callable[[int], int]) -> tuple[PrefixGroup, ...]:
-        """The groups of `decodes` (what find_decode_groups returns); `refcount` is the page pool's."""
-        seq_ids = list(map(_SEQ_ID, decodes))
-        tables = list(map(_PAGE_IDS, decodes))
+    def groups(self, decodes: DecodeWorks, cached: Sequence[SeqWork],
+               refcount: Callable[[int], int]) -> tuple[PrefixGroup, ...]:
+        """The groups of the rows `decodes` and then `cached` (the whole-sequence cache hits that
+        rerun one token: what find_decode_groups returns for them); `refcount` is the page pool's."""
+        seq_ids, tables, starts = decodes.seq_ids, decodes.page_ids, decodes.start_pos
+        if cached:
+            seq_ids = seq_ids + [w.seq_id for w in cached]
+            tables = tables + [w.page_ids for w in cached]
+            starts = starts + [w.start_pos for w in cached]
         ps = self.page_size
-        shareable = list(map(operator.floordiv, map(_START_POS, decodes), repeat(ps)))
+        shareable = list(map(operator.floordiv, starts, repeat(ps)))
         if not self._unchanged(seq_ids, tables, shareable, refcount):
-            self._groups = find_decode_groups(decodes, ps, self.params)
+            self._groups = find_prefix_groups({s: t[:n] for s, t, n in zip(seq_ids, tables, shareable)},
+                                              ps, self.params)
             self.num_recomputed += 1
         self._seq_ids, self._tables, self._shareable = seq_ids, tables, shareable
         return self._groups
@@ -267,11 +273,6 @@ class DecodeGroupCache:
                 if refcount(page) != 1:
                     return False
         return True
-
-
-# SeqWork's fields by position (a NamedTuple's attributes are slower to read through map()).
-_SEQ_ID, _PAGE_IDS, _START_POS = (operator.itemgetter(SeqWork._fields.index(name))
-                                  for name in ("seq_id", "page_ids", "start_pos"))
 
 
 def kv_reads_saved(groups: Iterable[PrefixGroup]) -> int:

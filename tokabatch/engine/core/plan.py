@@ -1,16 +1,17 @@
 """StepPlan, PrefixGroup and StepResult: what the scheduler asks of the runner, and what comes back.
 
-Ints, tuples and floats only: the runner turns them into tensors. Pure stdlib.
+Ints, lists, tuples and floats only: the runner turns them into tensors. Pure stdlib.
 
-One step is one forward pass over the tokens of `decodes` (one token per running sequence) and
-`prefills` (chunks of prompts, or of prompt+output for a recomputed sequence). Each `SeqWork`
-carries its sequence's whole page table, so the runner needs no state of its own to attend.
+One step is one forward pass over the tokens of `decodes` (one token per running sequence, as the
+columns of a `DecodeWorks`) and `prefills` (chunks of prompts, or of prompt+output for a
+recomputed sequence, one `SeqWork` each). Each row carries its sequence's whole page table, so
+the runner needs no state of its own to attend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from tokabatch.engine.api import TokenLogprob
 
@@ -22,8 +23,9 @@ class SeqWork(NamedTuple):
     attend to every position before them through `page_ids` (position p lives in page
     page_ids[p // page_size] at slot p % page_size).
 
-    A NamedTuple, not a dataclass: the scheduler makes one per running sequence per step, and a
-    tuple is built in about a third of the time of a frozen dataclass (decode_seq_work).
+    A NamedTuple, not a dataclass: one is made per prefill chunk, and per decode row wherever a
+    DecodeWorks is read as rows (decode_seq_work), and a tuple is built in about a third of the
+    time of a frozen dataclass.
     """
 
     seq_id: int
@@ -48,10 +50,77 @@ class SeqWork(NamedTuple):
 _new_tuple = tuple.__new__
 
 
+class DecodeWorks:
+    """A step's decode rows as columns: row i runs token_ids[i] at position start_pos[i] of
+    sequence seq_ids[i] (pages page_ids[i]) and samples from it. What the scheduler builds and the
+    runner, the prefix grouping and the step's bookkeeping read, column by column: at ~1k decoding
+    sequences a SeqWork per row and step was over half of the scheduler's loop (docs/benchmarks.md,
+    "Columns read from the sequences do not pay"). As a sequence of SeqWorks (iteration, indexing,
+    `+` with a tuple, ==, repr) it is the tuple of its rows, made on first such use: eager steps
+    and tests read rows. Every row is a plain decode: one token, sampled, no prompt logprobs, its
+    KV not cached (`of` checks the rows it is given). Treat it as immutable."""
+
+    __slots__ = ("seq_ids", "token_ids", "start_pos", "page_ids", "_rows")
+
+    def __init__(self, seq_ids: list[int], token_ids: list[int], start_pos: list[int],
+                 page_ids: list[tuple[int, ...]]) -> None:
+        self.seq_ids, self.token_ids, self.start_pos, self.page_ids = seq_ids, token_ids, start_pos, page_ids
+        self._rows: tuple[SeqWork, ...] | None = None
+
+    @classmethod
+    def of(cls, works: Sequence[SeqWork]) -> DecodeWorks:
+        """The columns of `works`, which must be plain decodes (ValueError otherwise)."""
+        if isinstance(works, DecodeWorks):
+            return works
+        for w in works:
+            if len(w.token_ids) != 1 or not w.sample or w.prompt_logprobs is not None or w.kv_cached:
+                raise ValueError(f"sequence {w.seq_id}: a decode runs one token, samples it, scores no "
+                                 "prompt and is not a cache hit (a plan's prefills carry the others)")
+        return cls([w.seq_id for w in works], [w.token_ids[0] for w in works], [w.start_pos for w in works],
+                   [w.page_ids for w in works])
+
+    def select(self, rows: Sequence[int]) -> DecodeWorks:
+        """These rows only, in the order given."""
+        return DecodeWorks([self.seq_ids[i] for i in rows], [self.token_ids[i] for i in rows],
+                           [self.start_pos[i] for i in rows], [self.page_ids[i] for i in rows])
+
+    @property
+    def rows(self) -> tuple[SeqWork, ...]:
+        if self._rows is None:
+            self._rows = tuple(map(decode_seq_work, self.seq_ids, self.token_ids, self.start_pos, self.page_ids))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def __iter__(self) -> Iterator[SeqWork]:
+        return iter(self.rows)
+
+    def __getitem__(self, index: int | slice) -> SeqWork | tuple[SeqWork, ...]:
+        return self.rows[index]          # (a row for an int, a tuple for a slice, as a tuple's)
+
+    def __add__(self, other: tuple[SeqWork, ...]) -> tuple[SeqWork, ...]:
+        return self.rows + tuple(other)
+
+    def __radd__(self, other: tuple[SeqWork, ...]) -> tuple[SeqWork, ...]:
+        return tuple(other) + self.rows
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DecodeWorks):
+            return (self.seq_ids == other.seq_ids and self.token_ids == other.token_ids
+                    and self.start_pos == other.start_pos and self.page_ids == other.page_ids)
+        return isinstance(other, tuple) and self.rows == other
+
+    __hash__ = None                       # type: ignore[assignment]  (mutable lists inside)
+
+    def __repr__(self) -> str:
+        return repr(self.rows)            # (as the tuple of rows: plan digests do not change)
+
+
 def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[int, ...]) -> SeqWork:
     """SeqWork(seq_id, (token_id,), start_pos, page_ids, sample=True), built without the keyword
     handling of the generated __new__ (a NamedTuple built this way is the cheapest record Python
-    makes). The scheduler builds one per running sequence per step."""
+    makes): a DecodeWorks' rows, when something reads them as rows."""
     return _new_tuple(SeqWork, (seq_id, (token_id,), start_pos, page_ids, True, None, (), False))
 
 
@@ -74,10 +143,16 @@ class PrefixGroup:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
+    """`decodes` may be given as a tuple of SeqWorks (tests): it is kept as their DecodeWorks."""
+
     step_idx: int
-    decodes: tuple[SeqWork, ...]         # one token each
+    decodes: DecodeWorks                 # one token each, sampled
     prefills: tuple[SeqWork, ...]        # chunks, in admission order
     prefix_groups: tuple[PrefixGroup, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.decodes, DecodeWorks):
+            object.__setattr__(self, "decodes", DecodeWorks.of(self.decodes))
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +160,7 @@ class StepPlan:
 
     @property
     def works(self) -> tuple[SeqWork, ...]:
+        """Every row as a SeqWork (the decodes' made then): for eager steps and tests, not the decode path."""
         return self.decodes + self.prefills
 
     @property

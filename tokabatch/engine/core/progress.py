@@ -30,7 +30,10 @@ def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned
     num_done = 0                          # works (and tokens: all decodes sample) handled so far
     if planned_seqs is not None:
         num_done = _apply_planned_decodes(plan, sampled, planned_seqs, page_size, publish)
-    works = plan.decodes[num_done:] + plan.prefills if num_done else plan.works
+    if num_done == len(plan.decodes):
+        works = plan.prefills             # (every decode done: their rows are never made)
+    else:
+        works = plan.decodes[num_done:] + plan.prefills
     _apply_works(plan.step_idx, works, sampled, num_done, seqs, page_size, publish)
 
 
@@ -40,13 +43,13 @@ def _apply_planned_decodes(plan: StepPlan, sampled: tuple[SampledToken, ...], pl
     (it stops at the first token out of order, which the general path then sorts out)."""
     running = SeqStatus.RUNNING
     num_done = 0
-    for work, seq, token in zip(plan.decodes, planned_seqs, sampled):
-        if token.seq_id != work.seq_id:
+    decodes = plan.decodes
+    for seq_id, start, seq, token in zip(decodes.seq_ids, decodes.start_pos, planned_seqs, sampled):
+        if token.seq_id != seq_id:
             break
         num_done += 1
         if seq.status is not running:
             continue                      # aborted or finished while the step ran
-        start = work.start_pos
         if start != seq.num_computed:
             raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
                                  f"but {seq.num_computed} positions were computed")

@@ -31,7 +31,7 @@ from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.invariants import check_scheduler
 from tokabatch.engine.core.pages import PagePool
-from tokabatch.engine.core.plan import SeqWork, StepPlan, StepResult, decode_seq_work
+from tokabatch.engine.core.plan import DecodeWorks, StepPlan, StepResult
 from tokabatch.engine.core.predictor import LengthPredictor
 from tokabatch.engine.core.progress import apply_step_result, publish_full_pages
 from tokabatch.engine.core.request import Sequence, SeqStatus, chunk_end, pages_for, prefill_work
@@ -153,13 +153,19 @@ class Scheduler:
         """Every decode (pages grown, preempting the newest when they run out), then admission,
         then prefill chunks within the token budget (online prompts first, then admission order).
         The decode loop runs over every running sequence every step, so it reads each sequence's
-        fields once and builds its SeqWork on the spot (benchmarks/step_overhead.py measures it)."""
+        fields once and appends them to the plan's decode columns on the spot (DecodeWorks: no
+        object per row; benchmarks/step_overhead.py measures it)."""
         self._step_idx += 1
         preempted_before = self.num_preemptions
         ps = self.page_size
         running = SeqStatus.RUNNING
         decodes: list[Sequence] = []
-        decode_works: list[SeqWork] = []
+        # The decode rows' columns (DecodeWorks), appended to as each is planned.
+        seq_ids: list[int] = []
+        token_ids: list[int] = []
+        starts: list[int] = []
+        tables: list[tuple[int, ...]] = []
+        add_seq, add_token, add_start, add_table = seq_ids.append, token_ids.append, starts.append, tables.append
         prefilling: list[Sequence] = []       # running but not decoding, in admission order
         for seq in list(self._running.values()):
             if seq.status is not running:
@@ -175,7 +181,11 @@ class Scheduler:
             if num_tokens > len(seq.page_ids) * ps and self._grow(seq, num_tokens, shrinkable_from=None) is None:
                 continue
             decodes.append(seq)               # its last output token at position num_tokens - 1, sampled
-            decode_works.append(decode_seq_work(seq.seq_id, output_ids[-1], num_tokens - 1, seq.page_ids))
+            add_seq(seq.seq_id)
+            add_token(output_ids[-1])
+            add_start(num_tokens - 1)
+            add_table(seq.page_ids)
+        decode_works = DecodeWorks(seq_ids, token_ids, starts, tables)
         if self.num_preemptions == preempted_before:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
             prefilling.extend(self._admit())   # admitted last, so they prefill after the others
@@ -185,17 +195,16 @@ class Scheduler:
             # (Its page table changed only then, so the works of the others stand.)
             kept = [i for i, seq in enumerate(decodes) if seq.status is running]
             decodes = [decodes[i] for i in kept]
-            decode_works = [decode_works[i] for i in kept]
+            decode_works = decode_works.select(kept)
         prefill_works = tuple(prefill_work(s, a, b, ps) for s, a, b in chunks if s.status is running)
-        works = tuple(decode_works)
         # A whole-sequence cache hit reruns one token, as a decode does: its work goes first among
         # the prefills (with the decodes, the runner's single-token rows) and into the prefix
         # groups, so a wave of n samples starting together reads its shared prompt once per group.
         cached = tuple(w for w in prefill_works if w.kv_cached)
         if cached:
             prefill_works = cached + tuple(w for w in prefill_works if not w.kv_cached)
-        groups = self._groups.groups(works + cached, self.pool.refcount) if self._groups else ()
-        plan = StepPlan(step_idx=self._step_idx, decodes=works, prefills=prefill_works, prefix_groups=groups)
+        groups = self._groups.groups(decode_works, cached, self.pool.refcount) if self._groups else ()
+        plan = StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
         self._planned = (plan, decodes)
         return plan
 

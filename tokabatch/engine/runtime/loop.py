@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 from collections import deque
-from operator import attrgetter
 from typing import Iterable, Protocol, Sequence
 
 from tokabatch.engine.api import (
@@ -230,7 +229,7 @@ class EngineLoop:
         """Hydragen sharing for /metrics: the KV-token reads of this step's decodes without grouping
         (each reads its whole context, current token included) and those its prefix groups save."""
         # (A decode runs one token, so its reads are start_pos + 1.)
-        self._stats.num_decode_kv_reads += sum(map(_start_pos, plan.decodes)) + len(plan.decodes)
+        self._stats.num_decode_kv_reads += sum(plan.decodes.start_pos) + len(plan.decodes)
         self._stats.num_hydragen_saved_kv_reads += kv_reads_saved(plan.prefix_groups)
 
     # ---- admission ------------------------------------------------------------------------
@@ -360,8 +359,6 @@ class EngineLoop:
                 self._stats.num_requests_finished += 1
                 self._ready.append(final_output(state))
 
-
-_start_pos = attrgetter("start_pos")
 
 
 __all__ = ["EngineLoop"]

@@ -75,24 +75,21 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> "PendingStep":
         """Queue one step on the device and return at once (on CUDA; the CPU runs it to the end):
         its `result()` waits for the sampled tokens. Call `result()` before the next `launch`."""
-        works = plan.works
-        if not works:
+        if plan.is_empty:
             return PendingStep(StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0))
         graph_kind = self._graph_kind(plan)
         if graph_kind is not None:
-            decodes = plan.decodes
+            d = plan.decodes                  # (columns: no row objects on this path)
             if graph_kind == "grouped":
-                logits = self.grouped_graphs.run([w.token_ids[0] for w in decodes], [w.start_pos for w in decodes],
-                                                 [w.page_ids for w in decodes], [w.seq_id for w in decodes],
-                                                 plan.prefix_groups)
+                logits = self.grouped_graphs.run(d.token_ids, d.start_pos, d.page_ids, d.seq_ids, plan.prefix_groups)
             else:
-                logits = self.graphs.run([w.token_ids[0] for w in decodes], [w.start_pos + 1 for w in decodes],
-                                         [w.page_ids for w in decodes])
+                logits = self.graphs.run(d.token_ids, [p + 1 for p in d.start_pos], d.page_ids)
             if logits is not None:
                 self.num_graph_steps += 1
-                finish = self.sampler.sample_async([w.seq_id for w in decodes], logits)
+                finish = self.sampler.sample_async(d.seq_ids, logits)
                 return PendingStep(None, plan, finish)
         self.num_eager_steps += 1
+        works = plan.works
         input_ids, positions, seqs = self._flatten(works)
         attn = self.backend.begin_step(seqs, plan.num_tokens, plan.prefix_groups)
         hidden = self.model(input_ids, positions, attn)            # [num_tokens, hidden]
@@ -100,11 +97,10 @@ class ModelRunner:
         return PendingStep(None, plan, self._sample(works, seqs, hidden), prompt_logprobs)
 
     def _graph_kind(self, plan: StepPlan) -> str | None:
-        """"plain" or "grouped" for a pure decode step whose every row samples (grouped: it has prefix
-        groups and the backend attends them); None when the step must run eagerly."""
+        """"plain" or "grouped" for a pure decode step (grouped: it has prefix groups and the backend
+        attends them); None when the step must run eagerly. (Every decode row samples and scores
+        no prompt: DecodeWorks.)"""
         if self.graphs is None or plan.prefills:
-            return None
-        if not all(w.sample and w.prompt_logprobs is None for w in plan.decodes):
             return None
         if plan.prefix_groups and self.backend.use_hydragen:
             return "grouped" if self.grouped_graphs is not None else None

@@ -27,7 +27,7 @@ from typing import Sequence
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo, SamplingParams
 from tokabatch.engine.core.hydragen import GroupingParams, kv_reads_saved
-from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
+from tokabatch.engine.core.plan import SampledTokens, StepPlan, StepResult
 from tokabatch.engine.core.scheduler import Scheduler
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.engine.runtime.pipelined_loop import PipelinedLoop
@@ -121,8 +121,8 @@ class SimulatedRunner:
 
     def launch(self, plan: StepPlan) -> _Pending:
         step, vocab = plan.step_idx, self.vocab_size
-        sampled = tuple(SampledToken(s, (s * 7919 + step) % vocab)
-                        for s in chain(plan.decodes.seq_ids, (w.seq_id for w in plan.prefills if w.sample)))
+        seq_ids = list(chain(plan.decodes.seq_ids, (w.seq_id for w in plan.prefills if w.sample)))
+        sampled = SampledTokens(seq_ids, [(s * 7919 + step) % vocab for s in seq_ids])
         if plan.prefills:
             self.num_eager_steps += 1
         else:

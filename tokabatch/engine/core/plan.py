@@ -11,7 +11,8 @@ the runner needs no state of its own to attend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from itertools import repeat
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from tokabatch.engine.api import TokenLogprob
 
@@ -176,15 +177,65 @@ class SampledToken(NamedTuple):
     logprob: TokenLogprob | None = None  # filled when the sequence asked for logprobs
 
 
-def sampled_tokens(seq_ids: Sequence[int], token_ids: Sequence[int]) -> list[SampledToken]:
-    """[SampledToken(s, t) for each pair], without logprobs, built as decode_seq_work builds its
-    tuples (the sampler makes one per row per step)."""
-    return [_new_tuple(SampledToken, (s, t, None)) for s, t in zip(seq_ids, token_ids)]
+class SampledTokens:
+    """A step's sampled tokens as columns: row i is token_ids[i], drawn for sequence seq_ids[i], with
+    logprobs[i] when it asked for them (`logprobs` None: no row did). What the sampler returns and
+    the step's bookkeeping reads, column by column (no SampledToken per row and step, as
+    DecodeWorks). As a sequence of SampledTokens (iteration, indexing, ==, repr) it is the tuple of
+    its rows, made on first such use. Treat it as immutable."""
+
+    __slots__ = ("seq_ids", "token_ids", "logprobs", "_rows")
+
+    def __init__(self, seq_ids: list[int], token_ids: list[int],
+                 logprobs: list[TokenLogprob | None] | None = None) -> None:
+        self.seq_ids, self.token_ids, self.logprobs = seq_ids, token_ids, logprobs
+        self._rows: tuple[SampledToken, ...] | None = None
+
+    @classmethod
+    def of(cls, tokens: Iterable[SampledToken]) -> SampledTokens:
+        if isinstance(tokens, SampledTokens):
+            return tokens
+        tokens = tuple(tokens)
+        logprobs = [t.logprob for t in tokens]
+        return cls([t.seq_id for t in tokens], [t.token_id for t in tokens],
+                   logprobs if any(lp is not None for lp in logprobs) else None)
+
+    @property
+    def rows(self) -> tuple[SampledToken, ...]:
+        if self._rows is None:
+            logprobs = self.logprobs if self.logprobs is not None else repeat(None)
+            self._rows = tuple(map(_new_tuple, repeat(SampledToken), zip(self.seq_ids, self.token_ids, logprobs)))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def __iter__(self) -> Iterator[SampledToken]:
+        return iter(self.rows)
+
+    def __getitem__(self, index: int | slice) -> SampledToken | tuple[SampledToken, ...]:
+        return self.rows[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SampledTokens):
+            return self.rows == other.rows
+        return isinstance(other, (tuple, list)) and self.rows == tuple(other)
+
+    __hash__ = None                       # type: ignore[assignment]  (mutable lists inside)
+
+    def __repr__(self) -> str:
+        return repr(self.rows)
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
+    """`sampled` may be given as SampledToken rows (tests, simple runners): it is kept as their columns."""
+
     step_idx: int
-    sampled: tuple[SampledToken, ...]    # one per SeqWork with sample=True, in plan order
+    sampled: SampledTokens               # one per sampled row (decodes, then prefills that sample), in plan order
     prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]], ...] = ()  # (seq_id, per chunk position)
     num_forward_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampled, SampledTokens):
+            object.__setattr__(self, "sampled", SampledTokens.of(self.sampled))

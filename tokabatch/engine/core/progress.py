@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping
 
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.pages import ROOT, PagePool
-from tokabatch.engine.core.plan import SampledToken, SeqWork, StepPlan
+from tokabatch.engine.core.plan import SampledTokens, SeqWork, StepPlan
 from tokabatch.engine.core.request import SeqStatus, Sequence
 
 
-def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned_seqs: list[Sequence] | None,
+def apply_step_result(plan: StepPlan, sampled: SampledTokens, planned_seqs: list[Sequence] | None,
                       seqs: Mapping[int, Sequence], page_size: int,
                       publish: Callable[[Sequence], None]) -> None:
     """Advance every sequence of `plan` past the tokens it ran and append its sampled token.
@@ -37,15 +37,16 @@ def apply_step_result(plan: StepPlan, sampled: tuple[SampledToken, ...], planned
     _apply_works(plan.step_idx, works, sampled, num_done, seqs, page_size, publish)
 
 
-def _apply_planned_decodes(plan: StepPlan, sampled: tuple[SampledToken, ...], planned_seqs: list[Sequence],
+def _apply_planned_decodes(plan: StepPlan, sampled: SampledTokens, planned_seqs: list[Sequence],
                            page_size: int, publish: Callable[[Sequence], None]) -> int:
     """The short path: decodes matched to their sequences by position. Returns how many it handled
     (it stops at the first token out of order, which the general path then sorts out)."""
     running = SeqStatus.RUNNING
     num_done = 0
     decodes = plan.decodes
-    for seq_id, start, seq, token in zip(decodes.seq_ids, decodes.start_pos, planned_seqs, sampled):
-        if token.seq_id != seq_id:
+    for seq_id, start, seq, token_seq, token in zip(decodes.seq_ids, decodes.start_pos, planned_seqs,
+                                                    sampled.seq_ids, sampled.token_ids):
+        if token_seq != seq_id:
             break
         num_done += 1
         if seq.status is not running:
@@ -54,25 +55,26 @@ def _apply_planned_decodes(plan: StepPlan, sampled: tuple[SampledToken, ...], pl
             raise AssertionError(f"sequence {seq.seq_id}: step ran position {start}, "
                                  f"but {seq.num_computed} positions were computed")
         seq.num_computed = start + 1
-        seq.output_ids.append(token.token_id)
+        seq.output_ids.append(token)
         if (start + 1) // page_size > seq.num_published_pages:
             publish(seq)                  # (nothing to publish otherwise: most decode steps)
     return num_done
 
 
-def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: tuple[SampledToken, ...], num_sampled: int,
+def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: SampledTokens, num_sampled: int,
                  seqs: Mapping[int, Sequence], page_size: int, publish: Callable[[Sequence], None]) -> None:
     """The general path: any work, its token (if it samples) found by position, else by seq_id."""
     running = SeqStatus.RUNNING
+    sampled_seqs, sampled_tokens = sampled.seq_ids, sampled.token_ids
     by_seq: dict[int, int] | None = None
     for work in works:
         token_id = None
         if work.sample:
-            if num_sampled < len(sampled) and sampled[num_sampled].seq_id == work.seq_id:
-                token_id = sampled[num_sampled].token_id
+            if num_sampled < len(sampled_seqs) and sampled_seqs[num_sampled] == work.seq_id:
+                token_id = sampled_tokens[num_sampled]
             else:
                 if by_seq is None:
-                    by_seq = {t.seq_id: t.token_id for t in sampled}
+                    by_seq = dict(zip(sampled_seqs, sampled_tokens))
                 token_id = by_seq.get(work.seq_id)
             num_sampled += 1
         seq = seqs.get(work.seq_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 from collections import deque
+from itertools import repeat
 from typing import Iterable, Protocol, Sequence
 
 from tokabatch.engine.api import (
@@ -29,7 +30,7 @@ from tokabatch.engine.api import (
     SamplingParams,
 )
 from tokabatch.engine.core.hydragen import kv_reads_saved
-from tokabatch.engine.core.plan import SampledToken, StepPlan, StepResult
+from tokabatch.engine.core.plan import SampledTokens, StepPlan, StepResult
 from tokabatch.engine.core.scheduler import Scheduler
 from tokabatch.engine.runtime.choices import (
     Choice,
@@ -262,15 +263,16 @@ class EngineLoop:
             if entry is not None and entry[0].prompt_logprobs is not None:
                 entry[0].prompt_logprobs.extend(scored)
 
-    def _take_samples(self, sampled: tuple[SampledToken, ...]) -> dict[str, RequestState]:
+    def _take_samples(self, sampled: SampledTokens) -> dict[str, RequestState]:
         """Each new token: its choice's token ids, logprobs, text and stop checks (ending the choice
         when one fires). Runs once per running sequence per step, so it is one loop with the
         checks reading fields fixed at admission (add), not a call chain per token."""
         touched: dict[str, RequestState] = {}
         by_seq = self._by_seq
         num_taken = 0
-        for token in sampled:
-            entry = by_seq.get(token.seq_id)
+        logprobs = sampled.logprobs if sampled.logprobs is not None else repeat(None)
+        for seq_id, tid, logprob in zip(sampled.seq_ids, sampled.token_ids, logprobs):
+            entry = by_seq.get(seq_id)
             if entry is None:
                 continue                      # aborted while its step ran
             state, choice = entry
@@ -278,11 +280,10 @@ class EngineLoop:
                 continue                      # finished while its step ran; or scoring a prompt only (echo)
             num_taken += 1
             touched[state.request.request_id] = state
-            tid = token.token_id
             token_ids = choice.token_ids
             token_ids.append(tid)
-            if choice.logprobs is not None and token.logprob is not None:
-                choice.logprobs.append(token.logprob)
+            if choice.logprobs is not None and logprob is not None:
+                choice.logprobs.append(logprob)
             if tid in choice.stop_on and len(token_ids) >= choice.min_tokens:
                 # A stop token id (stop_reason: the id) or EOS (None); a stop token is not in the text.
                 self._finish(choice, FinishReason.STOP, tid if tid in choice.stop_token_ids else None,

@@ -30,7 +30,7 @@ from tokabatch.engine.core.plan import PrefixGroup, SeqWork, StepPlan, StepResul
 from tokabatch.engine.models.layers import AttentionFn
 from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
-from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler
+from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler, no_samples
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
 # torch's CPU threads in a CUDA engine: its host tensors are small (a step's indices and lengths), and
@@ -144,7 +144,7 @@ class ModelRunner:
                 hidden: Tensor) -> PendingSample:
         picked = [(w.seq_id, s.q_start + s.q_len - 1) for w, s in zip(works, seqs) if w.sample]
         if not picked:
-            return PendingSample(list)
+            return PendingSample(no_samples)
         rows = self._long([row for _, row in picked])
         logits = self.model.compute_logits(hidden.index_select(0, rows))   # [num_sampled, vocab]
         return self.sampler.sample_async([seq_id for seq_id, _ in picked], logits)
@@ -193,7 +193,7 @@ class PendingStep:
     def result(self) -> StepResult:
         if self._done is None:
             plan = self._plan
-            self._done = StepResult(step_idx=plan.step_idx, sampled=tuple(self._finish()),
+            self._done = StepResult(step_idx=plan.step_idx, sampled=self._finish(),
                                     prompt_logprobs=self._prompt_logprobs, num_forward_tokens=plan.num_tokens)
         return self._done
 

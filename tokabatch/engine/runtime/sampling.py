@@ -2,7 +2,7 @@
 
 Owns what sampling remembers about a sequence between steps (its SamplingParams, its prompt's
 token set for repetition_penalty, its generated tokens for presence/frequency penalties and
-min_tokens, its seeded torch.Generator) and turns one step's logits into `SampledToken`s.
+min_tokens, its seeded torch.Generator) and turns one step's logits into `SampledTokens`.
 Torch only: must not import the scheduler (engine/core is driven by the runner, not by us) nor
 anything of the service.
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tokabatch.engine.api import SamplingParams, TokenLogprob
-from tokabatch.engine.core.plan import SampledToken, sampled_tokens
+from tokabatch.engine.core.plan import SampledTokens
 from tokabatch.engine.runtime import sampling_ops as ops
 from tokabatch.engine.runtime.grammar import Grammars
 from tokabatch.errors import InvalidRequest
@@ -96,20 +96,24 @@ class _SeqState:
         return bool(self.blocked_ids) and len(self.output_ids) < self.params.min_tokens
 
 
+def no_samples() -> SampledTokens:
+    return SampledTokens([], [])
+
+
 class PendingSample:
     """Sampler.sample_async's draw: `draw()` launches it if it was held back (its constrained rows'
     masks were not waited for yet); calling it waits for the tokens (drawing first if needed)."""
 
     __slots__ = ("_finish", "_draw")
 
-    def __init__(self, finish: Callable[[], list[SampledToken]], draw: Callable[[], None] | None = None) -> None:
+    def __init__(self, finish: Callable[[], SampledTokens], draw: Callable[[], None] | None = None) -> None:
         self._finish, self._draw = finish, draw
 
     def draw(self) -> None:
         if self._draw is not None:
             self._draw()
 
-    def __call__(self) -> list[SampledToken]:
+    def __call__(self) -> SampledTokens:
         return self._finish()
 
 
@@ -227,11 +231,11 @@ class Sampler:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def sample(self, seq_ids: list[int], logits: Tensor) -> list[SampledToken]:
+    def sample(self, seq_ids: list[int], logits: Tensor) -> SampledTokens:
         """Draw one token per row and record it as that sequence's next output token.
 
         seq_ids: row i's sequence (distinct ids). logits: [rows, vocab] on the sampler's device,
-        float32 (bf16/fp16 is cast; the tensor is not modified). Returns one SampledToken per row,
+        float32 (bf16/fp16 is cast; the tensor is not modified). Returns SampledTokens: one per row,
         in row order, with a TokenLogprob when the sequence asked for logprobs (logprob of the
         sampled token under log_softmax of the raw logits, plus the top `params.logprobs`).
         """
@@ -250,7 +254,7 @@ class Sampler:
         synchronously (their top-k needs the host)."""
         self._check_logits(logits, len(seq_ids))
         if not seq_ids:
-            return PendingSample(list)
+            return PendingSample(no_samples)
         states = [self._state(s) for s in seq_ids]
         kinds = {s.fast_kind for s in states}
         fast = kinds.pop() if len(kinds) == 1 else ""
@@ -274,7 +278,7 @@ class Sampler:
                 else:
                     drawn.append((tokens, None))
 
-            def finish() -> list[SampledToken]:
+            def finish() -> SampledTokens:
                 draw()
                 host, done = drawn[0]
                 if done is not None:
@@ -283,7 +287,7 @@ class Sampler:
                 for state, token in zip(states, token_list):
                     state.output_ids.append(token)
                 self._consume(states, token_list, constrained)
-                return sampled_tokens(seq_ids, token_list)
+                return SampledTokens(seq_ids, token_list)
 
             if not constrained:
                 draw()
@@ -333,7 +337,7 @@ class Sampler:
             packed[self._long(missing)] = fresh_packed
         return self.grammars.blocked(packed)
 
-    def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> list[SampledToken]:
+    def _sample_now(self, seq_ids: list[int], logits: Tensor, states: list[_SeqState]) -> SampledTokens:
         if all(s.unadjusted for s in states):
             raw = None
             tokens = self._choose_unadjusted(logits, states)
@@ -346,8 +350,8 @@ class Sampler:
         for state, token in zip(states, token_list):
             state.output_ids.append(token)
         self._consume(states, token_list, [i for i, s in enumerate(states) if s.matcher is not None])
-        return [SampledToken(seq_id=s, token_id=t, logprob=lp)
-                for s, t, lp in zip(seq_ids, token_list, logprobs)]
+        return SampledTokens(list(seq_ids), token_list,
+                             logprobs if any(lp is not None for lp in logprobs) else None)
 
     def prompt_logprobs(self, logits: Tensor, targets: Tensor, k: int) -> list[TokenLogprob]:
         """Logprob of each row's target under log_softmax of the raw logits, plus the top k.

@@ -1,10 +1,12 @@
-"""DecodeWorks: a step's decode rows as columns, read as SeqWorks where rows are wanted."""
+"""DecodeWorks and SampledTokens: a step's decode rows and sampled tokens as columns, read as
+SeqWorks and SampledTokens where rows are wanted."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokabatch.engine.core.plan import DecodeWorks, SeqWork, StepPlan
+from tokabatch.engine.api import TokenLogprob
+from tokabatch.engine.core.plan import DecodeWorks, SampledToken, SampledTokens, SeqWork, StepPlan, StepResult
 
 ROWS = (SeqWork(7, (11,), 40, (1, 2, 3), sample=True), SeqWork(9, (12,), 17, (4, 5), sample=True))
 
@@ -44,3 +46,21 @@ def test_a_plan_given_a_tuple_of_decodes_keeps_their_columns():
     assert isinstance(plan.decodes, DecodeWorks) and plan.decodes.seq_ids == [7, 9]
     assert plan.works == ROWS and plan.num_tokens == 2 and not plan.is_empty
     assert StepPlan(5, (), ()).is_empty
+
+
+def test_sampled_tokens_hold_their_columns_and_read_back_as_rows():
+    plain = SampledTokens([7, 9], [11, 12])
+    assert plain.logprobs is None and tuple(plain) == (SampledToken(7, 11), SampledToken(9, 12))
+    assert plain == [SampledToken(7, 11), SampledToken(9, 12)] and plain[1].token_id == 12 and len(plain) == 2
+    lp = TokenLogprob(12, -0.5)
+    rows = (SampledToken(7, 11), SampledToken(9, 12, lp))
+    mixed = SampledTokens.of(rows)
+    assert (mixed.seq_ids, mixed.token_ids, mixed.logprobs) == ([7, 9], [11, 12], [None, lp])
+    assert mixed == rows and repr(mixed) == repr(rows) and mixed != plain
+    assert SampledTokens.of(plain) is plain and SampledTokens.of(plain.rows).logprobs is None
+
+
+def test_a_result_given_sampled_rows_keeps_their_columns():
+    result = StepResult(3, (SampledToken(7, 11),))
+    assert isinstance(result.sampled, SampledTokens) and result.sampled.seq_ids == [7]
+    assert StepResult(4, ()).sampled == ()

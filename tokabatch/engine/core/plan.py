@@ -69,10 +69,11 @@ class DecodeWorks:
         self._rows: tuple[SeqWork, ...] | None = None
 
     @classmethod
-    def of(cls, works: Sequence[SeqWork]) -> DecodeWorks:
+    def of(cls, works: Iterable[SeqWork]) -> DecodeWorks:
         """The columns of `works`, which must be plain decodes (ValueError otherwise)."""
         if isinstance(works, DecodeWorks):
             return works
+        works = tuple(works)
         for w in works:
             if len(w.token_ids) != 1 or not w.sample or w.prompt_logprobs is not None or w.kv_cached:
                 raise ValueError(f"sequence {w.seq_id}: a decode runs one token, samples it, scores no "
@@ -193,6 +194,7 @@ class SampledTokens:
 
     @classmethod
     def of(cls, tokens: Iterable[SampledToken]) -> SampledTokens:
+        """The columns of `tokens` (logprobs None when no row has one)."""
         if isinstance(tokens, SampledTokens):
             return tokens
         tokens = tuple(tokens)

@@ -361,5 +361,4 @@ class EngineLoop:
                 self._ready.append(final_output(state))
 
 
-
 __all__ = ["EngineLoop"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from tokabatch.engine.api import TokenLogprob
 
@@ -51,7 +51,38 @@ class SeqWork(NamedTuple):
 _new_tuple = tuple.__new__
 
 
-class DecodeWorks:
+class _Columns:
+    """Columns read as the tuple of their rows, made on first such use (iteration, indexing, repr):
+    what DecodeWorks and SampledTokens share. `seq_ids` is a column of every subclass."""
+
+    __slots__ = ("_rows",)
+    seq_ids: list[int]
+
+    def _make_rows(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def rows(self) -> tuple:
+        if self._rows is None:
+            self._rows = self._make_rows()
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.rows)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self.rows[index]          # (a row for an int, a tuple for a slice, as a tuple's)
+
+    __hash__ = None                       # type: ignore[assignment]  (mutable lists inside)
+
+    def __repr__(self) -> str:
+        return repr(self.rows)            # (as the tuple of rows: plan digests do not change)
+
+
+class DecodeWorks(_Columns):
     """A step's decode rows as columns: row i runs token_ids[i] at position start_pos[i] of
     sequence seq_ids[i] (pages page_ids[i]) and samples from it. What the scheduler builds and the
     runner, the prefix grouping and the step's bookkeeping read, column by column: at ~1k decoding
@@ -61,7 +92,7 @@ class DecodeWorks:
     and tests read rows. Every row is a plain decode: one token, sampled, no prompt logprobs, its
     KV not cached (`of` checks the rows it is given). Treat it as immutable."""
 
-    __slots__ = ("seq_ids", "token_ids", "start_pos", "page_ids", "_rows")
+    __slots__ = ("seq_ids", "token_ids", "start_pos", "page_ids")
 
     def __init__(self, seq_ids: list[int], token_ids: list[int], start_pos: list[int],
                  page_ids: list[tuple[int, ...]]) -> None:
@@ -86,20 +117,8 @@ class DecodeWorks:
         return DecodeWorks([self.seq_ids[i] for i in rows], [self.token_ids[i] for i in rows],
                            [self.start_pos[i] for i in rows], [self.page_ids[i] for i in rows])
 
-    @property
-    def rows(self) -> tuple[SeqWork, ...]:
-        if self._rows is None:
-            self._rows = tuple(map(decode_seq_work, self.seq_ids, self.token_ids, self.start_pos, self.page_ids))
-        return self._rows
-
-    def __len__(self) -> int:
-        return len(self.seq_ids)
-
-    def __iter__(self) -> Iterator[SeqWork]:
-        return iter(self.rows)
-
-    def __getitem__(self, index: int | slice) -> SeqWork | tuple[SeqWork, ...]:
-        return self.rows[index]          # (a row for an int, a tuple for a slice, as a tuple's)
+    def _make_rows(self) -> tuple[SeqWork, ...]:
+        return tuple(map(decode_seq_work, self.seq_ids, self.token_ids, self.start_pos, self.page_ids))
 
     def __add__(self, other: tuple[SeqWork, ...]) -> tuple[SeqWork, ...]:
         return self.rows + tuple(other)
@@ -112,11 +131,6 @@ class DecodeWorks:
             return (self.seq_ids == other.seq_ids and self.token_ids == other.token_ids
                     and self.start_pos == other.start_pos and self.page_ids == other.page_ids)
         return isinstance(other, tuple) and self.rows == other
-
-    __hash__ = None                       # type: ignore[assignment]  (mutable lists inside)
-
-    def __repr__(self) -> str:
-        return repr(self.rows)            # (as the tuple of rows: plan digests do not change)
 
 
 def decode_seq_work(seq_id: int, token_id: int, start_pos: int, page_ids: tuple[int, ...]) -> SeqWork:
@@ -178,14 +192,14 @@ class SampledToken(NamedTuple):
     logprob: TokenLogprob | None = None  # filled when the sequence asked for logprobs
 
 
-class SampledTokens:
+class SampledTokens(_Columns):
     """A step's sampled tokens as columns: row i is token_ids[i], drawn for sequence seq_ids[i], with
     logprobs[i] when it asked for them (`logprobs` None: no row did). What the sampler returns and
     the step's bookkeeping reads, column by column (no SampledToken per row and step, as
     DecodeWorks). As a sequence of SampledTokens (iteration, indexing, ==, repr) it is the tuple of
     its rows, made on first such use. Treat it as immutable."""
 
-    __slots__ = ("seq_ids", "token_ids", "logprobs", "_rows")
+    __slots__ = ("seq_ids", "token_ids", "logprobs")
 
     def __init__(self, seq_ids: list[int], token_ids: list[int],
                  logprobs: list[TokenLogprob | None] | None = None) -> None:
@@ -202,31 +216,14 @@ class SampledTokens:
         return cls([t.seq_id for t in tokens], [t.token_id for t in tokens],
                    logprobs if any(lp is not None for lp in logprobs) else None)
 
-    @property
-    def rows(self) -> tuple[SampledToken, ...]:
-        if self._rows is None:
-            logprobs = self.logprobs if self.logprobs is not None else repeat(None)
-            self._rows = tuple(map(_new_tuple, repeat(SampledToken), zip(self.seq_ids, self.token_ids, logprobs)))
-        return self._rows
-
-    def __len__(self) -> int:
-        return len(self.seq_ids)
-
-    def __iter__(self) -> Iterator[SampledToken]:
-        return iter(self.rows)
-
-    def __getitem__(self, index: int | slice) -> SampledToken | tuple[SampledToken, ...]:
-        return self.rows[index]
+    def _make_rows(self) -> tuple[SampledToken, ...]:
+        logprobs = self.logprobs if self.logprobs is not None else repeat(None)
+        return tuple(map(_new_tuple, repeat(SampledToken), zip(self.seq_ids, self.token_ids, logprobs)))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SampledTokens):
             return self.rows == other.rows
         return isinstance(other, (tuple, list)) and self.rows == tuple(other)
-
-    __hash__ = None                       # type: ignore[assignment]  (mutable lists inside)
-
-    def __repr__(self) -> str:
-        return repr(self.rows)
 
 
 @dataclass(frozen=True, slots=True)

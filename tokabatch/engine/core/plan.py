@@ -85,8 +85,8 @@ class _Columns:
 class DecodeWorks(_Columns):
     """A step's decode rows as columns: row i runs token_ids[i] at position start_pos[i] of
     sequence seq_ids[i] (pages page_ids[i]) and samples from it. What the scheduler builds and the
-    runner, the prefix grouping and the step's bookkeeping read, column by column: at ~1k decoding
-    sequences a SeqWork per row and step was over half of the scheduler's loop (docs/benchmarks.md,
+    runner, the prefix grouping and the step's bookkeeping read, column by column: building a
+    SeqWork per row and step was most of the scheduler's per-row time (docs/benchmarks.md,
     "Columns read from the sequences do not pay"). As a sequence of SeqWorks (iteration, indexing,
     `+` with a tuple, ==, repr) it is the tuple of its rows, made on first such use: eager steps
     and tests read rows. Every row is a plain decode: one token, sampled, no prompt logprobs, its

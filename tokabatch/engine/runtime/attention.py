@@ -197,8 +197,8 @@ def pinned(host: Tensor) -> Tensor:
     """A pinned copy of the CPU tensor `host`, for a device copy with non_blocking=True that queues
     behind the stream's work instead of waiting for it. The block comes from torch's caching host
     allocator, which keeps it until that copy has run. `torch.empty(pin_memory=True)` + `copy_`
-    rather than `host.pin_memory()`: 51 against 737 us for 70,000 int64 on the H100 host
-    (docs/benchmarks.md, stop 38)."""
+    rather than `host.pin_memory()`, which is many times slower per call (docs/benchmarks.md,
+    "Pinned copies, the step's columns")."""
     staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
     return staged.copy_(host)
 

@@ -227,13 +227,13 @@ def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: floa
 
 def _attention_config(args: argparse.Namespace) -> Any:
     """The attention kernels of --decode-tensor-cores, --hydragen-own-tensor-cores, --hydragen-group-kernel,
-    --hydragen-group-kv-split, --hydragen-fold-heads and --flashinfer-builtin-max (attention.AttentionConfig;
+    --hydragen-fold-heads and --flashinfer-builtin-max (attention.AttentionConfig;
     "auto" keeps its default)."""
     from tokabatch.engine.runtime.attention import AttentionConfig
 
     choice = {"on": True, "off": False, "as-decode": None}
     switches = {"decode_tensor_cores": args.decode_tensor_cores, "own_tensor_cores": args.hydragen_own_tensor_cores,
-                "fold_group_heads": args.hydragen_fold_heads, "group_kv_split": args.hydragen_group_kv_split}
+                "fold_group_heads": args.hydragen_fold_heads}
     return AttentionConfig(fast_planning=not args.flashinfer_builtin_max, group_kernel=args.hydragen_group_kernel,
                            **{field: choice[flag] for field, flag in switches.items() if flag != "auto"})
 
@@ -367,9 +367,6 @@ def _arguments() -> argparse.Namespace:
                                          "engine's default, off; as-decode: as --decode-tensor-cores)")
     ap.add_argument("--hydragen-group-kernel", choices=("auto", "fa2", "fa3"), default="auto",
                     help="flashinfer's prefill backend for Hydragen's shared-prefix parts")
-    ap.add_argument("--hydragen-group-kv-split", choices=("auto", "on", "off"), default="auto",
-                    help="fa2 group kernel: may it split a shared prefix over more thread blocks (in CUDA graphs "
-                         "flashinfer always does unless off; auto: the engine's default)")
     ap.add_argument("--hydragen-fold-heads", choices=("auto", "on", "off"), default="auto",
                     help="the shared-prefix parts' GQA query heads folded into query rows (auto: the engine's default)")
     ap.add_argument("--flashinfer-builtin-max", action="store_true",

@@ -34,9 +34,3 @@ def test_the_group_kernel_is_one_flashinfer_has():
     with pytest.raises(ValueError, match="group_kernel must be one of auto, fa2, fa3, not 'fa4'"):
         AttentionConfig(group_kernel="fa4")
 
-
-def test_the_unsplit_group_call_is_asked_of_fa2_only():
-    assert not AttentionConfig(group_kernel="fa2", group_kv_split=False).group_kv_split
-    assert not AttentionConfig(group_kernel="auto", group_kv_split=False).group_kv_split   # FA2 off Hopper
-    with pytest.raises(ValueError, match="FA2"):
-        AttentionConfig(group_kernel="fa3", group_kv_split=False)

@@ -34,8 +34,8 @@ from tokabatch.engine.runtime.kv_cache import KVCache  # noqa: E402
 
 @pytest.mark.parametrize("attention", [
     AttentionConfig(own_tensor_cores=False), AttentionConfig(own_tensor_cores=None),
-    AttentionConfig(fold_group_heads=True), AttentionConfig(group_kernel="fa2", group_kv_split=False),
-], ids=["own-cuda-cores", "own-as-decode", "folded-group-heads", "fa2-groups-unsplit"])
+    AttentionConfig(fold_group_heads=True), AttentionConfig(group_kernel="fa2"),
+], ids=["own-cuda-cores", "own-as-decode", "folded-group-heads", "fa2-groups"])
 @pytest.mark.parametrize("config", [LLAMA_1B, QWEN_05B], ids=["llama-3.2-1b", "qwen2.5-0.5b"])
 @torch.inference_mode()
 def test_grouped_graph_step_matches_eager_steps(config: dict, attention: AttentionConfig) -> None:
@@ -43,7 +43,7 @@ def test_grouped_graph_step_matches_eager_steps(config: dict, attention: Attenti
     on the tensor-core one, so the grouped graphs get decode wrappers of their own over the same
     buffers; own-as-decode: both on tensor cores, the grouped graphs reuse the plain ones' wrappers;
     folded-group-heads: the group parts' query heads folded into rows, eager and captured;
-    fa2-groups-unsplit: the FA2 group kernel planned without its KV split.)"""
+    fa2-groups: the FA2 group kernel, which splits its KV and merges in the graphs.)"""
     model, spec = random_model(config)
     rng = random.Random(2)
     system = list(range(0, 6))                  # 6 pages shared by rows 0..15

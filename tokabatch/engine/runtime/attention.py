@@ -128,9 +128,9 @@ class AttentionConfig:
     "fa2": the FA2 kernel, which splits a long shared prefix over more thread blocks).
     fold_group_heads: the group parts' queries go to that kernel with each K/V head's GQA query
     heads folded into query rows (fold_query_heads), g times the rows per query tile.
-    group_kv_split: FA2 only: whether the group call may split a long shared prefix over more
-    thread blocks and merge the pieces. flashinfer decides per plan in eager steps, but in CUDA
-    graphs it always splits (and merges) unless told not to."""
+    (In CUDA graphs flashinfer's FA2 planner always splits the group call's KV and merges the
+    pieces. Planning it with `disable_split_kv` instead hung the GPU in TB's grouped graphs, so
+    that is not offered: docs/benchmarks.md, stop 39.)"""
 
     hydragen: bool = False
     cuda_graphs: bool = True
@@ -139,13 +139,10 @@ class AttentionConfig:
     fast_planning: bool = True
     group_kernel: str = "auto"
     fold_group_heads: bool = False
-    group_kv_split: bool = True
 
     def __post_init__(self) -> None:
         if self.group_kernel not in GROUP_KERNELS:
             raise ValueError(f"group_kernel must be one of {', '.join(GROUP_KERNELS)}, not {self.group_kernel!r}")
-        if not self.group_kv_split and self.group_kernel == "fa3":
-            raise ValueError("group_kv_split=False applies to the FA2 group kernel; FA3 never splits the KV")
 
     def tensor_cores(self, num_heads: int, num_kv_heads: int, own_parts: bool = False) -> bool:
         """Whether a decode wrapper (for Hydragen own parts, with `own_parts`) takes the tensor-core

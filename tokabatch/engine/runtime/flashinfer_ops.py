@@ -98,13 +98,11 @@ def plan_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, sh
                      config: AttentionConfig) -> None:
     """Plan Hydragen's group parts: one non-causal prefill call, group i's queries (rows
     qo_indptr[i]:qo_indptr[i+1]) against its shared pages, as `config` says (fold_group_heads: as
-    run_group_parts calls it with folded queries, g rows of kv_heads heads per query row;
-    group_kv_split)."""
+    run_group_parts calls it with folded queries, g rows of kv_heads heads per query row)."""
     if config.fold_group_heads:
         qo_indptr = qo_indptr * (shape.num_heads // shape.num_kv_heads)
         shape = replace(shape, num_heads=shape.num_kv_heads)
-    options = {} if config.group_kv_split else {"disable_split_kv": True}
-    plan_prefill(wrapper, shape, qo_indptr, kv_indptr, kv_indices, last_page_len, causal=False, **options)
+    plan_prefill(wrapper, shape, qo_indptr, kv_indptr, kv_indices, last_page_len, causal=False)
 
 
 def run_group_parts(wrapper: flashinfer.BatchPrefillWithPagedKVCacheWrapper, q: Tensor, kv: tuple[Tensor, Tensor],

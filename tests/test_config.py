@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokabatch.config import DEVICE_STEP_SIZES, SchedulerConfig, load_config
+from tokabatch.config import DEVICE_STEP_SIZES, LARGE_STEP_MEMORY_BYTES, LARGE_STEP_SIZES, SchedulerConfig, load_config
 from tokabatch.errors import ConfigError
 
 
@@ -16,6 +16,15 @@ def test_unset_scheduler_sizes_are_the_devices():
     assert SchedulerConfig().for_device("mps") == cpu            # any other device: the small steps
     given = SchedulerConfig(max_seqs=64).for_device("cuda")
     assert (given.max_seqs, given.max_tokens_per_step) == (64, 16384)
+
+
+def test_a_gpu_with_memory_to_spare_runs_larger_steps():
+    roomy = SchedulerConfig().for_device("cuda", step_memory_bytes=LARGE_STEP_MEMORY_BYTES)
+    assert (roomy.max_seqs, roomy.max_tokens_per_step) == LARGE_STEP_SIZES["cuda"] == (4096, 16384)
+    tight = SchedulerConfig().for_device("cuda", step_memory_bytes=LARGE_STEP_MEMORY_BYTES - 1)
+    assert tight == SchedulerConfig().for_device("cuda")
+    assert SchedulerConfig().for_device("cpu", step_memory_bytes=2**40) == SchedulerConfig().for_device("cpu")
+    assert SchedulerConfig(max_seqs=64).for_device("cuda", step_memory_bytes=2**40).max_seqs == 64
 
 
 def test_serve_flags_reach_the_engine_config():

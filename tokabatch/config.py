@@ -46,6 +46,12 @@ class ModelConfig:
 # configuration that scripts/bench.py measures the engine with (docs/benchmarks.md), on the CPU
 # small steps, so an online request or a cancel never waits behind a long forward pass.
 DEVICE_STEP_SIZES = {"cuda": (2048, 16384), "cpu": (256, 2048)}   # (max_seqs, max_tokens_per_step)
+# A GPU that leaves an engine at least LARGE_STEP_MEMORY_BYTES beyond its KV cache (its share of
+# what kv_memory_fraction keeps back) runs twice the sequences: 4,096 made TB 6% and W4 3% faster
+# than 2,048 on an H100, but W2 then ran out of memory there, in the ~11 GiB that 0.85 leaves of
+# 80 GB; an H200 leaves ~20 GiB (docs/benchmarks.md, "max_seqs 4096", stop 39).
+LARGE_STEP_MEMORY_BYTES = 16 * 2**30
+LARGE_STEP_SIZES = {"cuda": (4096, 16384)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +62,12 @@ class SchedulerConfig:
     enable_prefix_cache: bool = True
     admission_margin: float = 0.1        # predicted lengths are inflated by this fraction
 
-    def for_device(self, device_type: str) -> SchedulerConfig:
-        """This config with the unset sizes filled in for `device_type` ("cuda", "cpu", ...)."""
+    def for_device(self, device_type: str, step_memory_bytes: int = 0) -> SchedulerConfig:
+        """This config with the unset sizes filled in for `device_type` ("cuda", "cpu", ...), and
+        `step_memory_bytes`: the device memory the engine's steps may use beyond weights and KV cache."""
         max_seqs, max_tokens = DEVICE_STEP_SIZES.get(device_type, DEVICE_STEP_SIZES["cpu"])
+        if step_memory_bytes >= LARGE_STEP_MEMORY_BYTES and device_type in LARGE_STEP_SIZES:
+            max_seqs, max_tokens = LARGE_STEP_SIZES[device_type]
         return dataclasses.replace(
             self, max_seqs=self.max_seqs if self.max_seqs is not None else max_seqs,
             max_tokens_per_step=self.max_tokens_per_step if self.max_tokens_per_step is not None else max_tokens)
@@ -89,6 +98,7 @@ class EngineConfig:
     # kv_memory_fraction.
     data_parallel: int = 1
     devices: tuple[str, ...] = ()
+    engines_on_device: int = 1           # engines sharing this one's device (set by supervisor.engine_configs)
     # "package.module:function" building the engine's StepLoop from `engine_config=`: None is the real
     # engine (engine/runtime/factory.py); tests and benchmarks name doubles (engine/simulated.py).
     loop_factory: str | None = None
@@ -281,6 +291,7 @@ def _is_webhook_secret(secret: str) -> bool:
 
 __all__ = [
     "Config", "EngineConfig", "ModelConfig", "RunnerConfig", "SchedulerConfig", "ServerConfig",
-    "StorageConfig", "WebhookConfig", "DEMO_MODEL_NAME", "DEVICE_STEP_SIZES", "cache_dir", "default_data_dir",
+    "StorageConfig", "WebhookConfig", "DEMO_MODEL_NAME", "DEVICE_STEP_SIZES", "LARGE_STEP_MEMORY_BYTES",
+    "LARGE_STEP_SIZES", "cache_dir", "default_data_dir",
     "load_config",
 ]

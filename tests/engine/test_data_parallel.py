@@ -96,6 +96,8 @@ def test_engine_configs_place_engines_and_share_a_device():
     placed = engine_configs(EngineConfig(data_parallel=3, devices=("cuda:0", "cuda:1"), kv_memory_fraction=0.8))
     assert [c.model.device for c in placed] == ["cuda:0", "cuda:1", "cuda:0"]
     assert [c.kv_memory_fraction for c in placed] == pytest.approx([0.4, 0.8, 0.4])
+    assert [c.engines_on_device for c in shared] == [3] * 3
+    assert [c.engines_on_device for c in placed] == [2, 1, 2]
 
 
 @pytest.mark.timeout(180)

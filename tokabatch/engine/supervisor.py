@@ -150,7 +150,7 @@ def engine_configs(engine_config: EngineConfig) -> list[EngineConfig]:
         configs.append(dataclasses.replace(
             engine_config, data_parallel=1, devices=(),
             model=dataclasses.replace(engine_config.model, device=device),
-            kv_memory_fraction=engine_config.kv_memory_fraction / sharing,
+            kv_memory_fraction=engine_config.kv_memory_fraction / sharing, engines_on_device=sharing,
             kv_cache_tokens=None if engine_config.kv_cache_tokens is None else engine_config.kv_cache_tokens // sharing,
             seed=engine_config.seed + i))
     return configs

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+import torch
+
 from tokabatch.config import EngineConfig
 from tokabatch.engine.api import ModelInfo
 from tokabatch.engine.core.hydragen import GroupingParams
@@ -32,15 +34,17 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False, p
                attention: AttentionConfig = DEFAULT_ATTENTION) -> EngineLoop | PipelinedLoop:
     """A ready StepLoop: one EngineLoop, or on CUDA with `pipelined` a PipelinedLoop of two over one
     model (each half gets half of max_seqs, max_tokens_per_step and the KV cache; unset sizes are
-    the device's, config.DEVICE_STEP_SIZES); `parts` (tests: 1 or 2) overrides that choice.
+    the device's, config.DEVICE_STEP_SIZES, or LARGE_STEP_SIZES on a GPU with the memory for them:
+    step_memory_bytes); `parts` (tests: 1 or 2) overrides that choice.
     `attention`: the attention kernels (scripts/bench.py varies them); whether steps are grouped
     (Hydragen) and captured (CUDA graphs) comes from engine_config. Raises ModelLoadError /
     ModelFetchError / ConfigError for a bad setup."""
     model_cfg = engine_config.model
     folder = resolve_model_path(model_cfg.path)
     tokenizer = Tokenizer.from_folder(folder)
-    device_type = resolve_device(model_cfg.device).type
-    sched_cfg = engine_config.scheduler.for_device(device_type)
+    device = resolve_device(model_cfg.device)
+    device_type = device.type
+    sched_cfg = engine_config.scheduler.for_device(device_type, step_memory_bytes(engine_config, device))
     if parts is None:
         parts = 2 if engine_config.pipelined and device_type == "cuda" else 1
     if parts > 1:
@@ -93,4 +97,15 @@ def build_loop(engine_config: EngineConfig, *, check_invariants: bool = False, p
     return PipelinedLoop(loops, info, affinity_tokens=engine_config.hydragen_min_prefix_tokens)
 
 
-__all__ = ["build_loop"]
+def step_memory_bytes(engine_config: EngineConfig, device: torch.device) -> int:
+    """The device memory an engine's steps may use beyond weights and KV cache, roughly: its share
+    of what kv_memory_fraction keeps back of the GPU's memory (0 off CUDA, and with an explicit
+    kv_cache_tokens, whose remainder is not known before the weights load)."""
+    if device.type != "cuda" or engine_config.kv_cache_tokens is not None:
+        return 0
+    total = torch.cuda.get_device_properties(device).total_memory
+    share = engine_config.engines_on_device
+    return int(total * (1.0 - engine_config.kv_memory_fraction * share) / share)
+
+
+__all__ = ["build_loop", "step_memory_bytes"]

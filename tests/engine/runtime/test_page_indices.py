@@ -126,6 +126,34 @@ def test_an_unchanged_step_converts_nothing_and_a_grown_row_alone_is_converted()
     assert cache.join(tables, [3, 3, 4, 1], [1, 0, 0, 0]).tolist() == [2, 3, 4, 5, 11, 6, 7, 8, 9, 10]
 
 
+
+def test_a_step_where_every_row_gained_a_page_is_joined_from_the_last_one(monkeypatch) -> None:
+    """All rows' tables grew together (a wave's samples): the last join plus each row's new pages,
+    no table converted whole; a row whose joined part changed (a page swapped for the prefix tree's
+    copy) or whose start moved makes it a full join, still equal to the reference."""
+    cache = PageIndexCache()
+    tables = [(1, 2, 3), (4, 5), (6, 7, 8, 9)]
+    starts = [1, 0, 2]
+    assert cache.join(tables, [3, 2, 4], starts).tolist() == [2, 3, 4, 5, 8, 9]
+    full_join = cache._join_all
+    monkeypatch.setattr(cache, "_join_all", lambda *args: pytest.fail("a full join of grown rows"))
+    grown = [t + (100 + i,) for i, t in enumerate(tables)]
+    assert cache.join(grown, [4, 3, 5], starts).tolist() == [2, 3, 100, 4, 5, 101, 8, 9, 102]
+    # Grown again, one of them by two pages and one not at all (the same table object).
+    again = [grown[0] + (200, 201), grown[1], grown[2] + (202,)]
+    assert cache.join(again, [6, 3, 6], starts).tolist() == [2, 3, 100, 200, 201, 4, 5, 101, 8, 9, 102, 202]
+    assert cache.num_rows_reused == 1
+    monkeypatch.setattr(cache, "_join_all", full_join)
+    # A page inside a row's joined part swapped: the ids come from the tables, not the last join.
+    swapped = [again[0][:2] + (77,) + again[0][3:] + (300,), again[1] + (301,), again[2] + (302,)]
+    assert cache.join(swapped, [7, 4, 7], starts).tolist() == \
+        [2, 77, 100, 200, 201, 300, 4, 5, 101, 301, 8, 9, 102, 202, 302]
+    # The starts moved: a full join too.
+    moved = [t + (400 + i,) for i, t in enumerate(swapped)]
+    assert cache.join(moved, [8, 5, 8], [2, 1, 2]).tolist() == \
+        [77, 100, 200, 201, 300, 400, 5, 101, 301, 401, 8, 9, 102, 202, 302, 402]
+
+
 def eager_reference(seqs, page_size):
     """paged_layout's arrays, row by row (the per-row loop it replaced)."""
     q_lens, kv_lens, qo, kv_indptr, indices, last = [], [], [0], [0], [], []

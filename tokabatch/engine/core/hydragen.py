@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from typing import Callable, Iterable, Mapping, Sequence
 
 from tokabatch.engine.core.plan import DecodeWorks, PrefixGroup, SeqWork
@@ -227,8 +227,9 @@ class DecodeGroupCache:
     trie, and so the groups, stay the same. Anything else recomputes: the decoding sequences or
     their order change, a table changes otherwise (a page swapped for the prefix tree's copy), a
     grown page is shared, or min_group is 1. The rows whose table object and shareable count are the
-    last step's (all but about one in page_size) are passed over by C-level map()s, the rest checked
-    one by one: at thousands of sequences this is most of a step's grouping work saved.
+    last step's (all but about one in page_size) are passed over by C-level map()s, and the rest
+    are checked by C-level map()s too (all of them at once where a wave's samples grow together):
+    at thousands of sequences this is most of a step's grouping work saved.
     """
 
     def __init__(self, page_size: int, params: GroupingParams) -> None:
@@ -241,10 +242,12 @@ class DecodeGroupCache:
         self._groups: tuple[PrefixGroup, ...] = ()
         self.num_recomputed = 0
 
-    def groups(self, decodes: DecodeWorks, cached: Sequence[SeqWork],
-               refcount: Callable[[int], int]) -> tuple[PrefixGroup, ...]:
+    def groups(self, decodes: DecodeWorks, cached: Sequence[SeqWork], refcount: Callable[[int], int],
+               grown: Mapping[int, tuple[int, ...]] | None = None) -> tuple[PrefixGroup, ...]:
         """The groups of the rows `decodes` and then `cached` (the whole-sequence cache hits that
-        rerun one token: what find_decode_groups returns for them); `refcount` is the page pool's."""
+        rerun one token: what find_decode_groups returns for them); `refcount` is the page pool's.
+        `grown`: rows whose table is the tuple given plus pages appended since (the scheduler's
+        growth this step); where that tuple is the last step's table, its pages are not compared."""
         seq_ids, tables, starts = decodes.seq_ids, decodes.page_ids, decodes.start_pos
         if cached:
             seq_ids = seq_ids + [w.seq_id for w in cached]
@@ -252,7 +255,7 @@ class DecodeGroupCache:
             starts = starts + [w.start_pos for w in cached]
         ps = self.page_size
         shareable = list(map(operator.floordiv, starts, repeat(ps)))
-        if not self._unchanged(seq_ids, tables, shareable, refcount):
+        if not self._unchanged(seq_ids, tables, shareable, refcount, grown or {}):
             self._groups = find_prefix_groups({s: t[:n] for s, t, n in zip(seq_ids, tables, shareable)},
                                               ps, self.params)
             self.num_recomputed += 1
@@ -260,19 +263,30 @@ class DecodeGroupCache:
         return self._groups
 
     def _unchanged(self, seq_ids: list[int], tables: list[tuple[int, ...]], shareable: list[int],
-                   refcount: Callable[[int], int]) -> bool:
+                   refcount: Callable[[int], int], grown: Mapping[int, tuple[int, ...]]) -> bool:
         if seq_ids != self._seq_ids or self.params.min_group < 2:
             return False
         old_tables, old_shareable = self._tables, self._shareable
-        moved = map(operator.or_, map(operator.is_not, tables, old_tables), map(operator.ne, shareable, old_shareable))
-        for i in compress(range(len(tables)), moved):
-            pages, num_old, num_new = old_tables[i], old_shareable[i], shareable[i]
-            if num_new < num_old or tables[i][:num_old] != pages[:num_old]:
+        moved = list(compress(range(len(tables)), map(operator.or_, map(operator.is_not, tables, old_tables),
+                                                        map(operator.ne, shareable, old_shareable))))
+        if not moved:
+            return True
+        # The moved rows (all of them where a wave's samples gain a page together), by C-level map()s.
+        num_old = [old_shareable[i] for i in moved]
+        num_new = [shareable[i] for i in moved]
+        if any(map(operator.lt, num_new, num_old)):
+            return False
+        new = [tables[i] for i in moved]
+        old = [old_tables[i] for i in moved]
+        # Rows grown from their last table keep its pages; the others' kept pages are compared.
+        unknown = list(compress(range(len(moved)), map(operator.is_not, map(grown.get, moved), old)))
+        if unknown:
+            kept = [slice(num_old[k]) for k in unknown]
+            if not all(map(operator.eq, map(operator.getitem, [new[k] for k in unknown], kept),
+                           map(operator.getitem, [old[k] for k in unknown], kept))):
                 return False
-            for page in tables[i][num_old:num_new]:
-                if refcount(page) != 1:
-                    return False
-        return True
+        grown = chain.from_iterable(map(operator.getitem, new, map(slice, num_old, num_new)))
+        return all(map(operator.eq, map(refcount, grown), repeat(1)))
 
 
 def kv_reads_saved(groups: Iterable[PrefixGroup]) -> int:

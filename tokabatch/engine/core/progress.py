@@ -8,7 +8,7 @@ import torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.pages import ROOT, PagePool
@@ -18,15 +18,15 @@ from tokabatch.engine.core.request import SeqStatus, Sequence
 
 def apply_step_result(plan: StepPlan, sampled: SampledTokens, planned_seqs: list[Sequence] | None,
                       seqs: Mapping[int, Sequence], page_size: int,
-                      publish: Callable[[Sequence], None]) -> None:
+                      publish: Callable[[list[Sequence]], None]) -> None:
     """Advance every sequence of `plan` past the tokens it ran and append its sampled token.
 
     `sampled` has one token per sampled work, in plan order (StepResult's contract), so tokens
     are matched by position, with a lookup by seq_id should the order ever differ. `planned_seqs`
     is given when `plan` is the one schedule() just made: the sequences of its decodes (one token
     each, sampled, decodes first), known by position too, so they take a short path where most of
-    them only count one more position and one more token. `publish(seq)` is called for a sequence
-    whose computed positions reach past its published pages."""
+    them only count one more position and one more token. `publish(seqs)` is called with the
+    sequences whose computed positions reach past their published pages, in plan order."""
     num_done = 0                          # works (and tokens: all decodes sample) handled so far
     if planned_seqs is not None:
         num_done = _apply_planned_decodes(plan, sampled, planned_seqs, page_size, publish)
@@ -38,12 +38,15 @@ def apply_step_result(plan: StepPlan, sampled: SampledTokens, planned_seqs: list
 
 
 def _apply_planned_decodes(plan: StepPlan, sampled: SampledTokens, planned_seqs: list[Sequence],
-                           page_size: int, publish: Callable[[Sequence], None]) -> int:
+                           page_size: int, publish: Callable[[list[Sequence]], None]) -> int:
     """The short path: decodes matched to their sequences by position. Returns how many it handled
-    (it stops at the first token out of order, which the general path then sorts out)."""
+    (it stops at the first token out of order, which the general path then sorts out). The rows
+    that filled a page are published together at the end: one call where a wave's samples all
+    fill one at the same step."""
     running = SeqStatus.RUNNING
     num_done = 0
     decodes = plan.decodes
+    filled: list[Sequence] = []
     for seq_id, start, seq, token_seq, token in zip(decodes.seq_ids, decodes.start_pos, planned_seqs,
                                                     sampled.seq_ids, sampled.token_ids):
         if token_seq != seq_id:
@@ -57,12 +60,14 @@ def _apply_planned_decodes(plan: StepPlan, sampled: SampledTokens, planned_seqs:
         seq.num_computed = start + 1
         seq.output_ids.append(token)
         if (start + 1) // page_size > seq.num_published_pages:
-            publish(seq)                  # (nothing to publish otherwise: most decode steps)
+            filled.append(seq)            # (nothing to publish otherwise: most decode steps)
+    if filled:
+        publish(filled)
     return num_done
 
 
 def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: SampledTokens, num_sampled: int,
-                 seqs: Mapping[int, Sequence], page_size: int, publish: Callable[[Sequence], None]) -> None:
+                 seqs: Mapping[int, Sequence], page_size: int, publish: Callable[[list[Sequence]], None]) -> None:
     """The general path: any work, its token (if it samples) found by position, else by seq_id."""
     running = SeqStatus.RUNNING
     sampled_seqs, sampled_tokens = sampled.seq_ids, sampled.token_ids
@@ -92,25 +97,29 @@ def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: SampledToke
                 raise AssertionError(f"step {step_idx} result lacks the token of sequence {seq.seq_id}")
             seq.output_ids.append(token_id)
         if seq.num_computed // page_size > seq.num_published_pages:
-            publish(seq)
+            publish([seq])
 
 
-def publish_full_pages(seq: Sequence, pool: PagePool, inflight: InflightPages, page_size: int) -> None:
-    """Put every full page whose KV is computed into the prefix tree (in order, parents first).
-    A page computed twice (two sequences prefilled it together) is swapped for the tree's copy."""
+def publish_full_pages(seqs: Iterable[Sequence], pool: PagePool, inflight: InflightPages, page_size: int) -> None:
+    """Put every full page whose KV is computed into the prefix tree, each sequence's in order
+    (parents first). A page computed twice (two sequences prefilled it together) is swapped for the
+    tree's copy."""
     ps = page_size
-    pages = seq.page_ids
-    for i in range(seq.num_published_pages, seq.num_computed // ps):
-        parent = pages[i - 1] if i else ROOT
-        own = pages[i]
-        canonical = pool.publish(parent, seq.token_slice(i * ps, (i + 1) * ps), own)
-        if canonical != own:              # computed twice (two sequences prefilled it together)
-            pool.incref(canonical)
-            pool.decref(own)
-            pages = pages[:i] + (canonical,) + pages[i + 1:]
-            seq.page_ids = pages
-    seq.num_published_pages = max(seq.num_published_pages, seq.num_computed // ps)
-    inflight.published(seq.seq_id, seq.num_published_pages)
+    pool_publish, inflight_published = pool.publish, inflight.published
+    for seq in seqs:
+        pages = seq.page_ids
+        first, end = seq.num_published_pages, seq.num_computed // ps
+        for i in range(first, end):
+            own = pages[i]
+            canonical = pool_publish(pages[i - 1] if i else ROOT, seq.token_slice(i * ps, (i + 1) * ps), own)
+            if canonical != own:          # computed twice (two sequences prefilled it together)
+                pool.incref(canonical)
+                pool.decref(own)
+                pages = pages[:i] + (canonical,) + pages[i + 1:]
+                seq.page_ids = pages
+        if end > first:
+            seq.num_published_pages = end
+        inflight_published(seq.seq_id, seq.num_published_pages)
 
 
 __all__ = ["apply_step_result", "publish_full_pages"]

@@ -167,6 +167,8 @@ class Scheduler:
         tables: list[tuple[int, ...]] = []
         add_seq, add_token, add_start, add_table = seq_ids.append, token_ids.append, starts.append, tables.append
         prefilling: list[Sequence] = []       # running but not decoding, in admission order
+        allocate = self.pool.allocate
+        grown: dict[int, tuple[int, ...]] = {}   # row -> its table before the page added below
         for seq in list(self._running.values()):
             if seq.status is not running:
                 continue                      # preempted this step to give an earlier one pages
@@ -178,8 +180,15 @@ class Scheduler:
             if num_tokens >= seq.max_len:
                 raise RuntimeError(f"sequence {seq.seq_id} has {num_tokens} tokens, its max_len; "
                                    "the engine loop must finish it (finish_reason length)")
-            if num_tokens > len(seq.page_ids) * ps and self._grow(seq, num_tokens, shrinkable_from=None) is None:
-                continue
+            if num_tokens > len(seq.page_ids) * ps:
+                # A decode is one page short at most: one allocated here (the step where a wave's
+                # samples all gain a page together calls no method per row), else _grow preempts.
+                page = allocate() if num_tokens <= (len(seq.page_ids) + 1) * ps else None
+                if page is not None:
+                    grown[len(seq_ids)] = seq.page_ids
+                    seq.page_ids += (page,)
+                elif self._grow(seq, num_tokens, shrinkable_from=None) is None:
+                    continue
             decodes.append(seq)               # its last output token at position num_tokens - 1, sampled
             add_seq(seq.seq_id)
             add_token(output_ids[-1])
@@ -196,6 +205,7 @@ class Scheduler:
             kept = [i for i, seq in enumerate(decodes) if seq.status is running]
             decodes = [decodes[i] for i in kept]
             decode_works = decode_works.select(kept)
+            grown = {}                        # (rows renumbered: the groups check every moved row)
         prefill_works = tuple(prefill_work(s, a, b, ps) for s, a, b in chunks if s.status is running)
         # A whole-sequence cache hit reruns one token, as a decode does: its work goes first among
         # the prefills (with the decodes, the runner's single-token rows) and into the prefix
@@ -203,7 +213,7 @@ class Scheduler:
         cached = tuple(w for w in prefill_works if w.kv_cached)
         if cached:
             prefill_works = cached + tuple(w for w in prefill_works if not w.kv_cached)
-        groups = self._groups.groups(decode_works, cached, self.pool.refcount) if self._groups else ()
+        groups = self._groups.groups(decode_works, cached, self.pool.refcount, grown) if self._groups else ()
         plan = StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
         self._planned = (plan, decodes)
         return plan
@@ -236,7 +246,7 @@ class Scheduler:
         short path, their sequences known by position)."""
         planned, planned_seqs = self._planned
         apply_step_result(plan, result.sampled, planned_seqs if plan is planned else None, self._seqs,
-                          self.page_size, self._publish)
+                          self.page_size, self._publish_all)
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -358,8 +368,11 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _publish(self, seq: Sequence) -> None:
+        self._publish_all([seq])
+
+    def _publish_all(self, seqs: list[Sequence]) -> None:
         if self.config.enable_prefix_cache:
-            publish_full_pages(seq, self.pool, self._inflight, self.page_size)
+            publish_full_pages(seqs, self.pool, self._inflight, self.page_size)
 
     def _retire_if_done(self, request_id: str) -> None:
         if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests[request_id]):

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from tokabatch.engine.core.hydragen import (GroupingParams, find_decode_groups, find_prefix_groups,
-                                            group_score, kv_reads_saved, kv_reads_saved_fraction)
-from tokabatch.engine.core.plan import PrefixGroup, SeqWork
+from tokabatch.engine.core.hydragen import (DecodeGroupCache, GroupingParams, find_decode_groups,
+                                            find_prefix_groups, group_score, kv_reads_saved,
+                                            kv_reads_saved_fraction)
+from tokabatch.engine.core.plan import DecodeWorks, PrefixGroup, SeqWork
 
 Tables = dict[int, tuple[int, ...]]
 
@@ -202,6 +203,39 @@ def test_decode_groups_exclude_the_page_being_written() -> None:
     assert kv_reads_saved(groups) == 15 * 256
     assert kv_reads_saved_fraction(groups, context_lens) == pytest.approx(15 * 256 / sum(context_lens))
     assert kv_reads_saved_fraction((), []) == 0.0
+
+
+
+def test_the_group_cache_trusts_a_growth_hint_only_for_the_last_steps_table() -> None:
+    """Every row grew a page (a wave's samples together): with the scheduler's hint that each new
+    table extends the last step's, the groups are kept without comparing pages; a hint naming
+    another tuple (the table changed in between: a page swapped) is checked, and a changed
+    shared page is seen."""
+    params = GroupingParams(min_prefix_tokens=16, min_group=2, call_cost_tokens=0, merge_cost_tokens=0)
+    shared = tuple(range(4))
+    refcounts = {page: 2 for page in shared}
+
+    def works(tables: list[tuple[int, ...]], start: int) -> DecodeWorks:
+        return DecodeWorks([0, 1], [5, 5], [start, start], tables)
+
+    def refcount(page: int) -> int:
+        return refcounts.get(page, 1)
+
+    cache = DecodeGroupCache(16, params)
+    tables = [shared + (10,), shared + (20,)]
+    first = cache.groups(works(tables, 79), (), refcount)
+    assert first == (PrefixGroup(seq_ids=(0, 1), page_ids=shared, num_tokens=64),)
+    assert cache.num_recomputed == 1
+    grown = [tables[0] + (11,), tables[1] + (21,)]        # positions 80: pages 10 and 20 now shareable
+    assert cache.groups(works(grown, 80), (), refcount, {0: tables[0], 1: tables[1]}) == first
+    assert cache.num_recomputed == 1
+    # Row 1's shared page 3 was swapped before it grew: its hint names the swapped tuple, not the
+    # last step's, so its pages are compared, and the groups are found again.
+    swapped = grown[1][:3] + (30,) + grown[1][4:]
+    again = [grown[0] + (12,), swapped + (22,)]
+    groups = cache.groups(works(again, 96), (), refcount, {0: grown[0], 1: swapped})
+    assert cache.num_recomputed == 2
+    assert groups == (PrefixGroup(seq_ids=(0, 1), page_ids=shared[:3], num_tokens=48),)
 
 
 def test_bad_parameters_are_config_errors() -> None:

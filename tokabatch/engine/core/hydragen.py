@@ -285,8 +285,8 @@ class DecodeGroupCache:
             if not all(map(operator.eq, map(operator.getitem, [new[k] for k in unknown], kept),
                            map(operator.getitem, [old[k] for k in unknown], kept))):
                 return False
-        grown = chain.from_iterable(map(operator.getitem, new, map(slice, num_old, num_new)))
-        return all(map(operator.eq, map(refcount, grown), repeat(1)))
+        newly_shareable = chain.from_iterable(map(operator.getitem, new, map(slice, num_old, num_new)))
+        return all(map(operator.eq, map(refcount, newly_shareable), repeat(1)))
 
 
 def kv_reads_saved(groups: Iterable[PrefixGroup]) -> int:

@@ -181,8 +181,8 @@ class Scheduler:
                 raise RuntimeError(f"sequence {seq.seq_id} has {num_tokens} tokens, its max_len; "
                                    "the engine loop must finish it (finish_reason length)")
             if num_tokens > len(seq.page_ids) * ps:
-                # A decode is one page short at most: one allocated here (the step where a wave's
-                # samples all gain a page together calls no method per row), else _grow preempts.
+                # A decode is one page short at most: it is allocated here, without a _grow call
+                # per row where a wave's samples all gain a page together; out of pages, _grow preempts.
                 page = allocate() if num_tokens <= (len(seq.page_ids) + 1) * ps else None
                 if page is not None:
                     grown[len(seq_ids)] = seq.page_ids

@@ -100,11 +100,12 @@ def _apply_works(step_idx: int, works: tuple[SeqWork, ...], sampled: SampledToke
             publish([seq])
 
 
-def publish_full_pages(seqs: Iterable[Sequence], pool: PagePool, inflight: InflightPages, page_size: int) -> None:
+def publish_full_pages(seqs: Iterable[Sequence], pool: PagePool, inflight: InflightPages, page_size: int) -> int:
     """Put every full page whose KV is computed into the prefix tree, each sequence's in order
     (parents first). A page computed twice (two sequences prefilled it together) is swapped for the
-    tree's copy."""
+    tree's copy: returns how many were (each gave its sequence a new page table)."""
     ps = page_size
+    swapped = 0
     pool_publish, inflight_published = pool.publish, inflight.published
     for seq in seqs:
         pages = seq.page_ids
@@ -117,9 +118,11 @@ def publish_full_pages(seqs: Iterable[Sequence], pool: PagePool, inflight: Infli
                 pool.decref(own)
                 pages = pages[:i] + (canonical,) + pages[i + 1:]
                 seq.page_ids = pages
+                swapped += 1
         if end > first:
             seq.num_published_pages = end
         inflight_published(seq.seq_id, seq.num_published_pages)
+    return swapped
 
 
 __all__ = ["apply_step_result", "publish_full_pages"]

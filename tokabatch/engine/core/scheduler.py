@@ -27,6 +27,7 @@ from typing import Protocol
 
 from tokabatch.engine.api import GenerationRequest, RequestError, RequestRejected, context_length_exceeded
 from tokabatch.engine.core.admission import Forecast, build_forecast, fits_with
+from tokabatch.engine.core.decode_batch import DecodeBatch
 from tokabatch.engine.core.hydragen import DecodeGroupCache, GroupingParams
 from tokabatch.engine.core.inflight import InflightPages
 from tokabatch.engine.core.invariants import check_scheduler
@@ -73,6 +74,7 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._step_idx = 0
         self._planned: tuple[StepPlan | None, list[Sequence]] = (None, [])  # the last plan and its decodes' sequences
+        self._batch: DecodeBatch | None = None   # the last plan's decodes, while they are the running set
         self.num_preemptions = 0
         self.num_prompt_tokens = 0           # of admitted sequences (first admission), for metrics
         self.num_cached_tokens = 0           # of which served from the prefix cache
@@ -152,11 +154,51 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Every decode (pages grown, preempting the newest when they run out), then admission,
         then prefill chunks within the token budget (online prompts first, then admission order).
-        The decode loop runs over every running sequence every step, so it reads each sequence's
-        fields once and appends them to the plan's decode columns on the spot (DecodeWorks: no
-        object per row; benchmarks/step_overhead.py measures it)."""
+        While every running sequence decodes and none joins or leaves, the decodes come from the
+        last step's columns (decode_batch.DecodeBatch); otherwise _walk_decodes walks the sequences."""
         self._step_idx += 1
         preempted_before = self.num_preemptions
+        ps = self.page_size
+        running = SeqStatus.RUNNING
+        batch = self._batch
+        steady = batch.next_decodes(self.pool.allocate) if batch is not None else None
+        if steady is not None:            # every running sequence decodes again: no walk over them
+            decode_works, grown = steady
+            decodes, prefilling = batch.seqs, []
+        else:
+            self._batch = None
+            decode_works, decodes, prefilling, grown = self._walk_decodes()
+        if self.num_preemptions == preempted_before:
+            # After a preemption the forecast was just proven wrong: admit nothing this step.
+            prefilling.extend(self._admit())   # admitted last, so they prefill after the others
+        chunks = self._prefill_chunks(prefilling, self.config.max_tokens_per_step - len(decodes))
+        if self.num_preemptions != preempted_before:
+            # A sequence preempted after it was planned (to make room for a later one) drops out.
+            # (Its page table changed only then, so the works of the others stand.)
+            kept = [i for i, seq in enumerate(decodes) if seq.status is running]
+            decodes = [decodes[i] for i in kept]
+            decode_works = decode_works.select(kept)
+            grown = {}                        # (rows renumbered: the groups check every moved row)
+        prefill_works = tuple(prefill_work(s, a, b, ps) for s, a, b in chunks if s.status is running)
+        # A whole-sequence cache hit reruns one token, as a decode does: its work goes first among
+        # the prefills (with the decodes, the runner's single-token rows) and into the prefix
+        # groups, so a wave of n samples starting together reads its shared prompt once per group.
+        cached = tuple(w for w in prefill_works if w.kv_cached)
+        if cached:
+            prefill_works = cached + tuple(w for w in prefill_works if not w.kv_cached)
+        groups = self._groups.groups(decode_works, cached, self.pool.refcount, grown) if self._groups else ()
+        plan = StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
+        self._planned = (plan, decodes)
+        if (steady is None and decodes and not prefill_works and len(decodes) == len(self._running)
+                and self.num_preemptions == preempted_before):
+            self._batch = DecodeBatch(decodes, decode_works, ps)   # every running sequence decodes
+        return plan
+
+    def _walk_decodes(self) -> tuple[DecodeWorks, list[Sequence], list[Sequence], dict[int, tuple[int, ...]]]:
+        """Every running sequence's decode, walking the sequences: (the decode columns, their
+        sequences, the running sequences still prefilling in admission order, the rows grown:
+        row -> its table before the page added here). Pages are grown as needed, preempting the
+        newest sequence when they run out."""
         ps = self.page_size
         running = SeqStatus.RUNNING
         decodes: list[Sequence] = []
@@ -194,29 +236,7 @@ class Scheduler:
             add_token(output_ids[-1])
             add_start(num_tokens - 1)
             add_table(seq.page_ids)
-        decode_works = DecodeWorks(seq_ids, token_ids, starts, tables)
-        if self.num_preemptions == preempted_before:
-            # After a preemption the forecast was just proven wrong: admit nothing this step.
-            prefilling.extend(self._admit())   # admitted last, so they prefill after the others
-        chunks = self._prefill_chunks(prefilling, self.config.max_tokens_per_step - len(decodes))
-        if self.num_preemptions != preempted_before:
-            # A sequence preempted after it was planned (to make room for a later one) drops out.
-            # (Its page table changed only then, so the works of the others stand.)
-            kept = [i for i, seq in enumerate(decodes) if seq.status is running]
-            decodes = [decodes[i] for i in kept]
-            decode_works = decode_works.select(kept)
-            grown = {}                        # (rows renumbered: the groups check every moved row)
-        prefill_works = tuple(prefill_work(s, a, b, ps) for s, a, b in chunks if s.status is running)
-        # A whole-sequence cache hit reruns one token, as a decode does: its work goes first among
-        # the prefills (with the decodes, the runner's single-token rows) and into the prefix
-        # groups, so a wave of n samples starting together reads its shared prompt once per group.
-        cached = tuple(w for w in prefill_works if w.kv_cached)
-        if cached:
-            prefill_works = cached + tuple(w for w in prefill_works if not w.kv_cached)
-        groups = self._groups.groups(decode_works, cached, self.pool.refcount, grown) if self._groups else ()
-        plan = StepPlan(step_idx=self._step_idx, decodes=decode_works, prefills=prefill_works, prefix_groups=groups)
-        self._planned = (plan, decodes)
-        return plan
+        return DecodeWorks(seq_ids, token_ids, starts, tables), decodes, prefilling, grown
 
     def _prefill_chunks(self, prefilling: list[Sequence], budget: int) -> list[tuple[Sequence, int, int]]:
         """(sequence, start, end) of the prompt chunks that fit `budget` tokens, pages grown for them,
@@ -247,6 +267,13 @@ class Scheduler:
         planned, planned_seqs = self._planned
         apply_step_result(plan, result.sampled, planned_seqs if plan is planned else None, self._seqs,
                           self.page_size, self._publish_all)
+        batch = self._batch                   # (dropped above if a page was swapped)
+        if batch is not None:
+            sampled = result.sampled
+            if plan is planned and batch.seqs is planned_seqs and sampled.seq_ids == plan.decodes.seq_ids:
+                batch.advance(plan.decodes, list(sampled.token_ids))
+            else:
+                self._batch = None
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -306,6 +333,7 @@ class Scheduler:
         seq.num_computed = min(len(hit_pages) * self.page_size, seq.num_tokens - 1)
         seq.status = SeqStatus.RUNNING
         self._running[seq.seq_id] = seq
+        self._batch = None
         self._running_avg_pages = None
         if not seq.ever_admitted:
             seq.ever_admitted = True
@@ -345,6 +373,7 @@ class Scheduler:
         self._publish(seq)
         self._release(seq)
         del self._running[seq.seq_id]
+        self._batch = None
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -363,6 +392,7 @@ class Scheduler:
             self._publish(seq)
             self._release(seq)
             del self._running[seq.seq_id]
+            self._batch = None
         elif seq.status is SeqStatus.WAITING:
             self._waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
@@ -371,8 +401,8 @@ class Scheduler:
         self._publish_all([seq])
 
     def _publish_all(self, seqs: list[Sequence]) -> None:
-        if self.config.enable_prefix_cache:
-            publish_full_pages(seqs, self.pool, self._inflight, self.page_size)
+        if self.config.enable_prefix_cache and publish_full_pages(seqs, self.pool, self._inflight, self.page_size):
+            self._batch = None                # a table changed: the batch's copy of it is stale
 
     def _retire_if_done(self, request_id: str) -> None:
         if all(self._seqs[s].status is SeqStatus.FINISHED for s in self._requests[request_id]):

@@ -15,7 +15,7 @@ from tokabatch.engine.api import FinishReason, GenerationOutput, GenerationReque
 from tokabatch.engine.client import EngineClient, LoopSpec
 from tokabatch.engine.api import RequestRejected
 from tokabatch.engine.runtime.factory import build_loop
-from tokabatch.engine.runtime.loop import EngineLoop
+from tokabatch.engine.runtime.loop import EngineLoop, StepOutOfMemory
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,6 +120,36 @@ def test_greedy_batch_equals_hf_generate(tiny) -> None:
     assert stats.num_requests_finished == len(requests)
     assert stats.num_generated_tokens == sum(o.num_completion_tokens for o in outputs.values())
     assert stats.num_forward_tokens > 0 and stats.num_steps > 0
+
+
+def test_a_step_out_of_device_memory_is_planned_again_with_half_the_tokens(tiny, monkeypatch, caplog) -> None:
+    """A forward pass that runs out of memory (raised here for steps over 24 tokens, as CUDA
+    would) loses nothing: the scheduler's tokens per step halve (64 -> 32 -> 16) and every output
+    still equals HF's. Where even the decodes alone do not fit, the step's error is raised."""
+    model, folder = tiny
+    loop = make_loop(folder, max_seqs=8)
+    forward = loop.runner.model.forward
+
+    def short_of_memory(input_ids, *args, **kwargs):
+        if input_ids.numel() > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(loop.runner.model, "forward", short_of_memory)
+    requests = [greedy(f"r{i}", prompt(i, n), 12) for i, n in enumerate([17, 37, 9])]
+    with caplog.at_level("WARNING", logger="tokabatch.engine.runtime.loop"):
+        outputs = run(loop, requests)
+    for r in requests:
+        assert outputs[r.request_id].choices[0].token_ids == hf_greedy(model, r.prompt_token_ids, 12), r.request_id
+    assert loop.scheduler.max_tokens_per_step == 16
+    assert "ran out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in caplog.text
+
+    monkeypatch.setattr(loop.runner.model, "forward",
+                        lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    loop.add(greedy("r9", prompt(9, 5), 4))
+    with pytest.raises(StepOutOfMemory, match="CUDA out of memory"):
+        drain(loop)
+    assert loop.scheduler.max_tokens_per_step == 8              # max_running: every decode must fit
 
 
 def test_texts_of_a_wave_of_ended_requests_follow_over_later_steps(tiny, monkeypatch) -> None:

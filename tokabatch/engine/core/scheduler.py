@@ -60,6 +60,7 @@ class Scheduler:
         self.predictor = predictor if predictor is not None else LengthPredictor(config.admission_margin)
         # Every running sequence decodes every step, so the cap is also bounded by the token budget.
         self.max_running = max(1, min(config.max_seqs, config.max_tokens_per_step))
+        self.max_tokens_per_step = config.max_tokens_per_step     # (halve_token_budget lowers it)
         self._retain = retain_finished_requests
         self._hydragen = hydragen            # None: no prefix groups in the plans
         self._groups = DecodeGroupCache(config.page_size, hydragen) if hydragen else None
@@ -171,7 +172,7 @@ class Scheduler:
         if self.num_preemptions == preempted_before:
             # After a preemption the forecast was just proven wrong: admit nothing this step.
             prefilling.extend(self._admit())   # admitted last, so they prefill after the others
-        chunks = self._prefill_chunks(prefilling, self.config.max_tokens_per_step - len(decodes))
+        chunks = self._prefill_chunks(prefilling, self.max_tokens_per_step - len(decodes))
         if self.num_preemptions != preempted_before:
             # A sequence preempted after it was planned (to make room for a later one) drops out.
             # (Its page table changed only then, so the works of the others stand.)
@@ -275,6 +276,15 @@ class Scheduler:
             else:
                 self._batch = None
 
+    def halve_token_budget(self) -> int | None:
+        """After a step that ran out of device memory: halve the tokens a step may run, but never
+        below max_running (every running sequence still decodes every step). Returns the new
+        budget, or None when it is already there."""
+        if self.max_tokens_per_step <= self.max_running:
+            return None
+        self.max_tokens_per_step = max(self.max_running, self.max_tokens_per_step // 2)
+        return self.max_tokens_per_step
+
     # ---- admission ---------------------------------------------------------------------------
 
     def _predicted_len(self, seq: Sequence) -> int:
@@ -284,7 +294,7 @@ class Scheduler:
 
     def forecast(self) -> Forecast:
         """The page-use forecast of the running sequences (tests check admissions against it)."""
-        budget = self.config.max_tokens_per_step
+        budget = self.max_tokens_per_step
         return build_forecast(self._running.values(), self.pool, self._predicted_len,
                               budget - (self.max_running - 1), budget)
 

@@ -14,6 +14,7 @@ Runs inside the engine process (it imports torch through the runner); nothing of
 from __future__ import annotations
 
 import gc
+import logging
 from collections import deque
 from itertools import repeat
 from typing import Iterable, Protocol, Sequence
@@ -52,6 +53,8 @@ from tokabatch.text import StopStringMatcher, Tokenizer
 # every few steps (benchmarks/step_overhead.py measures it). 50,000 leaves only the net growth.
 GC_MIN_THRESHOLD0 = 50_000
 
+log = logging.getLogger(__name__)
+
 
 def raise_gc_threshold() -> None:
     """Raise gen-0's threshold to GC_MIN_THRESHOLD0 (process-wide; never lowers one set higher).
@@ -71,9 +74,16 @@ class PendingStep(Protocol):
 
 
 class StepRunner(Protocol):
-    """What the loop needs of a runner (runner.ModelRunner; engine/simulated.SimulatedRunner)."""
+    """What the loop needs of a runner (runner.ModelRunner; engine/simulated.SimulatedRunner).
+    `launch` raises StepOutOfMemory when the step ran out of device memory before any of it was
+    applied."""
 
     def launch(self, plan: StepPlan) -> PendingStep: ...
+
+
+class StepOutOfMemory(RuntimeError):
+    """A step ran out of device memory (its activations, logits or draw) before any of it was
+    applied: the loop halves the scheduler's tokens per step and plans it again."""
 
 
 class SequenceSampler(Protocol):
@@ -189,7 +199,16 @@ class EngineLoop:
         plan: StepPlan = self.scheduler.schedule()
         if plan.is_empty:
             return (plan, None)
-        return (plan, self.runner.launch(plan))
+        try:
+            return (plan, self.runner.launch(plan))
+        except StepOutOfMemory as exc:
+            # Nothing of the plan was applied: its sequences are planned again from where they were.
+            budget = self.scheduler.halve_token_budget()
+            if budget is None:
+                raise                         # the decodes alone do not fit: the engine stops, as before
+            log.warning("a step of %d tokens ran out of device memory (%s): steps now take at most %d tokens",
+                        plan.num_tokens, exc, budget)
+            return (plan, None)
 
     def end_step(self, launched: Launched | None) -> list[Item]:
         """Wait for a begin_step's tokens, then stop checks, text and outputs; returns the ready items."""

@@ -30,6 +30,7 @@ from tokabatch.engine.core.plan import PrefixGroup, SeqWork, StepPlan, StepResul
 from tokabatch.engine.models.layers import AttentionFn
 from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
+from tokabatch.engine.runtime.loop import StepOutOfMemory
 from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler, no_samples
 from tokabatch.engine.runtime.weights import ModelSpec, load_model
 
@@ -71,10 +72,19 @@ class ModelRunner:
         """Run one step: write the KV of every planned token, sample where asked, score prompts."""
         return self.launch(plan).result()
 
-    @torch.inference_mode()
     def launch(self, plan: StepPlan) -> "PendingStep":
         """Queue one step on the device and return at once (on CUDA; the CPU runs it to the end):
-        its `result()` waits for the sampled tokens. Call `result()` before the next `launch`."""
+        its `result()` waits for the sampled tokens. Call `result()` before the next `launch`.
+        Raises StepOutOfMemory (its cached blocks freed) when the device runs out of memory."""
+        try:
+            return self._launch(plan)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise StepOutOfMemory(str(exc).split("\n", 1)[0]) from exc
+
+    @torch.inference_mode()
+    def _launch(self, plan: StepPlan) -> "PendingStep":
         if plan.is_empty:
             return PendingStep(StepResult(step_idx=plan.step_idx, sampled=(), num_forward_tokens=0))
         graph_kind = self._graph_kind(plan)

@@ -295,6 +295,29 @@ def test_state_lifecycle_and_errors():
     assert 0 not in sampler and len(sampler) == 0
 
 
+def test_a_step_of_the_last_steps_rows_reuses_their_states_until_one_is_released(monkeypatch):
+    """The scheduler's steady decode batch passes one seq_ids list while its rows stay the same:
+    the sampler then looks nothing up per row; a release (a finished row) or another list does."""
+    sampler = make_sampler()
+    for seq_id in range(3):
+        sampler.register(seq_id, SamplingParams(temperature=0.0), [1])
+    logits = torch.zeros(3, VOCAB)
+    logits[:, 4] = 1.0
+    rows = [0, 1, 2]
+    assert sampler.sample(rows, logits).token_ids == [4, 4, 4]
+    lookups = []
+    state = sampler._state
+    monkeypatch.setattr(sampler, "_state", lambda seq_id: lookups.append(seq_id) or state(seq_id))
+    assert sampler.sample(rows, logits).token_ids == [4, 4, 4]
+    assert lookups == []
+    assert sampler.sample([0, 1, 2], logits).token_ids == [4, 4, 4]     # equal, but another list
+    assert lookups == [0, 1, 2]
+    sampler.release(2)
+    with pytest.raises(KeyError, match="not registered"):
+        sampler.sample(rows, logits)
+    assert sampler.num_outputs(0) == 3
+
+
 def test_top_p_always_keeps_one_token_and_top_p_one_keeps_all():
     logits = torch.tensor([[10.0, 0.0, -30.0, -80.0], [1.0, 1.0, 1.0, 1.0]])
     kept = ops.filter_top_k_top_p(logits, torch.tensor([4, 4]), torch.tensor([1.0, 1e-6]))

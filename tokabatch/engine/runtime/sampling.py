@@ -141,6 +141,10 @@ class Sampler:
         else:
             self._shared.manual_seed(seed & _MASK64)
         self._states: dict[int, _SeqState] = {}
+        # The last step's rows: its seq_ids list (held, so the object is not reused), their states and
+        # their common fast kind. A step of the same list object (the scheduler's steady decode batch
+        # passes one list while the rows stay the same) takes them without a lookup per row.
+        self._last_rows: tuple[list[int], list[_SeqState], str] | None = None
         self.grammars: Grammars | None = None     # set by the factory, which knows the tokenizer
         # The grammar thread's job for the constrained rows' next step: those rows' matchers, being
         # advanced by the last tokens and then making their masks (Grammars.advance_async).
@@ -199,6 +203,7 @@ class Sampler:
     def release(self, seq_id: int) -> None:
         """Forget a finished or aborted sequence (a no-op for an unknown id)."""
         state = self._states.pop(seq_id, None)
+        self._last_rows = None
         if state is not None and state.matcher is not None:
             self.grammars.release(state.matcher)
 
@@ -255,9 +260,7 @@ class Sampler:
         self._check_logits(logits, len(seq_ids))
         if not seq_ids:
             return PendingSample(no_samples)
-        states = [self._state(s) for s in seq_ids]
-        kinds = {s.fast_kind for s in states}
-        fast = kinds.pop() if len(kinds) == 1 else ""
+        states, fast = self._rows(seq_ids)
         if fast or (all(s.unadjusted or s.only_grammar for s in states)
                     and all(s.params.logprobs is None for s in states)):
             constrained = [] if fast else [i for i, s in enumerate(states) if s.matcher is not None]
@@ -294,6 +297,19 @@ class Sampler:
             return PendingSample(finish, draw)
         result = self._sample_now(seq_ids, logits, states)
         return PendingSample(lambda: result)
+
+    def _rows(self, seq_ids: list[int]) -> tuple[list[_SeqState], str]:
+        """The rows' states and their common fast kind ("" when they differ), from the last step's
+        when `seq_ids` is its list object (a list is never changed once a step has it; releasing a
+        sequence forgets them)."""
+        last = self._last_rows
+        if last is not None and last[0] is seq_ids:
+            return last[1], last[2]
+        states = [self._state(s) for s in seq_ids]
+        kinds = {s.fast_kind for s in states}
+        fast = kinds.pop() if len(kinds) == 1 else ""
+        self._last_rows = (seq_ids, states, fast)
+        return states, fast
 
     def _consume(self, states: list[_SeqState], tokens: list[int], constrained: list[int]) -> None:
         """Hand the `constrained` rows' sampled tokens to the grammar thread, which advances their

@@ -16,7 +16,10 @@ its split: scheduler.schedule, the instant runner, scheduler.on_step_done, the l
 (take samples, detokenize, stop checks, emit) and the num_wanted() + stats() that serve() calls
 after every step; "step (no runner)" is their sum, the CPU time a GPU step would wait on. Also
 the CPU seconds of the whole workload (adds, every step, the instant runner included), and the CPU
-of the steps in which sequences finish (the wave ends, where a GPU would idle). --profile N adds a
+of the steps in which sequences finish (the wave ends, where a GPU would idle). The medians of
+the steady steps, and of the two kinds of step where a wave's samples move together: page growth
+(most rows gain a page: `schedule`) and page filling (most rows publish one: `on_step_done`),
+once every page_size steps, where a GPU would wait for the launch. --profile N adds a
 cProfile top-20 over N steady decode steps, --profile-finishing one over the finishing steps;
 --digest a hash of every plan in order and every output whatever step emitted it (equal before and
 after a change that should not change behaviour); --num-pages 50000 makes TA memory-bound (the queue
@@ -34,11 +37,12 @@ import hashlib
 import io
 import pstats
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from benchmarks.synthetic import VOCAB, build_loop, tokenizer
+from benchmarks.synthetic import PAGE_SIZE, VOCAB, build_loop, tokenizer
 from tokabatch.engine.api import GenerationOutput, GenerationRequest, SamplingParams
 from tokabatch.engine.runtime.loop import EngineLoop
 from tokabatch.text import Tokenizer
@@ -81,6 +85,8 @@ class Recorder:
     def __init__(self, args: argparse.Namespace, parts: dict[str, Timed]) -> None:
         self.args, self.parts = args, parts
         self.steady: list[dict[str, float]] = []
+        self.growth: list[dict[str, float]] = []          # the steady steps where most rows gain a page
+        self.filling: list[dict[str, float]] = []         # ... and where most rows fill one (publish it)
         self.finishing: list[tuple[float, int]] = []     # (CPU s, sequences finished) of each step where some finish
         self.step_cpu: list[float] = []                   # every step's CPU s (no runner)
         self.profiler = cProfile.Profile() if args.profile else None
@@ -133,6 +139,13 @@ class Recorder:
             split["step (no runner)"] = total - split["runner"]
             split["decodes"] = len(plan.decodes) / 1000   # (printed as a mean count, not ms)
             self.steady.append(split)
+            # Most rows at a page's first slot (they gained a page in `schedule`) or its last (the
+            # page they fill is published in `on_step_done`): where a wave's samples move together.
+            offsets = [p % PAGE_SIZE for p in plan.decodes.start_pos]
+            if 2 * offsets.count(0) > len(offsets):
+                self.growth.append(split)
+            elif 2 * offsets.count(PAGE_SIZE - 1) > len(offsets):
+                self.filling.append(split)
 
 
 def run(name: str, tok: Tokenizer, args: argparse.Namespace) -> dict[str, float]:
@@ -176,6 +189,16 @@ def report(name: str, loop: EngineLoop, recorder: Recorder, cpu: float) -> dict[
           f"workload CPU {cpu:.1f} s")
     for k in ("schedule", "on_step_done", "post-processing", "num_wanted+stats", "step (no runner)", "runner"):
         print(f"  {k:<18} {mean[k]:8.2f} ms/step")
+    median = {k: 1000 * statistics.median(s[k] for s in steady) for k in ("schedule", "on_step_done",
+                                                                            "step (no runner)")}
+    print(f"  median steady step {median['step (no runner)']:.2f} ms (schedule {median['schedule']:.2f}, "
+          f"on_step_done {median['on_step_done']:.2f})")
+    if recorder.growth:
+        print(f"  page-growth steps (most rows gain a page): {len(recorder.growth)}, median schedule "
+              f"{1000 * statistics.median(s['schedule'] for s in recorder.growth):.2f} ms")
+    if recorder.filling:
+        print(f"  page-filling steps (most rows publish a page): {len(recorder.filling)}, median on_step_done "
+              f"{1000 * statistics.median(s['on_step_done'] for s in recorder.filling):.2f} ms")
     if recorder.profiler is not None:
         _print_top(pstats.Stats(recorder.profiler), 20, f"cProfile over {recorder.num_profiled} steady decode steps")
     seconds, seqs = sum(f[0] for f in recorder.finishing), sum(f[1] for f in recorder.finishing)

@@ -345,7 +345,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--vs-hf", action="store_true")
     ap.add_argument("--py-spy", metavar="PATH", help="sample the server and engine processes with this py-spy "
                                                      "during the service rows (collapsed stacks into --out-dir)")
-    ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES)")
+    ap.add_argument("--max-seqs", type=int, help="default: the engine's for the device (config.DEVICE_STEP_SIZES, or "
+                    "LARGE_STEP_SIZES on a GPU with the memory for them: factory.step_memory_bytes)")
     ap.add_argument("--page-size", type=_positive_int, help="KV cache tokens per page (default: the engine's)")
     ap.add_argument("--max-tokens-per-step", type=int, help="default: the engine's for the device")
     ap.add_argument("--kv-memory-fraction", type=float, help="default: the engine's (EngineConfig)")

@@ -47,9 +47,9 @@ class ModelConfig:
 # small steps, so an online request or a cancel never waits behind a long forward pass.
 DEVICE_STEP_SIZES = {"cuda": (2048, 16384), "cpu": (256, 2048)}   # (max_seqs, max_tokens_per_step)
 # A GPU that leaves an engine at least LARGE_STEP_MEMORY_BYTES beyond its KV cache (its share of
-# what kv_memory_fraction keeps back) runs twice the sequences: 4,096 made TB 6% and W4 3% faster
-# than 2,048 on an H100, but W2 then ran out of memory there, in the ~11 GiB that 0.85 leaves of
-# 80 GB; an H200 leaves ~20 GiB (docs/benchmarks.md, "max_seqs 4096", stop 39).
+# what kv_memory_fraction keeps back) runs twice the sequences: faster on shared prompts, but an
+# 80 GB H100 at the default fraction ran out of memory on W2 with them, while an H200 keeps back
+# enough (docs/benchmarks.md, "max_seqs 4096, the FA2 group call's hang, the JSON row on an H100").
 LARGE_STEP_MEMORY_BYTES = 16 * 2**30
 LARGE_STEP_SIZES = {"cuda": (4096, 16384)}
 

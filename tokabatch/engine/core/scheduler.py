@@ -271,7 +271,8 @@ class Scheduler:
         batch = self._batch                   # (dropped above if a page was swapped)
         if batch is not None:
             sampled = result.sampled
-            if plan is planned and batch.seqs is planned_seqs and sampled.seq_ids == plan.decodes.seq_ids:
+            same_rows = sampled.seq_ids is plan.decodes.seq_ids or sampled.seq_ids == plan.decodes.seq_ids
+            if plan is planned and batch.seqs is planned_seqs and same_rows:
                 batch.advance(plan.decodes, list(sampled.token_ids))
             else:
                 self._batch = None

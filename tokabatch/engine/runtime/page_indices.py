@@ -17,8 +17,8 @@ scheduling code.
 from __future__ import annotations
 
 import operator
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -94,8 +94,8 @@ class PageIndexCache:
         """The last step's ids with each row's new pages inserted after its old ones, when every
         changed row only grew: the same start, no fewer pages, and its table holding the ids the
         last join took from it (the step where all the samples of a wave gain a page together).
-        None otherwise. The per-row work is C-level map()s over the rows' joined parts only:
-        converting every table anew cost ~20x a steady step's join (docs/benchmarks.md,
+        None otherwise. The per-row work is C-level map()s over the rows' joined parts only, where
+        converting every table anew cost many steady steps' joins (docs/benchmarks.md,
         "Page-growth steps")."""
         old_tables, old_num_pages, old_starts, old_ids = last
         if (num_pages < old_num_pages).any() or (starts != old_starts).any():

@@ -125,7 +125,7 @@ def test_greedy_batch_equals_hf_generate(tiny) -> None:
 def test_a_step_out_of_device_memory_is_planned_again_with_half_the_tokens(tiny, monkeypatch, caplog) -> None:
     """A forward pass that runs out of memory (raised here for steps over 24 tokens, as CUDA
     would) loses nothing: the scheduler's tokens per step halve (64 -> 32 -> 16) and every output
-    still equals HF's. Where even the decodes alone do not fit, the step's error is raised."""
+    still equals HF's."""
     model, folder = tiny
     loop = make_loop(folder, max_seqs=8)
     forward = loop.runner.model.forward
@@ -141,15 +141,39 @@ def test_a_step_out_of_device_memory_is_planned_again_with_half_the_tokens(tiny,
         outputs = run(loop, requests)
     for r in requests:
         assert outputs[r.request_id].choices[0].token_ids == hf_greedy(model, r.prompt_token_ids, 12), r.request_id
-    assert loop.scheduler.max_tokens_per_step == 16
+    assert (loop.scheduler.max_tokens_per_step, loop.scheduler.max_running) == (16, 8)
     assert "ran out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in caplog.text
+
+
+def test_where_the_decodes_alone_do_not_fit_fewer_sequences_run_at_once(tiny, monkeypatch, caplog) -> None:
+    """Steps over 2 tokens run out of memory while 5 sequences decode: the tokens per step halve
+    down to max_running (8), then both halve (4, then 2), the newest sequences preempted and run
+    again later, and every output still equals HF's. Where not even one token fits, the error is raised."""
+    model, folder = tiny
+    loop = make_loop(folder, max_seqs=8)
+    forward = loop.runner.model.forward
+
+    def short_of_memory(input_ids, *args, **kwargs):
+        if input_ids.numel() > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(loop.runner.model, "forward", short_of_memory)
+    requests = [greedy(f"r{i}", prompt(i, n), 6) for i, n in enumerate([5, 9, 3, 7, 4])]
+    with caplog.at_level("WARNING", logger="tokabatch.engine.runtime.loop"):
+        outputs = run(loop, requests)
+    for r in requests:
+        assert outputs[r.request_id].choices[0].token_ids == hf_greedy(model, r.prompt_token_ids, 6), r.request_id
+    assert (loop.scheduler.max_tokens_per_step, loop.scheduler.max_running) == (2, 2)
+    assert "sequences (" in caplog.text and loop.scheduler.num_preemptions > 0
+    loop.scheduler.check_invariants()
 
     monkeypatch.setattr(loop.runner.model, "forward",
                         lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
     loop.add(greedy("r9", prompt(9, 5), 4))
     with pytest.raises(StepOutOfMemory, match="CUDA out of memory"):
         drain(loop)
-    assert loop.scheduler.max_tokens_per_step == 8              # max_running: every decode must fit
+    assert (loop.scheduler.max_tokens_per_step, loop.scheduler.max_running) == (1, 1)
 
 
 def test_texts_of_a_wave_of_ended_requests_follow_over_later_steps(tiny, monkeypatch) -> None:

@@ -60,7 +60,7 @@ class Scheduler:
         self.predictor = predictor if predictor is not None else LengthPredictor(config.admission_margin)
         # Every running sequence decodes every step, so the cap is also bounded by the token budget.
         self.max_running = max(1, min(config.max_seqs, config.max_tokens_per_step))
-        self.max_tokens_per_step = config.max_tokens_per_step     # (halve_token_budget lowers it)
+        self.max_tokens_per_step = config.max_tokens_per_step     # (shrink_step lowers both)
         self._retain = retain_finished_requests
         self._hydragen = hydragen            # None: no prefix groups in the plans
         self._groups = DecodeGroupCache(config.page_size, hydragen) if hydragen else None
@@ -277,14 +277,23 @@ class Scheduler:
             else:
                 self._batch = None
 
-    def halve_token_budget(self) -> int | None:
-        """After a step that ran out of device memory: halve the tokens a step may run, but never
-        below max_running (every running sequence still decodes every step). Returns the new
-        budget, or None when it is already there."""
-        if self.max_tokens_per_step <= self.max_running:
+    def shrink_step(self) -> str | None:
+        """After a step that ran out of device memory: halve the tokens a step may run, down to
+        max_running (every running sequence decodes every step); once there, halve both, preempting
+        the newest running sequences beyond the new cap (they run again later, their full pages
+        cached). Returns what changed, for the log; None when a step is down to one sequence."""
+        if self.max_tokens_per_step > self.max_running:
+            self.max_tokens_per_step = max(self.max_running, self.max_tokens_per_step // 2)
+            return f"steps now take at most {self.max_tokens_per_step} tokens"
+        if self.max_running <= 1:
             return None
-        self.max_tokens_per_step = max(self.max_running, self.max_tokens_per_step // 2)
-        return self.max_tokens_per_step
+        self.max_running = self.max_tokens_per_step = self.max_running // 2
+        num_preempted = 0
+        while len(self._running) > self.max_running:
+            self._preempt(max(self._running.values(), key=lambda s: (int(s.priority), s.arrival)))
+            num_preempted += 1
+        return (f"steps now take at most {self.max_tokens_per_step} tokens and sequences "
+                f"({num_preempted} preempted)")
 
     # ---- admission ---------------------------------------------------------------------------
 

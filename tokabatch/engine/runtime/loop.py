@@ -83,7 +83,7 @@ class StepRunner(Protocol):
 
 class StepOutOfMemory(RuntimeError):
     """A step ran out of device memory (its activations, logits or draw) before any of it was
-    applied: the loop halves the scheduler's tokens per step and plans it again."""
+    applied: the loop shrinks the scheduler's steps (Scheduler.shrink_step) and plans it again."""
 
 
 class SequenceSampler(Protocol):
@@ -203,11 +203,10 @@ class EngineLoop:
             return (plan, self.runner.launch(plan))
         except StepOutOfMemory as exc:
             # Nothing of the plan was applied: its sequences are planned again from where they were.
-            budget = self.scheduler.halve_token_budget()
-            if budget is None:
-                raise                         # the decodes alone do not fit: the engine stops, as before
-            log.warning("a step of %d tokens ran out of device memory (%s): steps now take at most %d tokens",
-                        plan.num_tokens, exc, budget)
+            shrunk = self.scheduler.shrink_step()
+            if shrunk is None:
+                raise                         # not even one sequence's step fits: the engine stops
+            log.warning("a step of %d tokens ran out of device memory (%s): %s", plan.num_tokens, exc, shrunk)
             return (plan, None)
 
     def end_step(self, launched: Launched | None) -> list[Item]:

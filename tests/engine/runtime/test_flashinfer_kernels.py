@@ -36,10 +36,14 @@ DEV = torch.device("cuda")
 def _draws() -> list:
     flashinfer = pytest.param(flashinfer_draw, id="flashinfer")
     try:
+        from tokabatch.engine.runtime.triton_draw import draw_by_inverse_cdf
         from tokabatch.engine.runtime.triton_draw import draw_from_logits as triton_draw
     except ImportError as e:
-        return [flashinfer, pytest.param(None, id="triton", marks=pytest.mark.skip(reason=f"triton: {e}"))]
-    return [flashinfer, pytest.param(triton_draw, id="triton")]
+        skip = pytest.mark.skip(reason=f"triton: {e}")
+        return [flashinfer, pytest.param(None, id="triton", marks=skip),
+                pytest.param(None, id="triton-inverse-cdf", marks=skip)]
+    return [flashinfer, pytest.param(triton_draw, id="triton"),
+            pytest.param(draw_by_inverse_cdf, id="triton-inverse-cdf")]
 
 
 DRAWS = pytest.mark.parametrize("draw_from_logits", _draws())
@@ -112,6 +116,24 @@ def test_fused_draw_follows_the_softmax(temperature: float, draw_from_logits) ->
     z = sum(math.exp(x / temperature) for x in logits)
     expected = [math.exp(x / temperature) / z for x in logits]
     assert max(abs(o - e) for o, e in zip(observed, expected)) < 0.01, (observed, expected)
+
+
+@DRAWS
+def test_fused_draw_follows_the_softmax_over_a_large_vocabulary_with_masked_tokens(draw_from_logits) -> None:
+    """Twelve tokens spread over Llama's 128,256 ids (the inverse-CDF draw's columns and the last,
+    partial one), every other token masked to -inf: the frequencies follow their softmax and no
+    masked token is ever drawn."""
+    vocab, num = 128256, 40_000
+    ids = torch.tensor([0, 5, 4095, 4096, 8193, 50_000, 77_777, 100_003, 127_999, 128_000, 128_254, 128_255])
+    values = torch.linspace(-1.0, 2.0, len(ids))
+    row = torch.full((vocab,), float("-inf"))
+    row[ids] = values
+    logits = row.to(DEV, torch.bfloat16).expand(num, vocab)         # (one row read num times)
+    tokens = draw_from_logits(logits, 1.0, torch.Generator(device=DEV).manual_seed(5)).long().cpu()
+    assert set(tokens.tolist()) <= set(ids.tolist())
+    observed = torch.bincount(tokens, minlength=vocab)[ids].double() / num
+    expected = torch.softmax(values.to(torch.bfloat16).double(), 0)
+    assert (observed - expected).abs().max().item() < 0.01, (observed, expected)
 
 
 @DRAWS

@@ -10,6 +10,11 @@ same lane of a block's four quarters: Philox, not the logits' bytes, bounds this
 counters from the generator's offset, which then advances past the numbers used, as flashinfer
 advances it. Measured against flashinfer's draw in docs/benchmarks.md, "The one-pass draw". Needs
 CUDA and triton; runner._fused_draw tries it once and falls back to flashinfer's.
+
+`draw_by_inverse_cdf` is the same draw from one random number per row instead of one per token
+(inverse CDF over the vocabulary dealt into columns), written because Philox bounds the Gumbel-max
+kernel; it is not the engine's draw until a GPU measures it (`python3 -m benchmarks.draw_kernel`,
+docs/benchmarks.md, "The inverse-CDF draw").
 """
 
 from __future__ import annotations
@@ -55,6 +60,43 @@ def _gumbel_max(logits, inv_temperature, out, vocab, padded_vocab, row_stride, s
     tl.store(out + row, tl.min(tl.where(best == top, best_at, vocab), axis=0))
 
 
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _inverse_cdf(logits, inv_temperature, out, vocab, row_stride, seed, offset,
+                 PER_ROW: tl.constexpr, LANES: tl.constexpr, COLUMN: tl.constexpr):
+    # Lane j holds the column of tokens j, j + LANES, j + 2 LANES, ...: one pass keeps each column's
+    # max and its sum of exp(x / T - max) (online, as a softmax does), the draw picks a column by its
+    # share of the mass and then a token inside it, from one uniform number per row.
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(inv_temperature + row) if PER_ROW else tl.load(inv_temperature)
+    row_logits = logits + row * row_stride
+    lanes = tl.arange(0, LANES)
+    top = tl.full([LANES], float("-inf"), tl.float32)
+    mass = tl.zeros([LANES], tl.float32)
+    for start in range(0, vocab, LANES):
+        cols = start + lanes
+        x = tl.load(row_logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        new_top = tl.maximum(top, x)
+        seen = new_top > float("-inf")
+        mass = tl.where(seen, mass * tl.exp(top - new_top) + tl.exp(x - new_top), 0.0)
+        top = new_top
+    peak = tl.max(top, axis=0)
+    peak = tl.where(peak > float("-inf"), peak, 0.0)          # every token masked: token 0, as argmax does
+    mass = tl.where(top > float("-inf"), mass * tl.exp(top - peak), 0.0)
+    target = tl.rand(seed, offset + row) * tl.sum(mass, axis=0)
+    upto = tl.cumsum(mass, axis=0)
+    lane = tl.min(tl.where((upto > target) & (mass > 0), lanes, LANES), axis=0)
+    lane = tl.where(lane < LANES, lane, tl.max(tl.where(mass > 0, lanes, 0), axis=0))   # rounding at the end
+    before = tl.sum(tl.where(lanes == lane, upto - mass, 0.0), axis=0)
+    steps = tl.arange(0, COLUMN)
+    cols = lane + steps * LANES
+    x = tl.load(row_logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32) * inv_t
+    p = tl.exp(x - peak)
+    upto = before + tl.cumsum(p, axis=0)
+    step = tl.min(tl.where((upto > target) & (p > 0), steps, COLUMN), axis=0)
+    step = tl.where(step < COLUMN, step, tl.max(tl.where(p > 0, steps, 0), axis=0))
+    tl.store(out + row, (lane + step * LANES).to(tl.int32))
+
+
 def _seed_and_offset(generator: torch.Generator, increment: int) -> tuple[int, int]:
     """The generator's Philox seed and offset, its offset advanced past `increment` numbers."""
     seed, offset = generator.get_state().view(torch.int64).tolist()
@@ -85,4 +127,26 @@ def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator:
     return out
 
 
-__all__ = ["draw_from_logits"]
+def draw_by_inverse_cdf(logits: Tensor, inv_temperature: Tensor | float, generator: torch.Generator,
+                        lanes: int = BLOCK) -> Tensor:
+    """The meaning of draw_from_logits, by inverse CDF: one uniform number per row instead of one
+    per token (lanes: a power of two, the columns the vocabulary is dealt into)."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
+    if rows == 0:
+        return out
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    per_row = isinstance(inv_temperature, Tensor)
+    if per_row:
+        inv_t = inv_temperature.to(device=logits.device, dtype=torch.float32).contiguous()
+    else:
+        inv_t = torch.full((1,), float(inv_temperature), dtype=torch.float32, device=logits.device)
+    seed, offset = _seed_and_offset(generator, rows)
+    column = triton.next_power_of_2(triton.cdiv(vocab, lanes))
+    _inverse_cdf[(rows,)](logits, inv_t, out, vocab, logits.stride(0), seed, offset,
+                          PER_ROW=per_row, LANES=lanes, COLUMN=column, num_warps=8)
+    return out
+
+
+__all__ = ["draw_by_inverse_cdf", "draw_from_logits"]

@@ -105,21 +105,28 @@ def _seed_and_offset(generator: torch.Generator, increment: int) -> tuple[int, i
     return seed, offset
 
 
-def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator: torch.Generator) -> Tensor:
-    """One token per row from softmax(logits * inv_temperature), the meaning of
-    sampling_ops.draw_from_logits. inv_temperature: [rows] or one float (> 0); logits [rows, vocab]
-    in any float dtype on the generator's device. Returns [rows] int32."""
-    rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
-    if rows == 0:
-        return out
+def _launch_args(logits: Tensor, inv_temperature: Tensor | float) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """(logits with unit column stride, the [rows] int32 output, the inverse temperatures as a
+    float32 tensor on the logits' device, whether they are one per row)."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int32, device=logits.device)
     per_row = isinstance(inv_temperature, Tensor)
     if per_row:
         inv_t = inv_temperature.to(device=logits.device, dtype=torch.float32).contiguous()
     else:
         inv_t = torch.full((1,), float(inv_temperature), dtype=torch.float32, device=logits.device)
+    return logits, out, inv_t, per_row
+
+
+def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator: torch.Generator) -> Tensor:
+    """One token per row from softmax(logits * inv_temperature), the meaning of
+    sampling_ops.draw_from_logits. inv_temperature: [rows] or one float (> 0); logits [rows, vocab]
+    in any float dtype on the generator's device. Returns [rows] int32."""
+    logits, out, inv_t, per_row = _launch_args(logits, inv_temperature)
+    rows, vocab = logits.shape
+    if rows == 0:
+        return out
     padded_vocab = triton.cdiv(vocab, BLOCK) * BLOCK
     seed, offset = _seed_and_offset(generator, rows * padded_vocab)
     _gumbel_max[(rows,)](logits, inv_t, out, vocab, padded_vocab, logits.stride(0), seed, offset,
@@ -131,17 +138,10 @@ def draw_by_inverse_cdf(logits: Tensor, inv_temperature: Tensor | float, generat
                         lanes: int = BLOCK) -> Tensor:
     """The meaning of draw_from_logits, by inverse CDF: one uniform number per row instead of one
     per token (lanes: a power of two, the columns the vocabulary is dealt into)."""
+    logits, out, inv_t, per_row = _launch_args(logits, inv_temperature)
     rows, vocab = logits.shape
-    out = torch.empty(rows, dtype=torch.int32, device=logits.device)
     if rows == 0:
         return out
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    per_row = isinstance(inv_temperature, Tensor)
-    if per_row:
-        inv_t = inv_temperature.to(device=logits.device, dtype=torch.float32).contiguous()
-    else:
-        inv_t = torch.full((1,), float(inv_temperature), dtype=torch.float32, device=logits.device)
     seed, offset = _seed_and_offset(generator, rows)
     column = triton.next_power_of_2(triton.cdiv(vocab, lanes))
     _inverse_cdf[(rows,)](logits, inv_t, out, vocab, logits.stride(0), seed, offset,

@@ -317,3 +317,24 @@ def test_sampled_tokens_in_any_order_land_on_their_sequences() -> None:
     plan = sched.schedule()
     with pytest.raises(AssertionError, match="lacks the token"):
         sched.on_step_done(plan, StepResult(plan.step_idx, ()))
+
+
+def test_shrink_step_halves_the_tokens_then_the_running_cap_preempting_only_beyond_it() -> None:
+    sched = make_scheduler(num_pages=64, max_seqs=8, max_tokens_per_step=32)
+    d = Driver(sched)
+    for i in range(3):
+        d.add(request(f"r{i}", [i, 2, 3, 4], max_tokens=6), 6)
+    d.step()                                          # all three admitted and running
+    assert sched.shrink_step() == "steps now take at most 16 tokens"
+    assert sched.shrink_step() == "steps now take at most 8 tokens"
+    # At one token per running sequence: the cap halves; 3 running fit under 4, so none is preempted.
+    assert sched.shrink_step() == "steps now take at most 4 tokens and sequences (0 preempted)"
+    assert (sched.max_running, sched.num_preemptions) == (4, 0)
+    assert sched.shrink_step() == "steps now take at most 2 tokens and sequences (1 preempted)"
+    assert sched.max_running == 2 and sched.num_preemptions == 1
+    assert sched.sequence(2).status is SeqStatus.WAITING          # the newest went back to wait
+    sched.check_invariants()
+    assert sched.shrink_step() == "steps now take at most 1 tokens and sequences (1 preempted)"
+    assert sched.shrink_step() is None
+    d.run()
+    assert all(sched.sequence(s).status is SeqStatus.FINISHED for s in range(3))

@@ -122,20 +122,26 @@ def test_greedy_batch_equals_hf_generate(tiny) -> None:
     assert stats.num_forward_tokens > 0 and stats.num_steps > 0
 
 
+def short_of_memory_over(loop: EngineLoop, monkeypatch, max_tokens: int, message: str) -> None:
+    """Make the loop's forward pass raise CUDA's out-of-memory error, as CUDA would, for steps over
+    `max_tokens` tokens (-1: every step)."""
+    forward = loop.runner.model.forward
+
+    def short_of_memory(input_ids, *args, **kwargs):
+        if input_ids.numel() > max_tokens:
+            raise torch.cuda.OutOfMemoryError(message)
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(loop.runner.model, "forward", short_of_memory)
+
+
 def test_a_step_out_of_device_memory_is_planned_again_with_half_the_tokens(tiny, monkeypatch, caplog) -> None:
     """A forward pass that runs out of memory (raised here for steps over 24 tokens, as CUDA
     would) loses nothing: the scheduler's tokens per step halve (64 -> 32 -> 16) and every output
     still equals HF's."""
     model, folder = tiny
     loop = make_loop(folder, max_seqs=8)
-    forward = loop.runner.model.forward
-
-    def short_of_memory(input_ids, *args, **kwargs):
-        if input_ids.numel() > 24:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
-        return forward(input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(loop.runner.model, "forward", short_of_memory)
+    short_of_memory_over(loop, monkeypatch, 24, "CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
     requests = [greedy(f"r{i}", prompt(i, n), 12) for i, n in enumerate([17, 37, 9])]
     with caplog.at_level("WARNING", logger="tokabatch.engine.runtime.loop"):
         outputs = run(loop, requests)
@@ -151,14 +157,7 @@ def test_where_the_decodes_alone_do_not_fit_fewer_sequences_run_at_once(tiny, mo
     again later, and every output still equals HF's. Where not even one token fits, the error is raised."""
     model, folder = tiny
     loop = make_loop(folder, max_seqs=8)
-    forward = loop.runner.model.forward
-
-    def short_of_memory(input_ids, *args, **kwargs):
-        if input_ids.numel() > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
-        return forward(input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(loop.runner.model, "forward", short_of_memory)
+    short_of_memory_over(loop, monkeypatch, 2, "CUDA out of memory.")
     requests = [greedy(f"r{i}", prompt(i, n), 6) for i, n in enumerate([5, 9, 3, 7, 4])]
     with caplog.at_level("WARNING", logger="tokabatch.engine.runtime.loop"):
         outputs = run(loop, requests)
@@ -168,8 +167,7 @@ def test_where_the_decodes_alone_do_not_fit_fewer_sequences_run_at_once(tiny, mo
     assert "sequences (" in caplog.text and loop.scheduler.num_preemptions > 0
     loop.scheduler.check_invariants()
 
-    monkeypatch.setattr(loop.runner.model, "forward",
-                        lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory.")))
+    short_of_memory_over(loop, monkeypatch, -1, "CUDA out of memory.")
     loop.add(greedy("r9", prompt(9, 5), 4))
     with pytest.raises(StepOutOfMemory, match="CUDA out of memory"):
         drain(loop)

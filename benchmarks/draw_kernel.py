@@ -1,5 +1,5 @@
-"""The sampler's fused draws on one GPU: the Gumbel-max Triton draw (the default), the inverse-CDF
-Triton draw and flashinfer's, each timed on [rows, vocab] bf16 logits and checked against the softmax.
+"""The sampler's fused draws on one GPU: the inverse-CDF Triton draw (the engine's) and flashinfer's
+(its fallback), each timed on [rows, vocab] bf16 logits and checked against the softmax.
 
 On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
 
@@ -9,8 +9,7 @@ On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
 For each draw: the largest gap between its token frequencies and the softmax over `--samples`
 draws of one row (random logits scaled by 3, every fifth token masked to -inf; the count of masked
 tokens drawn must be 0), at temperatures 0.5 and 1; then ms per call for each batch of rows
-(CUDA events over `--iters` calls). The Gumbel-max draw needs one random number per token, the
-inverse-CDF draw one per row (triton_draw.py). Triton compiles each kernel on first use.
+(CUDA events over `--iters` calls). Triton compiles the kernel on first use.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ import argparse
 
 def draws() -> dict:
     from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits as flashinfer_draw
-    from tokabatch.engine.runtime.triton_draw import draw_by_inverse_cdf, draw_from_logits
+    from tokabatch.engine.runtime.triton_draw import draw_from_logits
 
-    return {"gumbel-max (triton)": draw_from_logits, "inverse cdf (triton)": draw_by_inverse_cdf,
-            "flashinfer": flashinfer_draw}
+    return {"inverse cdf (triton)": draw_from_logits, "flashinfer": flashinfer_draw}
 
 
 def check_frequencies(vocab: int, samples: int) -> None:

@@ -4,8 +4,8 @@ GPU machine only (marked `gpu`; skipped without CUDA or flashinfer). Each kernel
 Llama-3.2-1B (llama3 rotary scaling, positions up to 100k) and Qwen2.5-0.5B, within bf16 rounding of
 torch's LayerKernels; a two-layer model's logits with either set within the backends' tolerance;
 the fused draws' token frequencies against the softmax at three temperatures, and seeded
-reproduction through the sampler's shared generator: flashinfer's and the one-pass Triton draw
-(triton_draw.py, where triton imports).
+reproduction through the sampler's shared generator: flashinfer's and the one-pass inverse-CDF
+Triton draw (triton_draw.py, where triton imports).
 """
 
 from __future__ import annotations
@@ -36,14 +36,10 @@ DEV = torch.device("cuda")
 def _draws() -> list:
     flashinfer = pytest.param(flashinfer_draw, id="flashinfer")
     try:
-        from tokabatch.engine.runtime.triton_draw import draw_by_inverse_cdf
         from tokabatch.engine.runtime.triton_draw import draw_from_logits as triton_draw
     except ImportError as e:
-        skip = pytest.mark.skip(reason=f"triton: {e}")
-        return [flashinfer, pytest.param(None, id="triton", marks=skip),
-                pytest.param(None, id="triton-inverse-cdf", marks=skip)]
-    return [flashinfer, pytest.param(triton_draw, id="triton"),
-            pytest.param(draw_by_inverse_cdf, id="triton-inverse-cdf")]
+        return [flashinfer, pytest.param(None, id="triton", marks=pytest.mark.skip(reason=f"triton: {e}"))]
+    return [flashinfer, pytest.param(triton_draw, id="triton")]
 
 
 DRAWS = pytest.mark.parametrize("draw_from_logits", _draws())

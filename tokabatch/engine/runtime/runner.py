@@ -233,7 +233,7 @@ def select_backend(cache: KVCache, num_heads: int, config: AttentionConfig = DEF
 
 
 def _fused_draw(spec: ModelSpec) -> Draw:
-    """The sampler's fused draw: the one-pass Triton draw (triton_draw.py) where triton imports and
+    """The sampler's fused draw: the one-pass inverse-CDF Triton draw (triton_draw.py) where triton imports and
     its kernel compiles and runs here (tried once on a row of zeros, which also compiles it), else
     flashinfer's (flashinfer_kernels.py), which converts the logits to float32 first."""
     from tokabatch.engine.runtime.flashinfer_kernels import draw_from_logits as flashinfer_draw

@@ -385,6 +385,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
     args = ap.parse_args()
+    if args.engine == "simulated" and (args.phase_detail or args.profile):
+        ap.error("--phase-detail and --profile time the real engine's CUDA steps: not with --engine simulated")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return args
 

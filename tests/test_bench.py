@@ -29,3 +29,12 @@ def test_service_rows_on_the_simulated_engine(tmp_path):
     for row in rows:
         assert float(row[3].replace(",", "")) > 0 and float(row[4]) > 0          # output tok/s, of engine
     assert (tmp_path / "bench-server.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flag", [["--phase-detail"], ["--profile", "5"]])
+def test_cuda_timers_are_refused_on_the_simulated_engine(flag, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--engine", "simulated", "--workload", "TA-cpu", *flag,
+         "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "not with --engine simulated" in done.stderr and "Traceback" not in done.stderr

@@ -10,7 +10,8 @@ build and warm-up (kernel compilation) are start-up, reported apart.
 
 `--vs-hf` first runs HF transformers in its own process (static `generate`, bf16, sdpa, batch 256,
 min_new_tokens = max_new_tokens, the first 256 prompts) and prints its row and the ratio.
-`--profile N` afterwards profiles N pure-decode steps (GPU time per kernel class against wall time).
+`--profile N` afterwards profiles N pure-decode steps (GPU time per kernel class against wall time),
+`--profile-prefill N` the first N steps of a fresh batch of the workload's prompts.
 `--via engine,batch,batch-lines,online` adds rows for the same workload through `tokabatch serve`
 (bench_service.py: its batch API, a line per prompt or per sample, and the online endpoint) and
 their ratios to the in-process engine; `--engine simulated` runs all of it on a CPU over
@@ -76,6 +77,7 @@ WORKLOADS = {
     "TB-cpu": Workload(DEMO, 4, 320, 32, 1.0, 0, n=16),
 }
 WARM_UP_PROMPTS = 32
+PREFILL_PROFILE_SEED = 777         # --profile-prefill: prompts the timed run did not leave in the prefix cache
 # Structured outputs: one 8-field JSON schema on every prompt, outputs up to 256 tokens, against the same
 # engine unconstrained on the same output lengths (benchmarks/structured.py; needs --tokenizer-from).
 JSON_WORKLOAD = Workload("Llama-3.2-1B", 1024, 128, 256, 1.0, 0)
@@ -117,6 +119,10 @@ def run_engine(folder: Path, runs: list[tuple[str, Workload, list[list[int]]]], 
             from bench_profile import profile_decode_steps  # noqa: PLC0415 (scripts/ sibling)
             profile_decode_steps(bench.loop, prompts[:max(1, args.profile_batch // w.n)], w, args.profile,
                                  args.out_dir, tag=f"{name}-hydragen-{args.hydragen}")
+        if args.profile_prefill:
+            from bench_profile import profile_prefill_steps  # noqa: PLC0415 (scripts/ sibling)
+            fresh = prompts_of(w, bench.loop.info.vocab_size, seed=PREFILL_PROFILE_SEED)
+            profile_prefill_steps(bench.loop, fresh, w, args.profile_prefill, args.out_dir, tag=f"{name}-prefill")
     return rows
 
 
@@ -374,6 +380,9 @@ def _arguments() -> argparse.Namespace:
                     help="flashinfer's decode plan() with Python's max over host tensors, as shipped (the "
                          "engine installs a one-reduction max: flashinfer_ops.speed_up_planning)")
     ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
+    ap.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                    help="afterwards, profile the first N steps of the workload's prompts with fresh ids (prompt "
+                         "chunks, and the decode rows that ride along), then abort them")
     ap.add_argument("--phase-detail", action="store_true",
                     help="also time parts of the phases (the grouped step's own-part layout and plans, the "
                          "graph replay call, the sampler's launch, the loop's handling of sampled tokens)")
@@ -385,8 +394,9 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--folder", help="reuse a model folder (skips the build)")
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)   # the --vs-hf child
     args = ap.parse_args()
-    if args.engine == "simulated" and (args.phase_detail or args.profile):
-        ap.error("--phase-detail and --profile time the real engine's CUDA steps: not with --engine simulated")
+    if args.engine == "simulated" and (args.phase_detail or args.profile or args.profile_prefill):
+        ap.error("--phase-detail, --profile and --profile-prefill time the real engine's CUDA steps: not with "
+                 "--engine simulated")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     return args
 

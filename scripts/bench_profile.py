@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: GPU time per kernel class against the step's wall time.
+"""Where a step's time goes: GPU time per kernel class against the step's wall time.
 
 Used by scripts/bench.py --profile N: admits a batch, steps until every sequence is decoding,
 times N plain steps, runs a cProfile of N more (the Python the CPU side spends its time in), then
@@ -6,6 +6,10 @@ profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per kernel 
 attention, index/KV append, elementwise, reductions/sampling, copies) per step. GPU busy time well
 under the wall time means the step is bound by CPU work (Python, scheduling, launches), not by the
 GPU. The full tables go to OUT/profile-<tag>.txt and OUT/cprofile-<tag>.txt.
+
+And by scripts/bench.py --profile-prefill N: the first N steps of a fresh batch (prompt chunks, and
+the decode rows of prompts already read that ride along), with the same classes, each step's
+tokens and the heaviest kernels; the batch is then aborted. The table goes to OUT/profile-<tag>.txt.
 """
 
 from __future__ import annotations
@@ -106,3 +110,51 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     Path(out_dir, f"profile-{tag}.txt").write_text(table + "\n\n" + cpu_table)
+
+
+def profile_prefill_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps: int, out_dir: str,
+                          tag: str = "prefill") -> None:
+    """Kernel profile of the first `num_steps` steps of `prompts` (none of them cached: fresh ids)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokabatch.engine.api import GenerationRequest, SamplingParams
+
+    cuda = torch.cuda.is_available()        # on a CPU (the tests) the steps run and no kernel is timed
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
+    ids = [f"prefill{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        loop.add(GenerationRequest(request_id=rid, prompt_token_ids=tuple(prompt), sampling=params, n=w.n))
+    sync()
+    tokens = []
+    t = time.perf_counter()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(num_steps):
+            before = loop.stats().num_forward_tokens
+            loop.step()
+            tokens.append(loop.stats().num_forward_tokens - before)
+        sync()
+    wall_ms = (time.perf_counter() - t) / num_steps * 1e3
+    for rid in ids:
+        loop.abort(rid)
+    while loop.has_work():
+        loop.step()
+    per_class: dict[str, float] = defaultdict(float)
+    kernels = []
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
+        if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
+            per_class[kernel_class(evt.key)] += gpu_us
+            kernels.append((gpu_us, evt.count, evt.key))
+    gpu_ms = sum(per_class.values()) / num_steps / 1e3
+    print(f"prefill profile: {num_steps} steps, forward tokens per step {tokens}; GPU busy "
+          f"{gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step under the profiler")
+    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
+    print("  heaviest kernels (ms/step, calls):")
+    for us, count, name in sorted(kernels, reverse=True)[:12]:
+        print(f"    {us / num_steps / 1e3:8.3f} {count:6d}  {name[:110]}")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60)
+    Path(out_dir, f"profile-{tag}.txt").write_text(table)

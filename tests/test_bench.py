@@ -31,7 +31,7 @@ def test_service_rows_on_the_simulated_engine(tmp_path):
     assert (tmp_path / "bench-server.log").stat().st_size > 0
 
 
-@pytest.mark.parametrize("flag", [["--phase-detail"], ["--profile", "5"]])
+@pytest.mark.parametrize("flag", [["--phase-detail"], ["--profile", "5"], ["--profile-prefill", "3"]])
 def test_cuda_timers_are_refused_on_the_simulated_engine(flag, tmp_path):
     done = subprocess.run(
         [sys.executable, "scripts/bench.py", "--engine", "simulated", "--workload", "TA-cpu", *flag,

@@ -3,9 +3,10 @@
 Used by scripts/bench.py --profile N: admits a batch, steps until every sequence is decoding,
 times N plain steps, runs a cProfile of N more (the Python the CPU side spends its time in), then
 profiles N more with torch.profiler (CPU + CUDA) and prints GPU time per kernel class (matmul,
-attention, index/KV append, elementwise, reductions/sampling, copies) per step. GPU busy time well
-under the wall time means the step is bound by CPU work (Python, scheduling, launches), not by the
-GPU. The full tables go to OUT/profile-<tag>.txt and OUT/cprofile-<tag>.txt.
+attention, fused elementwise: norm, rotary, SwiGLU; index/KV append, elementwise, reductions/sampling,
+copies) per step. GPU busy time well under the wall time means the step is bound by CPU work
+(Python, scheduling, launches), not by the GPU. The full tables go to OUT/profile-<tag>.txt and
+OUT/cprofile-<tag>.txt.
 
 And by scripts/bench.py --profile-prefill N: the first N steps of a fresh batch (prompt chunks, and
 the decode rows of prompts already read that ride along), with the same classes, each step's
@@ -19,7 +20,8 @@ from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
-CLASSES = (
+CLASSES = (          # first match wins: flashinfer's norm, rotary and SwiGLU kernels are not attention
+    ("fused elementwise", ("norm", "rotary", "act_and_mul", "activation")),
     ("attention", ("prefill", "decode", "flashinfer", "attention", "fmha")),
     ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "matmul", "sm90_xmma", "splitk")),
     ("copies", ("memcpy", "memset")),

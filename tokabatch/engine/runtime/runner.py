@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tokabatch.engine.api import TokenLogprob
 from tokabatch.engine.core.plan import PrefixGroup, SeqWork, StepPlan, StepResult
 from tokabatch.engine.models.layers import AttentionFn
-from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend
+from tokabatch.engine.runtime.attention import DEFAULT_ATTENTION, AttentionConfig, SeqAttn, TorchBackend, to_device
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages
 from tokabatch.engine.runtime.loop import StepOutOfMemory
 from tokabatch.engine.runtime.sampling import Draw, PendingSample, Sampler, no_samples
@@ -179,12 +179,18 @@ class ModelRunner:
 
     def _long(self, values: list[int] | array) -> Tensor:
         """An int64 tensor on the device. From an array("q") it is made over the array's buffer, a
-        fraction of torch.tensor's time on a list (docs/benchmarks.md, "The eager step's per-row Python")."""
+        fraction of torch.tensor's time on a list (docs/benchmarks.md, "The eager step's per-row Python").
+        On CUDA it goes through pinned memory (`to_device`): a prefill step's token ids and positions
+        copied from pageable memory would wait for the other half's step on the GPU."""
         if not isinstance(values, array):
-            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
-        if not values:
+            host = torch.tensor(values, dtype=torch.long)
+        elif not values:
             return torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.frombuffer(values, dtype=torch.long).to(self.device, non_blocking=True)
+        else:
+            host = torch.frombuffer(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return to_device(host, self.device)
+        return host.to(self.device, non_blocking=True)
 
 
 class PendingStep:

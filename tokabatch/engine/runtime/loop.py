@@ -284,7 +284,8 @@ class EngineLoop:
     def _take_samples(self, sampled: SampledTokens) -> dict[str, RequestState]:
         """Each new token: its choice's token ids, logprobs, text and stop checks (ending the choice
         when one fires). Runs once per running sequence per step, so it is one loop with the
-        checks reading fields fixed at admission (add), not a call chain per token."""
+        checks reading fields fixed at admission (add), not a call chain per token. Returns the
+        requests with something to emit: streamed or stop-string choices with a token, and ended ones."""
         touched: dict[str, RequestState] = {}
         by_seq = self._by_seq
         num_taken = 0
@@ -297,7 +298,6 @@ class EngineLoop:
             if choice.finish_reason is not None or state.request.sampling.max_tokens == 0:
                 continue                      # finished while its step ran; or scoring a prompt only (echo)
             num_taken += 1
-            touched[state.request.request_id] = state
             token_ids = choice.token_ids
             token_ids.append(tid)
             if choice.logprobs is not None and logprob is not None:
@@ -306,11 +306,15 @@ class EngineLoop:
                 # A stop token id (stop_reason: the id) or EOS (None); a stop token is not in the text.
                 self._finish(choice, FinishReason.STOP, tid if tid in choice.stop_token_ids else None,
                              num_text_tokens=len(token_ids) - 1)
+                touched[state.request.request_id] = state
                 continue
             if choice.text_at_end:
+                # Not streamed: its request has something to emit only when a choice ends.
                 if len(token_ids) >= choice.max_output:
                     self._finish(choice, FinishReason.LENGTH, None)
+                    touched[state.request.request_id] = state
                 continue
+            touched[state.request.request_id] = state
             piece = choice.detokenizer.push(tid)
             if choice.matcher is None:
                 if piece:

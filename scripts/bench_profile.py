@@ -122,7 +122,7 @@ def profile_prefill_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps
 
     from tokabatch.engine.api import GenerationRequest, SamplingParams
 
-    cuda = torch.cuda.is_available()        # on a CPU (the tests) the steps run and no kernel is timed
+    cuda = torch.cuda.is_available()        # on a CPU the steps run and no kernel is timed
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     params = SamplingParams(max_tokens=w.output_len, temperature=w.temperature, ignore_eos=True)
     ids = [f"prefill{i}" for i in range(len(prompts))]
@@ -151,7 +151,7 @@ def profile_prefill_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps
             per_class[kernel_class(evt.key)] += gpu_us
             kernels.append((gpu_us, evt.count, evt.key))
     gpu_ms = sum(per_class.values()) / num_steps / 1e3
-    print(f"prefill profile: {num_steps} steps, forward tokens per step {tokens}; GPU busy "
+    print(f"prefill profile: {num_steps} steps, forward tokens per step as their results came back {tokens}; GPU busy "
           f"{gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step under the profiler")
     for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")

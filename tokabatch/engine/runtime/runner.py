@@ -180,8 +180,8 @@ class ModelRunner:
     def _long(self, values: list[int] | array) -> Tensor:
         """An int64 tensor on the device. From an array("q") it is made over the array's buffer, a
         fraction of torch.tensor's time on a list (docs/benchmarks.md, "The eager step's per-row Python").
-        On CUDA it goes through pinned memory (`to_device`): a prefill step's token ids and positions
-        copied from pageable memory would wait for the other half's step on the GPU."""
+        On CUDA it goes through pinned memory (`to_device`): CUDA may stage a copy from pageable
+        memory (a prefill step's token ids and positions) by waiting for the other half's step."""
         if not isinstance(values, array):
             host = torch.tensor(values, dtype=torch.long)
         elif not values:

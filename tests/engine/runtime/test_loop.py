@@ -265,6 +265,28 @@ def test_n_choices_share_the_prompt_and_seeds_reproduce(tiny) -> None:
     assert len({c.token_ids for c in alone.choices}) > 1   # the n choices draw differently
 
 
+def test_choices_ending_at_different_steps_give_one_output_after_the_last(tiny) -> None:
+    """A request that is not streamed emits nothing until its last choice ends, then all of it once."""
+    _, folder = tiny
+    ids = prompt(5, 23)
+    params = dict(max_tokens=16, temperature=0.9, seed=1234, ignore_eos=True)
+    free = run(make_loop(folder), [GenerationRequest("s", ids, SamplingParams(**params), n=3)])["s"]
+    stop = free.choices[0].token_ids[3]          # choice 0 ends at its 4th token, the others later or not
+    loop = make_loop(folder)
+    loop.add(GenerationRequest("s", ids, SamplingParams(**params, stop_token_ids=(stop,)), n=3))
+    items = []
+    while loop.has_work():
+        items.extend(loop.step())
+    assert [type(i) for i in items] == [GenerationOutput]
+    out = items[0]
+    for got, whole in zip(out.choices, free.choices):
+        ends = whole.token_ids.index(stop) + 1 if stop in whole.token_ids else len(whole.token_ids)
+        assert got.token_ids == whole.token_ids[:ends]
+        assert got.finish_reason is (FinishReason.STOP if stop in whole.token_ids else FinishReason.LENGTH)
+    assert len(out.choices[0].token_ids) == 4
+    assert any(len(c.token_ids) > 4 for c in out.choices[1:])   # they did end at different steps
+
+
 def test_prefix_cache_skips_shared_pages_with_identical_outputs(tiny) -> None:
     _, folder = tiny
     shared = prompt(7, 40)

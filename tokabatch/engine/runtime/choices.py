@@ -39,6 +39,8 @@ class Choice:
     # by one push_all of the ids the pushes would have seen (the same text, a tighter loop), after
     # the choice ended (write_text_at_end): how it ends cannot depend on it.
     text_at_end: bool = False
+    # text_at_end, no stop token, no logprobs, max_tokens > 0: a new token is appended and counted, nothing else.
+    plain: bool = False
     text_tokens: int = -1                # ended, text not yet made: the ids it is made of (-1: none pending)
     # An array, not a list: a full garbage collection walks every slot of a list (4096 of them
     # growing to thousands of ints each were a large part of its time).

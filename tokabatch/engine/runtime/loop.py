@@ -29,6 +29,7 @@ from tokabatch.engine.api import (
     RequestError,
     RequestRejected,
     SamplingParams,
+    TokenLogprob,
 )
 from tokabatch.engine.core.hydragen import kv_reads_saved
 from tokabatch.engine.core.plan import SampledTokens, StepPlan, StepResult
@@ -137,6 +138,8 @@ class EngineLoop:
         num_prompt = len(request.prompt_token_ids)
         stop_token_ids = frozenset(params.stop_token_ids)
         stop_on = stop_token_ids | (frozenset() if params.ignore_eos else self._eos_ids)
+        text_at_end = not params.stop and not request.stream
+        plain = text_at_end and not stop_on and params.logprobs is None and params.max_tokens > 0
         try:
             for seq_id in seq_ids:
                 seq = self.scheduler.sequence(seq_id)
@@ -152,8 +155,7 @@ class EngineLoop:
                     (StopStringMatcher(params.stop, include_stop=params.include_stop_str_in_output)
                      if params.stop else None),
                     min_tokens=params.min_tokens, stop_token_ids=stop_token_ids, stop_on=stop_on, max_output=max_output,
-                    text_at_end=not params.stop and not request.stream,
-                    logprobs=[] if params.logprobs is not None else None)
+                    text_at_end=text_at_end, plain=plain, logprobs=[] if params.logprobs is not None else None)
                 state.choices.append(choice)
                 state.num_unfinished += 1
                 self._by_seq[seq_id] = (state, choice)
@@ -284,8 +286,9 @@ class EngineLoop:
     def _take_samples(self, sampled: SampledTokens) -> dict[str, RequestState]:
         """Each new token: its choice's token ids, logprobs, text and stop checks (ending the choice
         when one fires). Runs once per running sequence per step, so it is one loop with the
-        checks reading fields fixed at admission (add), not a call chain per token. Returns the
-        requests with something to emit: streamed or stop-string choices with a token, and ended ones."""
+        checks reading fields fixed at admission (add), not a call chain per token; a `plain`
+        choice's token (most rows of a dataset job) is handled inline. Returns the requests with
+        something to emit: streamed or stop-string choices with a token, and ended ones."""
         touched: dict[str, RequestState] = {}
         by_seq = self._by_seq
         num_taken = 0
@@ -295,39 +298,55 @@ class EngineLoop:
             if entry is None:
                 continue                      # aborted while its step ran
             state, choice = entry
-            if choice.finish_reason is not None or state.request.sampling.max_tokens == 0:
-                continue                      # finished while its step ran; or scoring a prompt only (echo)
+            if choice.finish_reason is not None:
+                continue                      # finished while its step ran
+            if not choice.plain:
+                num_taken += self._take_token(state, choice, tid, logprob, touched)
+                continue
             num_taken += 1
             token_ids = choice.token_ids
             token_ids.append(tid)
-            if choice.logprobs is not None and logprob is not None:
-                choice.logprobs.append(logprob)
-            if tid in choice.stop_on and len(token_ids) >= choice.min_tokens:
-                # A stop token id (stop_reason: the id) or EOS (None); a stop token is not in the text.
-                self._finish(choice, FinishReason.STOP, tid if tid in choice.stop_token_ids else None,
-                             num_text_tokens=len(token_ids) - 1)
-                touched[state.request.request_id] = state
-                continue
-            if choice.text_at_end:
-                # Not streamed: its request has something to emit only when a choice ends.
-                if len(token_ids) >= choice.max_output:
-                    self._finish(choice, FinishReason.LENGTH, None)
-                    touched[state.request.request_id] = state
-                continue
-            touched[state.request.request_id] = state
-            piece = choice.detokenizer.push(tid)
-            if choice.matcher is None:
-                if piece:
-                    choice.pieces.append(piece)
-            else:
-                matched = add_text(choice, piece)
-                if matched is not None:
-                    self._finish(choice, FinishReason.STOP, matched, flush=False)
-                    continue
             if len(token_ids) >= choice.max_output:
                 self._finish(choice, FinishReason.LENGTH, None)
+                touched[state.request.request_id] = state
         self._stats.num_generated_tokens += num_taken
         return touched
+
+    def _take_token(self, state: RequestState, choice: Choice, tid: int, logprob: TokenLogprob | None,
+                    touched: dict[str, RequestState]) -> int:
+        """`_take_samples` for a choice that is not plain: 1 when the token was taken (0: the
+        request scores a prompt only, echo), its request put in `touched` when it has something to emit."""
+        if state.request.sampling.max_tokens == 0:
+            return 0
+        token_ids = choice.token_ids
+        token_ids.append(tid)
+        if choice.logprobs is not None and logprob is not None:
+            choice.logprobs.append(logprob)
+        if tid in choice.stop_on and len(token_ids) >= choice.min_tokens:
+            # A stop token id (stop_reason: the id) or EOS (None); a stop token is not in the text.
+            self._finish(choice, FinishReason.STOP, tid if tid in choice.stop_token_ids else None,
+                         num_text_tokens=len(token_ids) - 1)
+            touched[state.request.request_id] = state
+            return 1
+        if choice.text_at_end:
+            # Not streamed: its request has something to emit only when a choice ends.
+            if len(token_ids) >= choice.max_output:
+                self._finish(choice, FinishReason.LENGTH, None)
+                touched[state.request.request_id] = state
+            return 1
+        touched[state.request.request_id] = state
+        piece = choice.detokenizer.push(tid)
+        if choice.matcher is None:
+            if piece:
+                choice.pieces.append(piece)
+        else:
+            matched = add_text(choice, piece)
+            if matched is not None:
+                self._finish(choice, FinishReason.STOP, matched, flush=False)
+                return 1
+        if len(token_ids) >= choice.max_output:
+            self._finish(choice, FinishReason.LENGTH, None)
+        return 1
 
     def _finish(self, choice: Choice, reason: FinishReason, stop_reason: str | int | None, *,
                 flush: bool = True, num_text_tokens: int | None = None) -> None:

@@ -39,6 +39,25 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def gpu_kernels(prof: Any) -> list[tuple[float, int, str]]:
+    """(GPU us, calls, name) of every kernel a torch.profiler run timed on the device."""
+    kernels = []
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
+        if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
+            kernels.append((gpu_us, evt.count, evt.key))
+    return kernels
+
+
+def print_classes(kernels: list[tuple[float, int, str]], num_steps: int) -> None:
+    """GPU ms per step of each kernel class, largest first."""
+    per_class: dict[str, float] = defaultdict(float)
+    for gpu_us, _, name in kernels:
+        per_class[kernel_class(name)] += gpu_us
+    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
+
+
 def python_profile(loop: Any, num_steps: int, path: Path) -> None:
     """cProfile of `num_steps` steps: the Python functions the CPU side spends its time in (the
     top of the cumulative list printed, both lists written to `path`)."""
@@ -97,18 +116,13 @@ def profile_decode_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps:
         for _ in range(num_steps):
             loop.step()
         torch.cuda.synchronize()
-    per_class: dict[str, float] = defaultdict(float)
-    for evt in prof.key_averages():
-        gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
-        if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
-            per_class[kernel_class(evt.key)] += gpu_us
+    kernels = gpu_kernels(prof)
     if loop.stats().num_running < batch:
         raise RuntimeError("profile: sequences finished during the profiled steps; raise max_tokens")
-    gpu_ms = sum(per_class.values()) / num_steps / 1e3
+    gpu_ms = sum(us for us, _, _ in kernels) / num_steps / 1e3
     print(f"profile: {num_steps} decode steps at batch {batch} (context ~{w.prompt_len}+): wall "
           f"{plain_ms:.2f} ms/step unprofiled; GPU busy {gpu_ms:.2f} ms/step ({gpu_ms / plain_ms:.0%})")
-    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
-        print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
+    print_classes(kernels, num_steps)
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     Path(out_dir, f"profile-{tag}.txt").write_text(table + "\n\n" + cpu_table)
@@ -143,18 +157,11 @@ def profile_prefill_steps(loop: Any, prompts: list[list[int]], w: Any, num_steps
         loop.abort(rid)
     while loop.has_work():
         loop.step()
-    per_class: dict[str, float] = defaultdict(float)
-    kernels = []
-    for evt in prof.key_averages():
-        gpu_us = getattr(evt, "self_device_time_total", 0.0) or 0.0
-        if gpu_us > 0 and str(evt.device_type).endswith("CUDA"):
-            per_class[kernel_class(evt.key)] += gpu_us
-            kernels.append((gpu_us, evt.count, evt.key))
-    gpu_ms = sum(per_class.values()) / num_steps / 1e3
+    kernels = gpu_kernels(prof)
+    gpu_ms = sum(us for us, _, _ in kernels) / num_steps / 1e3
     print(f"prefill profile: {num_steps} steps, forward tokens per step as their results came back {tokens}; GPU busy "
           f"{gpu_ms:.2f} ms/step, wall {wall_ms:.2f} ms/step under the profiler")
-    for cls, us in sorted(per_class.items(), key=lambda kv: -kv[1]):
-        print(f"  {cls:18s} {us / num_steps / 1e3:8.3f} ms/step")
+    print_classes(kernels, num_steps)
     print("  heaviest kernels (ms/step, calls):")
     for us, count, name in sorted(kernels, reverse=True)[:12]:
         print(f"    {us / num_steps / 1e3:8.3f} {count:6d}  {name[:110]}")

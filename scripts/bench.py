@@ -379,8 +379,8 @@ def _arguments() -> argparse.Namespace:
     ap.add_argument("--flashinfer-builtin-max", action="store_true",
                     help="flashinfer's decode plan() with Python's max over host tensors, as shipped (the "
                          "engine installs a one-reduction max: flashinfer_ops.speed_up_planning)")
-    ap.add_argument("--profile", type=int, default=0, help="profile this many pure decode steps afterwards")
-    ap.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+    ap.add_argument("--profile", type=_positive_int, default=0, help="profile this many pure decode steps afterwards")
+    ap.add_argument("--profile-prefill", type=_positive_int, default=0, metavar="N",
                     help="afterwards, profile the first N steps of the workload's prompts with fresh ids (prompt "
                          "chunks, and the decode rows that ride along), then abort them")
     ap.add_argument("--phase-detail", action="store_true",

@@ -38,3 +38,11 @@ def test_cuda_timers_are_refused_on_the_simulated_engine(flag, tmp_path):
          "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "not with --engine simulated" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--profile", "--profile-prefill"])
+def test_a_profile_of_no_steps_is_refused(flag, tmp_path):
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--workload", "TA-cpu", flag, "-2",
+                           "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "must be a positive integer" in done.stderr and "Traceback" not in done.stderr

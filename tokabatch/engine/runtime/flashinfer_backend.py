@@ -64,20 +64,21 @@ class FlashInferAttentionContext(PagedStepAttention):
         self.hydragen = hydragen
 
     def attend(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        """Both parts write into one output buffer: the prefill wrapper would otherwise zero-fill an
+        output of its own, and a mixed step would copy each part into place."""
         d = self.num_decode_rows
         if self.prefill is None:
-            return self._decode(layer_idx, q, kv)
-        if d == 0:
-            return self.prefill.run(q, kv)
+            if self.hydragen is not None:
+                return self.hydragen.run(layer_idx, q)
+            return self.decode.run(q, kv)
         out = torch.empty_like(q)
-        out[:d] = self._decode(layer_idx, q[:d], kv)
-        out[d:] = self.prefill.run(q[d:], kv)
+        if d:
+            if self.hydragen is not None:
+                out[:d] = self.hydragen.run(layer_idx, q[:d])
+            else:
+                self.decode.run(q[:d], kv, out=out[:d])
+        self.prefill.run(q[d:], kv, out=out[d:])
         return out
-
-    def _decode(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
-        if self.hydragen is not None:
-            return self.hydragen.run(layer_idx, q)
-        return self.decode.run(q, kv)
 
 
 class FlashInferBackend:

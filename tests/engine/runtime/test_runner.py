@@ -212,3 +212,35 @@ def test_the_fused_draw_falls_back_to_flashinfers_where_the_triton_draw_fails(mo
     assert "no compiler here" in caplog.text
     monkeypatch.setitem(sys.modules, "tokabatch.engine.runtime.triton_draw", None)     # import fails
     assert runner_module._fused_draw(spec) is flashinfer_draw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_is_launched_without_waiting_for_the_work_queued_before_it(tmp_path):
+    """The pipelined loop launches one half's step while the other half's runs. A launch that waits
+    for the GPU (a host sync, a large copy from pageable memory, a planner reading device memory)
+    serializes the halves. Behind ~0.5 s of queued GPU work, each kind of step (prompt chunks only,
+    decodes mixed with chunks, decodes only: CUDA graphs) must return from `launch` with that
+    work still queued. To find a culprit: torch.cuda.set_sync_debug_mode("warn") around `launch`."""
+    pytest.importorskip("flashinfer")
+    from tokabatch.engine.random_models import build_folder
+
+    build_folder("Llama-3.2-1B", tmp_path, num_layers=2)
+    runner = build_runner(tmp_path, dtype="bfloat16", device="cuda", page_size=16, kv_cache_tokens=4096,
+                          fused_kernels=True)
+    loop = MiniLoop(runner, [_prompt(n, n) for n in (40, 17, 64, 9)], SamplingParams(temperature=0.0, max_tokens=4))
+    loop.step()                                           # the first step may still compile
+    stream, waited = torch.cuda.current_stream(), {}
+    real_launch = runner.launch
+
+    def launch_behind_queued_work(plan: StepPlan):
+        kind = "decode" if not plan.prefills else "mixed" if plan.decodes else "prefill"
+        torch.cuda._sleep(1_000_000_000)                  # ~0.5 s of a spinning kernel at ~2 GHz
+        pending = real_launch(plan)
+        waited.setdefault(kind, []).append(stream.query())
+        return pending
+
+    runner.launch = launch_behind_queued_work
+    loop.run()
+    assert set(waited) == {"prefill", "mixed", "decode"}
+    assert not any(any(w) for w in waited.values()), f"launches that waited for the queued work: {waited}"

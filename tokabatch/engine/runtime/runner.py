@@ -180,8 +180,10 @@ class ModelRunner:
     def _long(self, values: list[int] | array) -> Tensor:
         """An int64 tensor on the device. From an array("q") it is made over the array's buffer, a
         fraction of torch.tensor's time on a list (docs/benchmarks.md, "The eager step's per-row Python").
-        On CUDA it goes through pinned memory (`to_device`): CUDA may stage a copy from pageable
-        memory (a prefill step's token ids and positions) by waiting for the other half's step."""
+        On CUDA it goes through pinned memory (`to_device`): CUDA stages only small copies from pageable
+        memory, and a larger one (a long prefill step's token ids and positions) waits for the work
+        queued on the stream, the other half's step (docs/benchmarks.md, "The service beside the engine
+        on an H100; pinned copies")."""
         if not isinstance(values, array):
             host = torch.tensor(values, dtype=torch.long)
         elif not values:

@@ -193,6 +193,7 @@ class _EngineBench:
         args, loop = self.args, self.loop
         if self.torch is not None:
             self.torch.cuda.reset_peak_memory_stats()
+        allocator0 = self.allocator_counts()
         timers, timeline = time_phases(loop, detail=args.phase_detail)
         stats0 = loop.stats()
         profiler = cProfile.Profile() if args.cpu_profile else None
@@ -209,6 +210,7 @@ class _EngineBench:
         _print_phases(name, timers, timeline, wall)
         stats = loop.stats()
         runners = getattr(loop, "runners", [loop.runner])
+        allocator = {k: v - allocator0[k] for k, v in self.allocator_counts().items()}
         saved = stats.num_hydragen_saved_kv_reads - stats0.num_hydragen_saved_kv_reads
         reads = stats.num_decode_kv_reads - stats0.num_decode_kv_reads
         return dict(engine="tokabatch", wall_s=wall, out_tok_s=out_tokens / wall, out_tokens=out_tokens,
@@ -219,7 +221,15 @@ class _EngineBench:
                     cached_tokens=stats.num_cached_tokens - stats0.num_cached_tokens,
                     graph_steps=sum(r.num_graph_steps for r in runners),
                     eager_steps=sum(r.num_eager_steps for r in runners),
-                    hydragen_sharing=round(saved / max(1, reads), 3))
+                    hydragen_sharing=round(saved / max(1, reads), 3), allocator=allocator)
+
+    def allocator_counts(self) -> dict[str, int]:
+        """torch's CUDA caching allocator: retries after freeing its cache, cudaMalloc and cudaFree
+        calls. A cudaFree waits for the whole device, so any during a run are steps that waited."""
+        if self.torch is None:
+            return {}
+        stats = self.torch.cuda.memory_stats()
+        return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
 def _print_phases(name: str, timers: dict[str, float], timeline: Any, wall: float) -> None:

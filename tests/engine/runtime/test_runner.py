@@ -228,8 +228,11 @@ def test_a_step_is_launched_without_waiting_for_the_work_queued_before_it(tmp_pa
     build_folder("Llama-3.2-1B", tmp_path, num_layers=2)
     runner = build_runner(tmp_path, dtype="bfloat16", device="cuda", page_size=16, kv_cache_tokens=4096,
                           fused_kernels=True)
-    loop = MiniLoop(runner, [_prompt(n, n) for n in (40, 17, 64, 9)], SamplingParams(temperature=0.0, max_tokens=4))
-    loop.step()                                           # the first step may still compile
+    prompts, params = [_prompt(n, n) for n in (40, 17, 64, 9)], SamplingParams(temperature=0.0, max_tokens=4)
+    MiniLoop(runner, prompts, params).run()               # every kind of step once: nothing compiles below
+    for seq_id in range(len(prompts)):
+        runner.sampler.release(seq_id)
+    loop = MiniLoop(runner, prompts, params)
     stream, waited = torch.cuda.current_stream(), {}
     real_launch = runner.launch
 

@@ -219,7 +219,7 @@ def test_the_fused_draw_falls_back_to_flashinfers_where_the_triton_draw_fails(mo
 def test_a_step_is_launched_without_waiting_for_the_work_queued_before_it(tmp_path):
     """The pipelined loop launches one half's step while the other half's runs. A launch that waits
     for the GPU (a host sync, a large copy from pageable memory, a planner reading device memory)
-    serializes the halves. Behind ~0.5 s of queued GPU work, each kind of step (prompt chunks only,
+    serializes the halves. Behind a long spinning kernel, each kind of step (prompt chunks only,
     decodes mixed with chunks, decodes only: CUDA graphs) must return from `launch` with that
     work still queued. To find a culprit: torch.cuda.set_sync_debug_mode("warn") around `launch`."""
     pytest.importorskip("flashinfer")

@@ -68,17 +68,20 @@ class FlashInferAttentionContext(PagedStepAttention):
         output of its own, and a mixed step would copy each part into place."""
         d = self.num_decode_rows
         if self.prefill is None:
-            if self.hydragen is not None:
-                return self.hydragen.run(layer_idx, q)
-            return self.decode.run(q, kv)
+            return self._decode(layer_idx, q, kv)
         out = torch.empty_like(q)
         if d:
-            if self.hydragen is not None:
-                out[:d] = self.hydragen.run(layer_idx, q[:d])
-            else:
-                self.decode.run(q[:d], kv, out=out[:d])
+            self._decode(layer_idx, q[:d], kv, out[:d])
         self.prefill.run(q[d:], kv, out=out[d:])
         return out
+
+    def _decode(self, layer_idx: int, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+        """The decode rows, into `out` when given (Hydragen merges its parts into a buffer of its own,
+        copied into `out`)."""
+        if self.hydragen is None:
+            return self.decode.run(q, kv, out=out)
+        merged = self.hydragen.run(layer_idx, q)
+        return merged if out is None else out.copy_(merged)
 
 
 class FlashInferBackend:

@@ -328,24 +328,22 @@ class EngineLoop:
                          num_text_tokens=len(token_ids) - 1)
             touched[state.request.request_id] = state
             return 1
-        if choice.text_at_end:
-            # Not streamed: its request has something to emit only when a choice ends.
-            if len(token_ids) >= choice.max_output:
-                self._finish(choice, FinishReason.LENGTH, None)
-                touched[state.request.request_id] = state
-            return 1
-        touched[state.request.request_id] = state
-        piece = choice.detokenizer.push(tid)
-        if choice.matcher is None:
-            if piece:
-                choice.pieces.append(piece)
-        else:
-            matched = add_text(choice, piece)
-            if matched is not None:
-                self._finish(choice, FinishReason.STOP, matched, flush=False)
-                return 1
+        if not choice.text_at_end:
+            # Streamed or with stop strings: its text grows now (a text made at the end has
+            # something to emit only when its choice ends).
+            touched[state.request.request_id] = state
+            piece = choice.detokenizer.push(tid)
+            if choice.matcher is None:
+                if piece:
+                    choice.pieces.append(piece)
+            else:
+                matched = add_text(choice, piece)
+                if matched is not None:
+                    self._finish(choice, FinishReason.STOP, matched, flush=False)
+                    return 1
         if len(token_ids) >= choice.max_output:
             self._finish(choice, FinishReason.LENGTH, None)
+            touched[state.request.request_id] = state
         return 1
 
     def _finish(self, choice: Choice, reason: FinishReason, stop_reason: str | int | None, *,

@@ -216,23 +216,28 @@ def test_the_fused_draw_falls_back_to_flashinfers_where_the_triton_draw_fails(mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_step_is_launched_without_waiting_for_the_work_queued_before_it(tmp_path):
+@pytest.mark.parametrize("prompt_lens, budget", [((40, 17, 64, 9), 24), ((1024,) * 12, 8192)],
+                         ids=["short-steps", "8192-token-steps"])
+def test_a_step_is_launched_without_waiting_for_the_work_queued_before_it(tmp_path, prompt_lens, budget):
     """The pipelined loop launches one half's step while the other half's runs. A launch that waits
     for the GPU (a host sync, a large copy from pageable memory, a planner reading device memory)
     serializes the halves. Behind a long spinning kernel, each kind of step (prompt chunks only,
     decodes mixed with chunks, decodes only: CUDA graphs) must return from `launch` with that
-    work still queued. To find a culprit: torch.cuda.set_sync_debug_mode("warn") around `launch`."""
+    work still queued; also at TA's 8,192 prompt tokens a step, whose host arrays are large enough
+    for CUDA to stage a pageable copy by waiting. To find a culprit:
+    torch.cuda.set_sync_debug_mode("warn") around `launch`."""
     pytest.importorskip("flashinfer")
     from tokabatch.engine.random_models import build_folder
 
     build_folder("Llama-3.2-1B", tmp_path, num_layers=2)
-    runner = build_runner(tmp_path, dtype="bfloat16", device="cuda", page_size=16, kv_cache_tokens=4096,
-                          fused_kernels=True)
-    prompts, params = [_prompt(n, n) for n in (40, 17, 64, 9)], SamplingParams(temperature=0.0, max_tokens=4)
-    MiniLoop(runner, prompts, params).run()               # every kind of step once: nothing compiles below
+    runner = build_runner(tmp_path, dtype="bfloat16", device="cuda", page_size=16,
+                          kv_cache_tokens=max(4096, 2 * sum(prompt_lens)), fused_kernels=True)
+    prompts, params = [_prompt(n, n + i) for i, n in enumerate(prompt_lens)], SamplingParams(temperature=0.0,
+                                                                                             max_tokens=4)
+    MiniLoop(runner, prompts, params, budget).run()       # every kind of step once: nothing compiles below
     for seq_id in range(len(prompts)):
         runner.sampler.release(seq_id)
-    loop = MiniLoop(runner, prompts, params)
+    loop = MiniLoop(runner, prompts, params, budget)
     stream, waited = torch.cuda.current_stream(), {}
     real_launch = runner.launch
 

@@ -251,6 +251,8 @@ BAD_CHAT = [
     (dict(stop_token_ids=[100000]), "stop_token_ids", "invalid_value"),
     (dict(min_tokens=50, max_tokens=10), "min_tokens", "invalid_value"),
     (dict(repetition_penalty=0), "repetition_penalty", "invalid_value"),
+    (dict(repetition_penalty=1e-320), "repetition_penalty", "invalid_value"),     # 0 in float32
+    (dict(repetition_penalty=1e308), "repetition_penalty", "invalid_value"),      # inf in float32
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice", "unsupported_parameter"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"), "tool_choice",
      "unsupported_parameter"),

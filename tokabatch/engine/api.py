@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Iterable, Protocol, runtime_checkable
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5                      # temperatures below this sample greedily (SamplingParams.greedy)
+# The penalized logits (divided by the penalty where positive, multiplied where negative, then divided
+# by the temperature) must stay finite in float32: a penalty of 1e-320 is 0 there.
+REPETITION_PENALTY_RANGE = (1e-20, 1e20)
 
 
 class Priority(enum.IntEnum):
@@ -38,7 +42,7 @@ class SamplingParams:
     """What to generate for one request. Validated by `validate()`; the service maps its errors to 400s."""
 
     max_tokens: int = 16
-    temperature: float = 1.0             # 0 means greedy
+    temperature: float = 1.0             # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0                       # 0 (or -1) disables
     min_p: float = 0.0
@@ -74,7 +78,8 @@ class SamplingParams:
             (0.0 <= self.min_p <= 1.0, "min_p", "must be between 0 and 1"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
-            (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive"),
+            (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             "repetition_penalty", "must be between {:g} and {:g}".format(*REPETITION_PENALTY_RANGE)),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
              f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
@@ -94,7 +99,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or below GREEDY_BELOW: a draw there differs from the argmax only between
+        logits closer than ~1e-4, and far smaller temperatures are 0 or overflow in float32 (1e-320
+        drew garbage). vLLM draws the same line."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True, slots=True)

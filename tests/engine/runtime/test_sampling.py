@@ -116,6 +116,20 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_id(device):
     assert tokens[5] == 1
 
 
+@on_devices
+def test_a_temperature_float32_cannot_hold_samples_greedily(device):
+    """1e-320 is 0 in float32: dividing the logits by it drew garbage (an empty text, through the
+    server). Below GREEDY_BELOW a row takes the argmax, with penalties and seeds or without."""
+    sampler = make_sampler(device=device)
+    logits = torch.tensor([LOGITS8] * 3)
+    for seq, params in enumerate([SamplingParams(temperature=1e-320), SamplingParams(temperature=5e-6, seed=3),
+                                  SamplingParams(temperature=1e-320, repetition_penalty=1.3, top_p=0.5)]):
+        assert params.greedy
+        sampler.register(seq, params, [1])
+    assert [t.token_id for t in sampler.sample([0, 1, 2], logits.to(device))] == [0, 0, 0]
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
 def run_seeded(sampler: Sampler, target: int, neighbours: list[int], position: int,
                steps: list[torch.Tensor]) -> list[int]:
     """Sample `target` for every step inside a batch of `neighbours`, at row `position`."""

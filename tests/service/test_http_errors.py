@@ -74,6 +74,7 @@ async def test_routing_errors_are_envelopes(http):
     (b"\xff\xfe not utf-8\n", "invalid_file_format"),
     (b"[1, 2]\n", "invalid_file_format"),
     (b"\n \nnot json\n", "invalid_file_format"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "invalid_file_format"),     # nested too deeply to parse: was a 500
 ])
 async def test_batch_upload_checks(http, content, code):
     await _envelope(await http.post("/v1/files", data=_upload(content)), 400, code, "file")

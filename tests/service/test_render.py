@@ -272,6 +272,7 @@ BAD_CHAT = [
     (dict(guided_choice=[]), "guided_choice", "invalid_type"),
     (dict(guided_grammar="root ::= ("), "guided_grammar", "invalid_value"),
     (dict(guided_json="{not json"), "guided_json", "invalid_value"),
+    (dict(guided_json="[" * 5000 + "]" * 5000), "guided_json", "invalid_value"),   # too deep to parse
     (dict(guided_choice=["a"], guided_regex="a"), "guided_choice", "invalid_value"),
     (dict(response_format={"type": "json_object"}, ignore_eos=True), "ignore_eos", "invalid_value"),
     (dict(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "invalid_value"),          # hostile lines
@@ -378,6 +379,16 @@ def test_a_forced_tool_call_is_rendered_as_tool_calls(tok, tool_choice, text, na
     assert call["function"]["name"] == name and json.loads(call["function"]["arguments"]) == arguments
     cut = render(tok, prepared, text=text[:10], finish=FinishReason.LENGTH)["choices"][0]   # max_tokens cut it
     assert cut["finish_reason"] == "length" and cut["message"]["content"] == text[:10]
+
+
+def test_a_tool_call_nested_too_deeply_to_parse_stays_text(tok):
+    """A free-form argument may nest deeper than json.loads recurses: that output is left as text
+    (it was a RecursionError out of the renderer)."""
+    free = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    prepared = prep(tok, CHAT_ENDPOINT, chat_body(tools=[free], tool_choice="required"))
+    text = '{"name": "f", "arguments": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    choice = render(tok, prepared, text=text)["choices"][0]
+    assert choice["message"]["content"] == text and "tool_calls" not in choice["message"]
 
 
 def test_tool_choice_none_leaves_the_output_free(tok):

@@ -114,7 +114,7 @@ class FirstLineCheck:
             return "The file contains only blank lines. A batch input file must be JSONL."
         try:
             first = json.loads(self._first_line)
-        except ValueError:
+        except (ValueError, RecursionError):    # RecursionError: nested too deeply
             first = None
         if not isinstance(first, dict):
             return ("Invalid file format: the first line is not a JSON object. A batch input file "

@@ -105,7 +105,7 @@ def _guided_grammar(name: str, value: Any) -> str:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):        # RecursionError: nested too deeply
                 raise bf.invalid_value(name, f"Invalid '{name}': not a JSON schema (not parseable JSON).") from None
         if not isinstance(value, dict):
             raise bf.invalid_type(name, "a JSON schema object", value)
@@ -203,7 +203,7 @@ def tool_calls(fmt: OutputFormat, text: str, call_id: str) -> list[dict] | None:
     """The output as message.tool_calls, or None when it is not one (cut by max_tokens: not JSON)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):        # RecursionError: a free-form argument nested too deeply
         return None
     if fmt.tool:
         name, arguments = fmt.tool, value

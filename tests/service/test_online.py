@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(
 
 
 class OnlineServer:
-    def __init__(self, data_dir) -> None:
+    def __init__(self, data_dir, token_interval_s: float = 0.001) -> None:
         self.config = Config(storage=StorageConfig(data_dir=str(data_dir)), server=ServerConfig(port=0))
+        self.token_interval_s = token_interval_s
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.port = 0
@@ -37,7 +38,7 @@ class OnlineServer:
         from tokabatch.text import Tokenizer
 
         await asyncio.to_thread(dbmod.upgrade, dbmod.database_url(self.config.storage))
-        self.engine = await FakeEngine.launch(FakeLoop(model_id="demo", token_interval_s=0.001))
+        self.engine = await FakeEngine.launch(FakeLoop(model_id="demo", token_interval_s=self.token_interval_s))
         app = make_app(self.config, engine_info=self.engine.info, served_model_names=("demo",))
         app[online.ENGINE] = self.engine
         app[online.TOKENIZER] = self.app_tokenizer = Tokenizer.from_folder(model_store.resolve_model_path("demo"))
@@ -143,6 +144,54 @@ def test_metrics_in_prometheus_text(server, client):
         assert name in text
     generated = next(x for x in text.splitlines() if x.startswith("tokabatch_generated_tokens_total"))
     assert float(generated.split()[-1]) > 0
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    srv = OnlineServer(tmp_path_factory.mktemp("online-slow"), token_interval_s=0.01).start()
+    yield srv
+    srv.stop()
+
+
+def _metric(server, prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(x.split()[-1]) for x in lines if x.startswith(prefix))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_leaves_aborts_its_request(slow_server, stream, caplog):
+    """A request runs ~40 s of tokens; its client hangs up after its first bytes (a stream) or
+    0.3 s (plain). The engine must drop it within about a second, and the server log no error.
+    A plain request used to run to its end: aiohttp does not cancel a handler whose client left."""
+    import json
+    import socket
+    import time
+
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True,
+                       "stream": stream}).encode()
+    cancelled = _metric(slow_server, 'tokabatch_online_request_duration_seconds_count{endpoint="/v1/chat/completions",'
+                                     'status="cancelled"}')
+    with socket.create_connection(("127.0.0.1", slow_server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while slow_server.engine.loop.stats().num_running < 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+        if stream:
+            assert b"data: " in sock.recv(4096)
+        else:
+            time.sleep(0.3)
+    left = time.monotonic()
+    while slow_server.engine.loop.stats().num_running > 0:
+        assert time.monotonic() - left < 5, "the request still runs after its client left"
+        time.sleep(0.05)
+    while _metric(slow_server, 'tokabatch_online_request_duration_seconds_count{endpoint="/v1/chat/completions",'
+                               'status="cancelled"}') != cancelled + 1:
+        assert time.monotonic() - left < 5, "the request was not counted as cancelled"
+        time.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 def test_latency_histogram_is_cumulative():

@@ -4,7 +4,10 @@ A request is validated and rendered exactly like a batch line (jobs/render.prepa
 render_response), then run with `Engine.submit`, which bypasses the batch back-pressure and runs at
 Priority.ONLINE, so an interactive call is not stuck behind a 50,000-line batch. `stream: true`
 answers with server-sent events as OpenAI sends them (`data: <chunk>\\n\\n` ..., `data: [DONE]\\n\\n`),
-chunks from jobs/render_stream. A client that disconnects aborts its engine requests.
+chunks from jobs/render_stream. A client that disconnects aborts its engine requests: a stream finds
+out at its next write, a plain request by looking at its connection every CLIENT_CHECK_S (aiohttp
+cancels no handler when its client leaves: handler_cancellation stays off, so that no upload stops
+between its blob and its row).
 
 The app must hold ENGINE and TOKENIZER (set by server.py); without an engine the endpoints answer
 503. A request is prepared (tokenized) in a worker thread, so a huge prompt does not stall the event
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from aiohttp import web
 
@@ -34,6 +37,9 @@ ENGINE = web.AppKey("engine", Engine)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 
 routes = web.RouteTableDef()
+CLIENT_CHECK_S = 0.5               # how often a plain (not streamed) request checks that its client is there
+CLIENT_CLOSED_REQUEST = 499        # the status logged for a request whose client left (nobody reads it)
+T = TypeVar("T")
 
 
 @routes.post("/v1/chat/completions")
@@ -64,8 +70,15 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
     status = "ok"
     try:
         if prepared.stream:
-            return await _stream(request, engine, prepared, created)
-        outputs = await asyncio.gather(*(_final_output(engine, r) for r in prepared.requests))
+            response, client_left = await _stream(request, engine, prepared, created)
+            if client_left:
+                status = "cancelled"
+            return response
+        outputs = await _unless_client_leaves(
+            request, asyncio.gather(*(_final_output(engine, r) for r in prepared.requests)))
+        if outputs is None:
+            status = "cancelled"
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         failure = render.first_failure(list(outputs))
         if failure is not None:
             status = "error"
@@ -78,6 +91,27 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
         latency = request.app.get(LATENCY)
         if latency is not None:
             latency.observe(endpoint, status, time.monotonic() - started)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None once the client has disconnected; `work` is then cancelled, which
+    aborts its engine requests."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=CLIENT_CHECK_S))[0]:
+            if _client_gone(request):
+                return None
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _final_output(engine: Engine, req: GenerationRequest) -> GenerationOutput:
@@ -125,7 +159,8 @@ async def _merged(engine: Engine, requests: tuple[GenerationRequest, ...]
 
 
 async def _stream(request: web.Request, engine: Engine, prepared: render.PreparedRequest,
-                  created: int) -> web.StreamResponse:
+                  created: int) -> tuple[web.StreamResponse, bool]:
+    """The response, and whether the client left before its end (its requests are then aborted)."""
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "x-request-id": request[REQUEST_ID]})
@@ -135,7 +170,7 @@ async def _stream(request: web.Request, engine: Engine, prepared: render.Prepare
     try:
         first = await anext(items)   # a request the engine rejects at once is a plain HTTP error
         if isinstance(first, GenerationOutput) and not first.ok:
-            return _failure_response(first)
+            return _failure_response(first), False
         await response.prepare(request)
         for chunk in renderer.start():
             await _send(response, chunk)
@@ -151,7 +186,7 @@ async def _stream(request: web.Request, engine: Engine, prepared: render.Prepare
                         "The request was aborted (the engine is shutting down).").to_dict()
                     await _send(response, body)
                     await response.write(b"data: [DONE]\n\n")
-                    return response
+                    return response, False
                 outputs.append(item)
             try:
                 pending = [await anext(items)]
@@ -161,7 +196,9 @@ async def _stream(request: web.Request, engine: Engine, prepared: render.Prepare
             await _send(response, chunk)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
+        return response, False
+    except ConnectionResetError:      # the client left mid-stream: nobody to answer; the finally aborts
+        return response, True
     finally:
         await items.aclose()
 

@@ -90,6 +90,49 @@ async def test_batch_upload_accepts_bom_blank_lines_and_bad_later_lines(http, bl
     assert r.status == 200                      # only purpose=batch files are checked
 
 
+async def test_an_upload_the_client_abandons_stores_nothing_and_logs_no_error(db, blobs, clock, tmp_path, caplog):
+    """The client hangs up in the form's headers, then halfway through the file: no part file stays
+    behind, and the server logs no error (it logged each as an unhandled 500 with a traceback). On a
+    runner like `serve`'s, which cancels no handler when its client leaves (aiohttp's TestServer does)."""
+    import asyncio
+    import logging
+
+    from aiohttp import web
+
+    app = make_app(server_config(tmp_path), db=db, blobs=blobs, clock=clock,
+                   engine_info=ModelInfo("srv-model", 2048, 1000, (2,)), served_model_names=("srv-model",))
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = (b'--zzz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--zzz\r\n'
+            b'Content-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n' + LINE * 20_000)
+    caplog.set_level(logging.INFO, logger="tokabatch.service.http.middleware")
+
+    def hang_ups() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "closed the connection" in r.getMessage()]
+
+    try:
+        for cut in (40, len(body) // 2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                         b"boundary=zzz\r\nContent-Length: %d\r\n\r\n" % (len(body) + 10) + body[:cut])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await writer.wait_closed()
+        for _ in range(100):
+            if len(hang_ups()) == 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert len(hang_ups()) == 2, caplog.text
+    assert not list(blobs.root.iterdir())
+
+
 async def test_upload_form_errors(http):
     await _envelope(await http.post("/v1/files", data=_upload(LINE, purpose=None)), 400,
                     "missing_required_parameter", "purpose")

@@ -195,8 +195,10 @@ async def serve_async(
     app.cleanup_ctx.append(_webhook_context(config))
     metrics.install(app)
     # Online requests in flight at the stop may finish within the same grace as batch lines.
+    # handler_cancellation stays off (aiohttp's default): an upload must not stop between its blob and
+    # its row; the online endpoints watch their clients themselves (http/online.py).
     app_runner = web.AppRunner(app, handle_signals=False, access_log=None,   # middleware logs requests
-                               shutdown_timeout=config.runner.shutdown_grace_s)
+                               shutdown_timeout=config.runner.shutdown_grace_s, handler_cancellation=False)
     try:
         await asyncio.to_thread(app[BLOBS].check)     # a bucket that cannot be used fails the start, in one line
         await app_runner.setup()

@@ -47,6 +47,7 @@ PROBLEMS = web.AppKey("problems", Callable[[], list[str]])
 # Per-request values (set by middleware.py).
 REQUEST_ID = web.RequestKey("request_id", str)
 OWNER = web.RequestKey("owner", str)
+CLIENT_CLOSED_REQUEST = 499    # the status logged for a request whose client left (nobody reads it)
 
 
 def owner_of(request: web.Request) -> str:
@@ -55,3 +56,9 @@ def owner_of(request: web.Request) -> str:
 
 def now_s(request: web.Request) -> int:
     return int(request.app[CLOCK]())
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client has closed its connection (aiohttp cancels no handler when it does)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()

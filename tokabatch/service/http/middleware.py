@@ -21,7 +21,7 @@ from tokabatch.errors import (
     AuthenticationFailed, InsufficientStorage, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
     PayloadTooLarge, TokabatchError,
 )
-from tokabatch.service.http.context import KEY_HASHES, OWNER, REQUEST_ID
+from tokabatch.service.http.context import CLIENT_CLOSED_REQUEST, KEY_HASHES, OWNER, REQUEST_ID, client_gone
 from tokabatch.service.storage.db import is_storage_full
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,12 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = error_response(_from_http_exception(request, e))
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError as e:
+        if not client_gone(request):
+            response = _unexpected(request, request_id, e)   # (a connection of ours: a server error)
+        else:   # the client hung up (mid-upload, mid-stream): not an error of the server; nobody reads this
+            log.info("%s %s (%s): the client closed the connection", request.method, request.path, request_id)
+            response = web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception as e:
         response = _unexpected(request, request_id, e)
     response.headers["x-request-id"] = request_id

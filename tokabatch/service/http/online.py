@@ -27,7 +27,7 @@ from aiohttp import web
 from tokabatch.engine.api import Engine, GenerationOutput, GenerationRequest, GenerationUpdate, Priority
 from tokabatch.errors import EngineUnavailable, InvalidRequest
 from tokabatch.service.http.batches import read_json
-from tokabatch.service.http.context import MODELS, REQUEST_ID, now_s
+from tokabatch.service.http.context import CLIENT_CLOSED_REQUEST, MODELS, REQUEST_ID, client_gone, now_s
 from tokabatch.service.http.metrics import LATENCY
 from tokabatch.service.jobs import render
 from tokabatch.service.jobs.render_stream import StreamRenderer
@@ -38,7 +38,6 @@ TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 
 routes = web.RouteTableDef()
 CLIENT_CHECK_S = 0.5               # how often a plain (not streamed) request checks that its client is there
-CLIENT_CLOSED_REQUEST = 499        # the status logged for a request whose client left (nobody reads it)
 T = TypeVar("T")
 
 
@@ -93,18 +92,13 @@ async def _complete(request: web.Request, endpoint: str) -> web.StreamResponse:
             latency.observe(endpoint, status, time.monotonic() - started)
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def _unless_client_leaves(request: web.Request, work: Awaitable[T]) -> T | None:
     """`work`'s result, or None once the client has disconnected; `work` is then cancelled, which
     aborts its engine requests."""
     task = asyncio.ensure_future(work)
     try:
         while not (await asyncio.wait({task}, timeout=CLIENT_CHECK_S))[0]:
-            if _client_gone(request):
+            if client_gone(request):
                 return None
         return task.result()
     finally:

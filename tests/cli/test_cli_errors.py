@@ -88,6 +88,30 @@ def test_submit_cannot_infer_endpoint(runner, tmp_path):
     _assert_one_line_error(runner.invoke(app, ["submit", str(path)]), 2, "--endpoint")
 
 
+def test_submit_refuses_what_the_upload_would_before_sending_it(runner, tmp_path):
+    """A first line nested too deeply to parse was a RecursionError (exit 1); a file that is not UTF-8
+    was named "cannot infer the endpoint". Both are the upload's own refusals now, before any upload
+    (the server is unreachable here)."""
+    bomb, latin1 = tmp_path / "bomb.jsonl", tmp_path / "latin1.jsonl"
+    bomb.write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    latin1.write_bytes(b"\xe9\n")
+    _assert_one_line_error(runner.invoke(app, ["submit", str(bomb), "--base-url", _dead_url()]), 2,
+                           "first line is not a JSON object")
+    _assert_one_line_error(runner.invoke(app, ["submit", str(latin1), "--base-url", _dead_url()]), 2, "UTF-8")
+    bomb.write_bytes(_chat_file(tmp_path).read_bytes().replace(b"}}\n", b', "user": ' + b"[" * 100_000
+                                                                + b"]" * 100_000 + b"}}\n", 1))
+    assert infer_endpoint(bomb) == "/v1/chat/completions"      # (the bomb on line 1 skipped: line 2 tells)
+
+
+def test_submit_bad_poll_interval_and_base_url_are_usage_errors(runner, tmp_path):
+    """A negative --poll-interval crashed after the batch was created; a URL without a scheme said
+    "ValueError: unknown url type"."""
+    path = _chat_file(tmp_path)
+    result = runner.invoke(app, ["submit", str(path), "--wait", "--poll-interval", "-1", "--base-url", _dead_url()])
+    assert result.exit_code == 2 and "--poll-interval" in result.output, result.output
+    _assert_one_line_error(runner.invoke(app, ["submit", str(path), "--base-url", "notaurl"]), 2, "http://host:port/v1")
+
+
 def test_unknown_option_is_usage_error(runner):
     result = runner.invoke(app, ["submit", "--no-such-flag"])
     assert result.exit_code == 2

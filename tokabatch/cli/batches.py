@@ -20,7 +20,7 @@ from rich.table import Column, Table
 from tokabatch.cli.client import ApiClient, resolve_connection
 from tokabatch.cli.common import EXIT_BATCH_FAILED, EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
 from tokabatch.cli.pipeline import dry_run_lines, merge_results
-from tokabatch.cli.waiting import PROGRESS_EVERY_S, exit_with, format_batch_errors, wait_for_batch
+from tokabatch.cli.waiting import PROGRESS_EVERY_S, PollOpt, exit_with, format_batch_errors, wait_for_batch
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _INFER_SCAN_LINES = 1000
@@ -42,13 +42,9 @@ def errors_path_for(out: Path) -> Path:
 
 
 def infer_endpoint(path: Path) -> str:
-    """The `url` of the input's first parseable request line (the server checks the rest). A file
-    with no request line at all is named as such (the server would refuse it the same way)."""
+    """The `url` of the input's first parseable request line (the server checks the rest). The callers
+    have checked the file as an upload is (`file_problem`: not empty, UTF-8, a JSON object first)."""
     with path.open("r", encoding="utf-8", errors="replace") as f:
-        if not any(line.strip() for line in f):
-            raise CliError(f"{path} is empty: a batch input file is JSONL, one request object per line",
-                           EXIT_USAGE)
-        f.seek(0)
         for i, raw in enumerate(f):
             if i >= _INFER_SCAN_LINES:
                 break
@@ -56,7 +52,7 @@ def infer_endpoint(path: Path) -> str:
                 continue
             try:
                 url = json.loads(raw).get("url")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):   # RecursionError: nested too deeply
                 continue
             if isinstance(url, str) and url:
                 return url
@@ -122,7 +118,7 @@ def submit(
     wait: bool = typer.Option(False, "--wait", help="Show progress until the batch ends; exit with its code."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="Download results here when done (.jsonl or .parquet); implies --wait."),
-    poll_s: float = typer.Option(1.0, "--poll-interval", help="Seconds between status checks."),
+    poll_s: float = PollOpt,
     progress_every_s: float = typer.Option(PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS",
                                            help="With --wait and no terminal: a plain progress line this often "
                                                 "(0: none)."),
@@ -134,6 +130,11 @@ def submit(
         raise CliError(f"no such file: {file}", EXIT_USAGE)
     if output is not None and output.suffix not in (".jsonl", ".parquet"):
         raise CliError(f"--output must end in .jsonl or .parquet, not {output.name!r}", EXIT_USAGE)
+    from tokabatch.service.jobs.parse import file_problem
+
+    problem = file_problem(file)                           # what the upload would be refused for, before it
+    if problem is not None:
+        raise CliError(f"{file}: {problem}", EXIT_USAGE)
     endpoint = endpoint or infer_endpoint(file)
     meta = parse_metadata(metadata)
     client = _client(base_url, api_key)

@@ -28,6 +28,10 @@ def resolve_connection(base_url: str | None, api_key: str | None) -> tuple[str, 
     """Flags win over OPENAI_BASE_URL / OPENAI_API_KEY; the default is the local server."""
     url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CliError(f"the server URL must look like http://host:port/v1, not {url!r} (--base-url or "
+                       "OPENAI_BASE_URL)", EXIT_USAGE)
     return url.rstrip("/"), key
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from tokabatch.cli.client import ApiClient
 from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
-from tokabatch.cli.waiting import PROGRESS_EVERY_S, exit_with, format_eta, wait_for_batch
+from tokabatch.cli.waiting import PROGRESS_EVERY_S, PollOpt, exit_with, format_eta, wait_for_batch
 
 ENDED_WITH_RESULTS = ("completed", "expired", "cancelled")
 
@@ -147,7 +147,7 @@ def retry(
     wait: bool = typer.Option(False, "--wait", help="Follow the retry to its end; exit with its code."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="When it ends, write the merged results "
                                           "of BATCH_ID and its retries here (.jsonl or .parquet); implies --wait."),
-    poll_s: float = typer.Option(1.0, "--poll-interval", help="Seconds between status checks."),
+    poll_s: float = PollOpt,
     progress_every_s: float = typer.Option(PROGRESS_EVERY_S, "--progress-every", metavar="SECONDS",
                                            help="With --wait and no terminal: a plain progress line this often."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="Server URL including /v1 (env OPENAI_BASE_URL)."),

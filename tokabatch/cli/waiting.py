@@ -25,6 +25,8 @@ from tokabatch.cli.common import (
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 PROGRESS_EVERY_S = 30.0              # without a terminal: a plain progress line this often
+MIN_POLL_S = 0.01                    # --poll-interval's floor (a negative one crashed after the batch was made)
+PollOpt = typer.Option(1.0, "--poll-interval", min=MIN_POLL_S, help="Seconds between status checks.")
 MAX_ERRORS_SHOWN = 3
 UNREACHABLE_GRACE_S = 60.0           # --wait keeps polling this long while the server is away
 

@@ -80,6 +80,7 @@ def test_submit_bad_metadata_and_output_are_usage_errors(runner, tmp_path):
     path = _chat_file(tmp_path)
     _assert_one_line_error(runner.invoke(app, ["submit", str(path), "--metadata", "novalue"]), 2, "key=value")
     _assert_one_line_error(runner.invoke(app, ["submit", str(path), "-o", str(tmp_path / "out.csv")]), 2, ".parquet")
+    _assert_one_line_error(runner.invoke(app, ["download", "batch_x", "-o", str(tmp_path / "out.csv")]), 2, ".parquet")
 
 
 def test_submit_cannot_infer_endpoint(runner, tmp_path):

@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from tokabatch.cli.client import ApiClient, resolve_connection
-from tokabatch.cli.common import EXIT_BATCH_FAILED, EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
+from tokabatch.cli.common import (
+    EXIT_BATCH_FAILED, EXIT_CODES_HELP, EXIT_USAGE, CliError, check_results_path, one_line_errors,
+)
 from tokabatch.cli.pipeline import dry_run_lines, merge_results
 from tokabatch.cli.waiting import PROGRESS_EVERY_S, PollOpt, exit_with, format_batch_errors, wait_for_batch
 
@@ -128,8 +130,7 @@ def submit(
     """Upload FILE, create a batch and print its id; with --wait follow it to the end (see exit codes below)."""
     if not file.is_file():
         raise CliError(f"no such file: {file}", EXIT_USAGE)
-    if output is not None and output.suffix not in (".jsonl", ".parquet"):
-        raise CliError(f"--output must end in .jsonl or .parquet, not {output.name!r}", EXIT_USAGE)
+    check_results_path(output)
     from tokabatch.service.jobs.parse import file_problem
 
     problem = file_problem(file)                           # what the upload would be refused for, before it
@@ -241,6 +242,8 @@ def download(
 ) -> None:
     """Download a batch's results, or one file's content."""
     client = _client(base_url, api_key)
+    if object_id.startswith("batch_"):
+        check_results_path(output)      # (a file's bytes go wherever they are asked to)
     if merge:
         if output is None or not object_id.startswith("batch_"):
             raise CliError("--merge takes a batch id and -o FILE (.jsonl or .parquet)", EXIT_USAGE)

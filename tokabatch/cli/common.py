@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import urllib.error
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
@@ -43,6 +44,12 @@ class CliError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+def check_results_path(output: Path | None) -> None:
+    """Results are written as JSONL or Parquet, chosen by the extension: anything else is a usage error."""
+    if output is not None and output.suffix not in (".jsonl", ".parquet"):
+        raise CliError(f"--output must end in .jsonl or .parquet, not {output.name!r}", EXIT_USAGE)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from tokabatch.cli.client import ApiClient
-from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, one_line_errors
+from tokabatch.cli.common import EXIT_CODES_HELP, EXIT_USAGE, CliError, check_results_path, one_line_errors
 from tokabatch.cli.waiting import PROGRESS_EVERY_S, PollOpt, exit_with, format_eta, wait_for_batch
 
 ENDED_WITH_RESULTS = ("completed", "expired", "cancelled")
@@ -157,8 +157,7 @@ def retry(
     lines; with --all every failed line) and print its id."""
     from tokabatch.cli.client import resolve_connection
 
-    if output is not None and output.suffix not in (".jsonl", ".parquet"):
-        raise CliError(f"--output must end in .jsonl or .parquet, not {output.name!r}", EXIT_USAGE)
+    check_results_path(output)
     client = ApiClient(*resolve_connection(base_url, api_key))
     child = client.retry_batch(batch_id, include_all=include_all)
     typer.echo(child["id"])

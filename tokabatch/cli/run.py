@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from tokabatch.cli.batches import infer_endpoint
 from tokabatch.cli.common import (
     EXIT_BATCH_FAILED, EXIT_CODES_HELP, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LINES_FAILED, EXIT_USAGE, CliError,
-    one_line_errors,
+    check_results_path, one_line_errors,
 )
 from tokabatch.cli.waiting import (
     PROGRESS_EVERY_S, ProgressLines, Rates, StatsColumn, format_batch_errors, progress_text,
@@ -60,8 +60,7 @@ def run(
     """Run every line of FILE on the model in this process (no server) and write OpenAI result lines."""
     if not file.is_file():
         raise CliError(f"no such file: {file}", EXIT_USAGE)
-    if output.suffix not in (".jsonl", ".parquet"):
-        raise CliError(f"--output must end in .jsonl or .parquet, not {output.name!r}", EXIT_USAGE)
+    check_results_path(output)
     from tokabatch import model_store
     from tokabatch.cli import run_job
     from tokabatch.config import load_config

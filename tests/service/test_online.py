@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import urllib.request
+from typing import Callable
 
 import openai
 import pytest
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from tokabatch import model_store
 from tokabatch.config import Config, ServerConfig, StorageConfig
+from tokabatch.engine.api import GenerationRequest
 from tokabatch.engine.testing import FakeEngine, FakeLoop
 from tokabatch.service.app import make_app
 from tokabatch.service.http import metrics, online
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class OnlineServer:
-    def __init__(self, data_dir, token_interval_s: float = 0.001) -> None:
+    def __init__(self, data_dir, token_interval_s: float | Callable[[GenerationRequest], float] = 0.001) -> None:
         self.config = Config(storage=StorageConfig(data_dir=str(data_dir)), server=ServerConfig(port=0))
         self.token_interval_s = token_interval_s
         self.loop = asyncio.new_event_loop()
@@ -146,9 +148,14 @@ def test_metrics_in_prometheus_text(server, client):
     assert float(generated.split()[-1]) > 0
 
 
+FIRST_TOKEN_IN_30_S = 3999
+
+
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    srv = OnlineServer(tmp_path_factory.mktemp("online-slow"), token_interval_s=0.01).start()
+    """Tokens every 10 ms; a request of max_tokens FIRST_TOKEN_IN_30_S waits 30 s for each."""
+    srv = OnlineServer(tmp_path_factory.mktemp("online-slow"), token_interval_s=lambda req: (
+        30.0 if req.sampling.max_tokens == FIRST_TOKEN_IN_30_S else 0.01)).start()
     yield srv
     srv.stop()
 
@@ -159,16 +166,18 @@ def _metric(server, prefix: str) -> float:
     return sum(float(x.split()[-1]) for x in lines if x.startswith(prefix))
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_a_client_that_leaves_aborts_its_request(slow_server, stream, caplog):
+@pytest.mark.parametrize("stream, max_tokens", [(False, 4000), (True, 4000), (True, FIRST_TOKEN_IN_30_S)],
+                         ids=["plain", "stream", "stream-before-its-first-token"])
+def test_a_client_that_leaves_aborts_its_request(slow_server, stream, max_tokens, caplog):
     """A request runs ~40 s of tokens; its client hangs up after its first bytes (a stream) or
-    0.3 s (plain). The engine must drop it within about a second, and the server log no error.
-    A plain request used to run to its end: aiohttp does not cancel a handler whose client left."""
+    0.3 s (plain, or a stream whose first token is 30 s away). The engine must drop it within about a
+    second, and the server log no error. A plain request used to run to its end: aiohttp does not
+    cancel a handler whose client left."""
     import json
     import socket
     import time
 
-    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True,
+    body = json.dumps({"model": "demo", "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True,
                        "stream": stream}).encode()
     cancelled = _metric(slow_server, 'tokabatch_online_request_duration_seconds_count{endpoint="/v1/chat/completions",'
                                      'status="cancelled"}')
@@ -179,7 +188,7 @@ def test_a_client_that_leaves_aborts_its_request(slow_server, stream, caplog):
         while slow_server.engine.loop.stats().num_running < 1:
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.05)
-        if stream:
+        if stream and max_tokens != FIRST_TOKEN_IN_30_S:
             assert b"data: " in sock.recv(4096)
         else:
             time.sleep(0.3)

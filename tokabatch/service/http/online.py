@@ -4,9 +4,9 @@ A request is validated and rendered exactly like a batch line (jobs/render.prepa
 render_response), then run with `Engine.submit`, which bypasses the batch back-pressure and runs at
 Priority.ONLINE, so an interactive call is not stuck behind a 50,000-line batch. `stream: true`
 answers with server-sent events as OpenAI sends them (`data: <chunk>\\n\\n` ..., `data: [DONE]\\n\\n`),
-chunks from jobs/render_stream. A client that disconnects aborts its engine requests: a stream finds
-out at its next write, a plain request by looking at its connection every CLIENT_CHECK_S (aiohttp
-cancels no handler when its client leaves: handler_cancellation stays off, so that no upload stops
+chunks from jobs/render_stream. A client that disconnects aborts its engine requests: a request looks
+at its connection every CLIENT_CHECK_S (and a stream finds out at its next write), since aiohttp
+cancels no handler when its client leaves (handler_cancellation stays off, so that no upload stops
 between its blob and its row).
 
 The app must hold ENGINE and TOKENIZER (set by server.py); without an engine the endpoints answer
@@ -154,10 +154,18 @@ async def _merged(engine: Engine, requests: tuple[GenerationRequest, ...]
 
 async def _stream(request: web.Request, engine: Engine, prepared: render.PreparedRequest,
                   created: int) -> tuple[web.StreamResponse, bool]:
-    """The response, and whether the client left before its end (its requests are then aborted)."""
+    """The response, and whether the client left before its end (its requests are then aborted).
+    A write to a gone client fails at once; between writes (before the first token, or a long
+    wait for the next) the connection is watched as a plain request's is."""
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
         "x-request-id": request[REQUEST_ID]})
+    answered = await _unless_client_leaves(request, _stream_to(request, response, engine, prepared, created))
+    return (response, True) if answered is None else answered
+
+
+async def _stream_to(request: web.Request, response: web.StreamResponse, engine: Engine,
+                     prepared: render.PreparedRequest, created: int) -> tuple[web.StreamResponse, bool]:
     renderer = StreamRenderer(prepared, created=created)
     outputs: list[GenerationOutput] = []
     items = _merged(engine, prepared.requests)

@@ -37,7 +37,7 @@ ENGINE = web.AppKey("engine", Engine)
 TOKENIZER = web.AppKey("tokenizer", Tokenizer)
 
 routes = web.RouteTableDef()
-CLIENT_CHECK_S = 0.5               # how often a plain (not streamed) request checks that its client is there
+CLIENT_CHECK_S = 1.0               # how often a request checks that its client is still there
 T = TypeVar("T")
 
 

@@ -99,9 +99,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0, or below GREEDY_BELOW: a draw there differs from the argmax only between
-        logits closer than ~1e-4, and far smaller temperatures are 0 or overflow in float32 (1e-320
-        drew garbage). vLLM draws the same line."""
+        """Temperature 0, or below GREEDY_BELOW: a draw there differs from the argmax only at near
+        ties, and far smaller temperatures are 0 or overflow in float32 (such a draw returned
+        garbage). vLLM draws the same line."""
         return self.temperature < GREEDY_BELOW
 
 

@@ -10,6 +10,7 @@ temporary folder and renames it into place, which is what makes the conversion a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _parse_once()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
@@ -33,6 +35,22 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _keep_chat_template(tokenizer, out_dir)
+
+
+def _parse_once() -> None:
+    """Make transformers' GGUF loader parse the file once, not three times.
+
+    It opens a new `gguf.GGUFReader` for the config, the tokenizer and the weights, and each one
+    walks every vocabulary string and merge (~440k fields for the demo model); and it builds gguf's
+    `TensorNameMap` once per tensor (397 times). Both are pure functions of their arguments and
+    transformers only reads what they return, so in this one-shot process they are memoised. The
+    demo model converted in 23 s before, ~11 s after (docs/benchmarks.md, "The demo model's first
+    fetch"). transformers imports both from `gguf` at each call, which is what the patch relies on;
+    were that to change, conversion would still be right, only slower."""
+    import gguf
+
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
 
 
 def _keep_chat_template(tokenizer, out_dir: Path) -> None:

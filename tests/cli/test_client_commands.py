@@ -105,3 +105,40 @@ def test_api_key_is_sent(tmp_path):
         assert ok.exit_code == 0, ok.output
     finally:
         live.stop()
+
+
+def test_an_upload_streams_the_file_and_arrives_byte_for_byte(server, tmp_path, monkeypatch):
+    """`submit` sends its file a chunk at a time (no whole-file read: a 150 MB input is not held in
+    the client's memory) and the server stores exactly those bytes."""
+    from tokabatch.cli import client as client_module
+
+    line = json.dumps({"custom_id": "r", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "demo", "messages": [{"role": "user", "content": "x" * 1000}]}})
+    src = tmp_path / "big.jsonl"
+    src.write_text("".join(line.replace('"r"', f'"r{i}"') + "\n" for i in range(3000)))   # ~3 MB: 3+ chunks
+    reads: list[int] = []
+    real_body = client_module._multipart_body
+
+    def counting_body(head, f, size, tail):
+        for part in real_body(head, f, size, tail):
+            reads.append(len(part))
+            yield part
+
+    monkeypatch.setattr(client_module, "_multipart_body", counting_body)
+    assert cli(server, "submit", str(src)).exit_code == 0
+    assert len(reads) >= 5 and max(reads) <= client_module._CHUNK_BYTES
+    file_id = json.loads(cli(server, "files", "list", "--json").stdout)[0]["id"]
+    got = tmp_path / "copy.jsonl"
+    assert cli(server, "download", file_id, "-o", str(got)).exit_code == 0
+    assert got.read_bytes() == src.read_bytes()
+
+
+def test_a_file_that_shrinks_mid_upload_is_one_error_line():
+    import io
+
+    from tokabatch.cli.client import _multipart_body
+    from tokabatch.cli.common import CliError
+
+    with pytest.raises(CliError, match="shrank while it was being uploaded"):
+        list(_multipart_body(b"head", io.BytesIO(b"12345"), 10, b"tail"))
+    assert b"".join(_multipart_body(b"h", io.BytesIO(b"12345"), 5, b"t")) == b"h12345t"

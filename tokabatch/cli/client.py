@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from tokabatch.cli.common import EXIT_ERROR, EXIT_USAGE, CliError
 
@@ -42,14 +42,17 @@ class ApiClient:
     timeout_s: float = 60.0
 
     # -- transport ---------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, body: bytes | None = None,
-                 content_type: str | None = None, query: dict[str, Any] | None = None):
+    def _request(self, method: str, path: str, *, body: bytes | Iterable[bytes] | None = None,
+                 content_type: str | None = None, content_length: int | None = None,
+                 query: dict[str, Any] | None = None):
         url = self.base_url + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
+        if content_length is not None:                 # a streamed body: urllib sends it as it comes
+            headers["Content-Length"] = str(content_length)
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=self.timeout_s)
@@ -79,10 +82,12 @@ class ApiClient:
                 f"filename=\"{path.name.replace(chr(34), '_')}\"\r\n"
                 "Content-Type: application/octet-stream\r\n\r\n").encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
-        body = head + path.read_bytes() + tail
-        with self._request("POST", "/files", body=body,
-                           content_type=f"multipart/form-data; boundary={boundary}") as resp:
-            return json.loads(resp.read())
+        size = path.stat().st_size
+        with path.open("rb") as f:                     # streamed: a 150 MB file is not held in memory
+            with self._request("POST", "/files", body=_multipart_body(head, f, size, tail),
+                               content_type=f"multipart/form-data; boundary={boundary}",
+                               content_length=len(head) + size + len(tail)) as resp:
+                return json.loads(resp.read())
 
     def list_files(self, purpose: str | None = None) -> list[dict]:
         return self._paginate("/files", {"purpose": purpose, "limit": 10000})
@@ -159,6 +164,19 @@ class ApiClient:
 
 def _q(object_id: str) -> str:
     return urllib.parse.quote(object_id, safe="")
+
+
+def _multipart_body(head: bytes, f: BinaryIO, size: int, tail: bytes) -> Iterator[bytes]:
+    """The upload's body a chunk at a time: exactly `size` bytes of `f` (its size when the upload
+    began, which the Content-Length promised) between the form's head and tail."""
+    yield head
+    left = size
+    while left > 0 and (chunk := f.read(min(_CHUNK_BYTES, left))):
+        left -= len(chunk)
+        yield chunk
+    if left:
+        raise CliError(f"{getattr(f, 'name', 'the file')} shrank while it was being uploaded", EXIT_ERROR)
+    yield tail
 
 
 def _http_error(e: urllib.error.HTTPError, method: str, path: str) -> CliError:

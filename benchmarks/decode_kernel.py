@@ -1,7 +1,7 @@
 """flashinfer's decode kernels on one paged KV cache: the CUDA-core kernel, the tensor-core variant
 (`use_tensor_cores=True`, a prefill-style kernel that serves a whole GQA group per tile), and on
 SM90 and later TensorRT-LLM's XQA kernel as flashinfer ships it (`xqa_batch_decode_with_kv_cache`:
-no plan, a dense page table per row; a candidate for the engine's decode where it reads KV faster).
+no plan, a dense page table per row; measured against the engine's kernel in docs/benchmarks.md, stop 46).
 
 On the GPU machine (after the wheel prelude of ../shared/gpu/README.md):
 

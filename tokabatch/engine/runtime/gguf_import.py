@@ -43,10 +43,10 @@ def _parse_once() -> None:
     It opens a new `gguf.GGUFReader` for the config, the tokenizer and the weights, and each one
     walks every vocabulary string and merge (~440k fields for the demo model); and it builds gguf's
     `TensorNameMap` once per tensor (397 times). Both are pure functions of their arguments and
-    transformers only reads what they return, so in this one-shot process they are memoised. The
-    demo model converted in 22.6 s before, 11.5 s after (docs/benchmarks.md, "The demo model's first
-    fetch"). transformers imports both from `gguf` at each call, which is what the patch relies on;
-    were that to change, conversion would still be right, only slower."""
+    transformers only reads what they return, so in this one-shot process they are memoised (the
+    time saved: docs/benchmarks.md, "The demo model's first fetch"). transformers imports both from
+    `gguf` at each call, which is what the patch relies on; were that to change, conversion would
+    still be right, only slower."""
     import gguf
 
     gguf.GGUFReader = functools.lru_cache(maxsize=None)(gguf.GGUFReader)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.engine.runtime.conftest import DEVICES, LLAMA3_ROPE, PagedDriver, hf_logits
-from tokabatch.engine.runtime.attention import attention_with_lse, merge_attention
+from tests.subprocess_util import run_python
+from tokabatch.engine.runtime.attention import attention, attention_with_lse, merge_attention
 from tokabatch.engine.runtime.kv_cache import KVCache, choose_num_pages, kv_bytes_per_token
 from tokabatch.engine.runtime.weights import load_model
 from tokabatch.errors import ModelLoadError
@@ -211,6 +212,21 @@ def test_kv_cache_sizing(hf_checkpoint):
     assert choose_num_pages(spec, 16, kv_cache_tokens=33) == 3
     cache = KVCache(spec, num_pages=5, page_size=16)
     assert cache.k[1].shape == (5, 16, 2, 16) and cache.flat(0)[0].shape == (80, 2, 16)
+    assert cache.k[0].dtype == torch.float32 and not cache.k[0].any() and not cache.v[1].any()   # starts zeroed
+    half = KVCache(spec, num_pages=3, page_size=16, dtype=torch.bfloat16)
+    assert half.v[0].dtype == torch.bfloat16 and half.v[0].shape == (3, 16, 2, 16) and not half.v[0].any()
+
+
+def test_loading_a_model_imports_no_compiler_machinery(hf_checkpoint):
+    # A meta-device build's random init and to_empty import torch._dynamo and sympy (seconds of every
+    # engine's start-up); the loader avoids both.
+    _, folder = hf_checkpoint("llama")
+    found = run_python(
+        "import sys\n"
+        "from tokabatch.engine.runtime.weights import load_model\n"
+        f"load_model({str(folder)!r}, dtype='float32', device='cpu')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    assert found.strip() == "[]"
 
 
 @pytest.mark.parametrize("split", [1, 17, 36])
@@ -224,6 +240,17 @@ def test_merge_attention_equals_full(split):
     merged, merged_lse = merge_attention(out_a, lse_a, out_b, lse_b)
     assert (merged - full).abs().max().item() < 1e-5
     assert (merged_lse - full_lse).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4)])
+def test_attention_without_lse_equals_the_reference(heads, kv_heads):
+    torch.manual_seed(heads + kv_heads)
+    q, k, v = torch.randn(3, 5, heads, 8), torch.randn(3, 11, kv_heads, 8), torch.randn(3, 11, kv_heads, 8)
+    mask = torch.rand(3, 5, 11) < 0.6
+    mask[..., 0] = True                  # every query may attend to something
+    expected, _ = attention_with_lse(q, k, v, mask)
+    assert (attention(q, k, v, mask) - expected).abs().max().item() < 1e-5
+    assert attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).dtype == torch.bfloat16
 
 
 def test_attention_matches_sdpa_and_empty_rows():

@@ -169,7 +169,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        # Given its weight, the embedding skips its random init: under weights.build_on_meta that init
+        # (normal_ on the meta device) imports torch._dynamo, seconds of every engine's start-up.
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size,
+                                  _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.rotary = RotaryEmbedding(args.rope)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -244,8 +247,8 @@ class LlamaForCausalLM(nn.Module):
         return self.args.tie_word_embeddings and hf_name == "lm_head.weight"
 
     def post_materialize(self, device: torch.device) -> None:
-        """After a meta-device build was given storage (`to_empty`): recompute the non-persistent
-        rotary buffer and re-tie the LM head (to_empty replaces parameters one by one, untying them)."""
+        """After a meta-device build was given storage (weights._give_storage): recompute the non-persistent
+        rotary buffer and re-tie the LM head (storage is given parameter by parameter, untying them)."""
         self.rotary.init_buffers(device)
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight

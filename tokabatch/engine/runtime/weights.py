@@ -94,9 +94,24 @@ def build_on_meta(config: dict[str, Any], dtype: torch.dtype, device: torch.devi
     cls = model_class(config)
     with torch.device("meta"):
         model = cls.from_config(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    _give_storage(model, device)
     model.post_materialize(device)       # rotary buffer, tied LM head
     return model
+
+
+def _give_storage(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device=device)` for a meta-device build, with plain `torch.empty` per tensor:
+    to_empty's `empty_like` on meta tensors imports torch's symbolic-shape machinery (sympy, ~500
+    modules) on the engine's start-up path. Like to_empty, it unties shared parameters."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._parameters[name] = nn.Parameter(fresh, requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
 
 
 def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:

@@ -51,10 +51,12 @@ def reference_distribution(logits: list[float], p: SamplingParams) -> list[float
 
 
 def empirical_distribution(params: SamplingParams, device: str, num: int = 40_000,
-                           logits: list[float] = LOGITS8) -> list[float]:
+                           logits: list[float] = LOGITS8, seeded: bool = False) -> list[float]:
+    """Token frequencies of `num` rows drawn in one step; `seeded`: each row with a seed of its own
+    (inverse CDF from its stream) instead of the shared generator (the exponential race)."""
     sampler = make_sampler(vocab=len(logits), device=device)
     for seq in range(num):
-        sampler.register(seq, params, [])
+        sampler.register(seq, replace(params, seed=seq) if seeded else params, [])
     tokens = sampler.sample(list(range(num)), torch.tensor([logits] * num, device=device))
     counts = torch.bincount(torch.tensor([t.token_id for t in tokens]), minlength=len(logits))
     return (counts.double() / num).tolist()
@@ -72,8 +74,22 @@ def empirical_distribution(params: SamplingParams, device: str, num: int = 40_00
 ], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
 @on_devices
 def test_distribution_matches_the_filtered_reference(params, device):
+    check_distribution(params, device, seeded=False)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
+], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+@on_devices
+def test_seeded_rows_draw_from_the_filtered_reference(params, device):
+    check_distribution(params, device, seeded=True)
+
+
+def check_distribution(params: SamplingParams, device: str, seeded: bool) -> None:
     expected = reference_distribution(LOGITS8, params)
-    observed = empirical_distribution(params, device)
+    observed = empirical_distribution(params, device, seeded=seeded)
     assert max(abs(o - e) for o, e in zip(observed, expected)) < 0.01, (observed, expected)
     for token, e in enumerate(expected):
         if e == 0.0:
@@ -94,6 +110,26 @@ def test_draw_from_logits_is_draw_from_noise_on_the_softmax():
     scalar = ops.draw_from_logits(logits, 0.7, noise.clone())
     assert torch.equal(scalar, ops.draw_from_logits(logits, same, noise.clone()))
     assert (expected != logits.argmax(dim=-1)).sum() > 50     # the noise matters: many rows are not the argmax
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 6)
+    numbers = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0 - 2.0 ** -24, 1.0])   # 1.0 stands for a rounded-up number
+    assert ops.draw_by_inverse_cdf(probs, numbers).tolist() == [1, 1, 3, 3, 3, 3]
+    # Where the most likely token stands alone at the front and every later token is filtered.
+    one = torch.tensor([[1.0, 0.0, 0.0]])
+    assert ops.draw_by_inverse_cdf(one, torch.tensor([0.999999])).tolist() == [0]
+
+
+def test_seeded_streams_differ_by_seed_and_choice_and_reproduce():
+    def draws(seed: int, choice: int) -> list[int]:
+        sampler = make_sampler(vocab=len(LOGITS8))
+        sampler.register(0, SamplingParams(seed=seed), [], choice_index=choice)
+        logits = torch.tensor([LOGITS8])
+        return [sampler.sample([0], logits)[0].token_id for _ in range(40)]
+
+    assert draws(7, 0) == draws(7, 0) and draws(7, 1) == draws(7, 1)
+    assert len({tuple(draws(7, 0)), tuple(draws(7, 1)), tuple(draws(8, 0))}) == 3
 
 
 def test_reference_filters_actually_filter():

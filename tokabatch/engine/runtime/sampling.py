@@ -21,10 +21,13 @@ logit_bias, penalties, temperature and filters. This is what lm-eval's loglikeli
 ignore_eos is not this module's business beyond step 3: whether EOS ends a sequence is the engine
 loop's stop check.
 
-Seeds: a sequence whose params carry a seed gets its own generator, on the sampler's device,
-seeded once at `register` and advanced only by its own draws (one Exp(1) vector per sampled,
-non-greedy step), so its tokens do not depend on its batch neighbours or its row position.
-Unseeded rows share one generator.
+Seeds: a sequence whose params carry a seed draws its tokens by inverse CDF, each from one
+uniform number of its own stream: the k-th number of a sequence is splitmix64 of its choice seed
+and k (`_SeqState.next_uniform`, one per sampled, non-greedy step), so its tokens depend on
+nothing but its seed, its choice index and its logits: not on its batch neighbours, its row
+position or the device. Unseeded rows share one torch generator (Exp(1) noise, the exponential
+race). One number per seeded row, where the race needs a vector of the vocabulary's size from a
+generator per row (docs/benchmarks.md, "Seeded rows by inverse CDF").
 """
 
 from __future__ import annotations
@@ -47,32 +50,46 @@ Draw = Callable[[Tensor, "Tensor | float", torch.Generator], Tensor]   # (logits
 
 
 def choice_seed(seed: int, choice_index: int) -> int:
-    """The generator seed of choice `choice_index` of a request seeded with `seed` (a uint64).
+    """The seed of choice `choice_index` of a request seeded with `seed` (a uint64).
 
     Choice 0 uses the seed itself; the others mix in their index (splitmix64) so the n choices of
     one seeded request differ from each other yet reproduce run after run.
     """
     if choice_index == 0:
         return seed & _MASK64
-    z = (seed + 0x9E3779B97F4A7C15 * choice_index) & _MASK64
+    return _mix64(seed + 0x9E3779B97F4A7C15 * choice_index)
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a uint64 whose bits each depend on every bit of `z` (mod 2**64)."""
+    z &= _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
 
 
+_STREAM_STEP = 0xD1B54A32D192ED03        # odd; not choice_seed's constant, so streams and seeds stay apart
+
+
 @dataclass(slots=True)
 class _SeqState:
     params: SamplingParams
-    generator: torch.Generator | None
+    stream: int | None                   # a seeded row's stream key (from choice_seed); None: the shared generator
     prompt_ids: Tensor | None            # [n] long on the device, unique; only with repetition_penalty
     bias_ids: Tensor | None              # [m] long on the device
     bias_values: Tensor | None           # [m] float32 on the device
     blocked_ids: tuple[int, ...]         # masked while fewer than min_tokens outputs exist
     matcher: Any = None                  # the grammar's llguidance matcher (grammar.py), None: unconstrained
     output_ids: list[int] = field(default_factory=list)
+    draws: int = 0                       # how many numbers of its stream a seeded row has drawn
     # "greedy" / "draw" (shared generator, no top_k/top_p/min_p) when the raw logits are always what
     # is sampled and no logprobs are asked for; "" otherwise. Set at registration (never changes).
     fast_kind: str = ""
+
+    def next_uniform(self) -> float:
+        """The next number in [0, 1) of a seeded row's stream (53 random bits)."""
+        self.draws += 1
+        return (_mix64(self.stream + _STREAM_STEP * self.draws) >> 11) * 2.0 ** -53
 
     @property
     def penalized(self) -> bool:
@@ -175,10 +192,7 @@ class Sampler:
         except ValueError as exc:
             param, message = exc.args if len(exc.args) == 2 else (None, str(exc))
             raise InvalidRequest(message, param=param) from exc
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(choice_seed(params.seed, choice_index))
+        stream = None if params.seed is None else _mix64(choice_seed(params.seed, choice_index))
         prompt = None
         if params.repetition_penalty != 1.0:
             prompt = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long).to(self.device)
@@ -187,7 +201,7 @@ class Sampler:
             bias_ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long).to(self.device)
             bias_values = torch.tensor([b for _, b in params.logit_bias], dtype=torch.float32).to(self.device)
         blocked = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        state = _SeqState(params, generator, prompt, bias_ids, bias_values,
+        state = _SeqState(params, stream, prompt, bias_ids, bias_values,
                           tuple(sorted(set(blocked))) if params.min_tokens > 0 else ())
         if params.grammar is not None:
             if self.grammars is None:
@@ -196,7 +210,7 @@ class Sampler:
         if state.unadjusted and not state.blocked_ids and params.logprobs is None:
             if params.greedy:
                 state.fast_kind = "greedy"
-            elif generator is None and not self._filtered(params):
+            elif stream is None and not self._filtered(params):
                 state.fast_kind = "draw"
         self._states[seq_id] = state
 
@@ -452,7 +466,7 @@ class Sampler:
         if drawn:
             drawn_states = [states[i] for i in drawn]
             probs = self._filtered_probs(x[drawn], [s.params for s in drawn_states])
-            tokens[drawn] = ops.draw_from_noise(probs, self._noise(drawn_states))
+            tokens[drawn] = self._draw_rows(probs, drawn_states)
         return tokens
 
     def _choose_unadjusted(self, logits: Tensor, states: list[_SeqState], fast_kind: str = "") -> Tensor:
@@ -461,7 +475,7 @@ class Sampler:
         every row's _SeqState.fast_kind, when they agree (skips the per-row checks)."""
         if fast_kind == "greedy" or (not fast_kind and all(s.params.greedy for s in states)):
             return torch.argmax(logits, dim=-1)       # bf16 -> float32 is exact: same argmax, same ties
-        if fast_kind == "draw" or all(not s.params.greedy and s.generator is None for s in states):
+        if fast_kind == "draw" or all(not s.params.greedy and s.stream is None for s in states):
             params = [s.params for s in states]
             if fast_kind == "draw" or not any(self._filtered(p) for p in params):
                 temperatures = {p.temperature for p in params}
@@ -491,18 +505,22 @@ class Sampler:
             x = ops.filter_min_p(x, self._float([p.min_p for p in params]))
         return torch.softmax(x, dim=-1)
 
-    def _noise(self, states: list[_SeqState]) -> Tensor:
-        """[rows, vocab] Exp(1) noise: a seeded row from its own generator, the rest from the shared one."""
-        noise = torch.empty((len(states), self.vocab_size), dtype=torch.float32, device=self.device)
-        shared = [i for i, s in enumerate(states) if s.generator is None]
-        if shared:
-            noise[shared] = torch.empty((len(shared), self.vocab_size), device=self.device).exponential_(
-                generator=self._shared)
-        for i, state in enumerate(states):
-            if state.generator is not None:
-                # A fresh 1-D tensor: the draw depends on nothing but this sequence's generator.
-                noise[i] = torch.empty(self.vocab_size, device=self.device).exponential_(generator=state.generator)
-        return noise
+    def _draw_rows(self, probs: Tensor, states: list[_SeqState]) -> Tensor:
+        """[rows] long, a draw from each row of `probs`: a seeded row by inverse CDF from its stream's
+        next number, the others by the exponential race with the shared generator's noise."""
+        seeded = [i for i, s in enumerate(states) if s.stream is not None]
+        if not seeded:
+            return ops.draw_from_noise(probs, torch.empty_like(probs).exponential_(generator=self._shared))
+        numbers = self._float([states[i].next_uniform() for i in seeded])
+        if len(seeded) == len(states):
+            return ops.draw_by_inverse_cdf(probs, numbers)
+        tokens = torch.empty(len(states), dtype=torch.long, device=probs.device)
+        tokens[seeded] = ops.draw_by_inverse_cdf(probs[seeded], numbers)
+        shared = [i for i, s in enumerate(states) if s.stream is None]
+        shared_probs = probs[shared]
+        noise = torch.empty_like(shared_probs).exponential_(generator=self._shared)
+        tokens[shared] = ops.draw_from_noise(shared_probs, noise)
+        return tokens
 
     def _token_logprobs(self, raw: Tensor, tokens: Tensor, states: list[_SeqState]) -> list[TokenLogprob | None]:
         wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]

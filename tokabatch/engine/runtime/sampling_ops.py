@@ -86,6 +86,21 @@ def draw_from_noise(probs: Tensor, noise: Tensor) -> Tensor:
     return torch.argmax(probs / noise, dim=-1)
 
 
+def draw_by_inverse_cdf(probs: Tensor, numbers: Tensor) -> Tensor:
+    """One token per row: the first whose cumulative probability exceeds number * (the row's sum).
+
+    probs [rows, vocab] float32 (filtered tokens exactly 0), numbers [rows] float32 uniform in
+    [0, 1). Returns [rows] long. A zero-probability token adds nothing to the running sum, so it
+    can only be hit by rounding (a number that rounds up to the row's whole sum, or a parallel
+    scan's sums out of order on a GPU); such a row takes its most likely token instead.
+    """
+    cdf = probs.cumsum(dim=-1)
+    target = (numbers * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[1] - 1)
+    hit = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return torch.where(hit > 0, tokens, torch.argmax(probs, dim=-1))
+
+
 def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, noise: Tensor) -> Tensor:
     """One token per row from softmax(logits * inv_temperature), without computing the softmax.
 

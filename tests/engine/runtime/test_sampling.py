@@ -96,22 +96,6 @@ def check_distribution(params: SamplingParams, device: str, seeded: bool) -> Non
             assert observed[token] == 0.0, f"filtered token {token} was sampled"
 
 
-def test_draw_from_logits_is_draw_from_noise_on_the_softmax():
-    # The same exponential noise picks the same token through the log-space Gumbel-max form (float64:
-    # a disagreement would need two scores within rounding of each other).
-    gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(256, 50, generator=gen, dtype=torch.float64) * 3
-    inv_t = torch.rand(256, generator=gen, dtype=torch.float64) * 2 + 0.2
-    noise = torch.empty(256, 50, dtype=torch.float64).exponential_(generator=gen)
-    expected = ops.draw_from_noise(torch.softmax(logits * inv_t.unsqueeze(1), dim=-1), noise.clone())
-    assert torch.equal(ops.draw_from_logits(logits, inv_t, noise.clone()), expected)
-    # One temperature for every row: the scalar form picks the same tokens as the per-row one.
-    same = torch.full((256,), 0.7, dtype=torch.float64)
-    scalar = ops.draw_from_logits(logits, 0.7, noise.clone())
-    assert torch.equal(scalar, ops.draw_from_logits(logits, same, noise.clone()))
-    assert (expected != logits.argmax(dim=-1)).sum() > 50     # the noise matters: many rows are not the argmax
-
-
 def test_inverse_cdf_never_draws_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 6)
     numbers = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0 - 2.0 ** -24, 1.0])   # 1.0 stands for a rounded-up number

@@ -58,9 +58,9 @@ class FlashInferLayerKernels(LayerKernels):
 
 
 def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator: torch.Generator) -> Tensor:
-    """One token per row from softmax(logits * inv_temperature): sampling_ops.draw_from_logits in
-    two passes instead of four (the temperature's multiply into float32, then flashinfer's fused
-    Gumbel-max draw reading each row once). inv_temperature: [rows] float32 or one float; the random
+    """One token per row from softmax(logits * inv_temperature): the sampler's torch draw in two
+    passes (the temperature's multiply into float32, then flashinfer's fused Gumbel-max draw
+    reading each row once). inv_temperature: [rows] float32 or one float; the random
     numbers come from `generator` (its Philox offset advances as torch's own draws advance it).
     Returns [rows] int32."""
     scaled = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)

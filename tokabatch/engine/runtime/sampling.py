@@ -25,9 +25,11 @@ Seeds: a sequence whose params carry a seed draws its tokens by inverse CDF, eac
 uniform number of its own stream: the k-th number of a sequence is splitmix64 of its choice seed
 and k (`_SeqState.next_uniform`, one per sampled, non-greedy step), so its tokens depend on
 nothing but its seed, its choice index and its logits: not on its batch neighbours, its row
-position or the device. Unseeded rows share one torch generator (Exp(1) noise, the exponential
-race). One number per seeded row, where the race needs a vector of the vocabulary's size from a
-generator per row (docs/benchmarks.md, "Seeded rows by inverse CDF").
+position or the device. Unseeded rows take theirs from one torch generator that they share.
+Every draw is one number per row, where an exponential race (the Gumbel-max trick) would need a
+vector of the vocabulary's size per row, and on a CPU took several times the whole step's
+sampling (docs/benchmarks.md, "Draws by inverse CDF"). On a GPU the unfiltered rows take a fused
+draw (`draw`: triton_draw.py, else flashinfer's), the rest the torch ops here.
 """
 
 from __future__ import annotations
@@ -145,9 +147,10 @@ class Sampler:
 
     def __init__(self, vocab_size: int, device: torch.device | str, eos_token_ids: tuple[int, ...],
                  *, seed: int | None = None, draw: Draw | None = None) -> None:
-        """`seed` seeds the generator shared by unseeded rows (None: from the OS). `draw` replaces
-        sampling_ops.draw_from_logits for the rows that draw from the raw logits with the shared
-        generator: (logits, inv_temperature, generator) -> tokens (flashinfer_kernels.draw_from_logits)."""
+        """`seed` seeds the generator shared by unseeded rows (None: from the OS). `draw` replaces the
+        torch draw (softmax, then sampling_ops.draw_by_inverse_cdf) for the rows that draw from the raw
+        logits with the shared generator: (logits, inv_temperature, generator) -> tokens
+        (triton_draw.draw_from_logits, flashinfer_kernels.draw_from_logits)."""
         self.vocab_size = vocab_size
         self._draw = draw
         self.device = torch.device(device)
@@ -483,11 +486,9 @@ class Sampler:
                     self._float([1.0 / p.temperature for p in params])
                 if self._draw is not None:
                     return self._draw(logits, inv_t, self._shared)
-                noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-                return ops.draw_from_logits(logits, inv_t, noise.exponential_(generator=self._shared))
-            probs = self._filtered_probs(logits.float(), params)
-            noise = torch.empty_like(probs).exponential_(generator=self._shared)
-            return ops.draw_from_noise(probs, noise)
+                scaled = logits.float() * (inv_t.unsqueeze(1) if isinstance(inv_t, Tensor) else inv_t)
+                return self._draw_rows(torch.softmax(scaled, dim=-1), states)
+            return self._draw_rows(self._filtered_probs(logits.float(), params), states)
         return self._choose(logits.float(), states)
 
     def _filtered(self, p: SamplingParams) -> bool:
@@ -506,21 +507,15 @@ class Sampler:
         return torch.softmax(x, dim=-1)
 
     def _draw_rows(self, probs: Tensor, states: list[_SeqState]) -> Tensor:
-        """[rows] long, a draw from each row of `probs`: a seeded row by inverse CDF from its stream's
-        next number, the others by the exponential race with the shared generator's noise."""
+        """[rows] long, a draw from each row of `probs` by inverse CDF, with one number per row: a
+        seeded row's from its stream, the others' from the shared generator."""
         seeded = [i for i, s in enumerate(states) if s.stream is not None]
-        if not seeded:
-            return ops.draw_from_noise(probs, torch.empty_like(probs).exponential_(generator=self._shared))
-        numbers = self._float([states[i].next_uniform() for i in seeded])
         if len(seeded) == len(states):
-            return ops.draw_by_inverse_cdf(probs, numbers)
-        tokens = torch.empty(len(states), dtype=torch.long, device=probs.device)
-        tokens[seeded] = ops.draw_by_inverse_cdf(probs[seeded], numbers)
-        shared = [i for i, s in enumerate(states) if s.stream is None]
-        shared_probs = probs[shared]
-        noise = torch.empty_like(shared_probs).exponential_(generator=self._shared)
-        tokens[shared] = ops.draw_from_noise(shared_probs, noise)
-        return tokens
+            return ops.draw_by_inverse_cdf(probs, self._float([s.next_uniform() for s in states]))
+        numbers = torch.rand(len(states), generator=self._shared, device=self.device)
+        if seeded:
+            numbers[seeded] = self._float([states[i].next_uniform() for i in seeded])
+        return ops.draw_by_inverse_cdf(probs, numbers)
 
     def _token_logprobs(self, raw: Tensor, tokens: Tensor, states: list[_SeqState]) -> list[TokenLogprob | None]:
         wanted = [i for i, s in enumerate(states) if s.params.logprobs is not None]

@@ -1,4 +1,4 @@
-"""Batched tensor operations behind the sampler: penalties, filters, noise-driven draws, logprobs.
+"""Batched tensor operations behind the sampler: penalties, filters, the inverse-CDF draw, logprobs.
 
 Pure functions over [rows, vocab] tensors with per-row parameters as 1-D tensors, so one call
 serves a whole batch on CPU or CUDA with no Python loop over the vocabulary. Every operation is
@@ -75,17 +75,6 @@ def filter_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def draw_from_noise(probs: Tensor, noise: Tensor) -> Tensor:
-    """One token per row: argmax(probs / noise) with noise ~ Exp(1) is a draw from `probs`.
-
-    probs, noise: [rows, vocab] float32. Returns [rows] long. (For independent exponentials E_i,
-    P(argmax p_i / E_i = j) = p_j, the exponential-race form of the Gumbel-max trick.) Noise is
-    clamped away from zero so a filtered token (p = 0) can never win through 0 / 0.
-    """
-    noise = noise.clamp_min(torch.finfo(noise.dtype).tiny)
-    return torch.argmax(probs / noise, dim=-1)
-
-
 def draw_by_inverse_cdf(probs: Tensor, numbers: Tensor) -> Tensor:
     """One token per row: the first whose cumulative probability exceeds number * (the row's sum).
 
@@ -99,26 +88,6 @@ def draw_by_inverse_cdf(probs: Tensor, numbers: Tensor) -> Tensor:
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[1] - 1)
     hit = probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     return torch.where(hit > 0, tokens, torch.argmax(probs, dim=-1))
-
-
-def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, noise: Tensor) -> Tensor:
-    """One token per row from softmax(logits * inv_temperature), without computing the softmax.
-
-    logits [rows, vocab] (any float dtype), inv_temperature [rows] float32 or one float for every
-    row (then the multiply-add is a contiguous kernel, not a slower broadcast one), noise [rows,
-    vocab] float32 ~ Exp(1),
-    overwritten. Returns [rows] long. The Gumbel-max trick in log space: -log E is
-    a standard Gumbel draw, and log(p_i / E_i) = x_i / T - log Z - log E_i, so
-    argmin(log E_i - x_i / T) is draw_from_noise's argmax(p_i / E_i) for the same noise. Three
-    passes over [rows, vocab] (log, fused multiply-add, argmin) where temperature, softmax, clamp,
-    divide and argmax take six; for unfiltered rows only (a filtered token needs p = 0).
-    """
-    score = noise.log_()
-    if isinstance(inv_temperature, Tensor):
-        score.addcmul_(logits, inv_temperature.unsqueeze(1), value=-1.0)
-    else:
-        score.add_(logits, alpha=-inv_temperature)
-    return torch.argmin(score, dim=-1)
 
 
 def logprobs_with_top(logprobs: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -89,9 +89,10 @@ def _launch_args(logits: Tensor, inv_temperature: Tensor | float) -> tuple[Tenso
 
 def draw_from_logits(logits: Tensor, inv_temperature: Tensor | float, generator: torch.Generator,
                      lanes: int = LANES) -> Tensor:
-    """One token per row from softmax(logits * inv_temperature), the meaning of
-    sampling_ops.draw_from_logits. inv_temperature: [rows] or one float (> 0); logits [rows, vocab]
-    in any float dtype on the generator's device. Returns [rows] int32. lanes: a power of two."""
+    """One token per row from softmax(logits * inv_temperature), the meaning of the sampler's torch
+    draw (a softmax, then sampling_ops.draw_by_inverse_cdf) in one pass. inv_temperature: [rows] or
+    one float (> 0); logits [rows, vocab] in any float dtype on the generator's device. Returns
+    [rows] int32. lanes: a power of two."""
     logits, out, inv_t, per_row = _launch_args(logits, inv_temperature)
     rows, vocab = logits.shape
     if rows == 0:

@@ -42,6 +42,13 @@ def test_step_overhead_digest_is_repeatable():
     assert all(digests) and digests[0].group(1) == digests[1].group(1)
 
 
+@pytest.mark.timeout(150)
+def test_sampler_rows_times_every_kind_of_row():
+    out = _run("-m", "benchmarks.sampler_rows", "--rows", "8", "--vocab", "300", "--steps", "2")
+    medians = dict(re.findall(r"^(\w+)\s+median\s+([\d.]+) ms/step", out, re.MULTILINE))
+    assert set(medians) == {"shared", "top_p", "seeded", "greedy"} and all(float(v) > 0 for v in medians.values()), out
+
+
 def test_kernel_cache_round_trip(tmp_path):
     home, site = tmp_path / "home", tmp_path / "site"
     jit = home / ".cache" / "flashinfer" / "0.6" / "90a" / "cached_ops"

@@ -62,7 +62,7 @@ def empirical_distribution(params: SamplingParams, device: str, num: int = 40_00
     return (counts.double() / num).tolist()
 
 
-@pytest.mark.parametrize("params", [
+FILTERS = [
     SamplingParams(),
     SamplingParams(temperature=0.5),
     SamplingParams(temperature=1.7),
@@ -71,17 +71,20 @@ def empirical_distribution(params: SamplingParams, device: str, num: int = 40_00
     SamplingParams(top_p=0.3),                    # below the top token's probability: only it is kept
     SamplingParams(min_p=0.2),
     SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
-], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+]
+
+
+def filters_id(p: SamplingParams) -> str:
+    return f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}"
+
+
+@pytest.mark.parametrize("params", FILTERS, ids=filters_id)
 @on_devices
 def test_distribution_matches_the_filtered_reference(params, device):
     check_distribution(params, device, seeded=False)
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(),
-    SamplingParams(temperature=0.5),
-    SamplingParams(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
-], ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+@pytest.mark.parametrize("params", [FILTERS[0], FILTERS[1], FILTERS[-1]], ids=filters_id)   # 40,000 rows each
 @on_devices
 def test_seeded_rows_draw_from_the_filtered_reference(params, device):
     check_distribution(params, device, seeded=True)

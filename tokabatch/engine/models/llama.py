@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         # Given its weight, the embedding skips its random init: under weights.build_on_meta that init
-        # (normal_ on the meta device) imports torch._dynamo, seconds of every engine's start-up.
+        # (normal_ on the meta device) imports torch._dynamo, a slow import on every engine's start-up.
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size,
                                   _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.rotary = RotaryEmbedding(args.rope)

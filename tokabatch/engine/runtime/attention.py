@@ -63,8 +63,8 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = No
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """attention_with_lse's output without the log-sum-exp, through torch's fused CPU/GPU kernel
-    (scaled_dot_product_attention, grouped heads without copies; several times the einsums' speed
-    on a CPU): for the eager paths that merge nothing. In float32 as the reference is, whatever the
+    (scaled_dot_product_attention, grouped heads without copies; faster than the einsums on a CPU,
+    docs/benchmarks.md): for the eager paths that merge nothing. In float32 as the reference is, whatever the
     cache's dtype. q: [B, Lq, heads, dim]; k, v: [B, Lk, kv_heads, dim]; mask: bool [B, Lq, Lk],
     every query allowed at least one key. Returns [B, Lq, heads, dim] in q's dtype."""
     out = F.scaled_dot_product_attention(

@@ -25,9 +25,8 @@ CPU_DEFAULT_KV_TOKENS = 65_536
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """torch.zeros(shape), and on the CPU without writing it: numpy's zeros come from calloc, whose
-    large blocks are pages the OS hands over zeroed when first touched. A CPU cache of 65,536 tokens
-    (3 GB for the demo model in float32) then costs no second of memset at start-up and no resident
-    memory for the pages no sequence has reached."""
+    large blocks are pages the OS hands over zeroed when first touched. A CPU cache then costs no
+    memset at start-up and no resident memory for the pages no sequence has reached."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)

@@ -26,10 +26,10 @@ uniform number of its own stream: the k-th number of a sequence is splitmix64 of
 and k (`_SeqState.next_uniform`, one per sampled, non-greedy step), so its tokens depend on
 nothing but its seed, its choice index and its logits: not on its batch neighbours, its row
 position or the device. Unseeded rows take theirs from one torch generator that they share.
-Every draw is one number per row, where an exponential race (the Gumbel-max trick) would need a
-vector of the vocabulary's size per row, and on a CPU took several times the whole step's
-sampling (docs/benchmarks.md, "Draws by inverse CDF"). On a GPU the unfiltered rows take a fused
-draw (`draw`: triton_draw.py, else flashinfer's), the rest the torch ops here.
+Every draw is one number per row, where an exponential race (the Gumbel-max trick) needs a
+vector of the vocabulary's size per row (measured in docs/benchmarks.md, "The engine's start-up,
+and the sampler's draws, on a CPU"). On a GPU the unfiltered rows take a fused draw (`draw`:
+triton_draw.py, else flashinfer's), the rest the torch ops here.
 """
 
 from __future__ import annotations

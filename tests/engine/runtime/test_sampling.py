@@ -99,6 +99,25 @@ def check_distribution(params: SamplingParams, device: str, seeded: bool) -> Non
             assert observed[token] == 0.0, f"filtered token {token} was sampled"
 
 
+def test_a_cpu_filters_among_candidates_as_a_whole_sort_does():
+    vocab = 3 * ops.CANDIDATES
+    gen = torch.Generator().manual_seed(11)
+    rows = []
+    for scale in (8.0, 3.0, 0.05):                   # peaked rows keep few tokens; a flat one keeps thousands
+        for k in (vocab, 3, 50, ops.CANDIDATES, ops.CANDIDATES + 7):
+            for p in (1.0, 0.9, 0.5):
+                rows.append((scale, k, p))
+    logits = torch.stack([torch.randn(vocab, generator=gen) * scale for scale, _, _ in rows])
+    logits[::4] = (logits[::4] * 2).round() / 2      # ties at every value
+    logits[1::5, ::7] = float("-inf")                # a grammar's mask
+    top_k = torch.tensor([k for _, k, _ in rows])
+    top_p = torch.tensor([p for _, _, p in rows])
+    filtered = ops.filter_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(filtered.isfinite(), ops._kept_by_sort(logits, top_k, top_p) & logits.isfinite())
+    _, whole = ops._kept_among_candidates(logits, top_k, top_p, ops.CANDIDATES)
+    assert 0 < int(whole.sum()) < len(rows) / 2       # most rows answered from their candidates, some sorted whole
+
+
 def test_inverse_cdf_never_draws_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 6)
     numbers = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0 - 2.0 ** -24, 1.0])   # 1.0 stands for a rounded-up number

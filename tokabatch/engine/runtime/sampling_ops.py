@@ -48,7 +48,24 @@ def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     smallest set of most likely tokens whose cumulative probability reaches top_p is kept, so a
     token survives when the probability of the tokens before it is still below top_p. The most
     likely token always survives; ties go to the lower token id (stable sort).
+
+    On a CPU, a row whose kept tokens lie among its CANDIDATES most likely ones is filtered from
+    those alone (torch.topk, where sorting a whole vocabulary per row costs the CPU most of a step);
+    the other rows are sorted whole. The kept set is the same either way.
     """
+    if logits.device.type == "cpu" and logits.shape[-1] > 2 * CANDIDATES and len(logits):
+        kept, whole = _kept_among_candidates(logits, top_k, top_p, CANDIDATES)
+        if whole.any():
+            kept[whole] = _kept_by_sort(logits[whole], top_k[whole], top_p[whole])
+        return logits.masked_fill(~kept, float("-inf"))
+    return logits.masked_fill(~_kept_by_sort(logits, top_k, top_p), float("-inf"))
+
+
+CANDIDATES = 256       # a CPU's top-k/top-p filter looks among each row's most likely tokens first
+
+
+def _kept_by_sort(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """filter_top_k_top_p's kept tokens ([rows, vocab] bool), from a stable sort of each whole row."""
     vocab = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
@@ -60,8 +77,37 @@ def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     nucleus = (before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1)
     keep &= nucleus
     keep[:, 0] = True
-    keep_unsorted = torch.empty_like(keep).scatter_(1, order, keep)
-    return logits.masked_fill(~keep_unsorted, float("-inf"))
+    return torch.empty_like(keep).scatter_(1, order, keep)
+
+
+def _kept_among_candidates(logits: Tensor, top_k: Tensor, top_p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """_kept_by_sort's answer from each row's k most likely tokens: ([rows, vocab] bool kept, [rows]
+    bool `whole`: the rows it cannot answer, whose kept rows must come from _kept_by_sort).
+
+    The candidates are put in the stable sort's order (value descending, then token id). A row's
+    answer holds when the last token it keeps is worth more than its least candidate: then every
+    token tied with it, and every token before it, is a candidate. The nucleus is measured on the
+    distribution over the whole row (top_k off) or over the top-k candidates; a top_k between k
+    and the vocabulary cannot be, so such rows are `whole`."""
+    vocab = logits.shape[-1]
+    values, ids = torch.topk(logits, k, dim=-1)
+    ids, by_id = torch.sort(ids, dim=-1)
+    values, order = torch.sort(values.gather(1, by_id), dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+    in_top_k = torch.arange(k).unsqueeze(0) < top_k.unsqueeze(1)
+    whole_row = top_k >= vocab
+    log_z = torch.where(whole_row, torch.logsumexp(logits, dim=-1),
+                        torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), dim=-1))
+    probs = torch.exp(values - log_z.unsqueeze(1)).masked_fill(~in_top_k, 0.0)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep = in_top_k & ((before < top_p.unsqueeze(1)) | (top_p >= 1.0).unsqueeze(1))
+    keep[:, 0] = True
+    last = keep.sum(dim=-1, keepdim=True) - 1        # keep is a prefix of the candidates
+    keeps_all = whole_row & (top_p >= 1.0)
+    answered = keeps_all | ((values.gather(1, last).squeeze(1) > values[:, -1]) & (whole_row | (top_k <= k)))
+    kept = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, ids, keep)
+    kept[keeps_all] = True
+    return kept, ~answered
 
 
 def filter_min_p(logits: Tensor, min_p: Tensor) -> Tensor:

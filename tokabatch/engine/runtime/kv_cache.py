@@ -30,7 +30,7 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    raw = torch.from_numpy(np.zeros(numel * torch.empty((), dtype=dtype).element_size(), dtype=np.uint8))
+    raw = torch.from_numpy(np.zeros(numel * dtype.itemsize, dtype=np.uint8))
     return raw.view(dtype).view(shape)
 
 

@@ -39,6 +39,9 @@ def apply_penalties(
     return out
 
 
+CANDIDATES = 256       # a CPU's top-k/top-p filter looks among each row's most likely tokens first
+
+
 def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Keep each row's `top_k` most likely tokens, then its nucleus; the rest become -inf.
 
@@ -59,9 +62,6 @@ def filter_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
             kept[whole] = _kept_by_sort(logits[whole], top_k[whole], top_p[whole])
         return logits.masked_fill(~kept, float("-inf"))
     return logits.masked_fill(~_kept_by_sort(logits, top_k, top_p), float("-inf"))
-
-
-CANDIDATES = 256       # a CPU's top-k/top-p filter looks among each row's most likely tokens first
 
 
 def _kept_by_sort(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
